@@ -1,0 +1,1 @@
+"""Hugging Face PyTorch checkpoints <-> our parameter tree (mapping) and Orbax (converter)."""

@@ -1,0 +1,134 @@
+"""The LLM decoder: one implementation for Qwen2, InternLM2 (Llama math) and Phi-3.
+
+Family differences are data, not code paths: q/k/v bias (Qwen2), RoPE scaling (InternLM2 dynamic
+NTK, Phi-3 LongRoPE), eps and theta. Packed rows are handled by `positions` (restarting per
+sample) and `segment_ids` (no attention across samples; 0 = padding).
+
+An optional KV cache ({'k', 'v': [L, B, T, KV, hd], 'segment_ids': [B, T], 'index': int32})
+serves prefill and decode with the same code: new keys are written at `index` and queries see
+cache slots up to their own.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mini_internvl_jax.config import LLMConfig
+from mini_internvl_jax.models.attention import attention
+from mini_internvl_jax.models.layers import Dense, RMSNorm, make_param, normal
+from mini_internvl_jax.models.rope import apply_rope, rope_cos_sin
+from mini_internvl_jax.models.stack import LayerStack
+from mini_internvl_jax.sharding import shard_activation
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: LLMConfig, *, dtype, param_dtype, attention_impl: str,
+                 rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.attention_impl = attention_impl
+        d, h, kv, hd, i = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                           cfg.intermediate_size)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.input_norm = RMSNorm(d, cfg.rms_norm_eps, ("norm",), param_dtype=param_dtype,
+                                  rngs=rngs)
+        self.post_attention_norm = RMSNorm(d, cfg.rms_norm_eps, ("norm",),
+                                           param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Dense((d,), (h, hd), ("embed", "heads", "head_dim"),
+                            use_bias=cfg.qkv_bias, **kw)
+        self.k_proj = Dense((d,), (kv, hd), ("embed", "kv_heads", "head_dim"),
+                            use_bias=cfg.qkv_bias, **kw)
+        self.v_proj = Dense((d,), (kv, hd), ("embed", "kv_heads", "head_dim"),
+                            use_bias=cfg.qkv_bias, **kw)
+        self.o_proj = Dense((h, hd), (d,), ("heads", "head_dim", "embed"), use_bias=False, **kw)
+        self.gate_proj = Dense((d,), (i,), ("embed", "mlp"), use_bias=False, **kw)
+        self.up_proj = Dense((d,), (i,), ("embed", "mlp"), use_bias=False, **kw)
+        self.down_proj = Dense((i,), (d,), ("mlp", "embed"), use_bias=False, **kw)
+
+    def __call__(self, x, layer_cache, *, cos, sin, segment_ids, cache_meta):
+        h_in = self.input_norm(x)
+        q = self.q_proj(h_in)
+        k = self.k_proj(h_in)
+        v = self.v_proj(h_in)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        q = shard_activation(q, ("batch", "length", "act_heads", None))
+        k = shard_activation(k, ("batch", "length", "act_kv_heads", None))
+        if layer_cache is None:
+            out = attention(q, k, v, causal=True, segment_ids=segment_ids,
+                            impl=self.attention_impl)
+            new_cache = None
+        else:
+            index, kv_segment_ids = cache_meta
+            ck = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(
+                layer_cache["k"].dtype), index, axis=1)
+            cv = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(
+                layer_cache["v"].dtype), index, axis=1)
+            out = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), causal=True,
+                            segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                            q_offset=index, impl=self.attention_impl)
+            new_cache = {"k": ck, "v": cv}
+        x = x + self.o_proj(out)
+        h = self.post_attention_norm(x)
+        gate = self.gate_proj(h)
+        up = self.up_proj(h)
+        mlp = shard_activation(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        x = x + self.down_proj(mlp)
+        return shard_activation(x, ("batch", "length", "act_embed")), new_cache
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg: LLMConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 attention_impl: str = "xla", scan_layers: bool = False, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+        d = cfg.hidden_size
+        self.embed_tokens = make_param(rngs, normal(0.02), (cfg.vocab_size, d),
+                                       ("vocab", "embed"), param_dtype)
+        self.layers = LayerStack(
+            lambda r: DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype,
+                                   attention_impl=attention_impl, rngs=r),
+            cfg.num_layers, scan=scan_layers, rngs=rngs)
+        self.norm = RMSNorm(d, cfg.rms_norm_eps, ("norm",), param_dtype=param_dtype, rngs=rngs)
+        self.lm_head = None if cfg.tie_word_embeddings else make_param(
+            rngs, normal(0.02), (d, cfg.vocab_size), ("embed", "vocab"), param_dtype)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        table = self.embed_tokens[...]
+        x = jnp.take(table, input_ids, axis=0).astype(self.dtype)
+        return shard_activation(x, ("batch", "length", "act_embed"))
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, *,
+                 cache: dict | None = None, remat: str = "none"):
+        """x: input embeddings [B, S, D] -> (final-normed hidden [B, S, D], updated cache)."""
+        # Scaled RoPE variants key on max(positions)+1, as the references do (also in decode).
+        cos, sin = rope_cos_sin(self.cfg, positions)
+        if cache is None:
+            x, _ = self.layers(x, None, remat=remat, cos=cos, sin=sin, segment_ids=segment_ids,
+                               cache_meta=None)
+            return self.norm(x), None
+        index = cache["index"]
+        b, s = x.shape[:2]
+        q_seg = jnp.ones((b, s), jnp.int32) if segment_ids is None else segment_ids
+        kv_seg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], q_seg, index, axis=1)
+        per_layer = {"k": cache["k"], "v": cache["v"]}
+        x, new = self.layers(x, per_layer, remat=remat, cos=cos, sin=sin, segment_ids=q_seg,
+                             cache_meta=(index, kv_seg))
+        new_cache = {"k": new["k"], "v": new["v"], "segment_ids": kv_seg, "index": index + s}
+        return self.norm(x), new_cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits; the head runs in the compute dtype with float32 accumulation."""
+        w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+        logits = jnp.einsum("bsd,dv->bsv", hidden.astype(self.dtype), w.astype(self.dtype),
+                            preferred_element_type=jnp.float32)
+        return shard_activation(logits, ("batch", "length", "act_vocab"))
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+        cfg = self.cfg
+        dtype = self.dtype if dtype is None else dtype
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+                "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+                "index": jnp.zeros((), jnp.int32)}

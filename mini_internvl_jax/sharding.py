@@ -1,0 +1,166 @@
+"""Logical axis names -> mesh axes: the one rules table, plus mesh and placement helpers.
+
+Parameters and activations are annotated with logical names (`embed`, `heads`, ...). The table
+below maps them to the mesh axes `data`, `fsdp` and `tensor`. A dimension that a mesh axis does
+not divide evenly stays replicated on that axis (Qwen2's 2 KV heads on tensor=4, say) instead of
+failing, so one table serves every mesh shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis (or tuple of axes, or None = replicated)
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("tiles", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    # parameters
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("vision_embed", "fsdp"),
+    ("vision_mlp", "tensor"),
+    ("vision_heads", "tensor"),
+    ("vision_patch", None),
+    ("vision_pos", None),
+    ("proj_in", "fsdp"),
+    ("proj_out", "tensor"),
+)
+
+_active_rules: list[tuple] = [LOGICAL_RULES]
+
+
+@contextlib.contextmanager
+def axis_rules(rules):
+    """Temporarily use another rules table (same form as LOGICAL_RULES)."""
+    _active_rules.append(tuple(rules))
+    try:
+        yield
+    finally:
+        _active_rules.pop()
+
+
+def current_rules() -> tuple:
+    return _active_rules[-1]
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+    """Mesh over `devices` (default: all devices of all hosts); one size may be -1 = the rest."""
+    devices_arg_is_default = devices is None
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: at most one may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} must be positive or -1")
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices cannot be split into mesh "
+                             f"{dict(zip(MESH_AXES, sizes))}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                         f"{len(devices)} are available")
+    if devices_arg_is_default:
+        # jax.make_mesh orders devices along the physical interconnect (TPU torus).
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES,
+                axis_types=(AxisType.Auto,) * 3)
+
+
+def _mesh_axis_sizes(mesh) -> dict[str, int]:
+    return dict(zip(mesh.axis_names, mesh.axis_sizes if hasattr(mesh, "axis_sizes")
+                    else mesh.devices.shape))
+
+
+def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int] | None = None,
+                    mesh=None, rules=None) -> P:
+    """PartitionSpec for logical `names`; drops mesh axes that don't divide the dim or repeat."""
+    if names is None:
+        return P()
+    rules = dict(current_rules() if rules is None else rules)
+    sizes = _mesh_axis_sizes(mesh) if mesh is not None else None
+    used: set[str] = set()
+    out = []
+    for i, name in enumerate(names):
+        target = rules.get(name) if name is not None else None
+        if target is None:
+            out.append(None)
+            continue
+        axes = (target,) if isinstance(target, str) else tuple(target)
+        kept = []
+        for ax in axes:
+            if ax in used:
+                continue
+            if sizes is not None:
+                if ax not in sizes:
+                    continue
+                if shape is not None:
+                    total = math.prod(sizes[a] for a in kept) * sizes[ax]
+                    if shape[i] % total:
+                        continue
+            kept.append(ax)
+        used.update(kept)
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return P(*out)
+
+
+def param_names(variable) -> tuple | None:
+    return variable.get_metadata().get("out_sharding")
+
+
+def state_shardings(state, mesh: Mesh, rules=None):
+    """NamedSharding tree for an nnx State (abstract or concrete) from its logical names."""
+
+    def one(v):
+        shape = v.shape if hasattr(v, "shape") else v[...].shape
+        spec = logical_to_spec(param_names(v), shape, mesh, rules)
+        return v.replace(NamedSharding(mesh, spec))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_activation(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint by logical names; a no-op outside a mesh context."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    spec = logical_to_spec(names, x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def create_sharded_model(make_model, mesh: Mesh, rules=None):
+    """Builds `make_model()` with every parameter created directly in its sharded place."""
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(make_model)
+        graphdef, abs_state = nnx.split(abstract)
+        shardings = state_shardings(abs_state, mesh, rules)
+
+        def init():
+            return nnx.state(make_model())
+
+        with jax.set_mesh(mesh):
+            state = jax.jit(init, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
