@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -70,18 +71,19 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
     devices_arg_is_default = devices is None
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
-    if sizes.count(-1) > 1:
-        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: at most one may be -1")
-    known = math.prod(s for s in sizes if s != -1)
-    if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} must be positive or -1")
+
+    def describe() -> str:
+        return ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes, strict=True))
+
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh sizes ({describe()}) must be positive, with at most one -1")
     if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot be split into mesh "
-                             f"{dict(zip(MESH_AXES, sizes))}")
+            raise ValueError(f"{len(devices)} devices cannot be split into mesh ({describe()})")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+        raise ValueError(f"mesh ({describe()}) needs {math.prod(sizes)} devices, "
                          f"{len(devices)} are available")
     if devices_arg_is_default:
         # jax.make_mesh orders devices along the physical interconnect (TPU torus).
@@ -91,8 +93,7 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
 
 
 def _mesh_axis_sizes(mesh) -> dict[str, int]:
-    return dict(zip(mesh.axis_names, mesh.axis_sizes if hasattr(mesh, "axis_sizes")
-                    else mesh.devices.shape))
+    return dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
 
 
 def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int] | None = None,

@@ -19,7 +19,8 @@ def test_presets_load_with_overrides():
     assert cfg.llm.rope_scaling.type == "dynamic" and cfg.llm.rope_scaling.factor == 2.0
     assert cfg.num_image_tokens == 256 and cfg.projector_in_dim == 4096
     four = load_model_config("mini-internvl-4b")
-    assert four.llm.head_dim == 96 and four.llm.rope_scaling.original_max_position_embeddings == 4096
+    assert four.llm.head_dim == 96
+    assert four.llm.rope_scaling.original_max_position_embeddings == 4096
 
 
 @pytest.mark.parametrize("overrides,match", [

@@ -46,7 +46,11 @@ class DecoderLayer(nnx.Module):
         self.up_proj = Dense((d,), (i,), ("embed", "mlp"), use_bias=False, **kw)
         self.down_proj = Dense((i,), (d,), ("mlp", "embed"), use_bias=False, **kw)
 
-    def __call__(self, x, layer_cache, *, cos, sin, segment_ids, cache_meta):
+    def __call__(self, x, layer_index, *, cos, sin, segment_ids, cache_meta):
+        """Without a cache x is the hidden state; with one, x = (hidden, k_all, v_all) where
+        k_all/v_all hold every layer's cache and this layer updates its slice in place."""
+        if cache_meta is not None:
+            x, k_all, v_all = x
         h_in = self.input_norm(x)
         q = self.q_proj(h_in)
         k = self.k_proj(h_in)
@@ -55,27 +59,25 @@ class DecoderLayer(nnx.Module):
         k = apply_rope(k, cos, sin)
         q = shard_activation(q, ("batch", "length", "act_heads", None))
         k = shard_activation(k, ("batch", "length", "act_kv_heads", None))
-        if layer_cache is None:
+        if cache_meta is None:
             out = attention(q, k, v, causal=True, segment_ids=segment_ids,
                             impl=self.attention_impl)
-            new_cache = None
         else:
             index, kv_segment_ids = cache_meta
-            ck = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(
-                layer_cache["k"].dtype), index, axis=1)
-            cv = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(
-                layer_cache["v"].dtype), index, axis=1)
+            start = (layer_index, 0, index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+            ck, cv = k_all[layer_index], v_all[layer_index]
             out = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), causal=True,
                             segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                             q_offset=index, impl=self.attention_impl)
-            new_cache = {"k": ck, "v": cv}
         x = x + self.o_proj(out)
         h = self.post_attention_norm(x)
         gate = self.gate_proj(h)
         up = self.up_proj(h)
         mlp = shard_activation(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        x = x + self.down_proj(mlp)
-        return shard_activation(x, ("batch", "length", "act_embed")), new_cache
+        x = shard_activation(x + self.down_proj(mlp), ("batch", "length", "act_embed"))
+        return (x if cache_meta is None else (x, k_all, v_all)), None
 
 
 class Decoder(nnx.Module):
@@ -112,10 +114,12 @@ class Decoder(nnx.Module):
         b, s = x.shape[:2]
         q_seg = jnp.ones((b, s), jnp.int32) if segment_ids is None else segment_ids
         kv_seg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], q_seg, index, axis=1)
-        per_layer = {"k": cache["k"], "v": cache["v"]}
-        x, new = self.layers(x, per_layer, remat=remat, cos=cos, sin=sin, segment_ids=q_seg,
-                             cache_meta=(index, kv_seg))
-        new_cache = {"k": new["k"], "v": new["v"], "segment_ids": kv_seg, "index": index + s}
+        # The whole cache rides along as loop state so each layer updates it in place.
+        layer_ids = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
+        (x, k_all, v_all), _ = self.layers((x, cache["k"], cache["v"]), layer_ids, remat=remat,
+                                           cos=cos, sin=sin, segment_ids=q_seg,
+                                           cache_meta=(index, kv_seg))
+        new_cache = {"k": k_all, "v": v_all, "segment_ids": kv_seg, "index": index + s}
         return self.norm(x), new_cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
