@@ -1,0 +1,101 @@
+"""Chat with a converted Mini-InternVL checkpoint; answers stream as they are generated.
+
+  python -m mini_internvl_jax.chat --checkpoint DIR --image a.jpg "What is in the image?"
+  python -m mini_internvl_jax.chat --checkpoint DIR --image a.jpg        # interactive
+
+Interactive commands: /image PATH (add an image to the next question), /reset, /exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mini_internvl_jax.infer.chat import ChatSession
+from mini_internvl_jax.infer.runtime import add_model_args, load_runtime
+from mini_internvl_jax.infer.sampling import SamplingConfig
+
+HELP = "commands: /image PATH, /reset, /exit (or end of input)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mini_internvl_jax.chat",
+                                description=__doc__.split("\n")[0])
+    add_model_args(p)
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="image for the first question (repeat for several)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("question", nargs="?", help="ask once and exit (default: interactive)")
+    return p
+
+
+def _answer(session: ChatSession, question: str) -> None:
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    session.ask(question, write)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def _interactive(session: ChatSession) -> None:
+    print(HELP, file=sys.stderr)
+    while True:
+        try:
+            line = input("user> ")
+        except EOFError:
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            session.reset()
+            print("(conversation and images cleared)", file=sys.stderr)
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            if not path:
+                print("usage: /image PATH", file=sys.stderr)
+                continue
+            session.add_image(path)
+            continue
+        if line.startswith("/"):
+            print(f"unknown command {line.split()[0]}; {HELP}", file=sys.stderr)
+            continue
+        try:
+            sys.stdout.write("assistant> ")
+            _answer(session, line)
+        except ValueError as e:  # unreadable image, placeholder mismatch: keep the session
+            print(f"\nerror: {e}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+        runtime = load_runtime(args, default_max_num=12)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    session = ChatSession(runtime, sampling, args.max_new_tokens or 1024, args.seed)
+    for path in args.image:
+        session.add_image(path)
+    if args.question is None:
+        _interactive(session)
+        return 0
+    try:
+        _answer(session, args.question)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

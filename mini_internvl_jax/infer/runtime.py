@@ -1,0 +1,126 @@
+"""What the chat and evaluation CLIs share: checkpoint + tokenizer loading, mesh flags, turning
+chat requests into prompts and generated ids back into text."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+
+from mini_internvl_jax.data.processing import prepare_chat_inputs
+from mini_internvl_jax.data.tokenizer import Tokenizer, load_tokenizer
+from mini_internvl_jax.infer.generate import Generator, Prompt
+from mini_internvl_jax.sharding import MESH_AXES, make_mesh
+
+
+def parse_mesh(spec: str | None):
+    """`tensor=2` or `data=2,tensor=4` -> a mesh over the first data*fsdp*tensor devices."""
+    if not spec:
+        return None
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    for part in spec.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in MESH_AXES or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"--mesh {spec!r}: expected comma-separated AXIS=N with AXIS in "
+                             f"{MESH_AXES} and N >= 1, e.g. 'tensor=2'")
+        sizes[name] = int(value)
+    n = math.prod(sizes.values())
+    devices = jax.devices()
+    if n > len(devices):
+        raise ValueError(f"--mesh {spec!r} needs {n} devices, {len(devices)} are available")
+    return make_mesh(**sizes, devices=devices[:n])
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="converted folder (convert_weights.py) or Hugging Face InternVL folder")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="tokenizer folder (default: the checkpoint folder)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"],
+                   help="parameter and compute dtype (default: as stored)")
+    p.add_argument("--mesh", metavar="AXIS=N,...",
+                   help="shard parameters over devices, e.g. 'tensor=2' (axes data, fsdp, "
+                        "tensor) for models that do not fit one device")
+    p.add_argument("--max-num", type=int, default=None,
+                   help="most tiles per image before the thumbnail (dynamic tiling)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: 1024 for chat, 100 for evaluation")
+    p.add_argument("--system", default=None, help="system message (default: InternVL's)")
+
+
+@dataclass
+class Runtime:
+    """A loaded model ready to answer chat requests."""
+
+    generator: Generator
+    tokenizer: Tokenizer
+    template: str
+    max_num: int
+    system_message: str | None = None
+
+    def prompt(self, images: Sequence, question: str,
+               history: Sequence[tuple[str, str]] = ()) -> tuple[Prompt, tuple[int, ...]]:
+        """(Prompt, stop ids) for InternVL's chat format, images tiled as in training."""
+        cfg = self.generator.cfg
+        inputs = prepare_chat_inputs(
+            list(images), question, history, tokenizer=self.tokenizer, template=self.template,
+            image_size=cfg.vision.image_size, num_image_tokens=cfg.num_image_tokens,
+            max_num=self.max_num, system_message=self.system_message)
+        px = inputs.pixel_values if len(inputs.pixel_values) else None
+        return Prompt(inputs.input_ids, px), inputs.stop_token_ids
+
+    def decode(self, ids: Sequence[int], stop_ids: Sequence[int]) -> str:
+        """Answer text: stop tokens dropped, cut at the template separator, stripped."""
+        text = self.tokenizer.decode([i for i in ids if i not in stop_ids])
+        sep = self.tokenizer.decode([stop_ids[0]]) if stop_ids else ""
+        if sep.strip():
+            text = text.split(sep.strip())[0]
+        return text.strip()
+
+
+def load_runtime(args: argparse.Namespace, default_max_num: int) -> Runtime:
+    from mini_internvl_jax.convert.load import load_pretrained_with_info
+
+    mesh = parse_mesh(args.mesh)
+    model, info = load_pretrained_with_info(args.checkpoint, args.dtype, mesh=mesh)
+    tok_dir = Path(args.tokenizer) if args.tokenizer else info.tokenizer_dir
+    if tok_dir is None:
+        raise FileNotFoundError(f"{args.checkpoint} holds no tokenizer (tokenizer.json or "
+                                "tokenizer.model); pass --tokenizer DIR")
+    tokenizer = load_tokenizer(tok_dir)
+    max_num = default_max_num if args.max_num is None else args.max_num
+    if max_num < 1:
+        raise ValueError(f"--max-num must be >= 1, got {max_num}")
+    return Runtime(Generator(model, mesh=mesh), tokenizer, info.template, max_num,
+                   args.system)
+
+
+class TextStream:
+    """Incremental detokenization: text appears once its bytes form whole characters."""
+
+    def __init__(self, tokenizer: Tokenizer, stop_ids: Sequence[int]):
+        self.tokenizer = tokenizer
+        self.stop_ids = set(stop_ids)
+        self.ids: list[int] = []
+        self.shown = 0
+
+    def push(self, token: int) -> str:
+        if token in self.stop_ids:
+            return ""
+        self.ids.append(int(token))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more tokens
+            return ""
+        new, self.shown = text[self.shown:], len(text)
+        return new
+
+    def flush(self) -> str:
+        """Whatever is still held back once generation has ended."""
+        text = self.tokenizer.decode(self.ids)
+        new, self.shown = text[self.shown:], len(text)
+        return new
