@@ -66,6 +66,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: {value!r} is not one of {list(allowed)}")
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads `1e-06` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)

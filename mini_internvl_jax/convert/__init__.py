@@ -1,1 +1,24 @@
-"""Hugging Face PyTorch checkpoints <-> our parameter tree (mapping) and Orbax (converter)."""
+"""Hugging Face PyTorch checkpoints <-> our parameter tree (mapping) and Orbax (converter).
+
+Public entry points: `convert_hf_to_orbax`, `export_to_hf`, `load_pretrained`,
+`load_pretrained_with_info`; the CLI is `convert_weights.py` (convert/cli.py).
+"""
+
+from mini_internvl_jax.convert.errors import (
+    CheckpointMismatchError,
+    CheckpointReadError,
+    ConversionError,
+    UnknownArchitectureError,
+)
+from mini_internvl_jax.convert.exporter import export_to_hf
+from mini_internvl_jax.convert.importer import ConversionStats, convert_hf_to_orbax
+from mini_internvl_jax.convert.load import (
+    PretrainedInfo,
+    load_pretrained,
+    load_pretrained_with_info,
+)
+
+__all__ = ["CheckpointMismatchError", "CheckpointReadError", "ConversionError",
+           "ConversionStats", "PretrainedInfo", "UnknownArchitectureError",
+           "convert_hf_to_orbax", "export_to_hf", "load_pretrained",
+           "load_pretrained_with_info"]

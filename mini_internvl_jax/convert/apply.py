@@ -7,11 +7,11 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from flax import nnx
 
+from mini_internvl_jax.convert.errors import CheckpointMismatchError
 from mini_internvl_jax.convert.mapping import Rule, target_key
 
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint tensor is missing, unexpected or of the wrong shape."""
+__all__ = ["CheckpointMismatchError", "export_rules_from", "load_rules_into", "source_names",
+           "torch_state_reader"]
 
 
 def _flat_params(model_or_state) -> dict[tuple, nnx.Variable]:
@@ -25,13 +25,13 @@ def load_rules_into(model, rules: list[Rule], read: Callable[[str], np.ndarray],
     params = _flat_params(model)
     for rule in rules:
         arrays = []
-        for name, shape in zip(rule.sources, rule.source_shapes):
+        for name, shape in zip(rule.sources, rule.source_shapes, strict=True):
             a = read(name)
             if tuple(a.shape) != shape:
                 raise CheckpointMismatchError(
                     f"tensor {name!r} has shape {tuple(a.shape)}, expected {shape}")
             arrays.append(a)
-        for target, value in zip(rule.targets, rule.to_jax(arrays)):
+        for target, value in zip(rule.targets, rule.to_jax(arrays), strict=True):
             path, layer = target_key(target, scan)
             var = params.get(path)
             if var is None:
@@ -58,7 +58,7 @@ def export_rules_from(model, rules: list[Rule], *, scan: bool) -> dict[str, np.n
             path, layer = target_key(target, scan)
             a = np.asarray(params[path][...])
             values.append(a if layer is None else a[layer])
-        for name, a in zip(rule.sources, rule.to_hf(values)):
+        for name, a in zip(rule.sources, rule.to_hf(values), strict=True):
             out[name] = np.ascontiguousarray(a)
     return out
 

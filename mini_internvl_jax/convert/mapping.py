@@ -204,7 +204,7 @@ def _fused_rows(d: int, parts: list[tuple[int, tuple[int, ...]]]):
 
     def to_jax(a):
         return [w.T.reshape((d,) + shape)
-                for w, (_, shape) in zip(np.split(a[0], splits, axis=0), parts)]
+                for w, (_, shape) in zip(np.split(a[0], splits, axis=0), parts, strict=True)]
 
     def to_hf(a):
         return [np.concatenate([x.reshape(d, -1).T for x in a], axis=0)]
@@ -276,24 +276,74 @@ def llm_rules(cfg: LLMConfig, *, body: str, head: str, internlm2_names: bool | N
             else:
                 rules.append(_rule([lp + theirs + ".weight"], [t((ours, "kernel"))],
                                    _linear(d, (i_dim,)), [(i_dim, d)]))
-        for ours, theirs in zip(("input_norm", "post_attention_norm"), norms):
+        for ours, theirs in zip(("input_norm", "post_attention_norm"), norms, strict=True):
             rules.append(_rule([lp + theirs + ".weight"], [t((ours, "weight"))], _same(),
                                [(d,)]))
     return rules
 
 
-def model_rules(cfg: ModelConfig, layout: str) -> list[Rule]:
-    """Every rule of a whole InternVL checkpoint in `layout`."""
+def _llm_names(layout: str, family: str) -> tuple[str, str, bool]:
+    """(decoder prefix, lm_head stem, InternLM2 names?) of the LLM inside a whole checkpoint."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown checkpoint layout {layout!r}; expected one of {LAYOUTS}")
     if layout == "original":
-        head = "language_model.output" if cfg.llm.family == "internlm2" else \
-            "language_model.lm_head"
-        llm = llm_rules(cfg.llm, body="language_model.model.", head=head)
-    else:
-        llm = llm_rules(cfg.llm, body="model.language_model.", head="lm_head",
-                        internlm2_names=False)
-    return (vision_rules(cfg.vision, layout) + projector_rules(cfg, layout) + llm)
+        ilm = family == "internlm2"
+        return "language_model.model.", ("language_model.output" if ilm else
+                                         "language_model.lm_head"), ilm
+    return "model.language_model.", "lm_head", False
+
+
+def model_rules(cfg: ModelConfig, layout: str) -> list[Rule]:
+    """Every rule of a whole InternVL checkpoint in `layout`."""
+    body, head, ilm = _llm_names(layout, cfg.llm.family)
+    llm = llm_rules(cfg.llm, body=body, head=head, internlm2_names=ilm)
+    return vision_rules(cfg.vision, layout) + projector_rules(cfg, layout) + llm
+
+
+# transformers saves InternVLForConditionalGeneration under the older Llava-style names below and
+# maps them back on load, so native checkpoints on disk come in either form; the rules use the
+# in-memory (module) names.
+NATIVE_SAVED_PREFIXES = (("model.language_model.", "language_model.model."),
+                         ("model.vision_tower.", "vision_tower."),
+                         ("model.multi_modal_projector.", "multi_modal_projector."),
+                         ("lm_head.", "language_model.lm_head."))
+
+
+def native_module_name(name: str) -> str:
+    """A native checkpoint's tensor name in module form (saved-form names are translated)."""
+    for module, saved in NATIVE_SAVED_PREFIXES:
+        if name.startswith(saved):
+            return module + name[len(saved):]
+    return name
+
+
+def native_saved_name(name: str) -> str:
+    """The name transformers' `save_pretrained` writes for module-form `name`."""
+    for module, saved in NATIVE_SAVED_PREFIXES:
+        if name.startswith(module):
+            return saved + name[len(module):]
+    return name
+
+
+def key_tensor_names(layout: str, family: str) -> dict[str, str]:
+    """Tensors whose shapes or presence settle config values (vocab, tying, biases, grid)."""
+    body, head, ilm = _llm_names(layout, family)
+    vision = ("vision_model.embeddings.position_embedding" if layout == "original" else
+              "model.vision_tower.embeddings.position_embeddings")
+    return {"embed": body + ("tok_embeddings.weight" if ilm else "embed_tokens.weight"),
+            "lm_head": head + ".weight",
+            "q_bias": body + "layers.0.self_attn.q_proj.bias",
+            "position_embedding": vision}
+
+
+def layer_stacks(rules: list[Rule]) -> dict[Path, int]:
+    """Each layer stack's path in our tree -> its number of layers."""
+    stacks: dict[Path, int] = {}
+    for rule in rules:
+        for t in rule.targets:
+            if t.stack is not None:
+                stacks[t.stack] = max(stacks.get(t.stack, 0), t.layer + 1)
+    return stacks
 
 
 def target_key(target: Target, scan: bool) -> tuple[Path, int | None]:

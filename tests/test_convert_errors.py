@@ -1,0 +1,200 @@
+"""Every conversion error names the tensor or file, and leaves no output behind."""
+
+import json
+
+import pytest
+import torch
+
+from mini_internvl_jax.convert import cli, importer
+from mini_internvl_jax.convert.errors import (
+    CheckpointMismatchError,
+    CheckpointReadError,
+    ConversionError,
+    UnknownArchitectureError,
+)
+from mini_internvl_jax.convert.exporter import export_to_hf
+from mini_internvl_jax.convert.importer import convert_hf_to_orbax
+from tests.test_convert_helpers import (
+    leftovers,
+    native_model,
+    read_tensors,
+    save_state,
+    write_original,
+)
+
+
+@pytest.fixture(scope="module")
+def source():
+    model, hf_cfg = native_model("qwen2")
+    return model, hf_cfg
+
+
+def _folder(tmp_path, source, edit=None, config_edit=None):
+    """An original-layout qwen2 folder, with its state dict / config.json edited."""
+    model, hf_cfg = source
+    sd = write_original(tmp_path / "hf", model, hf_cfg, "qwen2")
+    if edit is not None:
+        edit(sd)
+        (tmp_path / "hf" / "model.safetensors").unlink()
+        save_state(tmp_path / "hf", sd)
+    if config_edit is not None:
+        cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+        config_edit(cfg)
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    return tmp_path / "hf"
+
+
+def _fails(tmp_path, hf, error, *patterns, **kw):
+    out = tmp_path / "out"
+    with pytest.raises(error) as e:
+        convert_hf_to_orbax(hf, out, **kw)
+    for p in patterns:
+        assert p in str(e.value), str(e.value)
+    assert not out.exists()
+    assert leftovers(tmp_path) == []
+    return str(e.value)
+
+
+def test_missing_tensor(tmp_path, source):
+    hf = _folder(tmp_path, source, edit=lambda sd: sd.pop("mlp1.3.bias"))
+    _fails(tmp_path, hf, CheckpointMismatchError, "missing 1 tensor", "'mlp1.3.bias'")
+
+
+def test_wrong_shape_names_expected_and_found(tmp_path, source):
+    def edit(sd):
+        sd["mlp1.1.weight"] = torch.zeros(64, 100)
+
+    hf = _folder(tmp_path, source, edit=edit)
+    _fails(tmp_path, hf, CheckpointMismatchError, "'mlp1.1.weight'", "(64, 100)",
+           "expected (64, 128)")
+
+
+def test_unexpected_tensor_strict_and_not(tmp_path, source, capsys):
+    def edit(sd):
+        sd["language_model.model.extra_adapter.weight"] = torch.zeros(3)
+        sd["language_model.model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.zeros(8)
+
+    hf = _folder(tmp_path, source, edit=edit)
+    msg = _fails(tmp_path, hf, CheckpointMismatchError, "1 unexpected tensor",
+                 "'language_model.model.extra_adapter.weight'", "--no-strict")
+    assert "inv_freq" not in msg  # recomputed buffers never count as unexpected
+    code = cli.main(["--from-hf", str(hf), "--to", str(tmp_path / "out"), "--no-strict",
+                     "--quiet"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "ignored unexpected tensor 'language_model.model.extra_adapter.weight'" in \
+        captured.err
+    assert "converted" in captured.out and "parameters" in captured.out
+    conv = json.loads((tmp_path / "out" / "conversion.json").read_text())
+    assert "language_model.model.extra_adapter.weight" in conv["ignored_tensors"]
+
+
+@pytest.mark.parametrize("edit,patterns", [
+    (lambda c: c["llm_config"].update(architectures=["GPT2LMHeadModel"]),
+     ["llm_config.architectures[0] is 'GPT2LMHeadModel'", "Qwen2ForCausalLM"]),
+    (lambda c: [c.pop("llm_config"), c.update(model_type="bert", architectures=["BertModel"])],
+     ["unknown architecture", "'bert'", "internvl_chat", "InternVLForConditionalGeneration"]),
+    (lambda c: c["llm_config"].update(rope_scaling={"type": "yarn", "factor": 4.0}),
+     ["rope scaling type 'yarn' is not supported"]),
+    (lambda c: c.update(template="internvl2_5"),
+     ["chat template 'internvl2_5' is not supported", "template=NAME"]),
+], ids=["llm", "model", "rope", "template"])
+def test_unknown_architecture(tmp_path, source, edit, patterns):
+    hf = _folder(tmp_path, source, config_edit=edit)
+    _fails(tmp_path, hf, UnknownArchitectureError, *patterns)
+
+
+def test_image_token_id_needs_a_source(tmp_path, source):
+    hf = _folder(tmp_path, source)
+    (hf / "added_tokens.json").unlink()  # qwen2's default 151648 is outside the tiny vocab
+    _fails(tmp_path, hf, ConversionError, "<IMG_CONTEXT>", "151648", "image_token_id=ID")
+    stats = convert_hf_to_orbax(hf, tmp_path / "out", overrides=["image_token_id=300"])
+    assert stats.tensors > 0
+    conv = json.loads((tmp_path / "out" / "conversion.json").read_text())
+    assert conv["image_token_id"] == 300 and conv["image_token_source"] == "override"
+
+
+@pytest.mark.parametrize("damage,patterns", [
+    ("truncate", ["model.safetensors is not a valid safetensors file", "truncated"]),
+    ("garbage", ["model.safetensors is not a valid safetensors file", "header length"]),
+    ("no_weights", ["no checkpoint found", "model.safetensors"]),
+    ("bad_config", ["cannot read the model's config.json", "config.json"]),
+    ("no_config", ["config.json does not exist"]),
+    ("bad_index", ["cannot read the checkpoint index", "weight_map"]),
+])
+def test_unreadable_files(tmp_path, source, damage, patterns):
+    hf = _folder(tmp_path, source)
+    st = hf / "model.safetensors"
+    if damage == "truncate":
+        st.write_bytes(st.read_bytes()[:-100])
+    elif damage == "garbage":
+        st.write_bytes(b"\xff" * 64)
+    elif damage == "no_weights":
+        st.unlink()
+    elif damage == "bad_config":
+        (hf / "config.json").write_text("{not json")
+    elif damage == "no_config":
+        (hf / "config.json").unlink()
+    else:
+        (hf / "model.safetensors.index.json").write_text(json.dumps({"files": []}))
+    _fails(tmp_path, hf, CheckpointReadError, *patterns)
+
+
+def test_failure_while_writing_leaves_nothing(tmp_path, source, monkeypatch):
+    hf = _folder(tmp_path, source)
+
+    def broken_save(path, flat):
+        path.mkdir()
+        (path / "partial").write_text("half written")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(importer, "save_params", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        convert_hf_to_orbax(hf, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+    # --overwrite: the old folder survives a failed run untouched
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("old")
+    with pytest.raises(OSError, match="disk full"):
+        convert_hf_to_orbax(hf, tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "old"
+    assert leftovers(tmp_path) == []
+
+
+def test_existing_output_is_refused_then_replaced_with_overwrite(tmp_path, source, capsys):
+    hf = _folder(tmp_path, source)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("old")
+    code = cli.main(["--from-hf", str(hf), "--to", str(tmp_path / "out"), "--quiet"])
+    assert code == 1
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "old"
+    assert cli.main(["--from-hf", str(hf), "--to", str(tmp_path / "out"), "--overwrite"]) == 0
+    captured = capsys.readouterr()
+    n = len(read_tensors(hf))  # 65: the original layout fuses the ViT q/k/v
+    assert f"{n}/{n}" in captured.err and "tensor/s" in captured.err  # the progress bar
+    assert f"converted {n} tensors" in captured.out and " s -> " in captured.out
+    assert not (tmp_path / "out" / "keep.txt").exists()
+    assert (tmp_path / "out" / "params").is_dir() and leftovers(tmp_path) == []
+
+
+def test_export_errors(tmp_path, source, capsys):
+    hf = _folder(tmp_path, source)
+    convert_hf_to_orbax(hf, tmp_path / "orbax")
+    with pytest.raises(CheckpointReadError, match="not a converted folder.*--model-config"):
+        export_to_hf(hf, tmp_path / "back")
+    with pytest.raises(ConversionError, match="size '5 parsecs' is not understood"):
+        export_to_hf(tmp_path / "orbax", tmp_path / "back", max_shard_size="5 parsecs")
+    # a model config that does not match the stored parameters names the parameter
+    code = cli.main(["--from-orbax", str(tmp_path / "orbax" / "params"), "--model-config",
+                     "tiny-qwen2", "--to-hf", str(tmp_path / "back"), "--quiet"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and "llm.embed_tokens" in err and "expected (512, 64)" in err
+    assert not (tmp_path / "back").exists() and leftovers(tmp_path) == []
+    # a bare params checkpoint plus the matching model config exports fine
+    assert cli.main(["--from-orbax", str(tmp_path / "orbax" / "params"), "--model-config",
+                     str(tmp_path / "orbax" / "model_config.json"), "--to-hf",
+                     str(tmp_path / "back"), "--quiet"]) == 0
+    assert "exported" in capsys.readouterr().out
