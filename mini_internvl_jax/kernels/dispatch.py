@@ -1,0 +1,141 @@
+"""Picks an attention implementation per backend and runs Pallas kernels under the mesh.
+
+`impl`:
+  * `xla`    the dense reference (`models.attention.dot_product_attention`);
+  * `cudnn`  `jax.nn.dot_product_attention(implementation="cudnn")`; GPU only and only where it
+             is exact, so segment ids raise (cuDNN cannot keep packed samples apart);
+  * `pallas` our flash kernel for the backend: Mosaic on TPU, Triton on GPU, the GPU kernel in
+             the Pallas interpreter on CPU (tests);
+  * `auto`   TPU -> pallas; GPU -> cudnn when it is exact and supported (no segments, bf16 or
+             fp16, length a multiple of 128), else pallas; CPU -> xla.
+The kernels cover training and prefill (S == T, q_offset 0); decoding against a KV cache falls
+back to the dense reference.
+
+Mosaic and Triton kernels are not partitioned by XLA, so under a mesh (`jax.set_mesh`) the
+kernel runs inside `jax.shard_map`: batch over ('data', 'fsdp') where they divide B, query
+heads over 'tensor' where it divides H. KV heads are sharded with them when 'tensor' divides
+KV; otherwise (e.g. Qwen2's 2 KV heads on tensor=4 with 8 query heads) K/V are repeated to H
+heads before the shard_map, so each shard holds exactly the KV heads of its query heads. Axes
+that are already manual (inside the caller's shard_map) are left alone.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+
+from mini_internvl_jax.kernels import flash_gpu, flash_tpu
+from mini_internvl_jax.models.attention import IMPLS, dot_product_attention
+
+BATCH_AXES = ("data", "fsdp")
+HEAD_AXIS = "tensor"
+
+
+def target_platform() -> str:
+    """'tpu', 'gpu' or 'cpu': the platform of the active mesh, else the default backend.
+
+    The mesh wins so that ahead-of-time compiles for TPU from a CPU host pick the TPU kernel.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    platform = None
+    if not mesh.empty and mesh.abstract_device is not None:
+        platform = mesh.abstract_device.platform
+    platform = platform or jax.default_backend()
+    return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
+
+
+def resolve_impl(impl: str, *, platform: str, has_segments: bool, dtype, seq_len: int) -> str:
+    """The concrete implementation for `impl` (resolves `auto`)."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
+    if impl != "auto":
+        return impl
+    if platform == "tpu":
+        return "pallas"
+    if platform == "gpu":
+        # cuDNN's backward rejects odd lengths (ViT's 1025), where our kernel is as fast anyway.
+        cudnn_ok = (not has_segments and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+                    and seq_len % 128 == 0)
+        return "cudnn" if cudnn_ok else "pallas"
+    return "xla"
+
+
+def attention(q, k, v, *, causal: bool, segment_ids=None, kv_segment_ids=None, q_offset=0,
+              impl: str = "auto", scale: float | None = None, block_sizes=None) -> jax.Array:
+    """Attention computed by `impl` (see the module docstring); same contract as the dense
+    reference. `block_sizes` (flash_tpu/flash_gpu.BlockSizes) tunes the Pallas kernel."""
+    if segment_ids is None:
+        kv_segment_ids = None  # the reference ignores kv ids without query ids
+    platform = target_platform()
+    impl = resolve_impl(impl, platform=platform, has_segments=segment_ids is not None,
+                        dtype=q.dtype, seq_len=q.shape[1])
+    dense = lambda: dot_product_attention(q, k, v, causal=causal, segment_ids=segment_ids,
+                                          kv_segment_ids=kv_segment_ids, q_offset=q_offset,
+                                          scale=scale)
+    if impl == "xla":
+        return dense()
+    prefill = (isinstance(q_offset, (int, np.integer)) and q_offset == 0
+               and q.shape[1] == k.shape[1])
+    if impl == "cudnn":
+        if segment_ids is not None:
+            raise ValueError("attention impl 'cudnn' cannot keep packed segments apart; use "
+                             "'pallas' or 'auto' with segment_ids")
+        if platform != "gpu":
+            raise ValueError(f"attention impl 'cudnn' needs a GPU, not {platform!r}")
+        if not prefill:
+            return dense()
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                            implementation="cudnn")
+    if not prefill:
+        return dense()
+
+    if platform == "tpu":
+        kernel = lambda *a: flash_tpu.flash_attention(
+            *a[:3], causal=causal, segment_ids=a[3], kv_segment_ids=a[4], scale=scale,
+            block_sizes=block_sizes)
+    else:
+        kernel = lambda *a: flash_gpu.flash_attention(
+            *a[:3], causal=causal, segment_ids=a[3], kv_segment_ids=a[4], scale=scale,
+            block_sizes=block_sizes, interpret=platform != "gpu")
+    return sharded(kernel, q, k, v, segment_ids, kv_segment_ids)
+
+
+def _free_axes(mesh) -> dict[str, int]:
+    """Mesh axes of size > 1 that are not already manual."""
+    manual = set(mesh.manual_axes)
+    return {a: s for a, s in mesh.shape.items() if s > 1 and a not in manual}
+
+
+def sharded(kernel, q, k, v, segment_ids=None, kv_segment_ids=None, mesh=None):
+    """Runs kernel(q, k, v, segment_ids, kv_segment_ids) per shard of `mesh` (default: the
+    active mesh); calls it directly when there is no mesh to split over."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    free = {} if mesh.empty else _free_axes(mesh)
+    b, _, h, _ = q.shape
+    kvh = k.shape[2]
+    batch, size = [], 1
+    for a in BATCH_AXES:
+        if a in free and b % (size * free[a]) == 0:
+            batch.append(a)
+            size *= free[a]
+    tp = free.get(HEAD_AXIS, 1)
+    heads = HEAD_AXIS if tp > 1 and h % tp == 0 else None
+    if not batch and heads is None:
+        return kernel(q, k, v, segment_ids, kv_segment_ids)
+    if heads is not None and kvh % tp:
+        k, v = (jnp.repeat(x, h // kvh, axis=2) for x in (k, v))
+    batch_spec = tuple(batch) if batch else None
+    act = P(batch_spec, None, heads, None)
+    seg = P(batch_spec, None)
+    args = (q, k, v, segment_ids, kv_segment_ids)
+    specs = (act, act, act, *(None if s is None else seg for s in args[3:]))
+    if any(t == AxisType.Explicit for t in mesh.axis_types):
+        # Explicit-sharding meshes: shard_map takes inputs only in exactly its in_specs.
+        args = tuple(a if a is None else jax.sharding.reshard(a, sp)
+                     for a, sp in zip(args, specs, strict=True))
+    return jax.shard_map(kernel, mesh=mesh, in_specs=specs, out_specs=act,
+                         check_vma=False)(*args)
+

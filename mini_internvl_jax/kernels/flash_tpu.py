@@ -1,0 +1,495 @@
+"""Flash attention for TPU: Pallas kernels lowered by Mosaic, forward and backward.
+
+Layout inside: [B, heads, S, D], padded to a multiple of the blocks; the wrapper transposes and
+pads once, so the caller keeps [B, S, H, D]. GQA maps query head h to kv head h // G in the
+index maps (K/V are never repeated in memory). Per query block the kernels visit only the kv
+blocks that the causal mask and the segment layout leave non-empty (ranges from
+`common.block_ranges`, scalar-prefetched); skipped grid steps keep the previous block index,
+so they issue no DMA. The backward recomputes P from the saved logsumexp: one kernel for dQ,
+one for dK/dV that loops over the G query heads of a kv head.
+
+Row statistics follow the splash-attention layout: m and l live lane-replicated as [bq, 128];
+logsumexp and delta travel lane-major as [B, H, 1, S]; segment ids are pre-broadcast to
+[S, 128] (ids along sublanes) and [8, S] (ids along lanes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from mini_internvl_jax.kernels import common
+
+LANES, SUBLANES = 128, 8
+NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
+NN = (((1,), (0,)), ((), ()))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Block sizes (multiples of 128). Each is shrunk for short or odd lengths (`pick_block`)."""
+
+    block_q: int = 512
+    block_kv: int = 512
+    block_q_dkv: int = 512
+    block_kv_dkv: int = 512
+    block_q_dq: int = 512
+    block_kv_dq: int = 512
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            b = getattr(self, f.name)
+            if b < LANES or b & (b - 1):
+                raise ValueError(f"TPU flash attention: {f.name}={b} must be a power of two "
+                                 f">= {LANES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+    causal: bool
+    scale: float
+    seq_len: int
+    padded_len: int
+    groups: int
+    has_seg: bool
+    interpret: object
+    fwd: tuple[int, int]
+    dkv: tuple[int, int]
+    dq: tuple[int, int]
+
+
+def _precision(dtype):
+    # Explicit for bf16 too: a global jax_default_matmul_precision="highest" would otherwise
+    # ask Mosaic for an fp32-precision bf16 matmul, which it rejects.
+    return lax.Precision.HIGHEST if dtype == jnp.float32 else lax.Precision.DEFAULT
+
+
+def _mask(cfg: _Cfg, q_pos, k_pos, q_ids, kv_ids):
+    """Visibility within a block, from int32 query/key position grids of the block's shape."""
+    conds = []
+    if cfg.causal:
+        conds.append(k_pos <= q_pos)
+    elif not cfg.has_seg and cfg.padded_len > cfg.seq_len:
+        conds.append(k_pos < cfg.seq_len)
+    if cfg.has_seg:
+        conds.append(q_ids == kv_ids)
+    return functools.reduce(jnp.logical_and, conds) if conds else None
+
+
+def _ranges(tab_ref, b, outer, n_outer, tab_b):
+    base = ((b if tab_b > 1 else 0) * n_outer + outer) * 4
+    return tab_ref[base], tab_ref[base + 1], tab_ref[base + 2], tab_ref[base + 3]
+
+
+def _clamp(x, lo, hi):
+    """Inner block index to fetch: outside [lo, hi) repeat an edge block, so no new DMA."""
+    return jnp.minimum(jnp.maximum(x, lo), jnp.maximum(hi - 1, lo))
+
+
+def _run_blocks(inner, lo, hi, flo, fhi, body):
+    """Calls body(masked) for a visible inner block; mask-free blocks skip the mask."""
+    visible = (inner >= lo) & (inner < hi)
+    free = (inner >= flo) & (inner < fhi)
+
+    @pl.when(visible & free)
+    def _():
+        body(False)
+
+    @pl.when(visible & jnp.logical_not(free))
+    def _():
+        body(True)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _fwd_kernel(tab_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref,
+                m_sc, l_sc, acc_sc, *, cfg: _Cfg, tab_b: int):
+    bq, bk = cfg.fwd
+    nq, nk = cfg.padded_len // bq, cfg.padded_len // bk
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    lo, hi, flo, fhi = _ranges(tab_ref, b, i, nq, tab_b)
+    d = acc_sc.shape[-1]
+
+    @pl.when(j == 0)
+    def _init():
+        m_sc[...] = jnp.full(m_sc.shape, common.M_INIT, jnp.float32)
+        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+    def body(masked: bool):
+        q, k, v = q_ref[...], k_ref[...], v_ref[...]
+        s = lax.dot_general(q, k, NT, preferred_element_type=jnp.float32,
+                            precision=_precision(q.dtype)) * cfg.scale
+        if masked:
+            q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+            k_pos = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+            q_ids = kv_ids = None
+            if cfg.has_seg:
+                q_ids = jnp.tile(qseg_ref[...], (1, bk // LANES))
+                kv_ids = kseg_ref[:1, :]
+            s = jnp.where(_mask(cfg, q_pos, k_pos, q_ids, kv_ids), s, -jnp.inf)
+        m_prev, l_prev = m_sc[...], l_sc[...]
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
+        p = jnp.exp(s - jnp.tile(m_next, (1, bk // LANES)))
+        alpha = jnp.exp(m_prev - m_next)
+        l_sc[...] = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
+        m_sc[...] = m_next
+        pv = lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=jnp.float32,
+                             precision=_precision(v.dtype))
+        acc_sc[...] = alpha[:, :d] * acc_sc[...] + pv
+
+    _run_blocks(j, lo, hi, flo, fhi, body)
+
+    @pl.when(j == nk - 1)
+    def _finish():
+        denom = l_sc[...]
+        empty = denom == 0.0
+        l_safe = jnp.where(empty, 1.0, denom)
+        inv = jnp.where(empty, 0.0, 1.0 / l_safe)
+        o_ref[...] = (acc_sc[...] * inv[:, :d]).astype(o_ref.dtype)
+        lse = jnp.where(empty, jnp.inf, m_sc[...] + jnp.log(l_safe))
+        lse_ref[...] = jnp.transpose(lse)[:1, :]
+
+
+def _fwd(cfg: _Cfg, tab, qt, kt, vt, qseg_col, kseg_row):
+    b, h, sp, d = qt.shape
+    bq, bk = cfg.fwd
+    g = cfg.groups
+    nq, nk = sp // bq, sp // bk
+    tab_b = tab.shape[0]
+    flat = jnp.asarray(tab).reshape(-1)
+
+    def q_map(bi, hi, i, j, t):
+        return bi, hi, i, 0
+
+    def kv_map(bi, hi, i, j, t):
+        lo, up, _, _ = _ranges(t, bi, i, nq, tab_b)
+        return bi, hi // g, _clamp(j, lo, up), 0
+
+    def kseg_map(bi, hi, i, j, t):
+        lo, up, _, _ = _ranges(t, bi, i, nq, tab_b)
+        return bi, 0, _clamp(j, lo, up)
+
+    in_specs = [pl.BlockSpec((None, None, bq, d), q_map),
+                pl.BlockSpec((None, None, bk, d), kv_map),
+                pl.BlockSpec((None, None, bk, d), kv_map)]
+    args = [qt, kt, vt]
+    if cfg.has_seg:
+        in_specs += [pl.BlockSpec((None, bq, LANES), lambda bi, hi, i, j, t: (bi, i, 0)),
+                     pl.BlockSpec((None, SUBLANES, bk), kseg_map)]
+        args += [qseg_col, kseg_row]
+    else:
+        in_specs += [None, None]
+        args += [None, None]
+    out, lse = pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg=cfg, tab_b=tab_b),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(b, h, nq, nk),
+            in_specs=in_specs,
+            out_specs=[pl.BlockSpec((None, None, bq, d), q_map),
+                       pl.BlockSpec((None, None, 1, bq), lambda bi, hi, i, j, t: (bi, hi, 0, i))],
+            scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),
+                            pltpu.VMEM((bq, LANES), jnp.float32),
+                            pltpu.VMEM((bq, d), jnp.float32)],
+        ),
+        out_shape=[jax.ShapeDtypeStruct((b, h, sp, d), qt.dtype),
+                   jax.ShapeDtypeStruct((b, h, 1, sp), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=cfg.interpret,
+        name="flash_fwd",
+    )(flat, *args)
+    return out, lse
+
+
+# ----------------------------------------------------------------------------- backward: dQ
+
+
+def _dq_kernel(tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, kseg_ref,
+               dq_ref, acc_sc, *, cfg: _Cfg, tab_b: int):
+    bq, bk = cfg.dq
+    nq, nk = cfg.padded_len // bq, cfg.padded_len // bk
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    lo, hi, flo, fhi = _ranges(tab_ref, b, i, nq, tab_b)
+
+    @pl.when(j == 0)
+    def _init():
+        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+    def body(masked: bool):
+        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+        prec = _precision(q.dtype)
+        s = lax.dot_general(q, k, NT, preferred_element_type=jnp.float32,
+                            precision=prec) * cfg.scale
+        if masked:
+            q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+            k_pos = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+            q_ids = kv_ids = None
+            if cfg.has_seg:
+                q_ids = jnp.tile(qseg_ref[...], (1, bk // LANES))
+                kv_ids = kseg_ref[:1, :]
+            s = jnp.where(_mask(cfg, q_pos, k_pos, q_ids, kv_ids), s, -jnp.inf)
+        lse = jnp.expand_dims(lse_ref[0], -1)
+        di = jnp.expand_dims(di_ref[0], -1)
+        p = jnp.exp(s - lse)
+        dp = lax.dot_general(do, v, NT, preferred_element_type=jnp.float32, precision=prec)
+        ds = p * (dp - di)
+        acc_sc[...] += lax.dot_general(ds.astype(k.dtype), k, NN,
+                                       preferred_element_type=jnp.float32, precision=prec)
+
+    _run_blocks(j, lo, hi, flo, fhi, body)
+
+    @pl.when(j == nk - 1)
+    def _finish():
+        dq_ref[...] = (acc_sc[...] * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dq(cfg: _Cfg, tab, qt, kt, vt, dot_, lse, di, qseg_col, kseg_row):
+    b, h, sp, d = qt.shape
+    bq, bk = cfg.dq
+    g = cfg.groups
+    nq, nk = sp // bq, sp // bk
+    tab_b = tab.shape[0]
+
+    def q_map(bi, hi, i, j, t):
+        return bi, hi, i, 0
+
+    def row_map(bi, hi, i, j, t):
+        return bi, hi, 0, i
+
+    def kv_map(bi, hi, i, j, t):
+        lo, up, _, _ = _ranges(t, bi, i, nq, tab_b)
+        return bi, hi // g, _clamp(j, lo, up), 0
+
+    def kseg_map(bi, hi, i, j, t):
+        lo, up, _, _ = _ranges(t, bi, i, nq, tab_b)
+        return bi, 0, _clamp(j, lo, up)
+
+    in_specs = [pl.BlockSpec((None, None, bq, d), q_map),
+                pl.BlockSpec((None, None, bk, d), kv_map),
+                pl.BlockSpec((None, None, bk, d), kv_map),
+                pl.BlockSpec((None, None, bq, d), q_map),
+                pl.BlockSpec((None, None, 1, bq), row_map),
+                pl.BlockSpec((None, None, 1, bq), row_map)]
+    args = [qt, kt, vt, dot_, lse, di]
+    if cfg.has_seg:
+        in_specs += [pl.BlockSpec((None, bq, LANES), lambda bi, hi, i, j, t: (bi, i, 0)),
+                     pl.BlockSpec((None, SUBLANES, bk), kseg_map)]
+        args += [qseg_col, kseg_row]
+    else:
+        in_specs += [None, None]
+        args += [None, None]
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, cfg=cfg, tab_b=tab_b),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(b, h, nq, nk),
+            in_specs=in_specs,
+            out_specs=pl.BlockSpec((None, None, bq, d), q_map),
+            scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
+        ),
+        out_shape=jax.ShapeDtypeStruct(qt.shape, qt.dtype),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=cfg.interpret,
+        name="flash_bwd_dq",
+    )(jnp.asarray(tab).reshape(-1), *args)
+
+
+# ----------------------------------------------------------------------------- backward: dK, dV
+
+
+def _dkv_kernel(tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, kseg_ref,
+                dk_ref, dv_ref, dk_sc, dv_sc, *, cfg: _Cfg, tab_b: int):
+    """Transposed form (keys on sublanes, queries on lanes): lse/delta broadcast as rows."""
+    bq, bk = cfg.dkv
+    nq, nk = cfg.padded_len // bq, cfg.padded_len // bk
+    b, j, g, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
+    lo, hi, flo, fhi = _ranges(tab_ref, b, j, nk, tab_b)
+
+    @pl.when((g == 0) & (i == 0))
+    def _init():
+        dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
+        dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+
+    def body(masked: bool):
+        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+        prec = _precision(q.dtype)
+        s = lax.dot_general(k, q, NT, preferred_element_type=jnp.float32,
+                            precision=prec) * cfg.scale
+        if masked:
+            q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bk, bq), 1)
+            k_pos = j * bk + lax.broadcasted_iota(jnp.int32, (bk, bq), 0)
+            q_ids = kv_ids = None
+            if cfg.has_seg:
+                q_ids = qseg_ref[:1, :]
+                kv_ids = jnp.tile(kseg_ref[...], (1, bq // LANES))
+            s = jnp.where(_mask(cfg, q_pos, k_pos, q_ids, kv_ids), s, -jnp.inf)
+        p = jnp.exp(s - lse_ref[...])
+        dv_sc[...] += lax.dot_general(p.astype(do.dtype), do, NN,
+                                      preferred_element_type=jnp.float32, precision=prec)
+        dp = lax.dot_general(v, do, NT, preferred_element_type=jnp.float32, precision=prec)
+        ds = p * (dp - di_ref[...])
+        dk_sc[...] += lax.dot_general(ds.astype(q.dtype), q, NN,
+                                      preferred_element_type=jnp.float32, precision=prec)
+
+    _run_blocks(i, lo, hi, flo, fhi, body)
+
+    @pl.when((g == cfg.groups - 1) & (i == nq - 1))
+    def _finish():
+        dk_ref[...] = (dk_sc[...] * cfg.scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+
+
+def _dkv(cfg: _Cfg, tab, qt, kt, vt, dot_, lse, di, qseg_row, kseg_col):
+    b, kvh, sp, d = kt.shape
+    bq, bk = cfg.dkv
+    g = cfg.groups
+    nq, nk = sp // bq, sp // bk
+    tab_b = tab.shape[0]
+
+    def kv_map(bi, kh, j, gi, i, t):
+        return bi, kh, j, 0
+
+    def q_i(bi, j, i, t):
+        lo, up, _, _ = _ranges(t, bi, j, nk, tab_b)
+        return _clamp(i, lo, up)
+
+    def q_map(bi, kh, j, gi, i, t):
+        return bi, kh * g + gi, q_i(bi, j, i, t), 0
+
+    def row_map(bi, kh, j, gi, i, t):
+        return bi, kh * g + gi, 0, q_i(bi, j, i, t)
+
+    in_specs = [pl.BlockSpec((None, None, bq, d), q_map),
+                pl.BlockSpec((None, None, bk, d), kv_map),
+                pl.BlockSpec((None, None, bk, d), kv_map),
+                pl.BlockSpec((None, None, bq, d), q_map),
+                pl.BlockSpec((None, None, 1, bq), row_map),
+                pl.BlockSpec((None, None, 1, bq), row_map)]
+    args = [qt, kt, vt, dot_, lse, di]
+    if cfg.has_seg:
+        in_specs += [pl.BlockSpec((None, SUBLANES, bq),
+                                  lambda bi, kh, j, gi, i, t: (bi, 0, q_i(bi, j, i, t))),
+                     pl.BlockSpec((None, bk, LANES), lambda bi, kh, j, gi, i, t: (bi, j, 0))]
+        args += [qseg_row, kseg_col]
+    else:
+        in_specs += [None, None]
+        args += [None, None]
+    return pl.pallas_call(
+        functools.partial(_dkv_kernel, cfg=cfg, tab_b=tab_b),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(b, kvh, nk, g, nq),
+            in_specs=in_specs,
+            out_specs=[pl.BlockSpec((None, None, bk, d), kv_map),
+                       pl.BlockSpec((None, None, bk, d), kv_map)],
+            scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32),
+                            pltpu.VMEM((bk, d), jnp.float32)],
+        ),
+        out_shape=[jax.ShapeDtypeStruct(kt.shape, kt.dtype),
+                   jax.ShapeDtypeStruct(vt.shape, vt.dtype)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary",
+                                 "arbitrary")),
+        interpret=cfg.interpret,
+        name="flash_bwd_dkv",
+    )(jnp.asarray(tab).reshape(-1), *args)
+
+
+# ----------------------------------------------------------------------------- custom vjp
+
+
+def _seg_layouts(cfg: _Cfg, q_seg, kv_seg):
+    """Padded segment ids in both lane/sublane layouts; padding and id 0 on the kv side
+    become -1 so that a single equality test encodes the whole segment rule."""
+    if not cfg.has_seg:
+        return None, None, None, None
+    sp = cfg.padded_len
+    q = common.pad_axis(q_seg.astype(jnp.int32), 1, sp)
+    kv = common.pad_axis(kv_seg.astype(jnp.int32), 1, sp)
+    kv = jnp.where(kv == 0, -1, kv)
+    b = q.shape[0]
+    q_col = lax.broadcast_in_dim(q, (b, sp, LANES), (0, 1))
+    q_row = lax.broadcast_in_dim(q, (b, SUBLANES, sp), (0, 2))
+    kv_col = lax.broadcast_in_dim(kv, (b, sp, LANES), (0, 1))
+    kv_row = lax.broadcast_in_dim(kv, (b, SUBLANES, sp), (0, 2))
+    return q_col, q_row, kv_col, kv_row
+
+
+def _to_kernel_layout(cfg: _Cfg, x):
+    return common.pad_axis(jnp.swapaxes(x, 1, 2), 2, cfg.padded_len)
+
+
+def _tables(cfg: _Cfg, q_seg, kv_seg):
+    kw = dict(q_len=cfg.seq_len, kv_len=cfg.seq_len, causal=cfg.causal)
+    fwd = common.block_ranges(q_seg, kv_seg, bq=cfg.fwd[0], bk=cfg.fwd[1], **kw)
+    dq = common.block_ranges(q_seg, kv_seg, bq=cfg.dq[0], bk=cfg.dq[1], **kw)
+    dkv = common.block_ranges(q_seg, kv_seg, bq=cfg.dkv[0], bk=cfg.dkv[1], by_kv=True, **kw)
+    return fwd, dq, dkv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg: _Cfg, q, k, v, q_seg, kv_seg):
+    return _flash_fwd(cfg, q, k, v, q_seg, kv_seg)[0]
+
+
+def _flash_fwd(cfg: _Cfg, q, k, v, q_seg, kv_seg):
+    s = q.shape[1]
+    qt, kt, vt = (_to_kernel_layout(cfg, x) for x in (q, k, v))
+    q_col, _, _, kv_row = _seg_layouts(cfg, q_seg, kv_seg)
+    tab, _, _ = _tables(cfg, q_seg, kv_seg)
+    ot, lse = _fwd(cfg, tab, qt, kt, vt, q_col, kv_row)
+    out = jnp.swapaxes(ot[:, :, :s], 1, 2)
+    return out, (qt, kt, vt, ot, lse, q_seg, kv_seg)
+
+
+def _flash_bwd(cfg: _Cfg, res, dout):
+    qt, kt, vt, ot, lse, q_seg, kv_seg = res
+    b, s, h, d = dout.shape
+    dot_ = _to_kernel_layout(cfg, dout)
+    di = jnp.sum(ot.astype(jnp.float32) * dot_.astype(jnp.float32), axis=-1)[:, :, None, :]
+    q_col, q_row, kv_col, kv_row = _seg_layouts(cfg, q_seg, kv_seg)
+    _, tab_dq, tab_dkv = _tables(cfg, q_seg, kv_seg)
+    dqt = _dq(cfg, tab_dq, qt, kt, vt, dot_, lse, di, q_col, kv_row)
+    dkt, dvt = _dkv(cfg, tab_dkv, qt, kt, vt, dot_, lse, di, q_row, kv_col)
+    back = lambda x: jnp.swapaxes(x[:, :, :s], 1, 2)
+    none = lambda seg: None if seg is None else np.zeros(seg.shape, jax.dtypes.float0)
+    return back(dqt), back(dkt), back(dvt), none(q_seg), none(kv_seg)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention(q, k, v, *, causal: bool, segment_ids=None, kv_segment_ids=None,
+                    scale: float | None = None, block_sizes: BlockSizes | None = None,
+                    interpret=False) -> jax.Array:
+    """Flash attention on TPU (Mosaic). q [B,S,H,D], k/v [B,S,KV,D] -> [B,S,H,D].
+
+    Masking follows `models.attention.dot_product_attention`: segment ids (0 = padding) keep
+    queries inside their segment, fully masked rows return zeros. `interpret` is passed to
+    `pallas_call` (True or `pltpu.InterpretParams()` to run on CPU).
+    """
+    _, s, h, kvh, _, d = common.check_inputs(q, k, v, segment_ids, kv_segment_ids)
+    bs = block_sizes or BlockSizes()
+    pick = lambda pref: common.pick_block(s, pref, LANES)
+    blocks = [pick(getattr(bs, f.name)) for f in dataclasses.fields(bs)]
+    if kv_segment_ids is not None and segment_ids is None:
+        raise ValueError("flash attention: kv_segment_ids given without segment_ids")
+    has_seg = segment_ids is not None
+    if has_seg and kv_segment_ids is None:
+        kv_segment_ids = segment_ids
+    cfg = _Cfg(causal=causal, scale=float(d**-0.5 if scale is None else scale), seq_len=s,
+               padded_len=common.round_up(s, max(blocks)), groups=h // kvh, has_seg=has_seg,
+               interpret=interpret, fwd=tuple(blocks[0:2]), dkv=tuple(blocks[2:4]),
+               dq=tuple(blocks[4:6]))
+    return _flash(cfg, q, k, v, segment_ids, kv_segment_ids)
