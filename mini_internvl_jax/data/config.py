@@ -1,0 +1,102 @@
+"""Typed data-pipeline config (`DataConfig`), read with the project's `configlib` helpers.
+
+The geometry of a batch (sequence length, rows, tile buffer, image size, tokens per tile)
+is not here: it belongs to the model and trainer configs and is passed to
+`pipeline.build_train_iterator` directly, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from mini_internvl_jax import configlib
+from mini_internvl_jax.configlib import ConfigError
+
+
+def _check(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"data.{where}: {msg}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # InternVL meta JSON: {name: {root, annotation, repeat_time, data_augment, ...}}.
+    meta_path: str
+    # Chat template; null = the model's (pass `template=` to `build_train_iterator`).
+    template: Literal["Hermes-2", "internlm2-chat", "phi3-chat"] | None = None
+    # Overrides the template's default system message when set.
+    system_message: str | None = None
+
+    # Dynamic tiling (InternVL `dynamic_preprocess`); a meta entry may override max.
+    dynamic_image_size: bool = True
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 6
+    use_thumbnail: bool = True
+    # InternVL feeds a white tile with image_flags=0 for text-only samples; off by default
+    # because it only spends ViT compute.
+    text_only_dummy_tile: bool = False
+    # Train-time JPEG re-encode for datasets with `data_augment: true` (quality inclusive).
+    jpeg_quality_min: int = 75
+    jpeg_quality_max: int = 100
+
+    # Loss weights per supervised token: 1, 1/n or 1/sqrt(n) with n tokens in the sample.
+    loss_reduction: Literal["token", "sample", "square"] = "token"
+    # Samples longer than the row: cut (never through an image) or leave out.
+    overlong: Literal["truncate", "drop"] = "truncate"
+    # Optional cap on tiles per packed row (InternVL's `num_images_expected`); None = only
+    # the batch's tile buffer limits.
+    max_tiles_per_row: int | None = None
+    # 1 = no packing (one right-padded sample per row, for attention without segment ids);
+    # None = as many as fit.
+    max_samples_per_row: int | None = None
+    # How many samples that did not fit may wait for a later batch while the current one
+    # keeps filling; 0 = close the batch at the first sample that does not fit.
+    pack_lookahead: int = 8
+
+    shuffle: bool = True
+    # None repeats forever (use with max_steps; needed for multi-host so hosts never run dry).
+    num_epochs: int | None = None
+
+    # Per-process parallelism: threads decode/tile/tokenize, workers are extra processes
+    # that each pack whole batches (tiles travel as uint8; normalising happens after).
+    num_threads: int = 2
+    prefetch_buffer_size: int = 16
+    num_workers: int = 0
+    worker_buffer_size: int = 2
+    # Finished batches made ahead in a background thread (0 = in the caller's thread).
+    batch_prefetch: int = 2
+
+    # Bad input (missing/corrupt image, malformed line, unknown role, placeholder mismatch)
+    # is skipped and counted; the run stops once the bad share passes this limit, checked
+    # after `bad_check_min_samples` records.
+    max_bad_fraction: float = 0.01
+    bad_check_min_samples: int = 200
+
+    def __post_init__(self):
+        _check(bool(self.meta_path), "meta_path", "must name the meta JSON file")
+        _check(1 <= self.min_dynamic_patch <= self.max_dynamic_patch, "min_dynamic_patch",
+               f"need 1 <= min_dynamic_patch ({self.min_dynamic_patch}) <= max_dynamic_patch "
+               f"({self.max_dynamic_patch})")
+        _check(1 <= self.jpeg_quality_min <= self.jpeg_quality_max <= 100, "jpeg_quality_min",
+               "need 1 <= jpeg_quality_min <= jpeg_quality_max <= 100")
+        _check(self.max_tiles_per_row is None or self.max_tiles_per_row >= 1,
+               "max_tiles_per_row", "must be >= 1 or null")
+        _check(self.max_samples_per_row is None or self.max_samples_per_row >= 1,
+               "max_samples_per_row", "must be >= 1 or null")
+        _check(self.pack_lookahead >= 0, "pack_lookahead", "must be >= 0")
+        _check(self.num_epochs is None or self.num_epochs >= 1, "num_epochs",
+               "must be >= 1 or null (repeat forever)")
+        _check(self.num_threads >= 0, "num_threads", "must be >= 0")
+        _check(self.prefetch_buffer_size >= 1, "prefetch_buffer_size", "must be >= 1")
+        _check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        _check(self.worker_buffer_size >= 1, "worker_buffer_size", "must be >= 1")
+        _check(self.batch_prefetch >= 0, "batch_prefetch", "must be >= 0")
+        _check(0.0 <= self.max_bad_fraction <= 1.0, "max_bad_fraction", "must be in [0, 1]")
+        _check(self.bad_check_min_samples >= 1, "bad_check_min_samples", "must be >= 1")
+
+
+def data_config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> DataConfig:
+    """`DataConfig` from a plain dict (a YAML `data:` section) plus `key=value` overrides."""
+    data = configlib.apply_overrides(data, list(overrides))
+    return configlib.from_dict(DataConfig, data, "data")

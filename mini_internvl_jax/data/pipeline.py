@@ -1,0 +1,159 @@
+"""The Grain training pipeline: plan -> per-sample processing -> packing -> worker prefetch.
+
+    plan (MapDataset: shuffled epochs, this process's shard of each epoch)
+      .map(SampleProcessor)            decode, tile, tokenize; threads (ReadOptions)
+      .to_iter_dataset(...)
+    PackIterDataset                    first-fit packing into static batches (tiles uint8)
+      .mp_prefetch(...)                optional worker processes, each packing whole batches
+      .map(finalize_batch)             tiles -> normalised float32 tile buffer
+    ThreadPrefetchIterDataset          batches made ahead in a background thread
+
+Batch dict (numpy, static shapes; B = batch_size rows, S = seq_len, T = max_tiles):
+  input_ids int32 [B, S]      pad = tokenizer pad id (or 0)
+  labels int32 [B, S]         next-token targets: labels[b, t] = id of token t+1 of the same
+                              sample if it is trained, else -100 (a sample's last token: -100)
+  loss_weights float32 [B, S] 0 where labels == -100, else 1, 1/n or 1/sqrt(n)
+  positions int32 [B, S]      0.. per packed sample, 0 on padding
+  segment_ids int32 [B, S]    1, 2, ... per packed sample in a row, 0 = padding
+  pixel_values float32 [T, 3, H, W]  ImageNet-normalised tiles: row 0's samples in order
+                              (each image's tiles, thumbnail last), then row 1, ...; padding last
+  image_flags int32 [T]       1 real tile, 0 padding (or InternVL's text-only dummy tile)
+  stats_num_{samples,truncated,dropped,bad} int32 []  host-side counters since the last batch
+
+Iterator state (`get_state`) is JSON; save it with the model via
+`ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(it))` and restore with
+`grain.checkpoint.CheckpointRestore(it)` into an iterator built with the same settings
+(and the same `num_workers`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+
+import grain
+
+from mini_internvl_jax.data.config import DataConfig
+from mini_internvl_jax.data.errors import DataError
+from mini_internvl_jax.data.packing import BatchGeometry, PackIterDataset, finalize_batch
+from mini_internvl_jax.data.processing import SampleProcessor
+from mini_internvl_jax.data.sources import Mixture, open_source, read_meta
+from mini_internvl_jax.data.tokenizer import IMG_CONTEXT, Tokenizer, load_tokenizer
+
+
+class EpochPlan(grain.MapDataset):
+    """(plan index, mixture index) pairs for one shard.
+
+    Epoch e is a fresh permutation of the mixture (seed + e); shard k of n takes positions
+    k, k + n, k + 2n, ... of it, so the shards of one epoch together cover every entry once.
+    """
+
+    def __init__(self, total: int, *, seed: int, shuffle: bool, shard_index: int,
+                 shard_count: int, num_epochs: int | None):
+        super().__init__()
+        if not 0 <= shard_index < shard_count:
+            raise DataError(f"shard_index {shard_index} is not in [0, {shard_count})")
+        self._total = total
+        self._shard = shard_index
+        self._count = shard_count
+        self._per_epoch = (total - shard_index + shard_count - 1) // shard_count
+        if self._per_epoch == 0:
+            raise DataError(f"shard {shard_index} of {shard_count} gets no samples: the "
+                            f"datasets hold only {total}")
+        self._epochs = num_epochs
+        self._perm = grain.MapDataset.range(total).shuffle(seed % 2**32) if shuffle else None
+
+    def __len__(self) -> int:
+        return sys.maxsize if self._epochs is None else self._per_epoch * self._epochs
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, j = divmod(index, self._per_epoch)
+        pos = self._shard + j * self._count
+        if self._perm is None:
+            return index, pos
+        return index, self._perm[epoch * self._total + pos]
+
+    def __str__(self) -> str:
+        return f"EpochPlan(total={self._total}, shard={self._shard}/{self._count})"
+
+
+def build_train_dataset(data_cfg: DataConfig, *, tokenizer: Tokenizer | str,
+                        num_image_tokens: int, image_size: int, seq_len: int, batch_size: int,
+                        max_tiles: int, seed: int, shard_index: int | None = None,
+                        shard_count: int | None = None,
+                        template: str | None = None) -> grain.IterDataset:
+    """The batch-producing IterDataset; see `build_train_iterator`."""
+    if data_cfg.template is None:
+        if template is None:
+            raise DataError("no chat template: set data.template or pass the model's template "
+                            "(Hermes-2, internlm2-chat or phi3-chat)")
+        data_cfg = dataclasses.replace(data_cfg, template=template)
+    if shard_index is None or shard_count is None:
+        import jax
+
+        shard_index, shard_count = jax.process_index(), jax.process_count()
+    if isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer)
+    for name, v in (("num_image_tokens", num_image_tokens), ("image_size", image_size),
+                    ("seq_len", seq_len), ("batch_size", batch_size), ("max_tiles", max_tiles)):
+        if v < 1:
+            raise DataError(f"{name} must be >= 1, got {v}")
+    mixture = Mixture([open_source(s) for s in read_meta(data_cfg.meta_path)])
+    processor = SampleProcessor(data_cfg, mixture, tokenizer, image_size=image_size,
+                                num_image_tokens=num_image_tokens, seq_len=seq_len,
+                                max_tiles=max_tiles, seed=seed)
+    plan = EpochPlan(len(mixture), seed=seed, shuffle=data_cfg.shuffle,
+                     shard_index=shard_index, shard_count=shard_count,
+                     num_epochs=data_cfg.num_epochs)
+    ds = plan.map(processor).to_iter_dataset(grain.ReadOptions(
+        num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch_buffer_size))
+    geom = BatchGeometry(batch_size=batch_size, seq_len=seq_len, max_tiles=max_tiles,
+                         image_size=image_size, pad_id=tokenizer.pad_id,
+                         image_token_id=tokenizer.token_id(IMG_CONTEXT),
+                         num_image_tokens=num_image_tokens,
+                         max_tiles_per_row=data_cfg.max_tiles_per_row,
+                         max_samples_per_row=data_cfg.max_samples_per_row)
+    ds = PackIterDataset(ds, geom, lookahead=data_cfg.pack_lookahead,
+                         max_bad_fraction=data_cfg.max_bad_fraction,
+                         bad_check_min_samples=data_cfg.bad_check_min_samples)
+    if data_cfg.num_workers > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=data_cfg.num_workers,
+            per_worker_buffer_size=data_cfg.worker_buffer_size))
+    ds = ds.map(functools.partial(finalize_batch, geom=geom))
+    if data_cfg.batch_prefetch:
+        ds = grain.experimental.ThreadPrefetchIterDataset(
+            ds, prefetch_buffer_size=data_cfg.batch_prefetch)
+    return ds
+
+
+def build_train_iterator(data_cfg: DataConfig, *, tokenizer: Tokenizer | str,
+                         num_image_tokens: int, image_size: int, seq_len: int, batch_size: int,
+                         max_tiles: int, seed: int, shard_index: int | None = None,
+                         shard_count: int | None = None,
+                         template: str | None = None) -> grain.DatasetIterator:
+    """Iterator of packed batches (see the module docstring) for this process's shard.
+
+    `batch_size` is rows per process; `max_tiles` the tile buffer per batch. Shards default
+    to `jax.process_index()` of `jax.process_count()`. `template` (the model config's) is
+    used when `data_cfg.template` is unset. The iterator is checkpointable with Orbax
+    (`grain.checkpoint.CheckpointSave/CheckpointRestore`) or `get/set_iterator_state`.
+    """
+    return iter(build_train_dataset(
+        data_cfg, tokenizer=tokenizer, num_image_tokens=num_image_tokens,
+        image_size=image_size, seq_len=seq_len, batch_size=batch_size, max_tiles=max_tiles,
+        seed=seed, shard_index=shard_index, shard_count=shard_count, template=template))
+
+
+def get_iterator_state(it: grain.DatasetIterator) -> str:
+    """The iterator's position as a JSON string."""
+    return json.dumps(it.get_state())
+
+
+def set_iterator_state(it: grain.DatasetIterator, state: str | dict) -> None:
+    """Moves an iterator built with the same settings to a saved position."""
+    it.set_state(json.loads(state) if isinstance(state, str) else state)
