@@ -7,6 +7,7 @@ checkpoint is converted, its own config.json wins (vocab size, rope factor lists
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -24,6 +25,17 @@ ATTENTION_IMPLS = ("xla", "cudnn", "pallas", "auto")
 def _check(cond: bool, where: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{where}: {msg}")
+
+
+def _check_choices(cfg, prefix: str) -> None:
+    """Literal-typed fields hold one of their values, also when built in Python (not YAML)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        tp = hints[f.name]
+        if typing.get_origin(tp) is Literal:
+            value = getattr(cfg, f.name)
+            _check(value in typing.get_args(tp), f"{prefix}{f.name}",
+                   f"{value!r} is not one of {list(typing.get_args(tp))}")
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,7 @@ class VisionConfig:
 
     def __post_init__(self):
         w = "vision"
+        _check_choices(self, "vision.")
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "image_size",
                      "patch_size", "num_channels"):
             _check(getattr(self, name) > 0, f"{w}.{name}", "must be positive")
@@ -82,6 +95,7 @@ class RopeScaling:
     original_max_position_embeddings: int | None = None
 
     def __post_init__(self):
+        _check_choices(self, "llm.rope_scaling.")
         if self.type == "longrope":
             _check(self.original_max_position_embeddings is not None,
                    "llm.rope_scaling.original_max_position_embeddings", "required for longrope")
@@ -91,7 +105,7 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class LLMConfig:
-    family: Literal["qwen2", "internlm2", "phi3", "llama"]
+    family: Literal[FAMILIES]
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -108,6 +122,7 @@ class LLMConfig:
 
     def __post_init__(self):
         w = "llm"
+        _check_choices(self, "llm.")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                      "intermediate_size", "max_position_embeddings"):
             _check(getattr(self, name) > 0, f"{w}.{name}", "must be positive")
@@ -127,10 +142,6 @@ class LLMConfig:
                        f"needs head_dim // 2 = {self.head_dim // 2} values, got "
                        f"{None if lst is None else len(lst)}")
 
-    @property
-    def num_groups(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -140,19 +151,20 @@ class ModelConfig:
     ps_version: Literal["v1", "v2"] = "v2"
     select_layer: int = -1
     image_token_id: int = 151648
-    template: Literal["Hermes-2", "internlm2-chat", "phi3-chat"] = "Hermes-2"
+    template: Literal[TEMPLATES] = "Hermes-2"
     projector_norm_eps: float = 1e-5
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
-    param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attention_impl: Literal["xla", "cudnn", "pallas", "auto"] = "xla"
+    dtype: Literal[DTYPES] = "float32"  # compute dtype
+    param_dtype: Literal[DTYPES] = "float32"
+    attention_impl: Literal[ATTENTION_IMPLS] = "xla"
     scan_layers: bool = False
-    remat: Literal["none", "full", "save_dots"] = "none"
+    remat: Literal[REMAT_POLICIES] = "none"
     # Checked on the host when inputs are concrete and through a host callback under jit.
     check_image_tokens: bool = True
     name: str = "custom"
     notes: str = field(default="", compare=False)
 
     def __post_init__(self):
+        _check_choices(self, "")
         scale = 1.0 / self.downsample_ratio
         _check(abs(scale - round(scale)) < 1e-6 and round(scale) >= 1, "downsample_ratio",
                f"1/{self.downsample_ratio} must be a whole number")

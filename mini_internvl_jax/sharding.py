@@ -8,7 +8,6 @@ failing, so one table serves every mesh shape.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 
@@ -49,23 +48,6 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("proj_out", "tensor"),
 )
 
-_active_rules: list[tuple] = [LOGICAL_RULES]
-
-
-@contextlib.contextmanager
-def axis_rules(rules):
-    """Temporarily use another rules table (same form as LOGICAL_RULES)."""
-    _active_rules.append(tuple(rules))
-    try:
-        yield
-    finally:
-        _active_rules.pop()
-
-
-def current_rules() -> tuple:
-    return _active_rules[-1]
-
-
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
     """Mesh over `devices` (default: all devices of all hosts); one size may be -1 = the rest."""
     devices_arg_is_default = devices is None
@@ -101,7 +83,7 @@ def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int] | N
     """PartitionSpec for logical `names`; drops mesh axes that don't divide the dim or repeat."""
     if names is None:
         return P()
-    rules = dict(current_rules() if rules is None else rules)
+    rules = dict(LOGICAL_RULES if rules is None else rules)
     sizes = _mesh_axis_sizes(mesh) if mesh is not None else None
     used: set[str] = set()
     out = []

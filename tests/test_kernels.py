@@ -171,14 +171,17 @@ def test_dispatch_on_cpu():
 
 
 def test_resolve_impl():
-    r = lambda platform, seg=False, dtype=jnp.bfloat16, s=4096: dispatch.resolve_impl(
-        "auto", platform=platform, has_segments=seg, dtype=dtype, seq_len=s)
+    r = lambda platform, seg=False, dtype=jnp.bfloat16, s=4096, d=64: dispatch.resolve_impl(
+        "auto", platform=platform, has_segments=seg, dtype=dtype, seq_len=s, head_dim=d)
     assert r("tpu") == "pallas" and r("tpu", seg=True) == "pallas"
     assert r("gpu") == "cudnn"
     assert r("gpu", seg=True) == "pallas"
     assert r("gpu", dtype=jnp.float32) == "pallas"
     assert r("gpu", s=1025) == "pallas"
     assert r("cpu") == "xla"
+    # inputs our kernels do not take fall back to the exact dense path, never an error
+    assert r("tpu", d=16) == "xla" and r("tpu", dtype=jnp.float16) == "xla"
+    assert r("gpu", seg=True, d=80) == "xla" and r("gpu", dtype=jnp.float16) == "cudnn"
     assert dispatch.resolve_impl("pallas", platform="cpu", has_segments=True,
                                  dtype=jnp.float32, seq_len=8) == "pallas"
 

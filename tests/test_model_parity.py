@@ -145,6 +145,21 @@ def test_position_table_bicubic_resize_matches_torch():
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
 
 
+def test_select_layer_matches_vision_feature_layer():
+    """select_layer -2 takes the second-to-last block's output, as HF vision_feature_layer."""
+    hf_cfg, cfg = ref.internvl_pair("qwen2", vision_layers=3, llm_layers=1)
+    hf_cfg.vision_feature_layer = -2
+    cfg = cfg.replace(select_layer=-2)
+    torch_model = ref.randomize_(transformers.InternVLForConditionalGeneration(hf_cfg))
+    ours = build_ours(cfg, model_rules(cfg, "native"), torch_model.state_dict())
+    ids = ref.internvl_input_ids([1], seq_len=12)
+    px = np.random.RandomState(8).randn(1, 3, 56, 56).astype(np.float32)
+    with torch.no_grad():
+        expected = torch_model(input_ids=torch.tensor(ids, dtype=torch.long),
+                               pixel_values=torch.tensor(px)).logits.numpy()
+    assert rel_err(ours(jnp.asarray(ids), jnp.asarray(px)), expected) <= 1e-4
+
+
 @pytest.mark.parametrize("text", ["qwen2", "phi3"])
 def test_internvl_full_forward_parity(text):
     """Image + text forward, 2 rows, 3 tiles, plus a padding tile only our buffer has."""

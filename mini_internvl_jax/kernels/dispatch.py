@@ -28,6 +28,7 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from mini_internvl_jax.kernels import flash_gpu, flash_tpu
+from mini_internvl_jax.kernels.common import HEAD_DIMS
 from mini_internvl_jax.models.attention import IMPLS, dot_product_attention
 
 BATCH_AXES = ("data", "fsdp")
@@ -47,19 +48,24 @@ def target_platform() -> str:
     return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
 
 
-def resolve_impl(impl: str, *, platform: str, has_segments: bool, dtype, seq_len: int) -> str:
-    """The concrete implementation for `impl` (resolves `auto`)."""
+def resolve_impl(impl: str, *, platform: str, has_segments: bool, dtype, seq_len: int,
+                 head_dim: int | None = None) -> str:
+    """The concrete implementation for `impl` (resolves `auto` to the best exact choice)."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
     if impl != "auto":
         return impl
+    dtype = jnp.dtype(dtype)
+    # Our kernels take head dims 64/96/128 in float32/bfloat16; anything else stays exact on XLA.
+    kernel_ok = (head_dim is None or head_dim in HEAD_DIMS) and dtype in (jnp.float32,
+                                                                          jnp.bfloat16)
     if platform == "tpu":
-        return "pallas"
+        return "pallas" if kernel_ok else "xla"
     if platform == "gpu":
         # cuDNN's backward rejects odd lengths (ViT's 1025), where our kernel is as fast anyway.
-        cudnn_ok = (not has_segments and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        cudnn_ok = (not has_segments and dtype in (jnp.bfloat16, jnp.float16)
                     and seq_len % 128 == 0)
-        return "cudnn" if cudnn_ok else "pallas"
+        return "cudnn" if cudnn_ok else "pallas" if kernel_ok else "xla"
     return "xla"
 
 
@@ -71,7 +77,7 @@ def attention(q, k, v, *, causal: bool, segment_ids=None, kv_segment_ids=None, q
         kv_segment_ids = None  # the reference ignores kv ids without query ids
     platform = target_platform()
     impl = resolve_impl(impl, platform=platform, has_segments=segment_ids is not None,
-                        dtype=q.dtype, seq_len=q.shape[1])
+                        dtype=q.dtype, seq_len=q.shape[1], head_dim=q.shape[-1])
     dense = lambda: dot_product_attention(q, k, v, causal=causal, segment_ids=segment_ids,
                                           kv_segment_ids=kv_segment_ids, q_offset=q_offset,
                                           scale=scale)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("xla", "cudnn", "pallas", "auto")
+from mini_internvl_jax.config import ATTENTION_IMPLS as IMPLS
 
 
 def attention_mask(batch: int, q_len: int, kv_len: int, *, causal: bool,

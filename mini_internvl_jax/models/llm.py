@@ -104,7 +104,6 @@ class Decoder(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, *,
                  cache: dict | None = None, remat: str = "none"):
         """x: input embeddings [B, S, D] -> (final-normed hidden [B, S, D], updated cache)."""
-        # Scaled RoPE variants key on max(positions)+1, as the references do (also in decode).
         cos, sin = rope_cos_sin(self.cfg, positions)
         if cache is None:
             x, _ = self.layers(x, None, remat=remat, cos=cos, sin=sin, segment_ids=segment_ids,

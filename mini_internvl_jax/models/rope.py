@@ -44,15 +44,12 @@ def inverse_frequencies(cfg: LLMConfig, seq_len: jax.Array) -> tuple[jax.Array, 
     raise ValueError(f"unknown rope_scaling type {rs.type!r}")
 
 
-def rope_cos_sin(cfg: LLMConfig, positions: jax.Array, seq_len: jax.Array | None = None
-                 ) -> tuple[jax.Array, jax.Array]:
+def rope_cos_sin(cfg: LLMConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """cos, sin of shape positions.shape + (head_dim,), float32.
 
-    `seq_len` defaults to max(positions)+1; generation passes the total length so far.
+    Scaled variants key on max(positions)+1 over the batch, as the references do, in decode too.
     """
-    if seq_len is None:
-        seq_len = jnp.max(positions) + 1
-    inv_freq, scale = inverse_frequencies(cfg, seq_len)
+    inv_freq, scale = inverse_frequencies(cfg, jnp.max(positions) + 1)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles) * scale, jnp.sin(angles) * scale
