@@ -36,7 +36,7 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mini_internvl_jax.config import load_model_config  # noqa: E402
-from mini_internvl_jax.infer.evaluation import write_atomic  # noqa: E402
+from mini_internvl_jax.fileio import write_atomic  # noqa: E402
 from mini_internvl_jax.infer.generate import GenerationConfig, Generator, Prompt  # noqa: E402
 from mini_internvl_jax.models import InternVLModel  # noqa: E402
 from mini_internvl_jax.sharding import create_sharded_model, make_mesh  # noqa: E402

@@ -1,4 +1,5 @@
-"""Apply mapping rules to an in-memory state: the core used by the converter and the tests."""
+"""Mapping rules applied tensor by tensor: the core of the converter's import and of the tests'
+`load_rules_into` (a live model filled from a torch state_dict)."""
 
 from __future__ import annotations
 
@@ -8,66 +9,58 @@ import numpy as np
 from flax import nnx
 
 from mini_internvl_jax.convert.errors import CheckpointMismatchError
+from mini_internvl_jax.convert.hf_io import copy_into
 from mini_internvl_jax.convert.mapping import Rule, target_key
+from mini_internvl_jax.convert.params import path_str
 
-__all__ = ["CheckpointMismatchError", "export_rules_from", "load_rules_into", "source_names",
-           "torch_state_reader"]
-
-
-def _flat_params(model_or_state) -> dict[tuple, nnx.Variable]:
-    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
-    return {tuple(p): v for p, v in nnx.to_flat_state(state)}
+Read = Callable[[str], np.ndarray]
 
 
-def load_rules_into(model, rules: list[Rule], read: Callable[[str], np.ndarray], *,
-                    scan: bool) -> None:
-    """Fills `model`'s parameters from tensors returned by `read(name)`, rule by rule."""
-    params = _flat_params(model)
+def fill_from_rules(rules: list[Rule], read: Read, specs: Mapping, *, scan: bool,
+                    out: dict[tuple, np.ndarray] | None = None) -> dict[tuple, np.ndarray]:
+    """Host arrays for `specs` (path -> anything with .shape/.dtype), filled rule by rule.
+
+    Each rule's tensors come from `read(name)` and are dropped once copied, so the extra memory
+    is one rule's tensors. Arrays missing from `out` are allocated on first use; a tensor of the
+    wrong shape or a target `specs` lacks is a CheckpointMismatchError naming the tensor.
+    """
+    out = {} if out is None else out
     for rule in rules:
         arrays = []
         for name, shape in zip(rule.sources, rule.source_shapes, strict=True):
-            a = read(name)
-            if tuple(a.shape) != shape:
+            arrays.append(read(name))
+            if tuple(arrays[-1].shape) != shape:
                 raise CheckpointMismatchError(
-                    f"tensor {name!r} has shape {tuple(a.shape)}, expected {shape}")
-            arrays.append(a)
+                    f"tensor {name!r} has shape {tuple(arrays[-1].shape)}, expected {shape}")
         for target, value in zip(rule.targets, rule.to_jax(arrays), strict=True):
             path, layer = target_key(target, scan)
-            var = params.get(path)
-            if var is None:
-                raise CheckpointMismatchError(f"model has no parameter {'.'.join(map(str, path))}"
-                                              f" (for tensor {rule.sources[0]!r})")
-            current = var[...]
-            expected = current.shape if layer is None else current.shape[1:]
+            if path not in specs:
+                raise CheckpointMismatchError(f"model has no parameter {path_str(path)} (for "
+                                              f"tensor {rule.sources[0]!r})")
+            shape = tuple(specs[path].shape)
+            expected = shape if layer is None else shape[1:]
             value = np.asarray(value)
             if value.shape != expected:
                 raise CheckpointMismatchError(
-                    f"tensor {rule.sources[0]!r} maps to parameter {'.'.join(map(str, path))} of "
-                    f"shape {expected}, but gives {value.shape}")
-            value = value.astype(current.dtype)
-            var[...] = value if layer is None else current.at[layer].set(value)
-
-
-def export_rules_from(model, rules: list[Rule], *, scan: bool) -> dict[str, np.ndarray]:
-    """Inverse of `load_rules_into`: PyTorch-named numpy tensors from the model's parameters."""
-    params = _flat_params(model)
-    out: dict[str, np.ndarray] = {}
-    for rule in rules:
-        values = []
-        for target in rule.targets:
-            path, layer = target_key(target, scan)
-            a = np.asarray(params[path][...])
-            values.append(a if layer is None else a[layer])
-        for name, a in zip(rule.sources, rule.to_hf(values), strict=True):
-            out[name] = np.ascontiguousarray(a)
+                    f"tensor {rule.sources[0]!r} maps to parameter {path_str(path)} of shape "
+                    f"{expected}, but gives {value.shape}")
+            if path not in out:
+                out[path] = np.empty(shape, specs[path].dtype)
+            copy_into(out[path] if layer is None else out[path][layer], value)
+        del arrays
     return out
 
 
-def source_names(rules: list[Rule]) -> list[str]:
-    return [n for r in rules for n in r.sources]
+def load_rules_into(model, rules: list[Rule], read: Read, *, scan: bool) -> None:
+    """Fills `model`'s parameters in place from `read(name)` (parameters no rule names keep
+    their values)."""
+    params = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model))}
+    current = {p: np.array(v[...]) for p, v in params.items()}
+    for path, value in fill_from_rules(rules, read, current, scan=scan, out=current).items():
+        params[path][...] = value
 
 
-def torch_state_reader(state_dict: Mapping) -> Callable[[str], np.ndarray]:
+def torch_state_reader(state_dict: Mapping) -> Read:
     """`read(name)` over a torch state_dict (float32 numpy copies)."""
 
     def read(name: str) -> np.ndarray:

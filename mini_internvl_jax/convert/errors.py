@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class ConversionError(ValueError):
     """Base class: a checkpoint or folder that cannot be converted as asked."""
@@ -24,3 +26,13 @@ def name_list(names, limit: int = 8) -> str:
     names = list(names)
     shown = ", ".join(repr(n) for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Fails early, before any work, if `out` exists and may not be replaced."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ConversionError(f"output folder {out} already exists; choose a new path or pass "
+                              "--overwrite")
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"output path {out} exists and is not a folder")

@@ -16,8 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from mini_internvl_jax.config import ModelConfig, load_model_config, model_config_from_dict
-from mini_internvl_jax.convert.atomic import atomic_folder, check_output
-from mini_internvl_jax.convert.errors import CheckpointReadError, ConversionError
+from mini_internvl_jax.convert.errors import (
+    CheckpointReadError,
+    ConversionError,
+    check_output,
+)
 from mini_internvl_jax.convert.hf_config import hf_config_from_model, read_json
 from mini_internvl_jax.convert.hf_io import PlannedTensor, SafetensorsWriter, parse_size
 from mini_internvl_jax.convert.importer import PARAM_DTYPES, ConversionStats, OnTensor
@@ -42,6 +45,7 @@ from mini_internvl_jax.convert.params import (
     param_specs,
     stacks_of,
 )
+from mini_internvl_jax.fileio import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +126,7 @@ def export_to_hf(src_dir: str | Path, out_dir: str | Path, *, layout: str = "ori
     params = BatchedParams(params_dir, meta, [[p for p, _ in step] for step in keys],
                            read_batch_bytes)
     stats = ConversionStats()
-    with atomic_folder(out_dir, overwrite) as tmp:
+    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
         writer = SafetensorsWriter(tmp, plan, max_bytes)
         try:
             for step, rule in enumerate(rules):

@@ -23,6 +23,8 @@ from mini_internvl_jax.convert.errors import (
     UnknownArchitectureError,
 )
 from mini_internvl_jax.convert.mapping import key_tensor_names
+from mini_internvl_jax.data.errors import TokenizerError
+from mini_internvl_jax.data.tokenizer import IMG_CONTEXT, image_context_id
 
 ORIGINAL_LLM_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "InternLM2ForCausalLM": "internlm2",
                               "Phi3ForCausalLM": "phi3", "LlamaForCausalLM": "llama"}
@@ -35,7 +37,6 @@ DEFAULT_TEMPLATES = {"qwen2": "Hermes-2", "internlm2": "internlm2-chat", "phi3":
                      "llama": "internlm2-chat"}
 # <IMG_CONTEXT> in each family's tokenizer after InternVL's 9 added tokens (facts §3.4).
 DEFAULT_IMAGE_TOKEN_IDS = {"qwen2": 151648, "internlm2": 92546, "phi3": 32013}
-IMG_CONTEXT = "<IMG_CONTEXT>"
 # Released InternVL2 values for the keys our ModelConfig does not carry (facts §1).
 _ORIGINAL_DEFAULTS = {"dynamic_image_size": True, "use_thumbnail": True, "min_dynamic_patch": 1,
                       "max_dynamic_patch": 12, "use_backbone_lora": 0, "use_llm_lora": 0,
@@ -202,25 +203,12 @@ def _llm(t: dict, family: str, where: str, vocab: int, tie: bool, qkv_bias: bool
 
 
 def image_token_id_from_tokenizer(folder: Path) -> tuple[int, str] | None:
-    """(id, file) of `<IMG_CONTEXT>` from the tokenizer files in `folder`, if any has it."""
-    folder = Path(folder)
-    f = folder / "added_tokens.json"
-    if f.is_file():
-        ids = read_json(f, "added_tokens.json")
-        if IMG_CONTEXT in ids:
-            return int(ids[IMG_CONTEXT]), f.name
-    f = folder / "tokenizer_config.json"
-    if f.is_file():
-        for idx, tok in (read_json(f, "tokenizer_config.json").get("added_tokens_decoder")
-                         or {}).items():
-            if isinstance(tok, dict) and tok.get("content") == IMG_CONTEXT:
-                return int(idx), f.name
-    f = folder / "tokenizer.json"
-    if f.is_file():
-        for tok in read_json(f, "tokenizer.json").get("added_tokens") or []:
-            if isinstance(tok, dict) and tok.get("content") == IMG_CONTEXT:
-                return int(tok["id"]), f.name
-    return None
+    """(id, file) of `<IMG_CONTEXT>` from the tokenizer files in `folder`, read as the
+    tokenizer loader reads them (data/tokenizer.py)."""
+    try:
+        return image_context_id(folder)
+    except TokenizerError as e:
+        raise CheckpointReadError(str(e)) from None
 
 
 def model_config_from_hf(hf: dict, shape_of: Callable[[str], tuple | None], folder: Path,
@@ -357,9 +345,14 @@ def _rope_fields(cfg: ModelConfig, layout: str, base_llm: dict) -> dict:
     elif rs.type == "dynamic":
         scaling = {"type": "dynamic", "factor": rs.factor}
     else:
-        ones = [1.0] * (llm.head_dim // 2)
-        scaling = {"short_factor": list(rs.short_factor or ones),
-                   "long_factor": list(rs.long_factor or ones)}
+        if rs.short_factor is None or rs.long_factor is None:
+            raise ConversionError(
+                f"model config {cfg.name!r} has LongRoPE scaling without short_factor/"
+                "long_factor lists (presets leave them to the checkpoint), and writing "
+                "placeholder factors would change the model: pass the model_config.json of the "
+                "converted folder these parameters came from (--model-config "
+                "CONVERTED/model_config.json), which holds the checkpoint's lists")
+        scaling = {"short_factor": list(rs.short_factor), "long_factor": list(rs.long_factor)}
     if layout == "original":
         if rs is not None and rs.type == "longrope":
             old = (base_llm.get("rope_scaling") or {}).get("type")

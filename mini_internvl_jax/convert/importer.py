@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 
 import mini_internvl_jax
-from mini_internvl_jax.convert.atomic import atomic_folder, check_output
+from mini_internvl_jax.convert.apply import fill_from_rules
 from mini_internvl_jax.convert.errors import (
     CheckpointMismatchError,
     CheckpointReadError,
     ConversionError,
+    check_output,
     name_list,
 )
 from mini_internvl_jax.convert.hf_config import (
@@ -33,7 +34,6 @@ from mini_internvl_jax.convert.hf_config import (
 from mini_internvl_jax.convert.hf_io import (
     CheckpointReader,
     RenamedReader,
-    copy_into,
     open_checkpoint,
 )
 from mini_internvl_jax.convert.mapping import Rule, model_rules, native_module_name, target_key
@@ -46,6 +46,7 @@ from mini_internvl_jax.convert.orbax_io import (
     write_model_config,
 )
 from mini_internvl_jax.convert.params import param_specs, path_str
+from mini_internvl_jax.fileio import atomic_folder
 
 PARAM_DTYPES = ("bfloat16", "float32", "float16")
 # Buffers some PyTorch checkpoints carry that are recomputed, never learned.
@@ -146,37 +147,22 @@ def hf_to_arrays(src: HFSource, *, dtype: str, scan: bool = False, strict: bool 
     if unfilled:
         raise CheckpointMismatchError(f"no checkpoint tensor fills parameter(s) "
                                       f"{name_list(unfilled)}")
-    out: dict[tuple, np.ndarray] = {}
     total = sum(len(r.sources) for r in rules)
 
     def nbytes(rule: Rule) -> int:
         return sum(math.prod(src.reader.shape(n)) * src.reader.dtype(n).itemsize
                    for n in rule.sources)
 
-    for rule in sorted(rules, key=nbytes, reverse=True):
-        arrays = []
-        for name in rule.sources:
-            arrays.append(src.reader.read(name))
-            stats.tensors += 1
-            stats.parameters += arrays[-1].size
-            stats.bytes += arrays[-1].nbytes
-            if on_tensor is not None:
-                on_tensor(name, stats.tensors, total)
-        for target, value in zip(rule.targets, rule.to_jax(arrays), strict=True):
-            path, layer = target_key(target, scan)
-            if path not in specs:
-                raise CheckpointMismatchError(f"model has no parameter {path_str(path)} (for "
-                                              f"tensor {rule.sources[0]!r})")
-            shape = specs[path].shape
-            if path not in out:
-                out[path] = np.empty(shape, specs[path].dtype)
-            expected = shape if layer is None else shape[1:]
-            if value.shape != expected:
-                raise CheckpointMismatchError(
-                    f"tensor {rule.sources[0]!r} maps to parameter {path_str(path)} of shape "
-                    f"{expected}, but gives {value.shape}")
-            copy_into(out[path] if layer is None else out[path][layer], value)
-        del arrays
+    def read(name: str) -> np.ndarray:
+        array = src.reader.read(name)
+        stats.tensors += 1
+        stats.parameters += array.size
+        stats.bytes += array.nbytes
+        if on_tensor is not None:
+            on_tensor(name, stats.tensors, total)
+        return array
+
+    out = fill_from_rules(sorted(rules, key=nbytes, reverse=True), read, specs, scan=scan)
     stats.seconds = time.perf_counter() - start
     return out, stats
 
@@ -198,7 +184,7 @@ def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, dtype: str |
     src = open_hf(hf_dir, overrides)
     dtype = resolve_dtype(dtype, src.reader)
     main_dtype, other_dtypes = source_dtypes(src.reader)
-    with atomic_folder(out_dir, overwrite) as tmp:
+    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
         flat, stats = hf_to_arrays(src, dtype=dtype, scan=scan_layers, strict=strict,
                                    on_tensor=on_tensor)
         save_params(tmp / PARAMS_DIR, flat)

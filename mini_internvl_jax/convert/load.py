@@ -34,8 +34,7 @@ from mini_internvl_jax.convert.params import (
     shardings,
     stacks_of,
 )
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+from mini_internvl_jax.data.tokenizer import find_tokenizer
 
 
 @dataclass(frozen=True)
@@ -120,7 +119,7 @@ def load_pretrained_with_info(path: str | Path, dtype: str | None = None, *,
         raise CheckpointReadError(
             f"{path} is neither a converted folder (model_config.json + {PARAMS_DIR}/) nor a "
             "Hugging Face folder (config.json + weights)")
-    has_tokenizer = any((path / f).is_file() for f in _TOKENIZER_FILES)
+    has_tokenizer = find_tokenizer(path) is not None
     info = PretrainedInfo(path, cfg, source, layout, cfg.template, cfg.image_token_id,
                           path if has_tokenizer else None)
     return build_model(graphdef, state, arrays), info

@@ -28,9 +28,7 @@ import argparse
 import io
 import json
 import os
-import shutil
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -39,6 +37,7 @@ from PIL import Image, ImageDraw
 
 from mini_internvl_jax.data.templates import DEFAULT_SYSTEM_MESSAGE, TEMPLATES
 from mini_internvl_jax.data.tokenizer import INTERNVL_TOKENS
+from mini_internvl_jax.fileio import atomic_folder
 
 VOCAB_SIZE = 512
 MANIFEST = "demo_manifest.json"
@@ -365,21 +364,8 @@ def write_demo(out_dir: str | os.PathLike, *, seed: int = 0, num_stage1: int = 1
                                   "an earlier demo folder")
         if not (out / MANIFEST).exists():
             raise FileExistsError(f"{out} is not a demo folder (no {MANIFEST}); not replacing")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        manifest = _build(tmp, seed, num_stage1, num_stage2)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return manifest
+    with atomic_folder(out, overwrite=True) as tmp:
+        return _build(tmp, seed, num_stage1, num_stage2)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import struct
-import tempfile
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ import numpy as np
 from etils import epath
 
 from mini_internvl_jax.data.errors import DataError, SkipSample
+from mini_internvl_jax.fileio import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -286,20 +286,13 @@ def write_array_record(path: str | os.PathLike, records: Iterable[bytes]) -> int
     """Writes records to an ArrayRecord file via a temporary name; returns the count."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    os.close(fd)
     n = 0
-    try:
-        writer = ArrayRecordWriter(tmp, "group_size:1")
+    with atomic_file(path) as tmp:
+        writer = ArrayRecordWriter(str(tmp), "group_size:1")
         for rec in records:
             writer.write(rec)
             n += 1
         writer.close()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return n
 
 

@@ -142,12 +142,14 @@ def encode_chat(tokenizer: Tokenizer, template: ChatTemplate,
         trained.append(False)
     run_text: list[str] = []
     run_flags: list[tuple[int, bool]] = []  # (length, trained) per text fragment
+    after_image = False  # a run right after </img> encodes as in the whole rendered prompt
 
     def flush():
         if not run_text:
             return
         text = "".join(run_text)
-        tok_ids, starts = tokenizer.encode_with_offsets(text)
+        tok_ids, starts = tokenizer.encode_with_offsets(text,
+                                                        after=IMG_END if after_image else None)
         char_trained = np.repeat([f for _, f in run_flags], [n for n, _ in run_flags])
         ids.extend(tok_ids)
         trained.extend(char_trained[np.asarray(starts, dtype=np.int64)].tolist())
@@ -164,6 +166,7 @@ def encode_chat(tokenizer: Tokenizer, template: ChatTemplate,
                 spans.append((len(ids), len(ids) + n + 2))
                 ids.extend([img_start] + [img_ctx] * n + [img_end])
                 trained.extend([False] * (n + 2))
+                after_image = True
             if part:
                 run_text.append(part)
                 run_flags.append((len(part), is_trained))

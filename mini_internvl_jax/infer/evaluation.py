@@ -13,12 +13,11 @@ options when circular evaluation is on.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mini_internvl_jax.fileio import write_atomic
 from mini_internvl_jax.infer import scoring
 
 TASKS = ("chartqa", "mmbench", "vqa")
@@ -167,20 +166,6 @@ def run_evaluation(task: str, requests: Sequence[Request],
         if progress is not None:
             progress(len(records), len(requests))
     return records, scoring.summarize(task, records)
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Writes via a temporary file in the same folder, so a crash leaves no partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_results(records: Sequence[dict], summary: dict, predictions_path: str | Path,

@@ -90,8 +90,9 @@ def load_runtime(args: argparse.Namespace, default_max_num: int) -> Runtime:
     model, info = load_pretrained_with_info(args.checkpoint, args.dtype, mesh=mesh)
     tok_dir = Path(args.tokenizer) if args.tokenizer else info.tokenizer_dir
     if tok_dir is None:
-        raise FileNotFoundError(f"{args.checkpoint} holds no tokenizer (tokenizer.json or "
-                                "tokenizer.model); pass --tokenizer DIR")
+        raise FileNotFoundError(f"{args.checkpoint} holds no tokenizer (tokenizer.model, "
+                                "tokenizer.json, or vocab.json + merges.txt); pass "
+                                "--tokenizer DIR")
     tokenizer = load_tokenizer(tok_dir)
     max_num = default_max_num if args.max_num is None else args.max_num
     if max_num < 1:
