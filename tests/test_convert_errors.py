@@ -1,10 +1,14 @@
 """Every conversion error names the tensor or file, and leaves no output behind."""
 
+import dataclasses
 import json
+import os
 
 import pytest
 import torch
 
+from mini_internvl_jax import fileio
+from mini_internvl_jax.config import load_model_config
 from mini_internvl_jax.convert import cli, importer
 from mini_internvl_jax.convert.errors import (
     CheckpointMismatchError,
@@ -13,7 +17,9 @@ from mini_internvl_jax.convert.errors import (
     UnknownArchitectureError,
 )
 from mini_internvl_jax.convert.exporter import export_to_hf
+from mini_internvl_jax.convert.hf_config import hf_config_from_model
 from mini_internvl_jax.convert.importer import convert_hf_to_orbax
+from mini_internvl_jax.convert.mapping import LAYOUTS
 from tests.test_convert_helpers import (
     leftovers,
     native_model,
@@ -160,6 +166,48 @@ def test_failure_while_writing_leaves_nothing(tmp_path, source, monkeypatch):
         convert_hf_to_orbax(hf, tmp_path / "out", overwrite=True)
     assert (tmp_path / "out" / "keep.txt").read_text() == "old"
     assert leftovers(tmp_path) == []
+
+
+def test_failed_final_rename_restores_the_old_folder(tmp_path, monkeypatch):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("old")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if ".tmp-" in str(src):  # the new folder's rename into place
+            raise OSError("rename failed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    with pytest.raises(OSError, match="rename failed"):
+        with fileio.atomic_folder(tmp_path / "out", overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "old"
+    assert leftovers(tmp_path) == []
+    with pytest.raises(FileExistsError, match="already exists"):
+        with fileio.atomic_folder(tmp_path / "out"):
+            pass
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="half"):
+        with fileio.atomic_file(tmp_path / "out" / "keep.txt") as tmp:
+            tmp.write_text("half")
+            raise ValueError("half written")
+    fileio.write_atomic(tmp_path / "out" / "new.txt", "done")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt", "new.txt"]
+    assert (tmp_path / "out" / "keep.txt").read_text() == "old"
+
+
+def test_longrope_export_needs_the_checkpoint_factors():
+    cfg = load_model_config("tiny-phi3")  # a preset: LongRoPE lists left to the checkpoint
+    for layout in LAYOUTS:
+        with pytest.raises(ConversionError, match="short_factor.*CONVERTED/model_config.json"):
+            hf_config_from_model(cfg, layout, "float32")
+    half = cfg.llm.head_dim // 2
+    rs = dataclasses.replace(cfg.llm.rope_scaling, short_factor=(1.5,) * half,
+                             long_factor=(4.0,) * half)
+    cfg = cfg.replace(llm=dataclasses.replace(cfg.llm, rope_scaling=rs))
+    llm = hf_config_from_model(cfg, "original", "float32")["llm_config"]
+    assert llm["rope_scaling"]["long_factor"] == [4.0] * half
 
 
 def test_existing_output_is_refused_then_replaced_with_overwrite(tmp_path, source, capsys):

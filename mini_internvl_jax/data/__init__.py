@@ -5,18 +5,25 @@ Modules, in pipeline order: `sources` (meta JSON + JSONL, ArrayRecord, TFDS), `t
 `pipeline` (the Grain iterator), `config` (`DataConfig`) and `demo` (synthetic data).
 """
 
+import importlib
+
 from mini_internvl_jax.data.config import DataConfig, data_config_from_dict
 from mini_internvl_jax.data.errors import DataError, TokenizerError
-from mini_internvl_jax.data.packing import STATS_KEYS
-from mini_internvl_jax.data.pipeline import (
-    build_train_dataset,
-    build_train_iterator,
-    get_iterator_state,
-    set_iterator_state,
-)
 from mini_internvl_jax.data.processing import PromptInputs, prepare_chat_inputs
 from mini_internvl_jax.data.templates import get_template, stop_token_ids
 from mini_internvl_jax.data.tokenizer import Tokenizer, load_tokenizer
+
+# Grain is imported only when the pipeline is used, so configs, tokenizers and templates work
+# on machines without it (inference hosts, accelerator images).
+_LAZY = {"STATS_KEYS": "packing", "build_train_dataset": "pipeline",
+         "build_train_iterator": "pipeline", "get_iterator_state": "pipeline",
+         "set_iterator_state": "pipeline"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"mini_internvl_jax.data.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "STATS_KEYS",

@@ -117,7 +117,9 @@ def _free_axes(mesh) -> dict[str, int]:
 
 def sharded(kernel, q, k, v, segment_ids=None, kv_segment_ids=None, mesh=None):
     """Runs kernel(q, k, v, segment_ids, kv_segment_ids) per shard of `mesh` (default: the
-    active mesh); calls it directly when there is no mesh to split over."""
+    active mesh); calls it directly when there is no mesh. Mosaic kernels cannot be partitioned
+    automatically, so a mesh whose axes divide neither batch nor heads still gets a shard_map
+    (with every input replicated) rather than a bare call."""
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     free = {} if mesh.empty else _free_axes(mesh)
     b, _, h, _ = q.shape
@@ -129,7 +131,7 @@ def sharded(kernel, q, k, v, segment_ids=None, kv_segment_ids=None, mesh=None):
             size *= free[a]
     tp = free.get(HEAD_AXIS, 1)
     heads = HEAD_AXIS if tp > 1 and h % tp == 0 else None
-    if not batch and heads is None:
+    if mesh.empty:
         return kernel(q, k, v, segment_ids, kv_segment_ids)
     if heads is not None and kvh % tp:
         k, v = (jnp.repeat(x, h // kvh, axis=2) for x in (k, v))

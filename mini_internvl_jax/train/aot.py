@@ -1,0 +1,108 @@
+"""Compile the full training step for a TPU topology on any machine with libtpu installed.
+
+`python train.py --config ... --aot-tpu v5e:2x2` builds the mesh over the topology's
+compile-only devices, lowers the jitted step on abstract arguments (nothing is allocated) and
+compiles it, then reports XLA's per-chip memory analysis and FLOPs: the way to size a pod
+before paying for it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import numpy as np
+
+from mini_internvl_jax.sharding import make_mesh
+from mini_internvl_jax.train import flops
+from mini_internvl_jax.train.config import TrainConfig, build_model_config
+from mini_internvl_jax.train.setup import build_abstract
+
+GIB = 2.0**30
+
+
+def topology_devices(topology: str):
+    """Compile-only devices of a TPU topology such as `v5e:2x2`, `v5e:2x4` or `v5p:2x2x1`."""
+    # Compile-only: no metadata server to ask, and other processes may hold libtpu too.
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    try:
+        return topologies.get_topology_desc(topology, "tpu").devices
+    except Exception as e:  # libtpu missing, or a topology string it does not know
+        raise RuntimeError(f"cannot describe TPU topology {topology!r} (needs libtpu, "
+                           f"`pip install jax[tpu]`; names look like v5e:2x2, v5p:2x2x1): "
+                           f"{e}") from e
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (largest shard)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape)
+        total += math.prod(shape) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def compile_for_topology(cfg: TrainConfig, topology: str) -> dict:
+    devices = topology_devices(topology)
+    model_cfg = build_model_config(cfg).replace(check_image_tokens=False)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+    s = build_abstract(cfg, mesh, model_cfg)
+    batch = s.batch_abstract()
+    with jax.set_mesh(mesh):
+        compiled = s.step_fn.lower(s.state, s.frozen, s.rest, batch).compile()
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    tiles = cfg.max_tiles * cfg.optim.grad_accum
+    model_flops = flops.step_flops(model_cfg, batch=cfg.batch_size, seq_len=cfg.seq_len,
+                                   tiles=tiles, trainable=frozenset(flops.PARTS)
+                                   - cfg.frozen_components)
+    return {
+        "topology": topology, "chips": len(devices), "device_kind": devices[0].device_kind,
+        "mesh": dict(mesh.shape), "model": model_cfg.name, "stage": cfg.stage,
+        "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "tiles_per_step": tiles,
+        "grad_accum": cfg.optim.grad_accum, "remat": cfg.remat, "dtype": cfg.dtype,
+        "param_dtype": cfg.param_dtype,
+        "trainable_gib": per_device_bytes(s.state.params) / GIB,
+        "frozen_gib": per_device_bytes(s.frozen) / GIB,
+        "optimizer_gib": per_device_bytes(s.state.opt_state) / GIB,
+        "batch_gib": per_device_bytes(batch) / GIB,
+        "arguments_gib": mem.argument_size_in_bytes / GIB,
+        "outputs_gib": mem.output_size_in_bytes / GIB,
+        "aliased_gib": mem.alias_size_in_bytes / GIB,
+        "temporaries_gib": mem.temp_size_in_bytes / GIB,
+        "code_gib": mem.generated_code_size_in_bytes / GIB,
+        "peak_gib": (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                     - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+                     + mem.generated_code_size_in_bytes) / GIB,
+        "xla_flops_per_chip": float(cost.get("flops", float("nan"))),
+        "model_flops_per_step": model_flops,
+    }
+
+
+def format_report(r: dict) -> str:
+    lines = [
+        f"AOT compile of the training step for TPU {r['topology']} ({r['chips']} x "
+        f"{r['device_kind']}), mesh {r['mesh']}",
+        f"model {r['model']}, stage {r['stage']}, batch {r['batch_size']} x {r['seq_len']} "
+        f"tokens, {r['tiles_per_step']} tiles/step, grad_accum {r['grad_accum']}, remat "
+        f"{r['remat']}, compute {r['dtype']}, params {r['param_dtype']}",
+        "per chip (GiB):",
+        f"  trainable params   {r['trainable_gib']:9.3f}",
+        f"  frozen params      {r['frozen_gib']:9.3f}",
+        f"  optimizer state    {r['optimizer_gib']:9.3f}",
+        f"  batch              {r['batch_gib']:9.3f}",
+        f"  arguments (all)    {r['arguments_gib']:9.3f}",
+        f"  temporaries        {r['temporaries_gib']:9.3f}",
+        f"  outputs - aliased  {r['outputs_gib'] - r['aliased_gib']:9.3f}",
+        f"  generated code     {r['code_gib']:9.3f}",
+        f"  peak (estimate)    {r['peak_gib']:9.3f}",
+        f"FLOPs per step: model {r['model_flops_per_step']:.4g} "
+        f"({r['model_flops_per_step'] / r['chips']:.4g} per chip, train/flops.py); XLA "
+        f"{r['xla_flops_per_chip']:.4g} per chip (XLA counts a scanned loop body once)",
+    ]
+    return "\n".join(lines)

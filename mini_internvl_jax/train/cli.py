@@ -1,0 +1,79 @@
+"""`python train.py --config CONFIG.yaml [key=value ...] [--aot-tpu TOPOLOGY]`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from mini_internvl_jax.configlib import ConfigError
+
+_CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def _cluster_detected() -> bool:
+    if any(k in os.environ for k in _CLUSTER_ENV):
+        return True
+    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")  # a multi-host TPU slice
+
+
+def maybe_initialize_distributed(mode: str, args) -> None:
+    """jax.distributed.initialize() for multi-host runs; must run before any JAX computation."""
+    import jax
+
+    if args.coordinator:
+        jax.distributed.initialize(coordinator_address=args.coordinator,
+                                   num_processes=args.num_processes, process_id=args.process_id)
+    elif mode == "on" or (mode == "auto" and _cluster_detected()):
+        jax.distributed.initialize()
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__)
+    p.add_argument("--config", required=True, help="training YAML (configs/stage*-*.yaml, ...)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-5")
+    p.add_argument("--aot-tpu", metavar="TOPOLOGY",
+                   help="compile the training step for a TPU topology (e.g. v5e:2x2) on this "
+                        "machine and print its memory and FLOPs; nothing runs")
+    p.add_argument("--coordinator", help="host:port of process 0 (manual multi-process start)")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from mini_internvl_jax.train.config import load_train_config
+
+    try:
+        cfg = load_train_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.aot_tpu:
+        from mini_internvl_jax.train.aot import compile_for_topology, format_report
+
+        try:
+            print(format_report(compile_for_topology(cfg, args.aot_tpu)))
+        except (ConfigError, RuntimeError) as e:
+            print(f"AOT compile failed: {e}", file=sys.stderr)
+            return 2
+        return 0
+    maybe_initialize_distributed(cfg.distributed, args)
+    from mini_internvl_jax.data.errors import DataError
+    from mini_internvl_jax.train.checkpoint import CheckpointError
+    from mini_internvl_jax.train.init import InitError
+    from mini_internvl_jax.train.trainer import TrainingDivergedError, run
+
+    try:
+        result = run(cfg)
+    except TrainingDivergedError as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 3
+    except (ConfigError, CheckpointError, InitError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result.stopped == "preempted":
+        saved = "checkpoint saved" if cfg.checkpoint.dir else "no checkpoint.dir: nothing saved"
+        print(f"stopped by SIGTERM at step {result.final_step}; {saved}", flush=True)
+    return 0

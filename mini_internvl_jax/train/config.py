@@ -1,0 +1,251 @@
+"""Training config: one YAML file (`configs/stage*-*.yaml`, `configs/demo.yaml`) + `key=value`.
+
+The model comes from a preset name or YAML path plus `model_overrides` (a nested mapping merged
+into it); the training-time model knobs (compute/param dtype, remat, attention, layer scan) live
+here so one model preset serves every stage.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from mini_internvl_jax import configlib
+from mini_internvl_jax.config import ModelConfig, model_config_from_dict
+from mini_internvl_jax.configlib import ConfigError
+from mini_internvl_jax.data.config import DataConfig
+
+
+def _check(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{where}: {msg}")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Axis sizes over all devices of all hosts; one may be -1 (= the rest)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 4e-5
+    # Cosine decays from lr to lr * min_lr_ratio at total_steps.
+    min_lr_ratio: float = 0.0
+    # warmup_steps wins over warmup_ratio (fraction of total_steps) when set.
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0
+    # Micro-batches per optimizer step; batch_size is split into grad_accum equal parts.
+    grad_accum: int = 1
+    # Regexes searched in a parameter's dotted path (`llm.layers.layers.0.input_norm.weight`);
+    # matches get no weight decay. Add e.g. "embed_tokens" or "ls[12]" as wanted.
+    no_decay: tuple[str, ...] = ("norm", r"bias$")
+
+    def __post_init__(self):
+        _check(self.lr > 0, "optim.lr", "must be positive")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
+        _check(self.warmup_steps is None or self.warmup_steps >= 0, "optim.warmup_steps",
+               "must be >= 0")
+        _check(0.0 <= self.warmup_ratio < 1.0, "optim.warmup_ratio", "must be in [0, 1)")
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(self.clip_norm is None or self.clip_norm > 0, "optim.clip_norm",
+               "must be positive or null (no clipping)")
+        _check(self.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters on linear layers; rank 0 = off. Base weights under LoRA are frozen."""
+
+    rank: int = 0
+    alpha: float | None = None  # None = 2 * rank (InternVL's scripts)
+    dropout: float = 0.0
+    # Attribute names of our Dense layers (see models/llm.py and models/vision.py).
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                "down_proj")
+    vision: bool = False
+    vision_targets: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
+
+    def __post_init__(self):
+        _check(self.rank >= 0, "lora.rank", "must be >= 0")
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+        _check(self.alpha is None or self.alpha > 0, "lora.alpha", "must be positive")
+
+    @property
+    def scale(self) -> float:
+        return (2.0 * self.rank if self.alpha is None else self.alpha) / max(self.rank, 1)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str | None = None  # None = no checkpoints
+    every: int = 500
+    keep: int = 3
+    async_save: bool = True
+    resume: bool = True  # continue from the latest checkpoint in `dir` when there is one
+
+    def __post_init__(self):
+        _check(self.every >= 1, "checkpoint.every", "must be >= 1")
+        _check(self.keep >= 1, "checkpoint.keep", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every: int = 10
+    # metrics.jsonl and TensorBoard events; None = checkpoint.dir, or no files without one.
+    dir: str | None = None
+    tensorboard: bool = True
+    progress_bar: bool = True
+    # jax.profiler trace of steps [profile_start, profile_start + profile_steps) into dir.
+    profile_start: int | None = None
+    profile_steps: int = 3
+    # Per-chip peak TFLOP/s for MFU; None = look the device kind up (metrics.PEAK_TFLOPS).
+    peak_tflops: float | None = None
+
+    def __post_init__(self):
+        _check(self.every >= 1, "log.every", "must be >= 1")
+        _check(self.profile_steps >= 1, "log.profile_steps", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Random batches in the training-batch contract (benchmarks, AOT, tests)."""
+
+    tiles_per_sample: int = 1
+    samples_per_row: int = 1
+    # Each sample fills between min_fill and all of its share of the row (1.0 = no padding).
+    min_fill: float = 0.5
+
+    def __post_init__(self):
+        _check(self.tiles_per_sample >= 0, "synthetic.tiles_per_sample", "must be >= 0")
+        _check(self.samples_per_row >= 1, "synthetic.samples_per_row", "must be >= 1")
+        _check(0.0 < self.min_fill <= 1.0, "synthetic.min_fill", "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # Preset name or YAML path; when init_from names a converted or Hugging Face folder, that
+    # folder's own model config is used instead (its vocabulary size, RoPE lists, ...).
+    model: str = "mini-internvl-1b"
+    model_overrides: dict = field(default_factory=dict)
+    # None = synthetic random data (see `synthetic`).
+    data: DataConfig | None = None
+    tokenizer: str | None = None  # tokenizer folder/file for `data`
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    stage: Literal[1, 2] = 2
+    freeze_vision: bool = False
+    freeze_projector: bool = False
+    freeze_llm: bool = False
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # A converted model folder (see convert/) or a training checkpoint folder (params only).
+    init_from: str | None = None
+
+    batch_size: int = 8  # global rows per optimizer step (all micro-batches, all hosts)
+    seq_len: int = 4096
+    # Tile buffer per micro-batch, all hosts together (a multiple of the process count).
+    max_tiles: int = 8
+    total_steps: int = 1000
+    seed: int = 0
+
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    remat: Literal["none", "full", "save_dots"] = "full"
+    attention_impl: Literal["xla", "cudnn", "pallas", "auto"] = "xla"
+    scan_layers: bool = True
+    # False: one sample per row, right-padded; attention then needs no segment ids (which lets
+    # cuDNN run it). Packed rows (several samples per row) need True.
+    packed: bool = True
+    # Sequence positions per cross-entropy chunk (logits are never built for the whole row).
+    loss_chunk: int = 1024
+    # Consecutive non-finite steps after which the run stops (last good checkpoint kept).
+    max_bad_steps: int = 5
+    # Initialise jax.distributed: auto = when a cluster environment is detected.
+    distributed: Literal["auto", "on", "off"] = "auto"
+
+    def __post_init__(self):
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.batch_size % self.optim.grad_accum == 0, "batch_size",
+               f"{self.batch_size} is not divisible by optim.grad_accum {self.optim.grad_accum}")
+        _check(self.seq_len >= 2, "seq_len", "must be >= 2")
+        _check(self.max_tiles >= 1, "max_tiles", "must be >= 1")
+        _check(self.total_steps >= 1, "total_steps", "must be >= 1")
+        _check(self.loss_chunk >= 1, "loss_chunk", "must be >= 1")
+        _check(self.max_bad_steps >= 1, "max_bad_steps", "must be >= 1")
+        _check(self.packed or self.data is not None or self.synthetic.samples_per_row == 1,
+               "packed", "false needs one sample per row (synthetic.samples_per_row: 1)")
+        _check(self.log.profile_start is None or self.log.dir or self.checkpoint.dir,
+               "log.profile_start", "needs log.dir (or checkpoint.dir) to write the trace to")
+        if self.data is not None:
+            _check(self.tokenizer is not None, "tokenizer", "required when `data` is set")
+        if self.stage == 1:
+            _check(not self.freeze_projector, "freeze_projector",
+                   "stage 1 trains only the projector; it cannot be frozen")
+            _check(self.lora.rank == 0, "lora.rank", "stage 1 trains only the projector")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.optim.grad_accum
+
+    @property
+    def frozen_components(self) -> frozenset[str]:
+        """Top-level model parts ('vision', 'projector', 'llm') whose base weights stay fixed."""
+        if self.stage == 1:
+            return frozenset({"vision", "llm"})
+        frozen = {name for name, flag in (("vision", self.freeze_vision),
+                                          ("projector", self.freeze_projector),
+                                          ("llm", self.freeze_llm)) if flag}
+        if self.lora.rank:
+            frozen.add("llm")
+            if self.lora.vision:
+                frozen.add("vision")
+        return frozenset(frozen)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def build_model_config(cfg: TrainConfig, base: dict | None = None) -> ModelConfig:
+    """The preset (or `base`, a model config dict) plus `model_overrides`, with the
+    training-time knobs of `cfg` applied."""
+    data = configlib.read_yaml(configlib.preset_path(cfg.model)) if base is None else base
+    data = _deep_merge(data, cfg.model_overrides)
+    data.update(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
+                attention_impl=cfg.attention_impl, scan_layers=cfg.scan_layers)
+    return model_config_from_dict(data)
+
+
+def train_config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()
+                           ) -> TrainConfig:
+    data = configlib.apply_overrides(data, list(overrides))
+    return configlib.from_dict(TrainConfig, data)
+
+
+def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()
+                      ) -> TrainConfig:
+    """A training YAML plus `key=value` overrides; the model config is checked too."""
+    cfg = train_config_from_dict(configlib.read_yaml(path), overrides)
+    build_model_config(cfg)
+    return cfg

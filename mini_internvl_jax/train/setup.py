@@ -1,0 +1,120 @@
+"""Everything a run needs before its first step: mesh, model, split parameters, optimizer,
+jitted step and shardings. `build` makes real arrays; `build_abstract` only shapes (AOT).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from mini_internvl_jax.config import ModelConfig
+from mini_internvl_jax.configlib import ConfigError
+from mini_internvl_jax.models import InternVLModel
+from mini_internvl_jax.sharding import create_sharded_model
+from mini_internvl_jax.train.config import TrainConfig, build_model_config
+from mini_internvl_jax.train.data import BATCH_DTYPES, global_shapes
+from mini_internvl_jax.train.lora import apply_lora
+from mini_internvl_jax.train.optim import make_optimizer, make_schedule
+from mini_internvl_jax.train.state import (
+    TrainState,
+    abstract_like,
+    abstract_train_state,
+    init_train_state,
+    split_params,
+    train_state_shardings,
+    tree_shardings,
+)
+from mini_internvl_jax.train.step import batch_shardings, jit_step, make_step_fn
+
+
+@dataclass
+class Setup:
+    cfg: TrainConfig
+    model_cfg: ModelConfig
+    mesh: Mesh
+    graphdef: Any
+    state: TrainState          # concrete, or abstract (ShapeDtypeStructs with shardings)
+    frozen: nnx.State
+    rest: nnx.State
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    step_fn: Any               # jitted
+    state_sh: TrainState
+    frozen_sh: Any
+    rest_sh: Any
+    batch_sh: dict
+
+    def batch_abstract(self) -> dict:
+        shapes = global_shapes(self.cfg, self.model_cfg)
+        return {k: jax.ShapeDtypeStruct(s, BATCH_DTYPES[k], sharding=self.batch_sh[k])
+                for k, s in shapes.items()}
+
+
+def model_factory(model_cfg: ModelConfig, cfg: TrainConfig):
+    def make():
+        model = InternVLModel(model_cfg, rngs=nnx.Rngs(cfg.seed))
+        apply_lora(model, cfg.lora, nnx.Rngs(cfg.seed + 1))
+        return model
+
+    return make
+
+
+def check_batch_fits_mesh(cfg: TrainConfig, mesh: Mesh) -> None:
+    """Every (data, fsdp) shard must get whole rows and tiles, or work would be replicated."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    for name, n in (("rows per micro-batch (batch_size / optim.grad_accum)",
+                     cfg.micro_batch_size), ("max_tiles", cfg.max_tiles)):
+        if n % shards:
+            raise ConfigError(f"{name} = {n} is not a multiple of mesh data x fsdp = {shards}; "
+                              "every batch shard needs its own rows and tiles")
+
+
+def _finish(cfg, model_cfg, mesh, graphdef, trainable, frozen, rest, *, abstract: bool):
+    check_batch_fits_mesh(cfg, mesh)
+    if not jax.tree.leaves(trainable):
+        raise ValueError(f"nothing to train: stage {cfg.stage} with frozen parts "
+                         f"{sorted(cfg.frozen_components)} leaves no trainable parameter")
+    tx = make_optimizer(cfg.optim, cfg.total_steps, trainable)
+    schedule = make_schedule(cfg.optim, cfg.total_steps)
+    abs_state = abstract_train_state(trainable, tx, cfg.seed)
+    state_sh = train_state_shardings(trainable, abs_state.opt_state, mesh)
+    frozen_sh, rest_sh = tree_shardings(frozen, mesh), tree_shardings(rest, mesh)
+    batch_sh = batch_shardings(mesh, global_shapes(cfg, model_cfg))
+    step_fn = jit_step(
+        make_step_fn(graphdef, tx, schedule, loss_chunk=cfg.loss_chunk,
+                     drop_path=model_cfg.vision.drop_path_rate > 0,
+                     lora_dropout=cfg.lora.rank > 0 and cfg.lora.dropout > 0,
+                     packed=cfg.packed),
+        mesh, state_sh, frozen_sh, rest_sh, batch_sh)
+    if abstract:
+        state = abstract_like(abs_state, state_sh)
+        frozen, rest = abstract_like(frozen, frozen_sh), abstract_like(rest, rest_sh)
+    else:
+        state = init_train_state(trainable, tx, mesh, cfg.seed)
+    return Setup(cfg, model_cfg, mesh, graphdef, state, frozen, rest, tx, schedule, step_fn,
+                 state_sh, frozen_sh, rest_sh, batch_sh)
+
+
+def build(cfg: TrainConfig, mesh: Mesh, model_cfg: ModelConfig | None = None,
+          init_params=None) -> Setup:
+    """Real arrays, placed on `mesh`. `init_params(model)` may overwrite the fresh weights."""
+    model_cfg = model_cfg or build_model_config(cfg)
+    model = create_sharded_model(model_factory(model_cfg, cfg), mesh)
+    if init_params is not None:
+        init_params(model)
+    graphdef, trainable, frozen, rest = split_params(model, cfg.frozen_components)
+    return _finish(cfg, model_cfg, mesh, graphdef, trainable, frozen, rest, abstract=False)
+
+
+def build_abstract(cfg: TrainConfig, mesh: Mesh, model_cfg: ModelConfig | None = None) -> Setup:
+    """Shapes and shardings only: nothing is allocated (AOT compilation, restore targets)."""
+    model_cfg = model_cfg or build_model_config(cfg)
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(model_factory(model_cfg, cfg))
+    graphdef, trainable, frozen, rest = split_params(model, cfg.frozen_components)
+    return _finish(cfg, model_cfg, mesh, graphdef, trainable, frozen, rest, abstract=True)

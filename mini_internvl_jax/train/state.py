@@ -1,0 +1,98 @@
+"""The training state and where every piece of it lives on the mesh.
+
+The model's parameters are split three ways: trainable (the optimizer's tree), frozen (read,
+never differentiated, no optimizer state) and the rest (non-parameter variables such as LoRA
+dropout keys). Shardings come from the logical names every parameter carries, so the optimizer
+moments are sharded exactly like their parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mini_internvl_jax.sharding import logical_to_spec, param_names
+from mini_internvl_jax.train.lora import LoRAParam
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    params: nnx.State      # trainable parameters (master precision)
+    opt_state: Any
+    step: jax.Array        # int32: steps taken, skipped ones included
+    rng: jax.Array         # uint32 key data; step keys are fold_in(rng, step)
+    bad_steps: jax.Array   # int32: consecutive non-finite steps
+    skipped: jax.Array     # int32: non-finite steps in total
+
+
+def trainable_filter(frozen_components: frozenset[str]):
+    """nnx filter: parameters outside the frozen top-level parts, and every LoRA adapter."""
+
+    def keep(path, value) -> bool:
+        if isinstance(value, LoRAParam):
+            return True
+        return isinstance(value, nnx.Param) and path[0] not in frozen_components
+
+    return keep
+
+
+def split_params(model_or_state, frozen_components: frozenset[str]):
+    """(graphdef, trainable, frozen, rest) for a model, or (trainable, frozen, rest) for a state."""
+    filters = (trainable_filter(frozen_components), nnx.Param, ...)
+    if isinstance(model_or_state, nnx.State):
+        return nnx.split_state(model_or_state, *filters)
+    return nnx.split(model_or_state, *filters)
+
+
+def tree_shardings(tree, mesh: Mesh):
+    """NamedShardings for a tree of Variables (by logical names) and plain arrays (replicated)."""
+
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            shape = x.shape if hasattr(x, "shape") else x[...].shape
+            return x.replace(NamedSharding(mesh, logical_to_spec(param_names(x), shape, mesh)))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def train_state_shardings(params, opt_state, mesh: Mesh) -> TrainState:
+    rep = NamedSharding(mesh, P())
+    return TrainState(params=tree_shardings(params, mesh),
+                      opt_state=tree_shardings(opt_state, mesh), step=rep, rng=rep,
+                      bad_steps=rep, skipped=rep)
+
+
+def abstract_like(tree, shardings):
+    """ShapeDtypeStructs carrying the target shardings (restore and AOT targets)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        tree, shardings)
+
+
+def init_train_state(params: nnx.State, tx, mesh: Mesh, seed: int) -> TrainState:
+    """Fresh optimizer state, created directly in its sharded place."""
+    abstract_opt = jax.eval_shape(tx.init, params)
+    opt_sh = tree_shardings(abstract_opt, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    rep = NamedSharding(mesh, P())
+    key = jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32)
+    return TrainState(params=params, opt_state=opt_state,
+                      step=jax.device_put(jnp.zeros((), jnp.int32), rep),
+                      rng=jax.device_put(key, rep),
+                      bad_steps=jax.device_put(jnp.zeros((), jnp.int32), rep),
+                      skipped=jax.device_put(jnp.zeros((), jnp.int32), rep))
+
+
+def abstract_train_state(params, tx, seed: int = 0) -> TrainState:
+    """Shapes and dtypes of a TrainState for abstract (or concrete) parameters."""
+    key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32))
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    return TrainState(params=params, opt_state=jax.eval_shape(tx.init, params), step=scalar,
+                      rng=key, bad_steps=scalar, skipped=scalar)

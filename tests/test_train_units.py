@@ -1,0 +1,253 @@
+"""Training building blocks against independent references: cross-entropy, optimizer, FLOPs,
+TensorBoard records, configs."""
+
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mini_internvl_jax import load_model_config
+from mini_internvl_jax.configlib import ConfigError
+from mini_internvl_jax.models import InternVLModel
+from mini_internvl_jax.train import flops, metrics
+from mini_internvl_jax.train.config import OptimConfig, load_train_config, train_config_from_dict
+from mini_internvl_jax.train.loss import cross_entropy_sums
+from mini_internvl_jax.train.optim import decay_mask, make_optimizer, make_schedule
+from mini_internvl_jax.train.state import split_params
+
+# ----------------------------------------------------------------------------- cross-entropy
+
+def _problem(b=2, s=11, d=8, v=37, seed=0):
+    rng = np.random.default_rng(seed)
+    hidden = rng.standard_normal((b, s, d)).astype(np.float32)
+    head = rng.standard_normal((d, v)).astype(np.float32)
+    labels = rng.integers(0, v, (b, s)).astype(np.int32)
+    labels[rng.random((b, s)) < 0.3] = -100
+    weights = rng.uniform(0.2, 2.0, (b, s)).astype(np.float32)
+    weights[labels == -100] = 0.0
+    return hidden, head, labels, weights
+
+
+def _numpy_ce(hidden, head, labels, weights):
+    logits = hidden.astype(np.float64) @ head.astype(np.float64)
+    m = logits.max(-1, keepdims=True)
+    logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+    keep = labels != -100
+    ce = -np.take_along_axis(logp, np.where(keep, labels, 0)[..., None], -1)[..., 0]
+    w = np.where(keep, weights, 0.0)
+    correct = (logits.argmax(-1) == labels) & keep & (w > 0)
+    return (w * ce).sum(), w.sum(), correct.sum()
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 5, 11, 64])
+def test_chunked_cross_entropy_matches_numpy(chunk):
+    hidden, head, labels, weights = _problem()
+    got = cross_entropy_sums(jnp.asarray(hidden), jnp.asarray(labels), jnp.asarray(weights),
+                             lambda h: h @ jnp.asarray(head), chunk=chunk)
+    want = _numpy_ce(hidden, head, labels, weights)
+    np.testing.assert_allclose(float(got[0]), want[0], rtol=1e-5)
+    np.testing.assert_allclose(float(got[1]), want[1], rtol=1e-6)
+    assert float(got[2]) == want[2]
+
+
+def test_chunked_cross_entropy_gradients_match_dense():
+    hidden, head, labels, weights = _problem(s=13)
+
+    def dense(h, w):  # full-logits reference, written independently
+        logp = jax.nn.log_softmax(h @ w, axis=-1)
+        keep = labels != -100
+        tgt = jnp.take_along_axis(logp, jnp.where(keep, labels, 0)[..., None], -1)[..., 0]
+        return -jnp.sum(jnp.where(keep, weights, 0.0) * tgt)
+
+    def chunked(h, w):
+        return cross_entropy_sums(h, jnp.asarray(labels), jnp.asarray(weights),
+                                  lambda x: x @ w, chunk=4)[0]
+
+    gd = jax.grad(dense, argnums=(0, 1))(jnp.asarray(hidden), jnp.asarray(head))
+    gc = jax.grad(chunked, argnums=(0, 1))(jnp.asarray(hidden), jnp.asarray(head))
+    for a, b in zip(gd, gc, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def test_schedule_is_linear_warmup_then_cosine():
+    cfg = OptimConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    sched = make_schedule(cfg, 110)
+    for step in (0, 5, 10, 60, 110):
+        if step <= 10:
+            want = 1e-3 * step / 10
+        else:
+            frac = (step - 10) / 100
+            want = 1e-4 + (1e-3 - 1e-4) * 0.5 * (1 + np.cos(np.pi * frac))
+        np.testing.assert_allclose(float(sched(step)), want, rtol=1e-5, atol=1e-12)
+    ratio = make_schedule(OptimConfig(lr=1.0, warmup_ratio=0.03), 1000)
+    np.testing.assert_allclose(float(ratio(15)), 0.5, rtol=1e-6)  # 30 warmup steps
+
+
+def _tiny_model():
+    """The tiny model's structure with numpy weights (no per-op XLA compiles)."""
+    cfg = load_model_config("tiny-qwen2")
+    with nnx.use_eager_sharding(False):
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: InternVLModel(cfg, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape), s.dtype), state)
+    return nnx.merge(graphdef, state)
+
+
+def test_adamw_matches_hand_update_and_skips_decay_on_norms_and_biases():
+    model = _tiny_model()
+    params = nnx.state(model.projector, nnx.Param)
+    cfg = OptimConfig(lr=0.1, warmup_steps=0, weight_decay=0.5, clip_norm=None, b1=0.9,
+                      b2=0.99, eps=1e-8)
+    tx = make_optimizer(cfg, 100, params)
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.25, p.dtype), params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    lr = float(make_schedule(cfg, 100)(0))
+    for (path, p), (_, u) in zip(nnx.to_flat_state(params), nnx.to_flat_state(updates),
+                                 strict=True):
+        p, u = np.asarray(p[...]), np.asarray(u[...])
+        # step 1: m = 0.1 g, v = 0.01 g^2 -> bias-corrected m/sqrt(v) = sign(g) = 1
+        adam = np.full_like(p, 1.0 / (1.0 + 1e-8 / 0.25))
+        decays = not ("norm" in path or path[-1] == "bias")
+        want = -lr * (adam + (0.5 * p if decays else 0.0))
+        np.testing.assert_allclose(u, want, rtol=1e-5, atol=1e-7, err_msg=str(path))
+
+
+def test_decay_mask_patterns():
+    model = _tiny_model()
+    mask = {tuple(p): bool(v.get_value()) for p, v in nnx.to_flat_state(
+        decay_mask(nnx.state(model, nnx.Param), ("norm", r"bias$", "embed_tokens")))}
+    assert mask[("llm", "embed_tokens")] is False
+    assert mask[("llm", "layers", "layers", 0, "q_proj", "bias")] is False
+    assert mask[("llm", "layers", "layers", 0, "input_norm", "weight")] is False
+    assert mask[("vision", "encoder", "layers", 1, "norm2", "bias")] is False
+    assert mask[("llm", "layers", "layers", 0, "q_proj", "kernel")] is True
+    assert mask[("llm", "lm_head")] is True
+    assert mask[("vision", "embeddings", "patch_kernel")] is True
+
+
+@pytest.mark.parametrize("frozen,trained_roots", [
+    (frozenset({"vision", "llm"}), {"projector"}),
+    (frozenset({"vision"}), {"projector", "llm"}),
+    (frozenset(), {"vision", "projector", "llm"}),
+])
+def test_frozen_parts_carry_no_optimizer_state(frozen, trained_roots):
+    model = _tiny_model()
+    _, trainable, frozen_state, _ = split_params(model, frozen)
+    assert {p[0] for p, _ in nnx.to_flat_state(trainable)} == trained_roots
+    assert {p[0] for p, _ in nnx.to_flat_state(frozen_state)} == ({"vision", "projector", "llm"}
+                                                                  - trained_roots)
+    tx = make_optimizer(OptimConfig(), 10, trainable)
+    opt_arrays = [x for x in jax.tree.leaves(tx.init(trainable)) if x.ndim > 0]
+    n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
+    assert sum(int(np.prod(x.shape)) for x in opt_arrays) == 2 * n_trainable  # mu and nu only
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def test_w1_flops_by_hand():
+    cfg = load_model_config("mini-internvl-1b")
+    b, s, tiles = 4, 4096, 24
+    n, d, f, L = 1025, 1024, 4096, 24
+    vit = tiles * (2 * 1024 * 588 * d + L * (2 * n * (4 * d * d + 2 * d * f) + 4 * n * n * d))
+    h = 896
+    proj = tiles * 256 * 2 * (4096 * h + h * h)
+    layer = 2 * (896 * 896 + 2 * 896 * 128 + 896 * 896 + 3 * 896 * 4864) + 2 * s * 896
+    llm = b * s * (24 * layer + 2 * 896 * 151655)
+    assert flops.step_flops(cfg, batch=b, seq_len=s, tiles=tiles) == pytest.approx(
+        3 * (vit + proj + llm), rel=1e-12)
+    # stage 1: ViT forward only; projector forward + both gradients; LLM forward + input grads
+    stage1 = flops.step_flops(cfg, batch=b, seq_len=s, tiles=tiles,
+                              trainable=frozenset({"projector"}))
+    assert stage1 == pytest.approx(vit + 3 * proj + 2 * llm, rel=1e-12)
+
+
+def test_peak_table_and_mfu():
+    assert metrics.peak_tflops("TPU v5 lite") == 197.0
+    assert metrics.peak_tflops("TPU v5p") == 459.0
+    assert metrics.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert metrics.peak_tflops("cpu") is None
+    assert metrics.mfu(989.4e12 * 0.5, 1.0, 1, 989.4) == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+
+def test_crc32c_check_values():
+    assert metrics.crc32c(b"123456789") == 0xE3069283   # RFC 3720 check value
+    assert metrics.crc32c(bytes(32)) == 0x8A9136AA       # RFC 3720 B.4
+
+
+def _event_classes():
+    """tensorflow.Event / Summary built from a descriptor here, to parse what we wrote."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    fd = descriptor_pb2.FileDescriptorProto(name="ev.proto", package="t", syntax="proto3")
+    F = descriptor_pb2.FieldDescriptorProto
+    val = fd.message_type.add(name="Value")
+    val.field.add(name="tag", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    val.field.add(name="simple_value", number=2, type=F.TYPE_FLOAT, label=F.LABEL_OPTIONAL)
+    summ = fd.message_type.add(name="Summary")
+    summ.field.add(name="value", number=1, type=F.TYPE_MESSAGE, type_name=".t.Value",
+                   label=F.LABEL_REPEATED)
+    ev = fd.message_type.add(name="Event")
+    ev.field.add(name="wall_time", number=1, type=F.TYPE_DOUBLE, label=F.LABEL_OPTIONAL)
+    ev.field.add(name="step", number=2, type=F.TYPE_INT64, label=F.LABEL_OPTIONAL)
+    ev.field.add(name="file_version", number=3, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    ev.field.add(name="summary", number=5, type=F.TYPE_MESSAGE, type_name=".t.Summary",
+                 label=F.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fd)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("t.Event"))
+
+
+def test_tensorboard_events_parse(tmp_path):
+    w = metrics.TensorBoardWriter(tmp_path)
+    w.scalars(7, {"loss": 1.5, "lr": 0.25})
+    w.scalars(300, {"loss": 0.75})
+    w.close()
+    data = w.path.read_bytes()
+    Event = _event_classes()
+    events, pos = [], 0
+    while pos < len(data):
+        (n,) = struct.unpack("<Q", data[pos:pos + 8])
+        (hcrc,) = struct.unpack("<I", data[pos + 8:pos + 12])
+        body = data[pos + 12:pos + 12 + n]
+        (bcrc,) = struct.unpack("<I", data[pos + 12 + n:pos + 16 + n])
+        mask = lambda c: (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+        assert hcrc == mask(metrics.crc32c(data[pos:pos + 8]))
+        assert bcrc == mask(metrics.crc32c(body))
+        events.append(Event.FromString(body))
+        pos += 16 + n
+    assert events[0].file_version == "brain.Event:2"
+    assert events[1].step == 7
+    assert {v.tag: v.simple_value for v in events[1].summary.value} == {"loss": 1.5, "lr": 0.25}
+    assert events[2].step == 300 and events[2].summary.value[0].simple_value == 0.75
+
+
+# ----------------------------------------------------------------------------- configs
+
+@pytest.mark.parametrize("name", ["stage1-1b", "stage1-2b", "stage1-4b", "stage2-1b",
+                                  "stage2-2b", "stage2-4b", "lora-2b", "demo"])
+def test_presets_load(name):
+    from mini_internvl_jax.configlib import CONFIG_DIR
+
+    cfg = load_train_config(CONFIG_DIR / f"{name}.yaml", ["tokenizer=tok"])
+    assert cfg.batch_size % cfg.optim.grad_accum == 0
+    assert (cfg.frozen_components == {"vision", "llm"}) == (cfg.stage == 1)
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"optim": {"lr": -1.0}}, "optim.lr"),
+    ({"batch_size": 6, "optim": {"grad_accum": 4}}, "grad_accum"),
+    ({"stage": 1, "lora": {"rank": 8}}, "lora.rank"),
+    ({"stage": 3}, "stage"),
+    ({"optim": {"learning_rate": 1.0}}, "unknown key"),
+    ({"data": {"meta_path": "m.json"}}, "tokenizer"),
+])
+def test_bad_train_configs_name_the_field(data, match):
+    with pytest.raises(ConfigError, match=match):
+        train_config_from_dict(data)

@@ -1,0 +1,8 @@
+"""Train Mini-InternVL: `python train.py --config configs/<preset>.yaml [key=value ...]`."""
+
+import sys
+
+from mini_internvl_jax.train import main
+
+if __name__ == "__main__":
+    sys.exit(main())
