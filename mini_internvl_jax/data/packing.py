@@ -114,7 +114,7 @@ class BatchBuilder:
         n_ctx = int(np.count_nonzero(out["input_ids"] == g.image_token_id))
         n_real = int(out["tile_flags"].sum())
         if n_ctx != g.num_image_tokens * n_real:
-            raise AssertionError(f"batch has {n_ctx} image-context tokens for {n_real} tiles x "
+            raise DataError(f"batch has {n_ctx} image-context tokens for {n_real} tiles x "
                                  f"{g.num_image_tokens}; the tokenizer's <IMG_CONTEXT> id or "
                                  "num_image_tokens does not match the samples")
         return out

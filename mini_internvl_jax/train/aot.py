@@ -48,7 +48,7 @@ def per_device_bytes(tree) -> int:
 
 def compile_for_topology(cfg: TrainConfig, topology: str) -> dict:
     devices = topology_devices(topology)
-    model_cfg = build_model_config(cfg).replace(check_image_tokens=False)
+    model_cfg = build_model_config(cfg)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
     s = build_abstract(cfg, mesh, model_cfg)
     batch = s.batch_abstract()

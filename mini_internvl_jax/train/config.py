@@ -232,8 +232,11 @@ def build_model_config(cfg: TrainConfig, base: dict | None = None) -> ModelConfi
     training-time knobs of `cfg` applied."""
     data = configlib.read_yaml(configlib.preset_path(cfg.model)) if base is None else base
     data = _deep_merge(data, cfg.model_overrides)
+    # The data pipeline checks <IMG_CONTEXT> counts against tiles for every batch on the host,
+    # so the step skips the in-graph host callback that would sync the device each step.
     data.update(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
-                attention_impl=cfg.attention_impl, scan_layers=cfg.scan_layers)
+                attention_impl=cfg.attention_impl, scan_layers=cfg.scan_layers,
+                check_image_tokens=False)
     return model_config_from_dict(data)
 
 
