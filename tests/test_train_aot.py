@@ -51,7 +51,6 @@ def test_unknown_topology_is_a_clear_error():
         topology_devices("v99x:1x1")
 
 
-@pytest.mark.slow
 def test_w1_step_compiles_for_v5e_2x2_with_fsdp():
     from mini_internvl_jax.train.aot import compile_for_topology
 
