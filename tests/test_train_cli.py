@@ -26,9 +26,10 @@ def test_demo_loss_falls(tmp_path):
     data = tmp_path / "demo_data"
     write_demo(data)
     run = tmp_path / "run"
+    # relative paths, as the README's demo command uses them (Orbax itself needs absolute ones)
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/demo.yaml"),
-           f"tokenizer={data}/tokenizers/qwen2", f"data.meta_path={data}/stage2_meta.json",
-           "total_steps=40", "optim.warmup_steps=5", f"checkpoint.dir={run}",
+           "tokenizer=demo_data/tokenizers/qwen2", "data.meta_path=demo_data/stage2_meta.json",
+           "total_steps=40", "optim.warmup_steps=5", "checkpoint.dir=run",
            "checkpoint.every=1000", "log.every=10", "log.progress_bar=false"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
            "JAX_PLATFORMS": "cpu"}

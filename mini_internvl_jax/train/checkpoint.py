@@ -37,7 +37,7 @@ class _IteratorSnapshot:
 
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int, async_save: bool):
-        self.directory = epath.Path(directory)
+        self.directory = absolute_path(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -84,9 +84,16 @@ def run_meta(cfg, model_cfg, step: int) -> dict:
             "step": step, "process_count": jax.process_count()}
 
 
+def absolute_path(directory: str) -> epath.Path:
+    """Orbax needs absolute paths; relative local ones resolve against the working directory
+    (`gs://...` and other URLs are absolute already)."""
+    path = epath.Path(directory)
+    return path if "://" in str(directory) else epath.Path(path.absolute())
+
+
 def read_meta(directory: str, step: int | None = None) -> tuple[int, dict]:
     """(step, meta JSON) of a run's checkpoint (the latest when `step` is None)."""
-    path = epath.Path(directory)
+    path = absolute_path(directory)
     if not path.exists():
         raise CheckpointError(f"checkpoint folder {path} does not exist")
     mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
