@@ -16,6 +16,7 @@ so `gs://` works where a file system for it is installed.
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import math
@@ -167,16 +168,18 @@ def _record_from_json(item: Any, root: str, name: str, line: int,
     return Record(conversations=item["conversations"], images=images, source=name, line=line)
 
 
-class RecordSource:
+class RecordSource(abc.ABC):
+    """One dataset of the mix; JSONL, ArrayRecord and TFDS sources implement it."""
+
     name: str
     spec: DatasetSpec
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
 
+    @abc.abstractmethod
     def read(self, index: int) -> Record:
         """The record at `index`; a `SkipSample` when it cannot be parsed."""
-        raise NotImplementedError
 
     def line_of(self, index: int) -> int:
         """1-based position of a record in its file, for logs."""

@@ -15,6 +15,7 @@ start character is reported so template code can mask by character ranges.
 
 from __future__ import annotations
 
+import abc
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -103,7 +104,7 @@ def image_context_id(folder: str | epath.PathLike) -> tuple[int, str] | None:
     return None if token is None else (token.id, token.source)
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """Common surface of both tokenizer kinds; see `load_tokenizer`."""
 
     kind: str
@@ -114,9 +115,9 @@ class Tokenizer:
     eos_id: int | None
     pad_id: int
 
+    @abc.abstractmethod
     def find_token(self, token: str) -> int | None:
         """Id of `token` if it is a single entry of the vocabulary."""
-        raise NotImplementedError
 
     def encode_with_offsets(self, text: str, after: str | None = None
                             ) -> tuple[list[int], list[int]]:
@@ -134,15 +135,15 @@ class Tokenizer:
         k = ids.index(tid) + 1  # 1 or 2: legacy=False may keep its "▁" before `after`
         return ids[k:], [max(s - len(after), 0) for s in starts[k:]]
 
-    def _encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]: ...
 
+    @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, special tokens recognised, no BOS."""
-        raise NotImplementedError
 
-    def decode(self, ids: Iterable[int]) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def decode(self, ids: Iterable[int]) -> str: ...
 
     def token_id(self, token: str, needed_for: str = "") -> int:
         """Id of a special token, or a `TokenizerError` naming the token and the file."""

@@ -44,6 +44,13 @@ def check_inputs(q, k, v, segment_ids, kv_segment_ids) -> tuple[int, int, int, i
     return b, s, h, kvh, t, d
 
 
+def kv_segments(segment_ids, kv_segment_ids):
+    """Key segment ids: the query ids unless given; keys without query ids are an error."""
+    if kv_segment_ids is not None and segment_ids is None:
+        raise ValueError("flash attention: kv_segment_ids given without segment_ids")
+    return segment_ids if kv_segment_ids is None else kv_segment_ids
+
+
 def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 

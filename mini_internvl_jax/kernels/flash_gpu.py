@@ -440,11 +440,8 @@ def flash_attention(q, k, v, *, causal: bool, segment_ids=None, kv_segment_ids=N
     kernels through the Pallas interpreter (CPU tests).
     """
     _, s, h, kvh, _, d = common.check_inputs(q, k, v, segment_ids, kv_segment_ids)
-    if kv_segment_ids is not None and segment_ids is None:
-        raise ValueError("flash attention: kv_segment_ids given without segment_ids")
+    kv_segment_ids = common.kv_segments(segment_ids, kv_segment_ids)
     has_seg = segment_ids is not None
-    if has_seg and kv_segment_ids is None:
-        kv_segment_ids = segment_ids
     bs = block_sizes or BlockSizes.default(d, causal)
     fit = {f.name: _fits(s, getattr(bs, f.name)) for f in dataclasses.fields(bs)
            if f.name.startswith("block_")}

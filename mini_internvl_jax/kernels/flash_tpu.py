@@ -483,11 +483,8 @@ def flash_attention(q, k, v, *, causal: bool, segment_ids=None, kv_segment_ids=N
     bs = block_sizes or BlockSizes()
     pick = lambda pref: common.pick_block(s, pref, LANES)
     blocks = [pick(getattr(bs, f.name)) for f in dataclasses.fields(bs)]
-    if kv_segment_ids is not None and segment_ids is None:
-        raise ValueError("flash attention: kv_segment_ids given without segment_ids")
+    kv_segment_ids = common.kv_segments(segment_ids, kv_segment_ids)
     has_seg = segment_ids is not None
-    if has_seg and kv_segment_ids is None:
-        kv_segment_ids = segment_ids
     cfg = _Cfg(causal=causal, scale=float(d**-0.5 if scale is None else scale), seq_len=s,
                padded_len=common.round_up(s, max(blocks)), groups=h // kvh, has_seg=has_seg,
                interpret=interpret, fwd=tuple(blocks[0:2]), dkv=tuple(blocks[2:4]),
