@@ -37,9 +37,9 @@ def run_case(text: str, frozen: frozenset[str], *, select_layer: int = -1, seq_l
 
     rules = model_rules(cfg, "native")
     model = P.model_from_torch(cfg, rules, torch_model.state_dict())
-    trainer = P.Trainer(model, frozen, P.grad_probe())
+    trainer = P.Trainer(model, frozen)
     trainer.step(P.stack_micro([micro]))
-    got = P.to_torch_names(P.flat(trainer.state.opt_state), rules)
+    got = P.to_torch_names(trainer.grads(), rules)
     err, name = P.worst(got, want)
     return err, name, len(want)
 

@@ -13,12 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import torch
+import transformers
 from flax import nnx
 
 from mini_internvl_jax.config import ModelConfig
 from mini_internvl_jax.convert.apply import fill_from_rules, torch_state_reader
 from mini_internvl_jax.convert.mapping import Rule, target_key
 from mini_internvl_jax.models import InternVLModel
+from mini_internvl_jax.train.config import OptimConfig
+from mini_internvl_jax.train.optim import make_optimizer, make_schedule
 from mini_internvl_jax.train.state import TrainState, split_params
 from mini_internvl_jax.train.step import make_step_fn
 from tests import hf_reference as ref
@@ -40,10 +43,16 @@ def model_from_torch(cfg: ModelConfig, rules: list[Rule], state_dict, *, extra=N
     random init, no per-op compiles); every parameter must come from a rule. `extra(model)`
     may modify the abstract model first (LoRA adapters, filled by the caller)."""
     scan = knobs.get("scan", True)
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(model_factory(cfg, **knobs))
+    make = model_factory(cfg, **knobs)
+
+    def build():
+        model = make()
         if extra is not None:
-            extra(abstract)
+            extra(model)
+        return model
+
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(build)
     graphdef, state = nnx.split(abstract)
     specs = {tuple(p): v for p, v in nnx.to_flat_state(state)}
     filled = fill_from_rules(rules, torch_state_reader(state_dict), specs, scan=scan)
@@ -71,15 +80,23 @@ def train_state(params, tx) -> TrainState:
 
 
 class Trainer:
-    """Our real step (jitted, no mesh) over a model split into trainable / frozen / rest."""
+    """Our real step (jitted, no mesh) over a model split into trainable / frozen / rest.
 
-    def __init__(self, model, frozen_components, tx, schedule=None, *, loss_chunk: int = 16,
-                 packed: bool = True, drop_path: bool = False):
+    With `optim` and `total_steps` it trains with our AdamW + warmup-cosine (train/optim.py);
+    without, the optimizer is `grad_probe` and `grads()` returns the step's gradient."""
+
+    def __init__(self, model, frozen_components, optim: OptimConfig | None = None,
+                 total_steps: int = 1, *, loss_chunk: int = 16, packed: bool = True):
         graphdef, params, self.frozen, self.rest = split_params(model, frozen_components)
         self.graphdef = graphdef
+        if optim is None:
+            tx, schedule = grad_probe(), (lambda n: 0.0)
+        else:
+            tx = make_optimizer(optim, total_steps, params)
+            schedule = make_schedule(optim, total_steps)
         self.state = train_state(params, tx)
-        step = make_step_fn(graphdef, tx, schedule or (lambda n: 0.0), loss_chunk=loss_chunk,
-                            drop_path=drop_path, lora_dropout=False, packed=packed)
+        step = make_step_fn(graphdef, tx, schedule, loss_chunk=loss_chunk, drop_path=False,
+                            lora_dropout=False, packed=packed)
         self._step = jax.jit(step)
 
     def step(self, batch: dict[str, np.ndarray]) -> dict:
@@ -88,13 +105,20 @@ class Trainer:
                                          {k: jnp.asarray(v) for k, v in batch.items()})
         return jax.device_get(metrics)
 
+    def grads(self) -> dict[tuple, np.ndarray]:
+        """The last step's gradient (grad_probe's state)."""
+        return flat(self.state.opt_state)
+
+    def params(self) -> dict[tuple, np.ndarray]:
+        return flat(self.state.params)
+
     def model(self):
         return nnx.merge(self.graphdef, self.state.params, self.frozen, self.rest)
 
 
 def flat(state) -> dict[tuple, np.ndarray]:
     """{our parameter path: numpy array} of an nnx State (Variables unwrapped)."""
-    return {tuple(p): np.asarray(v[...] if isinstance(v, nnx.Variable) else v)
+    return {tuple(p): np.asarray(v.get_value() if isinstance(v, nnx.Variable) else v)
             for p, v in nnx.to_flat_state(state)}
 
 
@@ -217,3 +241,36 @@ def torch_grads(model: torch.nn.Module) -> dict[str, np.ndarray]:
 def freeze_torch(model: torch.nn.Module, frozen_prefixes: tuple[str, ...]) -> None:
     for n, p in model.named_parameters():
         p.requires_grad_(not n.startswith(frozen_prefixes))
+
+
+def concat_micro(micros: list[dict]) -> dict[str, torch.Tensor]:
+    """Torch inputs of several micro-batches as one big batch (rows and tiles in order)."""
+    return {k: torch.cat([m[k] for m in micros]) for k in micros[0]}
+
+
+def torch_train(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], *, lr: float,
+                warmup: int, weight_decay: float, clip: float, autocast: bool = False
+                ) -> list[float]:
+    """The PyTorch InternVL recipe, one optimizer step per batch: the HF Trainer's no-decay
+    rule (`Trainer.get_decay_parameter_names`), torch AdamW, transformers' warmup-cosine,
+    clip_grad_norm_; optionally bf16 autocast over float32 master weights."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = set(transformers.Trainer.get_decay_parameter_names(None, model))
+    opt = torch.optim.AdamW(
+        [{"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
+         {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    sched = transformers.get_cosine_schedule_with_warmup(opt, warmup, len(batches))
+    losses = []
+    for batch in batches:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=batch["input_ids"],
+                           pixel_values=batch["pixel_values"]).logits
+        loss = token_mean_ce(logits, batch["labels"])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], clip)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    return losses
