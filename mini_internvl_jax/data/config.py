@@ -40,6 +40,11 @@ class DataConfig:
     jpeg_quality_min: int = 75
     jpeg_quality_max: int = 100
 
+    # "4.37": tokenize as transformers 4.37's slow Qwen2Tokenizer, which InternVL2 was
+    # fine-tuned with and which skipped every merges.txt line starting with "#" (quote it in
+    # YAML). null: current transformers / fast tokenizers (all merges). Qwen2 BPE only.
+    merges_compat: Literal["4.37"] | None = None
+
     # Loss weights per supervised token: 1, 1/n or 1/sqrt(n) with n tokens in the sample.
     loss_reduction: Literal["token", "sample", "square"] = "token"
     # Samples longer than the row: cut (never through an image) or leave out.

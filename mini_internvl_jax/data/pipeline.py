@@ -97,7 +97,11 @@ def build_train_dataset(data_cfg: DataConfig, *, tokenizer: Tokenizer | str,
 
         shard_index, shard_count = jax.process_index(), jax.process_count()
     if isinstance(tokenizer, str):
-        tokenizer = load_tokenizer(tokenizer)
+        tokenizer = load_tokenizer(tokenizer, merges_compat=data_cfg.merges_compat)
+    elif tokenizer.merges_compat != data_cfg.merges_compat:
+        raise DataError(f"data.merges_compat is {data_cfg.merges_compat!r} but the tokenizer "
+                        f"given was loaded with merges_compat={tokenizer.merges_compat!r}; "
+                        "pass the same value to load_tokenizer")
     for name, v in (("num_image_tokens", num_image_tokens), ("image_size", image_size),
                     ("seq_len", seq_len), ("batch_size", batch_size), ("max_tiles", max_tiles)):
         if v < 1:

@@ -114,6 +114,7 @@ class Tokenizer(abc.ABC):
     bos_id: int | None
     eos_id: int | None
     pad_id: int
+    merges_compat: str | None = None  # see MERGES_COMPAT; BPE tokenizers only
 
     @abc.abstractmethod
     def find_token(self, token: str) -> int | None:
@@ -354,7 +355,26 @@ class SentencePieceTokenizer(Tokenizer):
         return "".join(out)
 
 
-def _bpe_tokenizer_json(vocab_file: epath.Path, merges_file: epath.Path) -> str:
+# `merges_compat` values: None = current transformers (and every fast tokenizer); "4.37" =
+# transformers 4.37's slow Qwen2Tokenizer, which read merges.txt skipping every line that starts
+# with "#" as a comment, so real merges such as "# #" or "## #" were lost. InternVL2 was
+# fine-tuned with that tokenizer (use_fast=False); "4.37" rebuilds its token stream exactly.
+MERGES_COMPAT = (None, "4.37")
+
+
+def _check_merges_compat(merges_compat: str | None, path) -> None:
+    if merges_compat not in MERGES_COMPAT:
+        raise TokenizerError(f"{path}: merges_compat {merges_compat!r} is not one of "
+                             f"{list(MERGES_COMPAT)}")
+
+
+def _hash_comment(first_token: str) -> bool:
+    """True for a merge transformers 4.37's slow Qwen2Tokenizer took for a comment line."""
+    return first_token.startswith("#")
+
+
+def _bpe_tokenizer_json(vocab_file: epath.Path, merges_file: epath.Path,
+                        merges_compat: str | None = None) -> str:
     """tokenizer.json text of Qwen2's slow tokenizer files: byte-level BPE over NFC text split
     by Qwen2's regex (transformers' Qwen2Tokenizer)."""
     from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
@@ -364,6 +384,8 @@ def _bpe_tokenizer_json(vocab_file: epath.Path, merges_file: epath.Path) -> str:
     lines = merges_file.read_text().splitlines()
     if lines and lines[0].startswith("#version:"):
         lines = lines[1:]
+    if merges_compat == "4.37":
+        lines = [line for line in lines if not _hash_comment(line.strip())]
     merges = [tuple(line.split()) for line in lines if line.strip()]
     bad = [line for line in merges if len(line) != 2]
     if bad:
@@ -382,6 +404,18 @@ def _bpe_tokenizer_json(vocab_file: epath.Path, merges_file: epath.Path) -> str:
     return tok.to_str()
 
 
+def _drop_hash_merges(tokenizer_json: str, path) -> str:
+    """A BPE tokenizer.json without the merges transformers 4.37's slow tokenizer skipped."""
+    data = json.loads(tokenizer_json)
+    model = data.get("model") or {}
+    if model.get("type") != "BPE":
+        raise TokenizerError(f"{path}: merges_compat needs a BPE model, this tokenizer.json has "
+                             f"{model.get('type')!r}")
+    model["merges"] = [m for m in model.get("merges") or []
+                       if not _hash_comment(m if isinstance(m, str) else m[0])]
+    return json.dumps(data)
+
+
 class HFTokenizer(Tokenizer):
     """Hugging Face `tokenizers` model: a `tokenizer.json`, or Qwen2's vocab.json + merges.txt."""
 
@@ -390,14 +424,17 @@ class HFTokenizer(Tokenizer):
     def __init__(self, tokenizer_json: str, *, path: str = "",
                  added_tokens: Mapping[str, AddedToken] | None = None,
                  add_bos: bool | None = None, bos_token: str | None = None,
-                 eos_token: str | None = None, pad_token: str | None = None):
+                 eos_token: str | None = None, pad_token: str | None = None,
+                 merges_compat: str | None = None):
         from tokenizers import AddedToken as _AddedToken
         from tokenizers import Tokenizer as _Tok
 
         self._args = dict(tokenizer_json=tokenizer_json, path=path, added_tokens=added_tokens,
                           add_bos=add_bos, bos_token=bos_token, eos_token=eos_token,
-                          pad_token=pad_token)
+                          pad_token=pad_token, merges_compat=merges_compat)
         self.path = path
+        # Recorded only (the merges were filtered by the loader) so callers can check it.
+        self.merges_compat = merges_compat
         try:
             self._tok = _Tok.from_str(tokenizer_json)
         except Exception as e:  # tokenizers raises a bare Exception on parse errors
@@ -460,8 +497,12 @@ def find_tokenizer(folder: str | epath.PathLike, kind: str | None = None) -> epa
     return None
 
 
-def load_tokenizer(path: str | epath.PathLike, kind: str | None = None) -> Tokenizer:
+def load_tokenizer(path: str | epath.PathLike, kind: str | None = None, *,
+                   merges_compat: str | None = None) -> Tokenizer:
     """Tokenizer from a folder (see `find_tokenizer`) or from one of its model files.
+
+    `merges_compat="4.37"` reproduces transformers 4.37's slow Qwen2Tokenizer, which skipped
+    every merge line starting with "#" (see MERGES_COMPAT); BPE tokenizers only.
 
     The folder may also hold `tokenizer_config.json` (add_bos_token, named special tokens,
     additional_special_tokens, added_tokens_decoder, legacy, tokenizer_class) and
@@ -470,6 +511,7 @@ def load_tokenizer(path: str | epath.PathLike, kind: str | None = None) -> Token
     "hf".
     """
     p = epath.Path(path)
+    _check_merges_compat(merges_compat, p)
     if not p.exists():
         raise TokenizerError(f"tokenizer path {p} does not exist")
     folder = p if p.is_dir() else p.parent
@@ -493,8 +535,15 @@ def load_tokenizer(path: str | epath.PathLike, kind: str | None = None) -> Token
         if model.name == "vocab.json":
             if not (folder / "merges.txt").is_file():
                 raise TokenizerError(f"{model} needs merges.txt next to it (Qwen2's BPE files)")
-            return HFTokenizer(_bpe_tokenizer_json(model, folder / "merges.txt"), **kwargs)
-        return HFTokenizer(model.read_text(), **kwargs)
+            return HFTokenizer(_bpe_tokenizer_json(model, folder / "merges.txt", merges_compat),
+                               merges_compat=merges_compat, **kwargs)
+        text = model.read_text()
+        if merges_compat is not None:
+            text = _drop_hash_merges(text, model)
+        return HFTokenizer(text, merges_compat=merges_compat, **kwargs)
+    if merges_compat is not None:
+        raise TokenizerError(f"{model}: merges_compat applies to BPE merges (Qwen2); this is a "
+                             "sentencepiece model")
     # transformers 5 saves additional_special_tokens as extra_special_tokens.
     listed = cfg.get("additional_special_tokens") or cfg.get("extra_special_tokens") or []
     extra = [named["sep_token"], named["cls_token"], named["mask_token"]] + [
