@@ -65,10 +65,19 @@ def test_twenty_adamw_steps_with_accumulation_match_torch():
     norms = [float(m["grad_norm"]) for m in ours]
     got = P.to_torch_names(trainer.params(), rules)
     want = {n: p.detach().numpy() for n, p in torch_model.named_parameters()}
+    # The attention key biases have a zero gradient in exact arithmetic (softmax ignores a
+    # per-query constant): AdamW steers them by rounding noise, on both sides differently,
+    # by at most ~lr * 1e-2 per step. They are held to 1e-3 instead of 1e-4.
+    noise = sorted(n for n in want if n.endswith("k_proj.bias"))
+    assert noise
+    noise_err, _ = P.worst({n: got.pop(n) for n in noise}, {n: want.pop(n) for n in noise},
+                           floor=0.0)
     err, name = P.worst(got, want, floor=0.0)
     print(f"loss {theirs[0]:.4f} -> {theirs[-1]:.4f}, max rel loss err {loss_err:.2e}; "
-          f"grad norms {min(norms):.2f}..{max(norms):.2f}; worst final weight {err:.2e} ({name})")
+          f"grad norms {min(norms):.2f}..{max(norms):.2f}; worst final weight {err:.2e} ({name}), "
+          f"key biases {noise_err:.2e}")
     assert theirs[-1] < 0.9 * theirs[0]  # the run actually trains
     assert max(norms) > 1.0  # clipping is exercised
     assert loss_err <= 1e-4, (losses, theirs)
     assert err <= 1e-4, (name, err)
+    assert noise_err <= 1e-3
