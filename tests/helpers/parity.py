@@ -214,7 +214,7 @@ def multimodal_batch(seed: int = 0, seq_len: int = 24, per_tile: int = 4):
 
     Returns (torch inputs {input_ids, labels, pixel_values}, our micro-batch)."""
     rng = np.random.RandomState(seed)
-    lengths = [seq_len, seq_len - 4 - seed % 5]  # token counts vary between batches
+    lengths = [seq_len, seq_len - 7 - seed % 5]  # supervised counts differ by row and batch
     samples = [sample_ids(rng, lengths[0], 2, per_tile), sample_ids(rng, lengths[1], 1, per_tile)]
     ids, labels = padded_batch(samples, seq_len)
     px = rng.randn(3, 3, 56, 56).astype(np.float32)
