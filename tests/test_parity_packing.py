@@ -1,6 +1,6 @@
-"""Packed = unpacked (Phi-3 text model): one packed row of three samples (two with images, one text-only) built by
-the real packer gives the loss and gradients of the three samples run one by one through
-transformers' InternVL and combined with InternVL's packed-training weighting:
+"""Packed = unpacked (Phi-3 text model): one packed row of three samples (two with images,
+one text-only) built by the real packer gives the loss and gradients of the three samples run
+one by one through transformers' InternVL, combined with InternVL's packed-training weighting:
 
     loss = sum_i w_i * sum_t ce_it / sum_i w_i * n_i,   w_i = 1 (`token`) or 1/sqrt(n_i)
     (`square`), n_i = supervised tokens of sample i.
