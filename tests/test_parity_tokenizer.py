@@ -15,7 +15,8 @@ from transformers import Qwen2Tokenizer
 
 from mini_internvl_jax.configlib import ConfigError
 from mini_internvl_jax.data.config import data_config_from_dict
-from mini_internvl_jax.data.errors import TokenizerError
+from mini_internvl_jax.data.errors import DataError, TokenizerError
+from mini_internvl_jax.data.pipeline import build_train_dataset
 from mini_internvl_jax.data.tokenizer import load_tokenizer
 
 CORPUS = ["## Heading\n### Sub-heading #1 and #2", "#include <stdio.h>\n#define N 3",
@@ -99,3 +100,8 @@ def test_merges_compat_setting_is_checked(folders):
     assert data_config_from_dict({"meta_path": "m.json"}).merges_compat is None
     with pytest.raises(ConfigError, match="merges_compat"):
         data_config_from_dict({"meta_path": "m.json", "merges_compat": 4.37})
+    # a tokenizer object loaded without the mode cannot silently serve a "4.37" config
+    with pytest.raises(DataError, match="merges_compat"):
+        build_train_dataset(cfg, tokenizer=load_tokenizer(full), num_image_tokens=4,
+                            image_size=56, seq_len=64, batch_size=1, max_tiles=1, seed=0,
+                            shard_index=0, shard_count=1, template="Hermes-2")
