@@ -22,15 +22,15 @@ from typing import Any
 import grain
 import numpy as np
 
+from mini_internvl_jax.batch import IGNORE_INDEX, STATS_PREFIX
 from mini_internvl_jax.data.errors import DataError, Skipped
 from mini_internvl_jax.data.processing import Sample
-from mini_internvl_jax.data.templates import IGNORE_INDEX
 from mini_internvl_jax.data.tiling import normalize_tiles
 
 log = logging.getLogger(__name__)
 
 # Host-side per-batch counters; drop these keys before putting a batch on devices.
-STATS_KEYS = ("stats_num_samples", "stats_num_truncated", "stats_num_dropped", "stats_num_bad")
+STATS_KEYS = tuple(f"{STATS_PREFIX}num_{k}" for k in ("samples", "truncated", "dropped", "bad"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,8 +221,8 @@ class PackIterator(grain.DatasetIterator):
         self._counts["samples"] += builder.num_samples
         self._counts["truncated"] += sum(s.truncated for r in builder.rows for s in r)
         for key in ("samples", "truncated", "dropped", "bad"):
-            batch[f"stats_num_{key}"] = np.asarray(self._counts[key] - self._reported[key],
-                                                   dtype=np.int32)
+            batch[f"{STATS_PREFIX}num_{key}"] = np.asarray(
+                self._counts[key] - self._reported[key], dtype=np.int32)
         self._reported = collections.Counter(self._counts)
         return batch
 
