@@ -35,6 +35,7 @@ from flax import nnx
 
 from mini_internvl_jax.infer.sampling import SamplingConfig, sample_logits
 from mini_internvl_jax.models.internvl import ImageTokenMismatchError
+from mini_internvl_jax.models.llm import KVCache
 from mini_internvl_jax.sharding import shard_activation
 
 CACHE_NAMES = (None, "batch", None, "act_kv_heads", None)  # [L, B, T, KV, hd]
@@ -75,7 +76,7 @@ class DecodeState:
     tokens: jax.Array
     logits: jax.Array  # float32 [B, V] the latest tokens were chosen from
     done: jax.Array
-    cache: dict
+    cache: KVCache
     positions: jax.Array
     key: jax.Array
     step: int
@@ -234,12 +235,13 @@ def _prefill(leaves, batch, key, *, model_def, cache_len, sampling):
     model = _merge(model_def, leaves)
     b = batch["input_ids"].shape[0]
     cache = model.llm.init_cache(b, cache_len)
-    cache = {**cache, "k": shard_activation(cache["k"], CACHE_NAMES),
-             "v": shard_activation(cache["v"], CACHE_NAMES)}
-    hidden, cache = model.hidden_states(
+    cache = cache.replace(k=shard_activation(cache.k, CACHE_NAMES),
+                          v=shard_activation(cache.v, CACHE_NAMES))
+    out = model.hidden_states(
         batch["input_ids"], batch["pixel_values"], batch["image_flags"],
         batch["positions"], batch["segment_ids"], cache=cache)
-    logits = model.llm.logits(hidden[:, -1:])[:, 0]
+    cache = out.cache
+    logits = model.llm.logits(out.hidden[:, -1:])[:, 0]
     tokens = sample_logits(logits, jax.random.fold_in(key, 0), sampling)
     done = jnp.isin(tokens, batch["control"]["stop_ids"]) | ~batch["active"]
     positions = batch["positions"][:, -1] + 1
@@ -252,8 +254,9 @@ def _decode(leaves, tokens, done, cache, positions, key, step, control, *, model
     model = _merge(model_def, leaves)
     x = model.llm.embed(tokens[:, None])
     seg = jnp.ones_like(tokens)[:, None]
-    hidden, cache = model.llm(x, positions[:, None], seg, cache=cache)
-    logits = model.llm.logits(hidden)[:, 0]
+    out = model.llm(x, positions[:, None], seg, cache=cache)
+    cache = out.cache
+    logits = model.llm.logits(out.hidden)[:, 0]
     nxt = sample_logits(logits, jax.random.fold_in(key, step), sampling)
     nxt = jnp.where(done, control["pad_id"], nxt)
     done = done | jnp.isin(nxt, control["stop_ids"])

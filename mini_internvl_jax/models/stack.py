@@ -12,7 +12,8 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
-REMAT_POLICIES = {
+# jax.checkpoint policy per `remat` setting (the config's remat choices).
+CHECKPOINT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     # Keep matmul outputs (projections), recompute elementwise work and attention.
@@ -44,14 +45,14 @@ class LayerStack(nnx.Module):
         are returned alongside x.
         """
         n = self.num_layers if num_layers is None else num_layers
-        if remat not in REMAT_POLICIES:
-            raise ValueError(f"remat {remat!r} is not one of {list(REMAT_POLICIES)}")
+        if remat not in CHECKPOINT_POLICIES:
+            raise ValueError(f"remat {remat!r} is not one of {list(CHECKPOINT_POLICIES)}")
 
         def apply(graphdef, state, h, xs):
             return nnx.merge(graphdef, state)(h, xs, **kwargs)
 
         if remat != "none":
-            apply = jax.checkpoint(apply, policy=REMAT_POLICIES[remat], static_argnums=(0,))
+            apply = jax.checkpoint(apply, policy=CHECKPOINT_POLICIES[remat], static_argnums=(0,))
 
         if self.scan:
             graphdef, state = nnx.split(self.layers)

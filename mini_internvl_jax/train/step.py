@@ -34,10 +34,10 @@ def make_step_fn(graphdef, tx: optax.GradientTransformation, schedule: optax.Sch
 
     def loss_fn(params, frozen, rest, micro, total_w, key):
         model = nnx.merge(graphdef, params, frozen, rest)
-        hidden, _ = model.hidden_states(
+        hidden = model.hidden_states(
             micro["input_ids"], micro["pixel_values"], micro["image_flags"],
             micro["positions"], micro["segment_ids"] if packed else None,
-            dropout_key=key if drop_path else None)
+            dropout_key=key if drop_path else None).hidden
         ce, w, correct = cross_entropy_sums(hidden, micro["labels"], micro["loss_weights"],
                                             model.llm.logits, chunk=loss_chunk)
         return ce / total_w, (ce, w, correct)
