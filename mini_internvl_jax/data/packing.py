@@ -22,7 +22,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from mini_internvl_jax.batch import IGNORE_INDEX, STATS_PREFIX
+from mini_internvl_jax.batch import BATCH_DTYPES, IGNORE_INDEX, STATS_PREFIX
 from mini_internvl_jax.data.errors import DataError, Skipped
 from mini_internvl_jax.data.processing import Sample
 from mini_internvl_jax.data.tiling import normalize_tiles
@@ -86,13 +86,9 @@ class BatchBuilder:
         until then makes handing batches between processes ~7x cheaper."""
         g = self.geom
         shape = (g.batch_size, g.seq_len)
-        out = {
-            "input_ids": np.full(shape, g.pad_id, dtype=np.int32),
-            "labels": np.full(shape, IGNORE_INDEX, dtype=np.int32),
-            "loss_weights": np.zeros(shape, dtype=np.float32),
-            "positions": np.zeros(shape, dtype=np.int32),
-            "segment_ids": np.zeros(shape, dtype=np.int32),
-        }
+        fill = {"input_ids": g.pad_id, "labels": IGNORE_INDEX}
+        out = {k: np.full(shape, fill.get(k, 0), dtype=BATCH_DTYPES[k])
+               for k in ("input_ids", "labels", "loss_weights", "positions", "segment_ids")}
         tiles, flags = [], []
         for b, row in enumerate(self.rows):
             off = 0
@@ -127,9 +123,9 @@ def finalize_batch(batch: dict[str, np.ndarray], geom: BatchGeometry) -> dict[st
     tiles, flags = batch["tiles"], batch["tile_flags"]
     batch = {k: np.array(v) for k, v in batch.items() if k not in ("tiles", "tile_flags")}
     size = geom.image_size
-    pixel_values = np.zeros((geom.max_tiles, 3, size, size), dtype=np.float32)
+    pixel_values = np.zeros((geom.max_tiles, 3, size, size), dtype=BATCH_DTYPES["pixel_values"])
     normalize_tiles(tiles, out=pixel_values[:len(tiles)])
-    image_flags = np.zeros(geom.max_tiles, dtype=np.int32)
+    image_flags = np.zeros(geom.max_tiles, dtype=BATCH_DTYPES["image_flags"])
     image_flags[:len(flags)] = flags
     batch["pixel_values"] = pixel_values
     batch["image_flags"] = image_flags

@@ -18,8 +18,7 @@ import jax.numpy as jnp
 from flax import struct
 
 
-@struct.dataclass
-class AttentionMask:
+class AttentionMask(struct.PyTreeNode):
     """Which keys each query sees; a pytree (arrays are leaves, `causal` is static).
 
     `q_offset` is the causal index of the first query: 0 for training and prefill, the cache
@@ -42,8 +41,9 @@ class AttentionMask:
     def materialize(self, b: int, s: int, t: int) -> jax.Array | None:
         """Boolean [B, S, T] mask (True = visible), or None when every key is visible."""
         mask = None
-        if self.segment_ids is not None:
-            q_seg, kv_seg = self.segment_ids, self.key_segment_ids
+        q_seg = self.segment_ids
+        if q_seg is not None:
+            kv_seg = q_seg if self.kv_segment_ids is None else self.kv_segment_ids
             mask = (q_seg[:, :, None] == kv_seg[:, None, :]) & (q_seg[:, :, None] != 0)
         if self.causal:
             q_idx = jnp.asarray(self.q_offset).reshape(-1, 1, 1) + jnp.arange(s)[None, :, None]

@@ -22,8 +22,7 @@ from mini_internvl_jax.models.stack import LayerStack
 from mini_internvl_jax.sharding import shard_activation
 
 
-@struct.dataclass
-class KVCache:
+class KVCache(struct.PyTreeNode):
     """Every layer's keys and values, written in place at `index` (slots filled so far).
 
     `segment_ids` marks filled slots (0 = empty or padding), so queries never see unwritten or
@@ -36,8 +35,7 @@ class KVCache:
     index: jax.Array  # int32 []
 
 
-@struct.dataclass
-class ModelOutput:
+class ModelOutput(struct.PyTreeNode):
     """Final-normed hidden states [B, S, D] and the updated cache (None without one)."""
 
     hidden: jax.Array

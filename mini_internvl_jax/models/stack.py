@@ -40,9 +40,10 @@ class LayerStack(nnx.Module):
                  **kwargs):
         """Runs the first `num_layers` layers (default all).
 
-        Each layer is called as `layer(x, per_layer_slice, **kwargs) -> (x, out_slice)`;
-        `per_layer` is a pytree with a leading layer axis (or None) and the stacked outputs
-        are returned alongside x.
+        Each layer is called as `layer(x, per_layer_slice, **kwargs) -> (x, out_slice)`; x is
+        the loop state (any pytree: the decoder carries (hidden, KV cache)), `per_layer` a
+        pytree with a leading layer axis (or None); the stacked outputs are returned alongside
+        x.
         """
         n = self.num_layers if num_layers is None else num_layers
         if remat not in CHECKPOINT_POLICIES:

@@ -123,6 +123,7 @@ def make_iterator(cfg: TrainConfig, model_cfg: ModelConfig):
                                 tiles_per_sample=cfg.synthetic.tiles_per_sample,
                                 samples_per_row=cfg.synthetic.samples_per_row,
                                 min_fill=cfg.synthetic.min_fill, **common)
+    # Lazy: the pipeline imports grain, which synthetic runs (benchmarks, AOT) do not need.
     from mini_internvl_jax.data.pipeline import build_train_iterator
 
     data_cfg = cfg.data if cfg.packed else dataclasses.replace(cfg.data, max_samples_per_row=1)
