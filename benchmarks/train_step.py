@@ -64,15 +64,16 @@ def run_jax(a) -> dict:
     import jax
     import numpy as np
 
+    from mini_internvl_jax.batch import to_global
     from mini_internvl_jax.sharding import make_mesh
     from mini_internvl_jax.train import flops
+    from mini_internvl_jax.train.batches import SyntheticBatches
     from mini_internvl_jax.train.config import (
         OptimConfig,
         SyntheticConfig,
         TrainConfig,
         build_model_config,
     )
-    from mini_internvl_jax.train.data import SyntheticBatches, to_global
     from mini_internvl_jax.train.setup import build
 
     cfg = TrainConfig(

@@ -14,7 +14,7 @@ from flax import nnx
 
 from mini_internvl_jax.config import ModelConfig
 from mini_internvl_jax.models.layers import Dense, LayerNorm, gelu
-from mini_internvl_jax.models.llm import Decoder
+from mini_internvl_jax.models.llm import Decoder, ModelOutput
 from mini_internvl_jax.models.vision import InternViT
 from mini_internvl_jax.sharding import shard_activation
 
@@ -140,8 +140,8 @@ class InternVLModel(nnx.Module):
                                        check=self.cfg.check_image_tokens)
 
     def hidden_states(self, input_ids, pixel_values=None, image_flags=None, positions=None,
-                      segment_ids=None, *, dropout_key=None, cache=None):
-        """Final-normed LLM hidden states [B, S, D] (and the updated cache, if one is given)."""
+                      segment_ids=None, *, dropout_key=None, cache=None) -> ModelOutput:
+        """Final-normed LLM hidden states [B, S, D] and the updated cache (if one is given)."""
         if positions is None:
             positions = default_positions(input_ids, segment_ids)
         x = self.embed(input_ids, pixel_values, image_flags, dropout_key=dropout_key)
@@ -150,6 +150,6 @@ class InternVLModel(nnx.Module):
     def __call__(self, input_ids, pixel_values=None, image_flags=None, positions=None,
                  segment_ids=None, *, dropout_key=None) -> jax.Array:
         """Logits [B, S, vocab] in float32."""
-        hidden, _ = self.hidden_states(input_ids, pixel_values, image_flags, positions,
-                                       segment_ids, dropout_key=dropout_key)
-        return self.llm.logits(hidden)
+        out = self.hidden_states(input_ids, pixel_values, image_flags, positions, segment_ids,
+                                 dropout_key=dropout_key)
+        return self.llm.logits(out.hidden)

@@ -11,6 +11,7 @@ import time
 import jax
 import numpy as np
 
+from mini_internvl_jax.batch import STATS_PREFIX
 from mini_internvl_jax.train import flops
 from mini_internvl_jax.train.config import TrainConfig
 from mini_internvl_jax.train.metrics import MetricsLog, mfu, peak_tflops
@@ -80,8 +81,8 @@ class Reporter:
             if m is not None:
                 out["mfu"] = m
             for k in w[0]:
-                if k.startswith("stats_"):
-                    out["data_" + k[len("stats_"):]] = sum(h[k] for h in w)
+                if k.startswith(STATS_PREFIX):
+                    out["data_" + k[len(STATS_PREFIX):]] = sum(h[k] for h in w)
         if not self.first_step_logged:
             out["first_step_time"] = self.first_step_time
             self.first_step_logged = True

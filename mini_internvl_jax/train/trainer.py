@@ -13,8 +13,10 @@ import jax
 import numpy as np
 from flax import nnx
 
+from mini_internvl_jax.batch import to_global
 from mini_internvl_jax.sharding import make_mesh
 from mini_internvl_jax.train import setup as setup_lib
+from mini_internvl_jax.train.batches import make_iterator, next_step_batch
 from mini_internvl_jax.train.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -22,7 +24,6 @@ from mini_internvl_jax.train.checkpoint import (
     run_meta,
 )
 from mini_internvl_jax.train.config import TrainConfig
-from mini_internvl_jax.train.data import make_iterator, next_step_batch, to_global
 from mini_internvl_jax.train.init import load_initial_params, model_config
 from mini_internvl_jax.train.report import Reporter
 from mini_internvl_jax.train.state import TrainState, abstract_like, split_params
