@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from mini_internvl_jax.train import trainer
-from mini_internvl_jax.train.checkpoint import read_meta
+from mini_internvl_jax.convert.run_folder import read_meta
 from mini_internvl_jax.train.cli import main
 from tests.test_train_run import BASE, ONE, compilation_cache  # noqa: F401 (fixture)
 

@@ -42,7 +42,8 @@ class Source:
     # How the weights are stored (dtype, layer stacking); what `load()` runs without a compute.
     compute: ComputeConfig
     layout: str | None              # HF layout of the original checkpoint, when known
-    tokenizer_dir: Path | None      # a folder holding tokenizer files, if one was found
+    # A folder holding tokenizer files, if one was found (a run's: its `tokenizer` folder).
+    tokenizer_dir: Path | None
     strict: bool = True             # hf: unexpected tensors are an error
     _hf: HFSource | None = field(default=None, repr=False, compare=False)
     _run: RunFolder | None = field(default=None, repr=False, compare=False)
@@ -86,8 +87,7 @@ def open_source(path: str | Path, *, step: int | None = None,
         run = read_run(str(path), step)
         tok = Path(run.tokenizer) if run.tokenizer and Path(run.tokenizer).is_dir() else None
         stored = run.compute.replace(remat="none", check_image_tokens=True)
-        return Source("training_run", p, run.model_config, stored, None, _tokenizer_dir(tok),
-                      _run=run)
+        return Source("training_run", p, run.model_config, stored, None, tok, _run=run)
     if is_converted_folder(p):
         cfg, conversion = read_converted(p)
         return Source("converted", p, cfg, stored_compute(p), conversion.get("layout"),
