@@ -6,20 +6,23 @@ import jax
 import numpy as np
 from flax import nnx
 
+from mini_internvl_jax.config import ComputeConfig
 from mini_internvl_jax.convert.importer import convert_hf_to_orbax
-from mini_internvl_jax.convert.load import load_pretrained
+from mini_internvl_jax.convert.resolve import load_pretrained
+from mini_internvl_jax.models.lora import LoRAParam
 from mini_internvl_jax.sharding import make_mesh
 from mini_internvl_jax.train.checkpoint import Checkpointer, run_meta
 from mini_internvl_jax.train.config import train_config_from_dict
 from mini_internvl_jax.train.export import export_checkpoint
-from mini_internvl_jax.train.init import load_initial_params, model_config
-from mini_internvl_jax.train.lora import LoRAParam
+from mini_internvl_jax.train.init_from import load_initial_params, model_config
 from mini_internvl_jax.train.setup import build
 from tests.test_convert_helpers import native_model, write_original
 
 BASE = {"batch_size": 2, "seq_len": 32, "max_tiles": 2, "total_steps": 4,
-        "synthetic": {"tiles_per_sample": 1}, "dtype": "float32", "remat": "none",
-        "scan_layers": True, "lora": {"rank": 2}, "mesh": {"data": 1, "fsdp": 1, "tensor": 1}}
+        "synthetic": {"tiles_per_sample": 1},
+        "compute": {"dtype": "float32", "remat": "none", "scan_layers": True},
+        "lora": {"rank": 2}, "mesh": {"data": 1, "fsdp": 1, "tensor": 1}}
+SCANNED = ComputeConfig(scan_layers=True)
 
 
 def _build(init_from):
@@ -36,7 +39,7 @@ def test_init_from_converted_hf_and_lora_checkpoint_then_export(tmp_path):
     write_original(tmp_path / "hf", model, hf_cfg, "qwen2")
     convert_hf_to_orbax(tmp_path / "hf", tmp_path / "converted")
     want = {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(
-        nnx.state(load_pretrained(tmp_path / "converted", scan_layers=True), nnx.Param))}
+        nnx.state(load_pretrained(tmp_path / "converted", SCANNED), nnx.Param))}
 
     for source in ("converted", "hf"):
         s, got = _build(tmp_path / source)
@@ -76,7 +79,7 @@ def test_init_from_converted_hf_and_lora_checkpoint_then_export(tmp_path):
                                    err_msg=str(k))
 
     export_checkpoint(str(tmp_path / "run"), str(tmp_path / "exported"))
-    exported = load_pretrained(tmp_path / "exported", scan_layers=True)
+    exported = load_pretrained(tmp_path / "exported", SCANNED)
     got = {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(
         nnx.state(exported, nnx.Param))}
     assert got.keys() == expected.keys()
