@@ -1,4 +1,4 @@
-"""`python train.py --config CONFIG.yaml [key=value ...] [--aot-tpu TOPOLOGY]`."""
+"""`python train.py --config PRESET_OR_YAML [key=value ...] [--aot-tpu TOPOLOGY]`."""
 
 from __future__ import annotations
 
