@@ -2,13 +2,15 @@
 initialise the base weights exactly (LoRA adapters start fresh); a LoRA run's checkpoint is
 merged for init_from and for export to a converted folder."""
 
+import json
+
 import jax
 import numpy as np
 from flax import nnx
 
 from mini_internvl_jax.config import ComputeConfig
 from mini_internvl_jax.convert.importer import convert_hf_to_orbax
-from mini_internvl_jax.convert.resolve import load_pretrained
+from mini_internvl_jax.convert.resolve import load_pretrained, open_source
 from mini_internvl_jax.models.lora import LoRAParam
 from mini_internvl_jax.sharding import make_mesh
 from mini_internvl_jax.train.checkpoint import Checkpointer, run_meta
@@ -78,7 +80,11 @@ def test_init_from_converted_hf_and_lora_checkpoint_then_export(tmp_path):
         np.testing.assert_allclose(np.asarray(v.get_value()), expected[k], rtol=1e-5, atol=1e-6,
                                    err_msg=str(k))
 
+    kinds = {name: open_source(tmp_path / name).kind for name in ("run", "converted", "hf")}
+    assert kinds == {"run": "training_run", "converted": "converted", "hf": "hf"}
     export_checkpoint(str(tmp_path / "run"), str(tmp_path / "exported"))
+    stored = json.loads((tmp_path / "exported" / "model_config.json").read_text())
+    assert "scan_layers" not in stored and "remat" not in stored  # architecture only
     exported = load_pretrained(tmp_path / "exported", SCANNED)
     got = {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(
         nnx.state(exported, nnx.Param))}

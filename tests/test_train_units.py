@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mini_internvl_jax import load_model_config
+from mini_internvl_jax import ComputeConfig, load_model_config
 from mini_internvl_jax.configlib import ConfigError
 from mini_internvl_jax.models import InternVLModel
 from mini_internvl_jax.train import flops, metrics
@@ -268,3 +268,15 @@ def test_train_presets_are_their_own_kind_and_compute_merges_onto_defaults():
 def test_bad_train_configs_name_the_field(data, match):
     with pytest.raises(ConfigError, match=match):
         train_config_from_dict(data)
+
+
+def test_old_run_metadata_still_reads():
+    """A run saved before ComputeConfig kept dtype/remat/... at the top of its train config."""
+    from mini_internvl_jax.convert.run_folder import upgrade_train_config_dict
+
+    old = {"model": "tiny-qwen2", "dtype": "float32", "param_dtype": "float32",
+           "remat": "none", "attention_impl": "xla", "scan_layers": False}
+    cfg = train_config_from_dict(upgrade_train_config_dict(old))
+    assert cfg.compute == ComputeConfig(dtype="float32", param_dtype="float32", remat="none",
+                                        attention_impl="xla", scan_layers=False)
+    assert upgrade_train_config_dict({"model": "x"}) == {"model": "x"}
