@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 from collections import Counter
 from pathlib import Path
+from typing import cast
 
 import jax
 from jax.sharding import Mesh
 
-from mini_internvl_jax.config import DTYPES, ComputeConfig
+from mini_internvl_jax.config import DTYPES, ComputeConfig, Dtype
 from mini_internvl_jax.convert.importer import HFSource, hf_to_arrays
 from mini_internvl_jax.convert.orbax_io import (
     PARAMS_DIR,
@@ -51,11 +52,11 @@ def stored_compute(path: Path) -> ComputeConfig:
     told otherwise) and whether the layers are stacked."""
     stored_cfg, _ = read_converted(path)
     meta = params_metadata(path / PARAMS_DIR)
-    counts = Counter()
-    for shape, dtype in meta.values():
-        counts[dtype.name] += math.prod(shape)
+    counts: Counter[str] = Counter()
+    for shape, stored in meta.values():
+        counts[stored.name] += math.prod(shape)
     main = counts.most_common(1)[0][0] if counts else "float32"
-    dtype = main if main in DTYPES else "float32"
+    dtype = cast(Dtype, main if main in DTYPES else "float32")
     return ComputeConfig(dtype=dtype, param_dtype=dtype,
                          scan_layers=is_scanned(meta, stacks_of(stored_cfg)))
 

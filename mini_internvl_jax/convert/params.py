@@ -8,12 +8,14 @@ an array; the nested form (plain dicts) is what Orbax stores, so a trainer can r
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from mini_internvl_jax.config import ComputeConfig, ModelConfig
+from mini_internvl_jax.config import ComputeConfig, Dtype, ModelConfig
 from mini_internvl_jax.convert.errors import CheckpointMismatchError
 from mini_internvl_jax.convert.mapping import layer_stacks, model_rules
 from mini_internvl_jax.models import InternVLModel
@@ -43,7 +45,7 @@ def flat_specs(state: nnx.State) -> dict[Path, jax.ShapeDtypeStruct]:
     return {tuple(p): jax.ShapeDtypeStruct(v.shape, v.dtype) for p, v in nnx.to_flat_state(state)}
 
 
-def param_specs(cfg: ModelConfig, *, dtype: str = "float32", scan: bool = False
+def param_specs(cfg: ModelConfig, *, dtype: Dtype = "float32", scan: bool = False
                 ) -> dict[Path, jax.ShapeDtypeStruct]:
     """Every parameter's shape and dtype (`dtype`, stacked when `scan`), without building a
     per-layer model.
@@ -68,7 +70,7 @@ def param_specs(cfg: ModelConfig, *, dtype: str = "float32", scan: bool = False
     return out
 
 
-def nest(flat: dict[Path, object]) -> dict:
+def nest(flat: Mapping[Path, object]) -> dict:
     out: dict = {}
     for path, value in flat.items():
         node = out
@@ -94,7 +96,7 @@ def stacks_of(cfg: ModelConfig) -> dict[Path, int]:
     return layer_stacks(model_rules(cfg, "original"))
 
 
-def is_scanned(flat: dict[Path, object], stacks: dict[Path, int]) -> bool:
+def is_scanned(flat: Mapping[Path, object], stacks: dict[Path, int]) -> bool:
     """Whether `flat` holds layer stacks with a leading layer axis (no per-layer index keys)."""
     for stack in stacks:
         n = len(stack)

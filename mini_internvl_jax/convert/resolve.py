@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 from jax.sharding import Mesh
 
-from mini_internvl_jax.config import ComputeConfig, ModelConfig
+from mini_internvl_jax.config import ComputeConfig, Dtype, ModelConfig
 from mini_internvl_jax.convert.errors import CheckpointReadError
 from mini_internvl_jax.convert.importer import HFSource, open_hf, resolve_dtype
 from mini_internvl_jax.convert.load import load_converted, load_hf, stored_compute
@@ -94,7 +94,7 @@ def open_source(path: str | Path, *, step: int | None = None,
                       _tokenizer_dir(p))
     if (p / "config.json").is_file():
         src = open_hf(p, overrides)
-        dtype = resolve_dtype(None, src.reader)
+        dtype = cast(Dtype, resolve_dtype(None, src.reader))
         return Source("hf", p, src.info.config, ComputeConfig(dtype=dtype, param_dtype=dtype),
                       src.info.layout, _tokenizer_dir(p), strict, _hf=src)
     raise CheckpointReadError(

@@ -30,7 +30,8 @@ def maybe_initialize_distributed(mode: str, args) -> None:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="train.py", description=__doc__)
-    p.add_argument("--config", required=True, help="training preset (stage1, stage2, lora, demo) or YAML path")
+    p.add_argument("--config", required=True,
+                   help="training preset (stage1, stage2, lora, demo) or YAML path")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-5")
     p.add_argument("--aot-tpu", metavar="TOPOLOGY",
                    help="compile the training step for a TPU topology (e.g. v5e:2x2) on this "

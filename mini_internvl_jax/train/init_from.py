@@ -57,13 +57,14 @@ def _check_same_layout(target, loaded, where: str) -> None:
 
 def load_initial_params(model, cfg: TrainConfig, mesh) -> None:
     """Overwrites `model`'s base weights (not LoRA adapters) from `cfg.init_from`, in place."""
+    assert cfg.init_from is not None
     target = nnx.state(model, base_params_filter)
     source = open_init_source(cfg.init_from)
     try:
-        loaded = source.load(cfg.model_compute, mesh=mesh)
+        source_model = source.load(cfg.model_compute, mesh=mesh)
     except CheckpointError as e:
         raise InitError(f"init_from {cfg.init_from}: {e}") from e
-    loaded = nnx.state(loaded, base_params_filter)
+    loaded = nnx.state(source_model, base_params_filter)
     _check_same_layout(target, loaded, cfg.init_from)
     loaded = jax.tree.map(lambda t, s: jax.device_put(s.astype(t.dtype), t.sharding),
                           target, loaded)

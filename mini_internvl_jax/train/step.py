@@ -17,8 +17,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mini_internvl_jax.sharding import logical_to_spec
 from mini_internvl_jax.models import lora
+from mini_internvl_jax.sharding import logical_to_spec
 from mini_internvl_jax.train.loss import IGNORE_INDEX, cross_entropy_sums
 from mini_internvl_jax.train.state import TrainState
 
