@@ -1,4 +1,4 @@
-"""Train Mini-InternVL: `python train.py --config configs/<preset>.yaml [key=value ...]`."""
+"""Train Mini-InternVL: `python train.py --config PRESET_OR_YAML [key=value ...]`."""
 
 import sys
 

@@ -21,7 +21,7 @@ def ours_from_torch(cfg, torch_model):
     with nnx.use_eager_sharding(False):
         model = InternVLModel(cfg, rngs=nnx.Rngs(0))
     load_rules_into(model, model_rules(cfg, "native"), torch_state_reader(torch_model.state_dict()),
-                    scan=cfg.scan_layers)
+                    scan=model.compute.scan_layers)
     return model
 
 

@@ -12,8 +12,8 @@ import jax
 import pytest
 import yaml
 
+from mini_internvl_jax.convert.run_folder import read_meta
 from mini_internvl_jax.train import trainer
-from mini_internvl_jax.train.checkpoint import read_meta
 from mini_internvl_jax.train.cli import main
 from tests.test_train_run import BASE, ONE, compilation_cache  # noqa: F401 (fixture)
 
@@ -27,7 +27,7 @@ def test_demo_loss_falls(tmp_path):
     write_demo(data)
     run = tmp_path / "run"
     # relative paths, as the README's demo command uses them (Orbax itself needs absolute ones)
-    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/demo.yaml"),
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", "demo",
            "tokenizer=demo_data/tokenizers/qwen2", "data.meta_path=demo_data/stage2_meta.json",
            "total_steps=40", "optim.warmup_steps=5", "checkpoint.dir=run",
            "checkpoint.every=1000", "log.every=10", "log.progress_bar=false"]

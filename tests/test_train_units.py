@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mini_internvl_jax import load_model_config
+from mini_internvl_jax import ComputeConfig, load_model_config
 from mini_internvl_jax.configlib import ConfigError
 from mini_internvl_jax.models import InternVLModel
 from mini_internvl_jax.train import flops, metrics
@@ -230,14 +230,31 @@ def test_tensorboard_events_parse(tmp_path):
 
 # ----------------------------------------------------------------------------- configs
 
-@pytest.mark.parametrize("name", ["stage1-1b", "stage1-2b", "stage1-4b", "stage2-1b",
-                                  "stage2-2b", "stage2-4b", "lora-2b", "demo"])
-def test_presets_load(name):
-    from mini_internvl_jax.configlib import CONFIG_DIR
-
-    cfg = load_train_config(CONFIG_DIR / f"{name}.yaml", ["tokenizer=tok"])
+@pytest.mark.parametrize("name,model", [(stage, f"mini-internvl-{size}")
+                                        for stage in ("stage1", "stage2")
+                                        for size in ("1b", "2b", "4b")]
+                         + [("lora", None), ("demo", None)])
+def test_presets_load(name, model):
+    over = ["tokenizer=tok"] + ([f"model={model}"] if model else [])
+    cfg = load_train_config(name, over)
+    assert cfg.model == (model or cfg.model)
     assert cfg.batch_size % cfg.optim.grad_accum == 0
     assert (cfg.frozen_components == {"vision", "llm"}) == (cfg.stage == 1)
+    assert not cfg.model_compute.check_image_tokens  # the pipeline checks on the host
+
+
+def test_train_presets_are_their_own_kind_and_compute_merges_onto_defaults():
+    with pytest.raises(ConfigError, match=r"unknown training preset 'tiny-qwen2'.*"
+                                          r"'demo', 'lora', 'stage1', 'stage2'\]"):
+        load_train_config("tiny-qwen2")
+    cfg = train_config_from_dict({"compute": {"remat": "none"}})
+    default = train_config_from_dict({}).compute
+    assert default.dtype == "bfloat16" and default.scan_layers and default.remat == "full"
+    assert cfg.compute == default.replace(remat="none")
+    with pytest.raises(ConfigError, match=r"compute\.remat: 'sometimes' is not one of"):
+        train_config_from_dict({"compute": {"remat": "sometimes"}})
+    with pytest.raises(ConfigError, match=r"unknown key.*'remat'"):
+        train_config_from_dict({"remat": "none"})  # the old top-level key
 
 
 @pytest.mark.parametrize("data,match", [
@@ -251,3 +268,15 @@ def test_presets_load(name):
 def test_bad_train_configs_name_the_field(data, match):
     with pytest.raises(ConfigError, match=match):
         train_config_from_dict(data)
+
+
+def test_old_run_metadata_still_reads():
+    """A run saved before ComputeConfig kept dtype/remat/... at the top of its train config."""
+    from mini_internvl_jax.convert.run_folder import upgrade_train_config_dict
+
+    old = {"model": "tiny-qwen2", "dtype": "float32", "param_dtype": "float32",
+           "remat": "none", "attention_impl": "xla", "scan_layers": False}
+    cfg = train_config_from_dict(upgrade_train_config_dict(old))
+    assert cfg.compute == ComputeConfig(dtype="float32", param_dtype="float32", remat="none",
+                                        attention_impl="xla", scan_layers=False)
+    assert upgrade_train_config_dict({"model": "x"}) == {"model": "x"}

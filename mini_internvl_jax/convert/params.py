@@ -8,14 +8,17 @@ an array; the nested form (plain dicts) is what Orbax stores, so a trainer can r
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from mini_internvl_jax.config import ModelConfig
+from mini_internvl_jax.config import ComputeConfig, Dtype, ModelConfig
 from mini_internvl_jax.convert.errors import CheckpointMismatchError
 from mini_internvl_jax.convert.mapping import layer_stacks, model_rules
+from mini_internvl_jax.models import InternVLModel
 from mini_internvl_jax.sharding import state_shardings
 
 Path = tuple
@@ -25,12 +28,11 @@ def path_str(path: Path) -> str:
     return ".".join(map(str, path))
 
 
-def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_model(cfg: ModelConfig, compute: ComputeConfig | None = None
+                   ) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, abstract state) without allocating a single parameter."""
-    from mini_internvl_jax.models import InternVLModel
-
     with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: InternVLModel(cfg, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: InternVLModel(cfg, compute, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     others = [p for p, v in nnx.to_flat_state(state) if not isinstance(v, nnx.Param)]
     if others:
@@ -43,14 +45,17 @@ def flat_specs(state: nnx.State) -> dict[Path, jax.ShapeDtypeStruct]:
     return {tuple(p): jax.ShapeDtypeStruct(v.shape, v.dtype) for p, v in nnx.to_flat_state(state)}
 
 
-def param_specs(cfg: ModelConfig) -> dict[Path, jax.ShapeDtypeStruct]:
-    """Every parameter's shape and dtype under `cfg`, without building a per-layer model.
+def param_specs(cfg: ModelConfig, *, dtype: Dtype = "float32", scan: bool = False
+                ) -> dict[Path, jax.ShapeDtypeStruct]:
+    """Every parameter's shape and dtype (`dtype`, stacked when `scan`), without building a
+    per-layer model.
 
     Traces the stacked form (one layer under vmap: 0.1 s for InternVL2-1B where the per-layer
-    form takes 7 s) and, when `cfg` does not scan, splits the stacks on paper.
+    form takes 7 s) and, when not scanning, splits the stacks on paper.
     """
-    specs = flat_specs(abstract_model(cfg.replace(scan_layers=True))[1])
-    if cfg.scan_layers:
+    compute = ComputeConfig(dtype=dtype, param_dtype=dtype, scan_layers=True)
+    specs = flat_specs(abstract_model(cfg, compute)[1])
+    if scan:
         return specs
     stacks = stacks_of(cfg)
     out = {}
@@ -65,7 +70,7 @@ def param_specs(cfg: ModelConfig) -> dict[Path, jax.ShapeDtypeStruct]:
     return out
 
 
-def nest(flat: dict[Path, object]) -> dict:
+def nest(flat: Mapping[Path, object]) -> dict:
     out: dict = {}
     for path, value in flat.items():
         node = out
@@ -91,7 +96,7 @@ def stacks_of(cfg: ModelConfig) -> dict[Path, int]:
     return layer_stacks(model_rules(cfg, "original"))
 
 
-def is_scanned(flat: dict[Path, object], stacks: dict[Path, int]) -> bool:
+def is_scanned(flat: Mapping[Path, object], stacks: dict[Path, int]) -> bool:
     """Whether `flat` holds layer stacks with a leading layer axis (no per-layer index keys)."""
     for stack in stacks:
         n = len(stack)

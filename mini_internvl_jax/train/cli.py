@@ -1,4 +1,4 @@
-"""`python train.py --config CONFIG.yaml [key=value ...] [--aot-tpu TOPOLOGY]`."""
+"""`python train.py --config PRESET_OR_YAML [key=value ...] [--aot-tpu TOPOLOGY]`."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def maybe_initialize_distributed(mode: str, args) -> None:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="train.py", description=__doc__)
-    p.add_argument("--config", required=True, help="training YAML (configs/stage*-*.yaml, ...)")
+    p.add_argument("--config", required=True,
+                   help="training preset (stage1, stage2, lora, demo) or YAML path")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-5")
     p.add_argument("--aot-tpu", metavar="TOPOLOGY",
                    help="compile the training step for a TPU topology (e.g. v5e:2x2) on this "
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     maybe_initialize_distributed(cfg.distributed, args)
     from mini_internvl_jax.data.errors import DataError
     from mini_internvl_jax.train.checkpoint import CheckpointError
-    from mini_internvl_jax.train.init import InitError
+    from mini_internvl_jax.train.init_from import InitError
     from mini_internvl_jax.train.trainer import TrainingDivergedError, run
 
     try:

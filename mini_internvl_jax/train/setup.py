@@ -16,10 +16,10 @@ from mini_internvl_jax.batch import BATCH_DTYPES, batch_shardings
 from mini_internvl_jax.config import ModelConfig
 from mini_internvl_jax.configlib import ConfigError
 from mini_internvl_jax.models import InternVLModel
+from mini_internvl_jax.models.lora import apply_lora
 from mini_internvl_jax.sharding import create_sharded_model
 from mini_internvl_jax.train.batches import global_shapes
 from mini_internvl_jax.train.config import TrainConfig, build_model_config
-from mini_internvl_jax.train.lora import apply_lora
 from mini_internvl_jax.train.optim import make_optimizer, make_schedule
 from mini_internvl_jax.train.state import (
     TrainState,
@@ -58,7 +58,7 @@ class Setup:
 
 def model_factory(model_cfg: ModelConfig, cfg: TrainConfig):
     def make():
-        model = InternVLModel(model_cfg, rngs=nnx.Rngs(cfg.seed))
+        model = InternVLModel(model_cfg, cfg.model_compute, rngs=nnx.Rngs(cfg.seed))
         apply_lora(model, cfg.lora, nnx.Rngs(cfg.seed + 1))
         return model
 

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mini_internvl_jax.batch import IGNORE_INDEX
-from mini_internvl_jax.train import lora
+from mini_internvl_jax.models import lora
 from mini_internvl_jax.train.loss import cross_entropy_sums
 from mini_internvl_jax.train.state import TrainState
 

@@ -24,7 +24,7 @@ from mini_internvl_jax.train.checkpoint import (
     run_meta,
 )
 from mini_internvl_jax.train.config import TrainConfig
-from mini_internvl_jax.train.init import load_initial_params, model_config
+from mini_internvl_jax.train.init_from import load_initial_params, model_config
 from mini_internvl_jax.train.report import Reporter
 from mini_internvl_jax.train.state import TrainState, abstract_like, split_params
 
