@@ -10,14 +10,14 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from mini_internvl_jax import chat, evaluate
+from mini_internvl_jax.cli import chat, evaluate
 from mini_internvl_jax.convert.orbax_io import save_params, write_model_config
 from mini_internvl_jax.data.demo import write_demo
 from mini_internvl_jax.data.tokenizer import load_tokenizer
 from mini_internvl_jax.infer import evaluation
-from mini_internvl_jax.infer.chat import ChatSession
 from mini_internvl_jax.infer.generate import Generator
 from mini_internvl_jax.infer.runtime import Runtime
+from mini_internvl_jax.infer.session import ChatSession
 from tests.test_generate import random_model
 
 QUESTION = "What is in the image?"

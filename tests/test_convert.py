@@ -13,8 +13,8 @@ from mini_internvl_jax import load_pretrained
 from mini_internvl_jax.convert.exporter import export_to_hf
 from mini_internvl_jax.convert.importer import convert_hf_to_orbax, open_hf
 from mini_internvl_jax.convert.load import load_pretrained_with_info
-from tests import hf_reference as ref
-from tests.test_convert_helpers import (
+from tests.helpers import hf_reference as ref
+from tests.helpers.checkpoints import (
     TEMPLATE,
     inputs,
     native_model,

@@ -20,7 +20,7 @@ from mini_internvl_jax.convert.exporter import export_to_hf
 from mini_internvl_jax.convert.hf_config import hf_config_from_model
 from mini_internvl_jax.convert.importer import convert_hf_to_orbax
 from mini_internvl_jax.convert.mapping import LAYOUTS
-from tests.test_convert_helpers import (
+from tests.helpers.checkpoints import (
     leftovers,
     native_model,
     read_tensors,

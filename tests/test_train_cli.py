@@ -12,9 +12,9 @@ import jax
 import pytest
 import yaml
 
+from mini_internvl_jax.cli.train import main
 from mini_internvl_jax.train import trainer
 from mini_internvl_jax.train.checkpoint import read_meta
-from mini_internvl_jax.train.cli import main
 from tests.test_train_run import BASE, ONE, compilation_cache  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent

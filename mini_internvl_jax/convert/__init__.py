@@ -1,7 +1,7 @@
 """Hugging Face PyTorch checkpoints <-> our parameter tree (mapping) and Orbax (converter).
 
 Public entry points: `convert_hf_to_orbax`, `export_to_hf`, `load_pretrained`,
-`load_pretrained_with_info`; the CLI is `convert_weights.py` (convert/cli.py).
+`load_pretrained_with_info`; the CLI is `mivl-convert` (cli/convert.py).
 """
 
 from mini_internvl_jax.convert.errors import (

@@ -1,4 +1,4 @@
-"""Synthetic demo dataset: `python -m mini_internvl_jax.data.demo OUT_DIR [--seed 0]`.
+"""Synthetic demo dataset (`mivl-demo-data OUT_DIR [--seed 0]` writes it).
 
 Writes, deterministically and in a few seconds, everything the README demo needs:
 
@@ -24,7 +24,6 @@ The whole folder is built under a temporary name and renamed into place.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -268,7 +267,7 @@ def _readme() -> str:
     doc = sys.modules[__name__].__doc__
     layout = textwrap.dedent(doc[doc.index("    OUT_DIR/"):doc.index("Each tokenizer")])
     note = doc[doc.index("Each tokenizer"):doc.index("The whole folder")]
-    return ("# Demo data (generated)\n\nMade by `python -m mini_internvl_jax.data.demo OUT_DIR`."
+    return ("# Demo data (generated)\n\nMade by `mivl-demo-data OUT_DIR`."
             "\n\n```\n" + layout.strip() + "\n```\n\n" + note.strip() + "\n")
 
 
@@ -367,21 +366,3 @@ def write_demo(out_dir: str | os.PathLike, *, seed: int = 0, num_stage1: int = 1
     with atomic_folder(out, overwrite=True) as tmp:
         return _build(tmp, seed, num_stage1, num_stage2)
 
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("out_dir")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-stage1", type=int, default=160)
-    p.add_argument("--num-stage2", type=int, default=160)
-    p.add_argument("--force", action="store_true", help="replace an earlier demo folder")
-    args = p.parse_args(argv)
-    m = write_demo(args.out_dir, seed=args.seed, num_stage1=args.num_stage1,
-                   num_stage2=args.num_stage2, force=args.force)
-    print(f"wrote {args.out_dir}: {m['stage1']['samples']} stage-1 and "
-          f"{m['stage2']['samples']} stage-2 samples, {m['images']} images, tokenizers "
-          f"{sorted(m['tokenizers'])}")
-
-
-if __name__ == "__main__":
-    main()

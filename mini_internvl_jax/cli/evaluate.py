@@ -1,6 +1,6 @@
 """Evaluate a checkpoint on ChartQA, MMBench-style multiple choice or VQA (JSONL in).
 
-  python -m mini_internvl_jax.evaluate --checkpoint DIR --task chartqa --data test.jsonl
+  mivl-eval --checkpoint DIR --task chartqa --data test.jsonl
 
 Writes one prediction record per request (JSONL) and the overall scores (JSON), and prints the
 scores. Input format and prompts: `mini_internvl_jax/infer/evaluation.py`; scoring rules:
@@ -21,7 +21,7 @@ from mini_internvl_jax.infer.runtime import Runtime, add_model_args, load_runtim
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mini_internvl_jax.evaluate",
+    p = argparse.ArgumentParser(prog="mivl-eval",
                                 description=__doc__.split("\n")[0])
     add_model_args(p)
     p.add_argument("--task", required=True, choices=evaluation.TASKS)
