@@ -6,6 +6,7 @@ import argparse
 import ctypes
 import os
 import sys
+from typing import Any
 
 # Conversion is pure host work: keep JAX off accelerators (and quiet) unless asked otherwise.
 # Set before the imports below bring in jax.
@@ -71,7 +72,7 @@ class _Progress:
 
     def __init__(self, disable: bool):
         self.disable = disable
-        self.bar = None
+        self.bar: Any = None  # tqdm
 
     def __call__(self, name: str, index: int, total: int) -> None:
         if self.bar is None:

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import ml_dtypes
 import numpy as np
@@ -284,7 +284,7 @@ class SafetensorsWriter:
                       [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
         self._order = [(s, t) for s, shard in enumerate(self.shards) for t in shard]
         self._next = 0
-        self._file = None
+        self._file: BinaryIO | None = None
         self._file_index = -1
 
     def write(self, name: str, array: np.ndarray) -> None:
@@ -303,6 +303,7 @@ class SafetensorsWriter:
             array = contiguous
         if shard != self._file_index:
             self._open(shard)
+        assert self._file is not None
         self._file.write(array.reshape(-1).view(np.uint8).data)
         self._next += 1
 

@@ -12,7 +12,7 @@ Layouts:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +21,7 @@ from mini_internvl_jax.config import LLMConfig, ModelConfig, VisionConfig
 
 LAYOUTS = ("original", "native")
 # Our parameter path (an nnx state path), e.g. ("llm", "norm", "weight"); ints index lists.
-ParamPath = tuple[str | int, ...]
+ParamPath = tuple[Hashable, ...]
 
 
 @dataclass(frozen=True)
@@ -342,7 +342,7 @@ def layer_stacks(rules: list[Rule]) -> dict[ParamPath, int]:
     stacks: dict[ParamPath, int] = {}
     for rule in rules:
         for t in rule.targets:
-            if t.stack is not None:
+            if t.stack is not None and t.layer is not None:
                 stacks[t.stack] = max(stacks.get(t.stack, 0), t.layer + 1)
     return stacks
 
@@ -351,6 +351,7 @@ def target_key(target: Target, scan: bool) -> tuple[ParamPath, int | None]:
     """(path in our nnx state, index on the leading layer axis or None)."""
     if target.layer is None:
         return target.path, None
+    assert target.stack is not None, "a layer target names its stack"
     if scan:
         return target.stack + target.path, target.layer
     return target.stack + (target.layer,) + target.path, None

@@ -8,6 +8,8 @@ an array; the nested form (plain dicts) is what Orbax stores, so a trainer can r
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import numpy as np
 from flax import nnx
@@ -63,7 +65,7 @@ def param_specs(cfg: ModelConfig) -> dict[ParamPath, jax.ShapeDtypeStruct]:
     return out
 
 
-def nest(flat: dict[ParamPath, object]) -> dict:
+def nest(flat: Mapping[ParamPath, object]) -> dict:
     out: dict = {}
     for path, value in flat.items():
         node = out
@@ -89,7 +91,7 @@ def stacks_of(cfg: ModelConfig) -> dict[ParamPath, int]:
     return layer_stacks(model_rules(cfg, "original"))
 
 
-def is_scanned(flat: dict[ParamPath, object], stacks: dict[ParamPath, int]) -> bool:
+def is_scanned(flat: Mapping[ParamPath, object], stacks: dict[ParamPath, int]) -> bool:
     """Whether `flat` holds layer stacks with a leading layer axis (no per-layer index keys)."""
     for stack in stacks:
         n = len(stack)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import sys
 import textwrap
 from pathlib import Path
 
@@ -264,7 +263,7 @@ def _write_tokenizers(root: Path, texts: list[str]) -> dict:
 
 
 def _readme() -> str:
-    doc = sys.modules[__name__].__doc__
+    doc = __doc__ or ""
     layout = textwrap.dedent(doc[doc.index("    OUT_DIR/"):doc.index("Each tokenizer")])
     note = doc[doc.index("Each tokenizer"):doc.index("The whole folder")]
     return ("# Demo data (generated)\n\nMade by `mivl-demo-data OUT_DIR`."
@@ -284,14 +283,16 @@ def _build(root: Path, seed: int, num_stage1: int, num_stage2: int) -> dict:
         idx += 1
         return name, info
 
-    captions = []
+    captions: list[dict] = []
     for _ in range(num_stage1):
         name, info = new_image()
         prompt = str(rng.choice(CAPTION_PROMPTS))
         captions.append({"id": len(captions), "image": name, "conversations": [
             {"from": "human", "value": f"<image>\n{prompt}"},
             {"from": "gpt", "value": _caption(info)}]})
-    qa, multi, text = [], [], []
+    qa: list[dict] = []
+    multi: list[dict] = []
+    text: list[dict] = []
     for k in range(num_stage2):
         kind = k % 4
         if kind in (0, 1):
@@ -316,8 +317,8 @@ def _build(root: Path, seed: int, num_stage1: int, num_stage2: int) -> dict:
         else:
             rounds = []
             for _ in range(int(rng.integers(1, 4))):
-                a, b = (int(v) for v in rng.integers(0, 50, size=2))
-                rounds.append((f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."))
+                x, y = (int(v) for v in rng.integers(0, 50, size=2))
+                rounds.append((f"What is {x} plus {y}?", f"{x} plus {y} is {x + y}."))
             text.append({"id": len(text), "conversations": _conversation("", rounds)})
 
     _write_jsonl(root / "stage1" / "captions.jsonl", captions)

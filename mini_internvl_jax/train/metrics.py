@@ -68,7 +68,8 @@ def _collapse_image_tokens(ids: list[int], image_token_id: int) -> list[int | st
 
 def _decode_collapsed(ids: list[int], image_token_id: int,
                       decode: Callable[[list[int]], str]) -> str:
-    parts, pending = [], []
+    parts: list[str] = []
+    pending: list[int] = []
     for item in _collapse_image_tokens(ids, image_token_id) + ["<end>"]:
         if isinstance(item, str):
             if pending:
@@ -88,7 +89,8 @@ def describe_samples(batch: dict[str, np.ndarray], *, decode: Callable[[list[int
     a markdown text per sample (its input and its supervised targets, decoded) and the sample's
     tiles as images [N, 3, H, W] in [0, 1]. Tiles are matched to samples by order, as the model
     splices them: each tile fills `num_image_tokens` <IMG_CONTEXT> positions."""
-    texts, tile_ids = [], []
+    texts: list[str] = []
+    tile_ids: list[int] = []
     next_tile = 0
     for r in range(batch["input_ids"].shape[0]):
         ids, labels, seg = (np.asarray(batch[k][r]) for k in ("input_ids", "labels",
