@@ -7,6 +7,7 @@ dotted path so a user can find the line in their YAML.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -136,8 +137,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Returns a copy of the nested dict `data` with `key=value` overrides applied."""
-    import copy
-
     data = copy.deepcopy(data)
     for text in overrides:
         keys, value = parse_override(text)

@@ -18,6 +18,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from mini_internvl_jax.config import ModelConfig
 from mini_internvl_jax.convert.errors import CheckpointMismatchError
 from mini_internvl_jax.convert.mapping import ParamPath, layer_stacks, model_rules
+from mini_internvl_jax.models import InternVLModel
 from mini_internvl_jax.sharding import state_shardings
 
 
@@ -27,8 +28,6 @@ def path_str(path: ParamPath) -> str:
 
 def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, abstract state) without allocating a single parameter."""
-    from mini_internvl_jax.models import InternVLModel
-
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(lambda: InternVLModel(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)

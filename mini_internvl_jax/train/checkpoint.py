@@ -18,6 +18,9 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
+
+from mini_internvl_jax import configlib
 
 
 class CheckpointError(RuntimeError):
@@ -78,8 +81,6 @@ class Checkpointer:
 
 def run_meta(cfg, model_cfg, step: int) -> dict:
     """What a step folder records about its run (init_from and export read it back)."""
-    from mini_internvl_jax import configlib
-
     return {"train_config": configlib.to_dict(cfg), "model_config": configlib.to_dict(model_cfg),
             "step": step, "process_count": jax.process_count()}
 
@@ -137,8 +138,6 @@ class PreemptionGuard:
 
     def should_stop(self, step: int) -> bool:
         if self._multi:
-            from jax.experimental import multihost_utils
-
             try:
                 return multihost_utils.reached_preemption_sync_point(step)
             except RuntimeError:  # preemption service not running
