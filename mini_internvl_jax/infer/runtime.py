@@ -38,7 +38,7 @@ def parse_mesh(spec: str | None):
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="converted folder (convert_weights.py) or Hugging Face InternVL folder")
+                   help="converted folder (mivl-convert) or Hugging Face InternVL folder")
     p.add_argument("--tokenizer", metavar="DIR",
                    help="tokenizer folder (default: the checkpoint folder)")
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"],
