@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mini_internvl_jax.train.checkpoint import CheckpointError
 from mini_internvl_jax.train.export import export_checkpoint
 
 
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         out = export_checkpoint(a.run_dir, a.out_dir, step=a.step, overwrite=a.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (CheckpointError, ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
