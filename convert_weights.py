@@ -1,4 +1,5 @@
 """Shim for `mivl-convert` (mini_internvl_jax/cli/convert.py) run from a checkout."""
 from mini_internvl_jax.cli.convert import main
 
-raise SystemExit(main())
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,4 +1,5 @@
 """Shim for `mivl-train` (mini_internvl_jax/cli/train.py) from a checkout: python train.py."""
 from mini_internvl_jax.cli.train import main
 
-raise SystemExit(main())
+if __name__ == "__main__":
+    raise SystemExit(main())
