@@ -15,8 +15,8 @@ from mini_internvl_jax.convert.exporter import export_to_hf
 from mini_internvl_jax.convert.importer import convert_hf_to_orbax, open_hf
 from mini_internvl_jax.convert.orbax_io import params_metadata
 from mini_internvl_jax.convert.resolve import load_pretrained_with_info
-from tests import hf_reference as ref
-from tests.test_convert_helpers import (
+from tests.helpers import hf_reference as ref
+from tests.helpers.checkpoints import (
     TEMPLATE,
     inputs,
     native_model,

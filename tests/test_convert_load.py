@@ -12,7 +12,7 @@ from mini_internvl_jax.convert.importer import convert_hf_to_orbax
 from mini_internvl_jax.convert.params import abstract_model, flat_specs, param_specs
 from mini_internvl_jax.convert.resolve import load_pretrained, load_pretrained_with_info
 from mini_internvl_jax.sharding import logical_to_spec, make_mesh
-from tests.test_convert_helpers import native_model, read_tensors, write_original
+from tests.helpers.checkpoints import native_model, read_tensors, write_original
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from mini_internvl_jax.infer import GenerationConfig, Generator, Prompt, Samplin
 from mini_internvl_jax.models import InternVLModel
 from mini_internvl_jax.models.internvl import ImageTokenMismatchError
 from mini_internvl_jax.sharding import make_mesh, state_shardings
-from tests import hf_reference as ref
+from tests.helpers import hf_reference as ref
 
 
 def ours_from_torch(cfg, torch_model):

@@ -12,7 +12,7 @@ from mini_internvl_jax.config import ComputeConfig, ModelConfig, VisionConfig
 from mini_internvl_jax.convert.apply import load_rules_into, torch_state_reader
 from mini_internvl_jax.convert.mapping import llm_rules, model_rules, vision_rules
 from mini_internvl_jax.models import InternViT, InternVLModel
-from tests import hf_reference as ref
+from tests.helpers import hf_reference as ref
 
 TINY_VISION = VisionConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                            image_size=56, patch_size=14)

@@ -18,7 +18,7 @@ from mini_internvl_jax.train.config import train_config_from_dict
 from mini_internvl_jax.train.export import export_checkpoint
 from mini_internvl_jax.train.init_from import load_initial_params, model_config
 from mini_internvl_jax.train.setup import build
-from tests.test_convert_helpers import native_model, write_original
+from tests.helpers.checkpoints import native_model, write_original
 
 BASE = {"batch_size": 2, "seq_len": 32, "max_tiles": 2, "total_steps": 4,
         "synthetic": {"tiles_per_sample": 1},

@@ -2,7 +2,7 @@
 
 Public entry points: `convert_hf_to_orbax`, `export_to_hf`, `open_source` (any model folder:
 training run, converted, Hugging Face), `load_pretrained`, `load_pretrained_with_info`; the CLI
-is `convert_weights.py` (convert/cli.py).
+is `mivl-convert` (cli/convert.py).
 """
 
 from mini_internvl_jax.convert.errors import (

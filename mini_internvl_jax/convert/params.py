@@ -17,14 +17,12 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from mini_internvl_jax.config import ComputeConfig, Dtype, ModelConfig
 from mini_internvl_jax.convert.errors import CheckpointMismatchError
-from mini_internvl_jax.convert.mapping import layer_stacks, model_rules
+from mini_internvl_jax.convert.mapping import ParamPath, layer_stacks, model_rules
 from mini_internvl_jax.models import InternVLModel
 from mini_internvl_jax.sharding import state_shardings
 
-Path = tuple
 
-
-def path_str(path: Path) -> str:
+def path_str(path: ParamPath) -> str:
     return ".".join(map(str, path))
 
 
@@ -41,12 +39,12 @@ def abstract_model(cfg: ModelConfig, compute: ComputeConfig | None = None
     return graphdef, state
 
 
-def flat_specs(state: nnx.State) -> dict[Path, jax.ShapeDtypeStruct]:
+def flat_specs(state: nnx.State) -> dict[ParamPath, jax.ShapeDtypeStruct]:
     return {tuple(p): jax.ShapeDtypeStruct(v.shape, v.dtype) for p, v in nnx.to_flat_state(state)}
 
 
 def param_specs(cfg: ModelConfig, *, dtype: Dtype = "float32", scan: bool = False
-                ) -> dict[Path, jax.ShapeDtypeStruct]:
+                ) -> dict[ParamPath, jax.ShapeDtypeStruct]:
     """Every parameter's shape and dtype (`dtype`, stacked when `scan`), without building a
     per-layer model.
 
@@ -70,7 +68,7 @@ def param_specs(cfg: ModelConfig, *, dtype: Dtype = "float32", scan: bool = Fals
     return out
 
 
-def nest(flat: Mapping[Path, object]) -> dict:
+def nest(flat: Mapping[ParamPath, object]) -> dict:
     out: dict = {}
     for path, value in flat.items():
         node = out
@@ -80,7 +78,7 @@ def nest(flat: Mapping[Path, object]) -> dict:
     return out
 
 
-def flatten(tree: dict, prefix: Path = ()) -> dict[Path, object]:
+def flatten(tree: dict, prefix: ParamPath = ()) -> dict[ParamPath, object]:
     """Inverse of `nest`; digit-string keys (how Orbax stores list indices) become ints."""
     out: dict = {}
     for key, value in tree.items():
@@ -92,11 +90,11 @@ def flatten(tree: dict, prefix: Path = ()) -> dict[Path, object]:
     return out
 
 
-def stacks_of(cfg: ModelConfig) -> dict[Path, int]:
+def stacks_of(cfg: ModelConfig) -> dict[ParamPath, int]:
     return layer_stacks(model_rules(cfg, "original"))
 
 
-def is_scanned(flat: Mapping[Path, object], stacks: dict[Path, int]) -> bool:
+def is_scanned(flat: Mapping[ParamPath, object], stacks: dict[ParamPath, int]) -> bool:
     """Whether `flat` holds layer stacks with a leading layer axis (no per-layer index keys)."""
     for stack in stacks:
         n = len(stack)
@@ -105,8 +103,8 @@ def is_scanned(flat: Mapping[Path, object], stacks: dict[Path, int]) -> bool:
     return True
 
 
-def restack(flat: dict[Path, np.ndarray], stacks: dict[Path, int], scan: bool
-            ) -> dict[Path, np.ndarray]:
+def restack(flat: dict[ParamPath, np.ndarray], stacks: dict[ParamPath, int], scan: bool
+            ) -> dict[ParamPath, np.ndarray]:
     """Converts host arrays between per-layer entries and one stacked entry per parameter."""
     if is_scanned(flat, stacks) == scan:
         return flat
@@ -126,8 +124,8 @@ def restack(flat: dict[Path, np.ndarray], stacks: dict[Path, int], scan: bool
     return out
 
 
-def check_against_specs(flat_shapes: dict[Path, tuple], specs: dict[Path, jax.ShapeDtypeStruct],
-                        where: str) -> None:
+def check_against_specs(flat_shapes: dict[ParamPath, tuple],
+                        specs: dict[ParamPath, jax.ShapeDtypeStruct], where: str) -> None:
     """Same parameter names and shapes as the model expects, or an error naming them."""
     missing = [p for p in specs if p not in flat_shapes]
     unexpected = [p for p in flat_shapes if p not in specs]
@@ -145,7 +143,7 @@ def check_against_specs(flat_shapes: dict[Path, tuple], specs: dict[Path, jax.Sh
                                           f"{tuple(flat_shapes[p])}, expected {spec.shape}")
 
 
-def shardings(state: nnx.State, mesh: Mesh | None) -> dict[Path, jax.sharding.Sharding]:
+def shardings(state: nnx.State, mesh: Mesh | None) -> dict[ParamPath, jax.sharding.Sharding]:
     """Where each parameter lives: the mesh's logical-rule shardings, or the first device."""
     if mesh is None:
         one = SingleDeviceSharding(jax.devices()[0])
@@ -154,7 +152,7 @@ def shardings(state: nnx.State, mesh: Mesh | None) -> dict[Path, jax.sharding.Sh
     return {tuple(p): v.get_value() for p, v in nnx.to_flat_state(tree)}
 
 
-def build_model(graphdef: nnx.GraphDef, state: nnx.State, arrays: dict[Path, jax.Array]):
+def build_model(graphdef: nnx.GraphDef, state: nnx.State, arrays: dict[ParamPath, jax.Array]):
     """The model whose parameters are `arrays` (already placed)."""
     nnx.replace_by_pure_dict(state, nest(arrays))
     return nnx.merge(graphdef, state)

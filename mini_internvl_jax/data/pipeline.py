@@ -26,6 +26,7 @@ import json
 import sys
 
 import grain
+import jax
 
 from mini_internvl_jax.data.config import DataConfig
 from mini_internvl_jax.data.errors import DataError
@@ -85,8 +86,6 @@ def build_train_dataset(data_cfg: DataConfig, *, tokenizer: Tokenizer | str,
                             "(Hermes-2, internlm2-chat or phi3-chat)")
         data_cfg = dataclasses.replace(data_cfg, template=template)
     if shard_index is None or shard_count is None:
-        import jax
-
         shard_index, shard_count = jax.process_index(), jax.process_count()
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)

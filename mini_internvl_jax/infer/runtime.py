@@ -40,7 +40,7 @@ def parse_mesh(spec: str | None):
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="converted folder (convert_weights.py), Hugging Face InternVL folder or a "
+                   help="converted folder (mivl-convert), Hugging Face InternVL folder or a "
                         "training run's checkpoint.dir")
     p.add_argument("--tokenizer", metavar="DIR",
                    help="tokenizer folder (default: the checkpoint folder)")

@@ -1,6 +1,6 @@
 """Compile the full training step for a TPU topology on any machine with libtpu installed.
 
-`python train.py --config ... --aot-tpu v5e:2x2` builds the mesh over the topology's
+`mivl-train --config ... --aot-tpu v5e:2x2` builds the mesh over the topology's
 compile-only devices, lowers the jitted step on abstract arguments (nothing is allocated) and
 compiles it, then reports XLA's per-chip memory analysis and FLOPs: the way to size a pod
 before paying for it.

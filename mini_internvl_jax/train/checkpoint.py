@@ -17,6 +17,7 @@ import threading
 import grain
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from mini_internvl_jax import configlib
 from mini_internvl_jax.convert.run_folder import CheckpointError, absolute_path
@@ -104,8 +105,6 @@ class PreemptionGuard:
 
     def should_stop(self, step: int) -> bool:
         if self._multi:
-            from jax.experimental import multihost_utils
-
             try:
                 return multihost_utils.reached_preemption_sync_point(step)
             except RuntimeError:  # preemption service not running

@@ -1,16 +1,13 @@
 """A run's checkpoint as a converted folder (LoRA merged), for chat, evaluation and convert/.
 
-    python -m mini_internvl_jax.train.export RUN_DIR OUT_DIR [--step N] [--overwrite]
-
-writes OUT_DIR in the converter's layout (model_config.json + params/ + tokenizer files), so
+`export_checkpoint` (the `mivl-export RUN_DIR OUT_DIR` command) writes OUT_DIR in the
+converter's layout (model_config.json + params/ + tokenizer files), so
 `load_pretrained(OUT_DIR)` serves chat and evaluation and the converter exports it to Hugging
 Face format. Adapters are folded into their kernels: W + scale * A @ B.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import jax
@@ -45,19 +42,3 @@ def export_checkpoint(run_dir: str, out_dir: str, *, step: int | None = None,
             copy_side_files(source.tokenizer_dir, tmp)
     return Path(out_dir)
 
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mini_internvl_jax.train.export",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dir", help="checkpoint.dir of a training run")
-    p.add_argument("out_dir")
-    p.add_argument("--step", type=int, help="default: the latest step")
-    p.add_argument("--overwrite", action="store_true")
-    a = p.parse_args(argv)
-    out = export_checkpoint(a.run_dir, a.out_dir, step=a.step, overwrite=a.overwrite)
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

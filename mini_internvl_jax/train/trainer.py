@@ -126,6 +126,8 @@ def run(cfg: TrainConfig, *, devices=None, stop_after: int | None = None) -> Run
                     jax.profiler.start_trace(cfg.log.dir or cfg.checkpoint.dir)
                     profiling = True
                 host_batch, stats = next_step_batch(iterator, cfg.optim.grad_accum)
+                if step == start + 1:
+                    reporter.log_samples(step, host_batch)
                 extra = {"data_digest": _digest(host_batch),
                          "real_tiles": int(host_batch["image_flags"].sum()) * jax.process_count(),
                          **stats}
