@@ -9,7 +9,7 @@ import transformers
 
 from mini_internvl_jax.convert.mapping import model_rules
 from mini_internvl_jax.train.config import OptimConfig
-from tests import hf_reference as ref
+from tests.helpers import hf_reference as ref
 from tests.helpers import parity as P
 
 STEPS, ACCUM = 50, 4

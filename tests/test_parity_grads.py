@@ -11,7 +11,7 @@ import transformers
 
 from mini_internvl_jax.convert.mapping import model_rules
 from mini_internvl_jax.train.state import split_params
-from tests import hf_reference as ref
+from tests.helpers import hf_reference as ref
 from tests.helpers import parity as P
 
 VISION, PROJECTOR, LLM = "model.vision_tower.", "model.multi_modal_projector.", \

@@ -14,9 +14,8 @@ import transformers
 from flax import nnx
 
 from mini_internvl_jax.convert.mapping import model_rules
-from mini_internvl_jax.train.config import LoRAConfig
-from mini_internvl_jax.train.lora import LoRADense, apply_lora, merge_lora
-from tests import hf_reference as ref
+from mini_internvl_jax.models.lora import LoRAConfig, LoRADense, apply_lora, merge_lora
+from tests.helpers import hf_reference as ref
 from tests.helpers import parity as P
 
 RANK, ALPHA = 8, 16

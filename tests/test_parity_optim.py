@@ -17,7 +17,7 @@ from mini_internvl_jax.convert.mapping import model_rules
 from mini_internvl_jax.train.config import OptimConfig
 from mini_internvl_jax.train.optim import decay_mask
 from mini_internvl_jax.train.state import split_params
-from tests import hf_reference as ref
+from tests.helpers import hf_reference as ref
 from tests.helpers import parity as P
 
 STEPS, ACCUM = 20, 4

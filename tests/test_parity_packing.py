@@ -13,7 +13,7 @@ import transformers
 from mini_internvl_jax.convert.mapping import model_rules
 from mini_internvl_jax.data.packing import BatchBuilder, BatchGeometry, finalize_batch
 from mini_internvl_jax.data.processing import Sample, loss_weights, shifted_labels
-from tests import hf_reference as ref
+from tests.helpers import hf_reference as ref
 from tests.helpers import parity as P
 
 TOL = 1e-5

@@ -1,1 +1,1 @@
-"""Helpers shared by several test files."""
+"""Shared test helpers: reference models and checkpoints built independently of the package."""

@@ -16,7 +16,7 @@ import torch
 import transformers
 from flax import nnx
 
-from mini_internvl_jax.config import ModelConfig
+from mini_internvl_jax.config import ComputeConfig, ModelConfig
 from mini_internvl_jax.convert.apply import fill_from_rules, torch_state_reader
 from mini_internvl_jax.convert.mapping import Rule, target_key
 from mini_internvl_jax.models import InternVLModel
@@ -24,17 +24,17 @@ from mini_internvl_jax.train.config import OptimConfig
 from mini_internvl_jax.train.optim import make_optimizer, make_schedule
 from mini_internvl_jax.train.state import TrainState, split_params
 from mini_internvl_jax.train.step import make_step_fn
-from tests import hf_reference as ref
+from tests.helpers import hf_reference as ref
 
-IGNORE = -100
+IGNORE = -100  # PyTorch's cross-entropy ignore_index, as the reference uses it
 
 
 def model_factory(cfg: ModelConfig, *, dtype: str = "float32", scan: bool = True,
                   remat: str = "full"):
     """The one place the parity tests construct a model (training-time compute knobs)."""
-    cfg = cfg.replace(dtype=dtype, param_dtype="float32", scan_layers=scan, remat=remat,
-                      check_image_tokens=False)
-    return lambda: InternVLModel(cfg, rngs=nnx.Rngs(0))
+    compute = ComputeConfig(dtype=dtype, param_dtype="float32", scan_layers=scan, remat=remat,
+                            check_image_tokens=False)
+    return lambda: InternVLModel(cfg, compute, rngs=nnx.Rngs(0))
 
 
 def model_from_torch(cfg: ModelConfig, rules: list[Rule], state_dict, *, extra=None,
