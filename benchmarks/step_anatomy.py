@@ -148,7 +148,8 @@ def run_one(a, size: str) -> dict:
         "xla_cost_bytes": float(cost.get("bytes accessed", float("nan"))),
         "hlo_flops": an.flops, "hlo_bytes": an.bytes, "model_flops": model_flops,
         "model_over_hlo_flops": model_flops / an.flops if an.flops else None,
-        "collectives": an.collectives, "weight_converts_in_loops": an.weight_converts,
+        "matmul_flops_by_dtype": an.matmul_flops_by_dtype, "collectives": an.collectives,
+        "weight_converts_in_loops": an.weight_converts,
         "loops": an.loops, "unknown_trip_counts": an.unknown_trip_counts,
         "peak_gib": (mem.argument_size_in_bytes + mem.output_size_in_bytes
                      - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / 2**30,
@@ -161,8 +162,16 @@ def run_one(a, size: str) -> dict:
     }
 
 
+def f32_share(r: dict) -> float:
+    """Share of matmul FLOPs with a float32 operand (slow: no bf16 tensor-core rate)."""
+    d = r["matmul_flops_by_dtype"]
+    total = sum(d.values())
+    return sum(v for k, v in d.items() if "f32" in k) / total if total else 0.0
+
+
 def table(results: list[dict]) -> str:
-    head = ["variant", "model", "compile s", "HLO TFLOP", "model/HLO", "HLO GB", "XLA GB",
+    head = ["variant", "model", "compile s", "HLO TFLOP", "f32 share", "model/HLO", "HLO GB",
+            "XLA GB",
             "AG n/GB", "RS n/GB", "AR n/GB", "cvt n/GB", "v5e ms", "v5p ms", "peak GiB"]
     rows = [head]
     for r in results:
@@ -174,7 +183,8 @@ def table(results: list[dict]) -> str:
 
         cv = r["weight_converts_in_loops"]
         rows.append([r["label"], r["model"], f"{r['compile_s']:.0f}",
-                     f"{r['hlo_flops'] / 1e12:.2f}", f"{r['model_over_hlo_flops']:.3f}",
+                     f"{r['hlo_flops'] / 1e12:.2f}", f"{f32_share(r):.3f}",
+                     f"{r['model_over_hlo_flops']:.3f}",
                      f"{r['hlo_bytes'] / 1e9:.1f}", f"{r['xla_cost_bytes'] / 1e9:.1f}",
                      cell("all-gather"), cell("reduce-scatter"), cell("all-reduce"),
                      f"{cv['count']:.0f}/{cv['bytes'] / 1e9:.2f}",
@@ -183,8 +193,9 @@ def table(results: list[dict]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.rjust(widths[i]) if i > 1 else c.ljust(widths[i])
                        for i, c in enumerate(row)) for row in rows]
-    out = ["per chip; n = executions per step; cvt = f32<->bf16 converts of weight-sized arrays "
-           "inside loops; v5e/v5p ms = max(HLO FLOPs/peak, HLO bytes/HBM bandwidth)"] + lines
+    out = ["per chip; f32 share = matmul FLOPs with a float32 operand; n = executions per step; "
+           "cvt = f32<->bf16 converts of weight-sized arrays inside loops; v5e/v5p ms = "
+           "max(HLO FLOPs/peak, HLO bytes/HBM bandwidth)"] + lines
     for r in results:
         out.append(f"\n{r['label']} {r['model']}: largest kernels by bytes per step")
         for k in r["top_kernels"]:

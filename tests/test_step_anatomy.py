@@ -40,6 +40,7 @@ def test_scan_flops_and_all_reduce_counted_per_iteration_on_cpu():
         a = analyze(jax.jit(f).lower(w, x).compile().as_text())
     # per device: 5 iterations of [2, 64] @ [64, 64]
     assert a.flops == 5 * 2 * 2 * 64 * 64
+    assert a.matmul_flops_by_dtype == {"f32": a.flops}
     assert [lp["trips"] for lp in a.loops] == [5] and a.unknown_trip_counts == 0
     # one psum op, run 5 times, of a float32 [2, 64] shard
     assert a.collectives == {"all-reduce": {"count": 5.0, "bytes": 5 * 2 * 64 * 4, "ops": 1}}
@@ -111,6 +112,7 @@ def test_tpu_batched_matmuls_and_weight_converts_in_a_scan():
     q = jax.ShapeDtypeStruct((4, 256, 4, 64), jnp.bfloat16, sharding=NamedSharding(mesh, P("x")))
     a = analyze(jax.jit(attn).lower(q, q).compile().as_text())
     assert a.flops == 2 * (2 * 1 * 4 * 256 * 256 * 64)  # one row and 4 heads per chip
+    assert a.matmul_flops_by_dtype == {"bf16": a.flops}
 
     def layers(w, x):
         def body(carry, _):  # the weight changes every iteration: XLA cannot hoist the cast

@@ -232,6 +232,7 @@ class Anatomy:
     kernels: list[Kernel]
     collectives: dict[str, dict[str, float]]
     weight_converts: dict[str, float]
+    matmul_flops_by_dtype: dict[str, float]  # "bf16" / "f32" / "f32xbf16" (operand dtypes)
     loops: list[dict]
     unknown_trip_counts: int
 
@@ -466,12 +467,17 @@ def analyze(text: str, weight_sizes: set[int] | frozenset[int] = frozenset()) ->
     coll: dict[str, dict[str, float]] = {}
     seen: dict[str, tuple[str, float, float]] = {}
     converts = {"count": 0.0, "bytes": 0.0}
+    by_dtype: dict[str, float] = defaultdict(float)
     shapes_of = {n: {i.name: i.shape for i in c.instrs} for n, c in comps.items()}
     for name, c in comps.items():
         n = runs.get(name, 0.0)
         if not n:
             continue
         for ins in c.instrs:
+            if ins.opcode in ("dot", "convolution"):
+                kinds = sorted({d for o in ins.operands[:2]
+                                for d, _ in arrays(shapes_of[name].get(o, ""))[:1]})
+                by_dtype["x".join(kinds)] += n * dot_flops(ins, shapes_of[name])
             kind = COLLECTIVES.get(ins.opcode)
             if kind is not None:
                 size = max(nbytes(ins.shape) if not ins.opcode.endswith("-start") else 0.0,
@@ -498,4 +504,4 @@ def analyze(text: str, weight_sizes: set[int] | frozenset[int] = frozenset()) ->
         d["ops"] += 1
     flops = sum(k.calls * k.flops for k in kernels)
     total_bytes = sum(k.calls * k.bytes for k in kernels)
-    return Anatomy(flops, total_bytes, kernels, coll, converts, loops, unknown)
+    return Anatomy(flops, total_bytes, kernels, coll, converts, dict(by_dtype), loops, unknown)

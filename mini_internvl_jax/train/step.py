@@ -41,8 +41,10 @@ def make_step_fn(graphdef, tx: optax.GradientTransformation, schedule: optax.Sch
             micro["input_ids"], micro["pixel_values"], micro["image_flags"],
             micro["positions"], micro["segment_ids"] if packed else None,
             dropout_key=key if drop_path else None)
+        llm = model.llm
+        head = llm.embed_tokens[...].T if llm.lm_head is None else llm.lm_head[...]
         ce, w, correct = cross_entropy_sums(hidden, micro["labels"], micro["loss_weights"],
-                                            model.llm.logits, chunk=loss_chunk)
+                                            head, chunk=loss_chunk, dtype=llm.dtype)
         return ce / total_w, (ce, w, correct)
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
