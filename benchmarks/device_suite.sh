@@ -17,7 +17,8 @@
 #   PARTS="w1 generate attention 2b 4b"   which parts, in this order
 #   REMAT=save_dots    W1's remat policy(ies), comma list (save_dots was the fastest on H100)
 #   TORCH_REF=.devrun/torch_reference_step.py   the PyTorch reference training step
-#   TINY=1             CPU dry run: tiny model and shapes, no PyTorch reference (--dry-run too)
+#   TINY=1             CPU dry run: tiny model and shapes, no PyTorch reference, results in
+#                      .devrun/dryrun/ (--dry-run does the same)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,6 +45,7 @@ else
 fi
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RES=benchmarks/results
+[[ "$TINY" == 1 ]] && RES=.devrun/dryrun  # dry runs measure nothing worth keeping
 mkdir -p "$RES"
 PREFIX="$RES/suite_${CARD}_${STAMP}"
 START=$(date +%s)

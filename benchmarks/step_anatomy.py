@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -59,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--top", type=int, default=8, help="largest kernels to list")
     p.add_argument("--label", default="", help="a name for this variant in the table")
     p.add_argument("--dump-hlo", help="write each optimized HLO module into this folder")
+    p.add_argument("--hlo", help="analyse this dumped module instead of compiling ({model} is "
+                                 "replaced by the preset name, e.g. DIR/step_{model}.hlo.txt)")
     p.add_argument("--json", help="write the results here")
     return p.parse_args(argv)
 
@@ -82,19 +83,20 @@ def train_config(a, size: str):
     return train_config_from_dict(data, a.set)
 
 
-def weight_sizes(trees) -> set[int]:
-    """Element counts a loop may see of each parameter: whole or one layer's slice, unsharded
-    or one chip's shard. Small vectors (norms, biases) are left out."""
+def weight_shapes(trees) -> set[tuple[int, ...]]:
+    """Shapes a loop may see of each weight matrix: whole or one layer's slice, unsharded or
+    one chip's shard, with neighbouring dims merged. Vectors (norms, biases) are left out."""
     import jax
 
-    sizes = set()
+    from mini_internvl_jax.train.hlo_anatomy import merged_forms
+
+    shapes = set()
     for x in jax.tree.leaves(trees):
-        shapes = [tuple(x.shape), tuple(x.sharding.shard_shape(x.shape))]
-        for s in list(shapes):
-            if len(s) >= 3:
-                shapes.append(s[1:])  # a scanned stack: one layer
-        sizes |= {math.prod(s) for s in shapes if math.prod(s) >= 1 << 16}
-    return sizes
+        for s in (tuple(x.shape), tuple(x.sharding.shard_shape(x.shape))):
+            for t in ([s, s[1:]] if len(s) >= 3 else [s]):  # a scanned stack: one layer
+                if len(t) >= 2 and min(t) > 1:
+                    shapes |= merged_forms(t)
+    return shapes
 
 
 def run_one(a, size: str) -> dict:
@@ -113,19 +115,24 @@ def run_one(a, size: str) -> dict:
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
     t0 = time.perf_counter()
     s = build_abstract(cfg, mesh)
-    with jax.set_mesh(mesh):
-        lowered = s.step_fn.lower(s.state, s.frozen, s.rest, s.batch_abstract())
-        t1 = time.perf_counter()
-        compiled = lowered.compile()
-    t2 = time.perf_counter()
-    text = compiled.as_text()
+    cost, mem = {}, None
+    if a.hlo:  # re-read a dumped module: no compile, no XLA cost or memory figures
+        text = Path(a.hlo.format(model=s.model_cfg.name)).read_text()
+        t1 = t2 = time.perf_counter()
+    else:
+        with jax.set_mesh(mesh):
+            lowered = s.step_fn.lower(s.state, s.frozen, s.rest, s.batch_abstract())
+            t1 = time.perf_counter()
+            compiled = lowered.compile()
+        t2 = time.perf_counter()
+        text = compiled.as_text()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        mem = compiled.memory_analysis()
     if a.dump_hlo:
         Path(a.dump_hlo).mkdir(parents=True, exist_ok=True)
         (Path(a.dump_hlo) / f"step_{s.model_cfg.name}.hlo.txt").write_text(text)
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    mem = compiled.memory_analysis()
-    an = analyze(text, weight_sizes((s.state.params, s.frozen)))
+    an = analyze(text, weight_shapes((s.state.params, s.frozen)))
     chips = len(devices)
     tiles = cfg.max_tiles * cfg.optim.grad_accum
     model_flops = flops.step_flops(s.model_cfg, batch=cfg.batch_size, seq_len=cfg.seq_len,
@@ -151,9 +158,10 @@ def run_one(a, size: str) -> dict:
         "matmul_flops_by_dtype": an.matmul_flops_by_dtype, "collectives": an.collectives,
         "weight_converts_in_loops": an.weight_converts,
         "loops": an.loops, "unknown_trip_counts": an.unknown_trip_counts,
-        "peak_gib": (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                     - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / 2**30,
-        "temp_gib": mem.temp_size_in_bytes / 2**30,
+        "peak_gib": None if mem is None else (
+            mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+            + mem.temp_size_in_bytes) / 2**30,
+        "temp_gib": None if mem is None else mem.temp_size_in_bytes / 2**30,
         "roofline": roofline,
         "top_kernels": [{"name": k.instr.name, "opcode": k.instr.opcode,
                          "op_name": k.instr.op_name[-120:], "calls": k.calls,
@@ -189,7 +197,8 @@ def table(results: list[dict]) -> str:
                      cell("all-gather"), cell("reduce-scatter"), cell("all-reduce"),
                      f"{cv['count']:.0f}/{cv['bytes'] / 1e9:.2f}",
                      f"{1e3 * r['roofline']['v5e']['global_s']:.0f}",
-                     f"{1e3 * r['roofline']['v5p']['global_s']:.0f}", f"{r['peak_gib']:.1f}"])
+                     f"{1e3 * r['roofline']['v5p']['global_s']:.0f}",
+                     "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.rjust(widths[i]) if i > 1 else c.ljust(widths[i])
                        for i, c in enumerate(row)) for row in rows]

@@ -123,7 +123,7 @@ def test_tpu_batched_matmuls_and_weight_converts_in_a_scan():
 
     w = jax.ShapeDtypeStruct((512, 512), jnp.float32, sharding=NamedSharding(mesh, P()))
     x = jax.ShapeDtypeStruct((64, 512), jnp.bfloat16, sharding=NamedSharding(mesh, P("x")))
-    a = analyze(jax.jit(layers).lower(w, x).compile().as_text(), {512 * 512})
+    a = analyze(jax.jit(layers).lower(w, x).compile().as_text(), {(512, 512)})
     assert a.weight_converts["count"] == 6
     assert a.weight_converts["bytes"] == 6 * 512 * 512 * (4 + 2)
     assert a.flops == 6 * 2 * 16 * 512 * 512

@@ -440,15 +440,30 @@ def _shape_of(name: str, computation: str, comps) -> str:
     return ins.shape if ins else ""
 
 
-def _element_count(shape: str) -> int:
+def squeezed(dims) -> tuple[int, ...]:
+    return tuple(d for d in dims if d != 1)
+
+
+def merged_forms(dims) -> set[tuple[int, ...]]:
+    """A shape and every shape made by merging neighbouring dims (how a compiler may view a
+    [in, heads, head_dim] kernel: [in, heads*head_dim], ...), size-1 dims dropped."""
+    dims = squeezed(dims)
+    out = {dims}
+    for i in range(len(dims) - 1):
+        for m in merged_forms(dims[:i] + (dims[i] * dims[i + 1],) + dims[i + 2:]):
+            out.add(m)
+    return out
+
+
+def _shape_key(shape: str) -> tuple[int, ...] | None:
     a = arrays(shape)
-    return _prod(a[0][1]) if len(a) == 1 else -1
+    return squeezed(a[0][1]) if len(a) == 1 else None
 
 
-def analyze(text: str, weight_sizes: set[int] | frozenset[int] = frozenset()) -> Anatomy:
-    """The anatomy of one compiled module (its `as_text()`). `weight_sizes`: element counts of
-    parameters as the loop sees them (a layer's slice, whole or sharded); converts between
-    float32 and bfloat16 of arrays of those sizes inside a loop are counted."""
+def analyze(text: str, weight_shapes: set | frozenset = frozenset()) -> Anatomy:
+    """The anatomy of one compiled module (its `as_text()`). `weight_shapes`: shapes of the
+    weights as a loop sees them (a layer's slice, whole or sharded; see `merged_forms`);
+    float32 <-> bfloat16 converts of arrays of those shapes inside a loop are counted."""
     comps = parse_module(text)
     runs, sequential, in_loop, loops, unknown = _walk(comps)
     memo: dict[str, float] = {}
@@ -466,7 +481,8 @@ def analyze(text: str, weight_sizes: set[int] | frozenset[int] = frozenset()) ->
 
     coll: dict[str, dict[str, float]] = {}
     seen: dict[str, tuple[str, float, float]] = {}
-    converts = {"count": 0.0, "bytes": 0.0}
+    converts: dict = {"count": 0.0, "bytes": 0.0}
+    convert_sources: dict[str, float] = defaultdict(float)
     by_dtype: dict[str, float] = defaultdict(float)
     shapes_of = {n: {i.name: i.shape for i in c.instrs} for n, c in comps.items()}
     for name, c in comps.items():
@@ -490,13 +506,15 @@ def analyze(text: str, weight_sizes: set[int] | frozenset[int] = frozenset()) ->
                 if prev is None or n > prev[1]:
                     seen[key] = (kind, n, size)
             if (ins.opcode == "convert" and name in in_loop and ins.operands
-                    and _element_count(ins.shape) in weight_sizes):
+                    and _shape_key(ins.shape) in weight_shapes):
                 src = arrays(shapes_of[name].get(ins.operands[0], ""))
                 dst = arrays(ins.shape)
                 if src and dst and {src[0][0], dst[0][0]} == {"f32", "bf16"}:
                     converts["count"] += n
+                    convert_sources[f"{src[0][0]}->{dst[0][0]} {ins.op_name}"] += n
                     converts["bytes"] += n * (nbytes(ins.shape)
                                               + nbytes(shapes_of[name][ins.operands[0]]))
+    converts["top_sources"] = dict(sorted(convert_sources.items(), key=lambda kv: -kv[1])[:8])
     for kind, n, size in seen.values():
         d = coll.setdefault(kind, {"count": 0.0, "bytes": 0.0, "ops": 0})
         d["count"] += n

@@ -23,10 +23,10 @@ def _path_weights(model) -> None:
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name = ".".join(str(p) for p in path)
         rng = np.random.default_rng(zlib.crc32(name.encode()))
-        w = 0.05 * rng.standard_normal(var.value.shape).astype(np.float32)
+        w = 0.05 * rng.standard_normal(var.shape).astype(np.float32)
         if name.endswith("norm.weight") or ".norm" in name and name.endswith("weight"):
             w += 1.0
-        var.value = jax.device_put(w.astype(var.value.dtype), var.value.sharding)
+        var[...] = jax.device_put(w.astype(var.dtype), var[...].sharding)
 
 
 def _batch(step: int, vocab: int, num_image_tokens: int, image_size: int) -> dict:
@@ -58,9 +58,8 @@ def _batch(step: int, vocab: int, num_image_tokens: int, image_size: int) -> dic
             "segment_ids": seg, "pixel_values": pixels, "image_flags": flags}
 
 
-def five_step_losses(**overrides) -> list[float]:
-    """Losses of steps 1..5 (float32 compute and master weights, remat, chunked CE, packed rows,
-    2 micro-batches, clipping, AdamW with weight decay) on one CPU device."""
+def tiny_setup(**overrides):
+    """(Setup, mesh, batch(step) -> global arrays) of the tiny float32 run on one CPU device."""
     from mini_internvl_jax.sharding import make_mesh
     from mini_internvl_jax.train.config import train_config_from_dict
     from mini_internvl_jax.train.data import to_global
@@ -77,10 +76,21 @@ def five_step_losses(**overrides) -> list[float]:
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     s = build(cfg, mesh, init_params=_path_weights)
     mc = s.model_cfg
+
+    def batch(step: int) -> dict:
+        host = _batch(step, mc.llm.vocab_size, mc.num_image_tokens, mc.vision.image_size)
+        return to_global(host, s.batch_sh)
+
+    return s, mesh, batch
+
+
+def five_step_losses(**overrides) -> list[float]:
+    """Losses of steps 1..5 (float32 compute and master weights, remat, chunked CE, packed rows,
+    2 micro-batches, clipping, AdamW with weight decay) on one CPU device."""
+    s, mesh, batch = tiny_setup(**overrides)
     state, losses = s.state, []
     with jax.set_mesh(mesh):
         for step in range(5):
-            host = _batch(step, mc.llm.vocab_size, mc.num_image_tokens, mc.vision.image_size)
-            state, m = s.step_fn(state, s.frozen, s.rest, to_global(host, s.batch_sh))
+            state, m = s.step_fn(state, s.frozen, s.rest, batch(step))
             losses.append(float(np.asarray(m["loss"])))
     return losses
