@@ -84,18 +84,22 @@ def train_config(a, size: str):
 
 
 def weight_shapes(trees) -> set[tuple[int, ...]]:
-    """Shapes a loop may see of each weight matrix: whole or one layer's slice, unsharded or
-    one chip's shard, with neighbouring dims merged. Vectors (norms, biases) are left out."""
+    """Shapes the layer loops see of the scanned layers' weight matrices: one layer's slice,
+    unsharded or one chip's shard, with neighbouring dims merged. Vectors (norms, biases) and
+    weights outside the layer stacks (embeddings: a ViT position table is shaped like a tile's
+    activations) are left out."""
     import jax
 
     from mini_internvl_jax.train.hlo_anatomy import merged_forms
 
     shapes = set()
-    for x in jax.tree.leaves(trees):
+    for path, x in jax.tree_util.tree_flatten_with_path(trees)[0]:
+        if "layers" not in jax.tree_util.keystr(path):
+            continue
         for s in (tuple(x.shape), tuple(x.sharding.shard_shape(x.shape))):
-            for t in ([s, s[1:]] if len(s) >= 3 else [s]):  # a scanned stack: one layer
-                if len(t) >= 2 and min(t) > 1:
-                    shapes |= merged_forms(t)
+            t = s[1:]  # the leading axis of a stack is the layer
+            if len(t) >= 2 and min(t) > 1:
+                shapes |= merged_forms(t)
     return shapes
 
 

@@ -72,6 +72,23 @@ def test_chunked_cross_entropy_gradients_match_dense():
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
 
 
+def test_bfloat16_cross_entropy_gradients_stay_close_to_float32():
+    """bf16 operands (logits, and the d(logits) of the in-forward gradient), float32 sums."""
+    hidden, head, labels, weights = _problem(s=13, d=32, v=300)
+
+    def ce(h, w, dtype):
+        return cross_entropy_sums(h, jnp.asarray(labels), jnp.asarray(weights), w, chunk=4,
+                                  dtype=dtype)[0]
+
+    args = (jnp.asarray(hidden), jnp.asarray(head))
+    g32 = jax.grad(ce, argnums=(0, 1))(*args, jnp.float32)
+    g16 = jax.grad(ce, argnums=(0, 1))(*args, jnp.bfloat16)
+    for a, b in zip(g32, g16, strict=True):
+        assert b.dtype == jnp.float32  # gradients come back in the inputs' dtype
+        rel = np.linalg.norm(np.asarray(b) - np.asarray(a)) / np.linalg.norm(np.asarray(a))
+        assert 0 < rel < 2e-2
+
+
 # ----------------------------------------------------------------------------- optimizer
 
 def test_schedule_is_linear_warmup_then_cosine():
