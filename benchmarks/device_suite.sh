@@ -16,6 +16,7 @@
 #   BUDGET_S=520       seconds for the whole suite (the device call's limit minus slack)
 #   PARTS="w1 generate attention 2b 4b"   which parts, in this order
 #   REMAT=save_dots    W1's remat policy(ies), comma list (save_dots was the fastest on H100)
+#   LOSS_CHUNK=1024    cross-entropy chunk (2048 moves fewer bytes; check peak memory)
 #   TORCH_REF=.devrun/torch_reference_step.py   the PyTorch reference training step
 #   TINY=1             CPU dry run: tiny model and shapes, no PyTorch reference, results in
 #                      .devrun/dryrun/ (--dry-run does the same)
@@ -27,6 +28,7 @@ TINY=${TINY:-0}
 BUDGET_S=${BUDGET_S:-520}
 PARTS=${PARTS:-"w1 generate attention 2b 4b"}
 REMAT=${REMAT:-save_dots}
+LOSS_CHUNK=${LOSS_CHUNK:-1024}
 TORCH_REF=${TORCH_REF:-.devrun/torch_reference_step.py}
 PY=${PYTHON:-python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -85,12 +87,13 @@ train() {  # train SIZE REMAT TORCH_MODES ITERS
   else
     "$PY" benchmarks/train_step.py --size "$size" --remat "$remat" --attention auto \
       --torch "$modes" --torch-ref "$TORCH_REF" --iters "$iters" --warmup 2 --timeout 300 \
+      --loss-chunk "$LOSS_CHUNK" \
       --json "${PREFIX}_train_${size}.json"
   fi
 }
 
 export -f train
-export TINY PY PREFIX TORCH_REF
+export TINY PY PREFIX TORCH_REF LOSS_CHUNK
 
 for p in $PARTS; do
   case $p in
