@@ -18,6 +18,7 @@ libtpu) with FSDP over all chips, and from the compiled executable it reports, p
 
     python benchmarks/step_anatomy.py                        # W1 1B on v5e:2x2
     python benchmarks/step_anatomy.py --size 1b,2b,4b --json benchmarks/results/anatomy.json
+    python benchmarks/step_anatomy.py --size 4b --topology v5p:2x2x1   # 4B needs > 16 GB/chip
     python benchmarks/step_anatomy.py --tiny                 # the tiny model, seconds
 
 Compiling W1 takes minutes on a 2-core machine; the compile time is reported.
@@ -221,16 +222,23 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     sizes = ["tiny"] if a.tiny else [x for x in a.size.split(",") if x]
     results = []
+    errors = []
     for size in sizes:
-        results.append(run_one(a, size))
+        try:
+            results.append(run_one(a, size))
+        except Exception as e:  # e.g. out of HBM on this topology: keep the other sizes
+            errors.append({"size": size, "topology": a.topology, "error": str(e)[:2000]})
+            print(f"{size}: FAILED: {str(e)[:300]}", flush=True)
+            continue
         print(json.dumps({k: v for k, v in results[-1].items() if k != "top_kernels"}),
               flush=True)
     print(table(results))
     if a.json:
         from mini_internvl_jax.fileio import write_atomic
 
-        write_atomic(a.json, json.dumps({"args": vars(a), "results": results}, indent=1))
-    return 0
+        write_atomic(a.json, json.dumps({"args": vars(a), "results": results,
+                                          "errors": errors}, indent=1))
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
