@@ -78,8 +78,9 @@ def train_config(a, size: str):
         "synthetic": {"tiles_per_sample": tiles, "min_fill": 1.0},
         "optim": {"lr": 1e-5, "warmup_steps": 0, "weight_decay": 0.01, "clip_norm": 1.0,
                   "grad_accum": a.grad_accum},
-        "dtype": "bfloat16", "param_dtype": "float32", "remat": a.remat,
-        "attention_impl": a.attention, "scan_layers": True, "loss_chunk": a.loss_chunk,
+        "compute": {"dtype": "bfloat16", "param_dtype": "float32", "remat": a.remat,
+                    "attention_impl": a.attention, "scan_layers": True},
+        "loss_chunk": a.loss_chunk,
         "mesh": {"data": 1, "fsdp": -1, "tensor": 1}}
     return train_config_from_dict(data, a.set)
 
@@ -153,8 +154,8 @@ def run_one(a, size: str) -> dict:
         "label": a.label or "default", "model": s.model_cfg.name, "topology": a.topology,
         "chips": chips, "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
         "batch": cfg.batch_size, "seq": cfg.seq_len, "tiles": tiles,
-        "grad_accum": cfg.optim.grad_accum, "remat": cfg.remat,
-        "attention": cfg.attention_impl, "loss_chunk": cfg.loss_chunk, "overrides": a.set,
+        "grad_accum": cfg.optim.grad_accum, "remat": cfg.compute.remat,
+        "attention": cfg.compute.attention_impl, "loss_chunk": cfg.loss_chunk, "overrides": a.set,
         "lower_s": t1 - t0, "compile_s": t2 - t1,
         "xla_cost_flops": float(cost.get("flops", float("nan"))),
         "xla_cost_bytes": float(cost.get("bytes accessed", float("nan"))),

@@ -26,7 +26,7 @@ def test_first_five_float32_losses_match_the_previous_implementation():
 def test_casting_kernels_once_per_step_changes_no_bfloat16_number():
     """The step casts Dense kernels to bfloat16 once, before the layer loops; the layers used
     to cast them at every use. Both must give the same parameters after two bf16 steps."""
-    s, mesh, batch = tiny_setup(dtype="bfloat16")
+    s, mesh, batch = tiny_setup(compute={"dtype": "bfloat16"})
     per_use = jit_step(
         make_step_fn(s.graphdef, s.tx, s.schedule, loss_chunk=s.cfg.loss_chunk,
                      drop_path=False, lora_dropout=False, compute_dtype=None),

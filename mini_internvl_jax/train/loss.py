@@ -9,7 +9,7 @@ stored (the hidden-state gradient, [B, S, D], and the head gradient, [D, V] floa
 incoming cotangent. Autodiff through a rematerialised chunk would compute the logits matmul a
 second time, and its transposed matmuls would take float32 operands.
 
-Labels arrive already shifted (label[t] is the target for the token at t) with -100 = ignore;
+Labels arrive already shifted (label[t] is the target for the token at t) with IGNORE_INDEX;
 the loss is sum(w * ce) / sum(w) with w the packed-sequence loss weights.
 """
 
@@ -20,9 +20,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from mini_internvl_jax.batch import IGNORE_INDEX
 from mini_internvl_jax.sharding import shard_activation
-
-IGNORE_INDEX = -100
 
 
 def _chunk(h, head, labels, weights, dtype, with_grads: bool):

@@ -1,1 +1,1 @@
-"""Shared helpers for the tests (not collected as tests)."""
+"""Shared test helpers: reference models and checkpoints built independently of the package."""

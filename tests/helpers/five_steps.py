@@ -14,6 +14,11 @@ import jax
 import numpy as np
 from flax import nnx
 
+from mini_internvl_jax.batch import to_global
+from mini_internvl_jax.sharding import make_mesh
+from mini_internvl_jax.train.config import train_config_from_dict
+from mini_internvl_jax.train.setup import build
+
 IMAGE_TOKEN = 5  # tiny-qwen2's <IMG_CONTEXT>
 ROWS, SEQ, GRAD_ACCUM, TILES_PER_SAMPLE = 4, 64, 2, 1
 
@@ -60,16 +65,12 @@ def _batch(step: int, vocab: int, num_image_tokens: int, image_size: int) -> dic
 
 def tiny_setup(**overrides):
     """(Setup, mesh, batch(step) -> global arrays) of the tiny float32 run on one CPU device."""
-    from mini_internvl_jax.sharding import make_mesh
-    from mini_internvl_jax.train.config import train_config_from_dict
-    from mini_internvl_jax.train.data import to_global
-    from mini_internvl_jax.train.setup import build
-
+    compute = {"dtype": "float32", "param_dtype": "float32", "remat": "full",
+               "scan_layers": True, "attention_impl": "xla", **overrides.pop("compute", {})}
     cfg = train_config_from_dict({
         "model": "tiny-qwen2", "batch_size": ROWS, "seq_len": SEQ,
         "max_tiles": ROWS // GRAD_ACCUM * 2 * TILES_PER_SAMPLE, "total_steps": 100,
-        "dtype": "float32", "param_dtype": "float32", "remat": "full", "scan_layers": True,
-        "attention_impl": "xla", "loss_chunk": 16,
+        "compute": compute, "loss_chunk": 16,
         "optim": {"lr": 3e-3, "warmup_steps": 0, "weight_decay": 0.1, "clip_norm": 1.0,
                   "grad_accum": GRAD_ACCUM},
         "mesh": {"data": 1, "fsdp": 1, "tensor": 1}, **overrides})
