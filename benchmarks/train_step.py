@@ -32,7 +32,8 @@ DEFAULT_TORCH_REF = ROOT / ".devrun" / "torch_reference_step.py"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", default="1b", choices=("1b", "2b", "4b"))
+    p.add_argument("--size", default="1b", choices=("1b", "2b", "4b", "tiny"),
+                   help="preset mini-internvl-SIZE; tiny = tiny-qwen2 (CPU dry runs)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--tiles", type=int, default=6, help="tiles per sample")
@@ -78,7 +79,8 @@ def run_jax(a) -> dict:
     from mini_internvl_jax.train.setup import build
 
     cfg = TrainConfig(
-        model=f"mini-internvl-{a.size}", batch_size=a.batch, seq_len=a.seq,
+        model="tiny-qwen2" if a.size == "tiny" else f"mini-internvl-{a.size}",
+        batch_size=a.batch, seq_len=a.seq,
         max_tiles=a.batch * max(a.tiles, 1), total_steps=10_000, stage=2,
         synthetic=SyntheticConfig(tiles_per_sample=a.tiles, min_fill=1.0), packed=False,
         optim=OptimConfig(lr=1e-5, warmup_steps=0, weight_decay=0.01, clip_norm=None),

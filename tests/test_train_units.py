@@ -44,7 +44,7 @@ def _numpy_ce(hidden, head, labels, weights):
 def test_chunked_cross_entropy_matches_numpy(chunk):
     hidden, head, labels, weights = _problem()
     got = cross_entropy_sums(jnp.asarray(hidden), jnp.asarray(labels), jnp.asarray(weights),
-                             lambda h: h @ jnp.asarray(head), chunk=chunk)
+                             jnp.asarray(head), chunk=chunk)
     want = _numpy_ce(hidden, head, labels, weights)
     np.testing.assert_allclose(float(got[0]), want[0], rtol=1e-5)
     np.testing.assert_allclose(float(got[1]), want[1], rtol=1e-6)
@@ -62,12 +62,29 @@ def test_chunked_cross_entropy_gradients_match_dense():
 
     def chunked(h, w):
         return cross_entropy_sums(h, jnp.asarray(labels), jnp.asarray(weights),
-                                  lambda x: x @ w, chunk=4)[0]
+                                  w, chunk=4)[0]
 
     gd = jax.grad(dense, argnums=(0, 1))(jnp.asarray(hidden), jnp.asarray(head))
     gc = jax.grad(chunked, argnums=(0, 1))(jnp.asarray(hidden), jnp.asarray(head))
     for a, b in zip(gd, gc, strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_cross_entropy_gradients_stay_close_to_float32():
+    """bf16 operands (logits, and the d(logits) of the in-forward gradient), float32 sums."""
+    hidden, head, labels, weights = _problem(s=13, d=32, v=300)
+
+    def ce(h, w, dtype):
+        return cross_entropy_sums(h, jnp.asarray(labels), jnp.asarray(weights), w, chunk=4,
+                                  dtype=dtype)[0]
+
+    args = (jnp.asarray(hidden), jnp.asarray(head))
+    g32 = jax.grad(ce, argnums=(0, 1))(*args, jnp.float32)
+    g16 = jax.grad(ce, argnums=(0, 1))(*args, jnp.bfloat16)
+    for a, b in zip(g32, g16, strict=True):
+        assert b.dtype == jnp.float32  # gradients come back in the inputs' dtype
+        rel = np.linalg.norm(np.asarray(b) - np.asarray(a)) / np.linalg.norm(np.asarray(a))
+        assert 0 < rel < 2e-2
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -113,6 +130,32 @@ def test_adamw_matches_hand_update_and_skips_decay_on_norms_and_biases():
         decays = not ("norm" in path or path[-1] == "bias")
         want = -lr * (adam + (0.5 * p if decays else 0.0))
         np.testing.assert_allclose(u, want, rtol=1e-5, atol=1e-7, err_msg=str(path))
+
+
+def test_bfloat16_first_moment_is_opt_in_and_close_to_float32():
+    model = _tiny_model()
+    params = nnx.state(model.projector, nnx.Param)
+    rng = np.random.default_rng(1)
+    grads = [jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+             for _ in range(3)]
+
+    def run(mu_dtype):
+        cfg = OptimConfig(lr=0.1, warmup_steps=0, weight_decay=0.0, clip_norm=None,
+                          mu_dtype=mu_dtype)
+        tx = make_optimizer(cfg, 100, params)
+        state = tx.init(params)
+        for g in grads:
+            upd, state = tx.update(g, state, params)
+        return state, np.concatenate([np.ravel(x) for x in jax.tree.leaves(upd)])
+
+    state16, u16 = run("bfloat16")
+    state32, u32 = run("params")
+    # mu bfloat16, nu float32; by default both follow the float32 parameters
+    assert {str(x.dtype) for x in jax.tree.leaves(state16) if x.ndim} == {"bfloat16", "float32"}
+    assert {str(x.dtype) for x in jax.tree.leaves(state32) if x.ndim} == {"float32"}
+    # the rounding shows, within bfloat16's precision (8 bits: 2^-8 relative per rounding)
+    assert not np.array_equal(u16, u32)
+    np.testing.assert_allclose(u16, u32, rtol=0.05, atol=1e-3)
 
 
 def test_decay_mask_patterns():

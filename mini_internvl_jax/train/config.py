@@ -42,6 +42,10 @@ class OptimConfig:
     b2: float = 0.999
     eps: float = 1e-8
     clip_norm: float | None = 1.0
+    # dtype of Adam's first moment; "params" = the parameters' dtype. bfloat16 saves 2 bytes
+    # per float32 trainable parameter (a quarter of the optimizer state) at a small loss of
+    # precision in the update; opt-in. The second moment keeps the parameters' dtype.
+    mu_dtype: Literal["params", "float32", "bfloat16"] = "params"
     # Micro-batches per optimizer step; batch_size is split into grad_accum equal parts.
     grad_accum: int = 1
     # Regexes searched in a parameter's dotted path (`llm.layers.layers.0.input_norm.weight`);

@@ -1,8 +1,13 @@
 """Weighted cross-entropy over the vocabulary without materialising the whole logits tensor.
 
 For W1 (4 x 4096 tokens, 151,655 classes) full float32 logits would take 10 GB, and as much
-again for their gradient. Here the sequence is cut into chunks; each chunk's logits are computed,
-reduced to per-token losses and dropped, and recomputed in the backward pass (`jax.checkpoint`).
+again for their gradient. Here the sequence is cut into chunks, and each chunk's logits are
+computed, reduced and dropped. The gradient is formed in the same pass (a custom VJP): with the
+chunk's logits at hand, d(loss)/d(logits) = w * (softmax - onehot) is two more matmuls away from
+the hidden-state and head gradients, so the backward pass only scales what the forward pass
+stored (the hidden-state gradient, [B, S, D], and the head gradient, [D, V] float32) by the
+incoming cotangent. Autodiff through a rematerialised chunk would compute the logits matmul a
+second time, and its transposed matmuls would take float32 operands.
 
 Labels arrive already shifted (label[t] is the target for the token at t) with IGNORE_INDEX;
 the loss is sum(w * ce) / sum(w) with w the packed-sequence loss weights.
@@ -10,36 +15,38 @@ the loss is sum(w * ce) / sum(w) with w the packed-sequence loss weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 
 from mini_internvl_jax.batch import IGNORE_INDEX
+from mini_internvl_jax.sharding import shard_activation
 
 
-def _chunk_sums(logits_fn, h, labels, weights):
-    logits = logits_fn(h).astype(jnp.float32)  # [B, c, V]
+def _chunk(h, head, labels, weights, dtype, with_grads: bool):
+    """Sums (and, with_grads, d(sum w*ce)/dh [B, c, D] and /dhead [D, V]) of one chunk."""
+    hc = h.astype(dtype)
+    logits = jnp.einsum("bcd,dv->bcv", hc, head, preferred_element_type=jnp.float32)
+    logits = shard_activation(logits, ("batch", "length", "act_vocab"))
     lse = jax.nn.logsumexp(logits, axis=-1)
     safe = jnp.clip(labels, 0, logits.shape[-1] - 1)
     target = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
     w = jnp.where(labels == IGNORE_INDEX, 0.0, weights.astype(jnp.float32))
-    ce = lse - target
     correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-    return jnp.sum(w * ce), jnp.sum(w), jnp.sum(jnp.where(w > 0, correct, 0.0))
+    sums = (jnp.sum(w * (lse - target)), jnp.sum(w), jnp.sum(jnp.where(w > 0, correct, 0.0)))
+    if not with_grads:
+        return sums, None, None
+    onehot = jax.nn.one_hot(safe, logits.shape[-1], dtype=jnp.float32)
+    dlogits = ((jnp.exp(logits - lse[..., None]) - onehot) * w[..., None]).astype(dtype)
+    dh = jnp.einsum("bcv,dv->bcd", dlogits, head, preferred_element_type=jnp.float32)
+    dhead = jnp.einsum("bcd,bcv->dv", hc, dlogits, preferred_element_type=jnp.float32)
+    return sums, dh.astype(h.dtype), dhead
 
 
-def cross_entropy_sums(hidden: jax.Array, labels: jax.Array, weights: jax.Array,
-                       logits_fn: Callable[[jax.Array], jax.Array], *, chunk: int
-                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(sum(w*ce), sum(w), #correct supervised tokens) for hidden [B, S, D], labels [B, S].
-
-    `logits_fn` maps hidden [B, c, D] to logits [B, c, V]; `chunk` positions go through it at a
-    time (the batch dimension stays whole, so its sharding is kept).
-    """
-    b, s, _ = hidden.shape
-    if chunk >= s:
-        return _chunk_sums(logits_fn, hidden, labels, weights)
+def _scan_chunks(hidden, head, labels, weights, chunk: int, dtype, with_grads: bool):
+    b, s, d = hidden.shape
+    head_c = head.astype(dtype)
     n = -(-s // chunk)
     pad = n * chunk - s
     if pad:
@@ -50,12 +57,52 @@ def cross_entropy_sums(hidden: jax.Array, labels: jax.Array, weights: jax.Array,
     def split(x):  # [B, n*c, ...] -> [n, B, c, ...]
         return jnp.moveaxis(x.reshape((b, n, chunk) + x.shape[2:]), 1, 0)
 
-    @jax.checkpoint
     def body(carry, xs):
-        sums = _chunk_sums(logits_fn, *xs)
-        return tuple(a + b for a, b in zip(carry, sums, strict=True)), None
+        sums, dhead = carry
+        part, dh, dhead_c = _chunk(*xs[:1], head_c, *xs[1:], dtype, with_grads)
+        sums = tuple(a + c for a, c in zip(sums, part, strict=True))
+        if with_grads:
+            dhead = dhead + dhead_c
+        return (sums, dhead), dh
 
     zero = jnp.zeros((), jnp.float32)
-    sums, _ = jax.lax.scan(body, (zero, zero, zero), (split(hidden), split(labels),
-                                                      split(weights)))
-    return sums
+    dhead0 = jnp.zeros(head.shape, jnp.float32) if with_grads else None
+    (sums, dhead), dh = jax.lax.scan(body, ((zero, zero, zero), dhead0),
+                                     (split(hidden), split(labels), split(weights)))
+    if with_grads:
+        dh = jnp.moveaxis(dh, 0, 1).reshape(b, n * chunk, d)[:, :s]
+    return sums, dh, dhead
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _ce(hidden, head, labels, weights, chunk, dtype):
+    return _scan_chunks(hidden, head, labels, weights, chunk, dtype, False)[0]
+
+
+def _ce_fwd(hidden, head, labels, weights, chunk, dtype):
+    sums, dh, dhead = _scan_chunks(hidden, head, labels, weights, chunk, dtype, True)
+    return sums, (dh, dhead, jnp.zeros((0,), head.dtype))
+
+
+def _ce_bwd(chunk, dtype, res, g):
+    del chunk, dtype
+    dh, dhead, head_dtype = res
+    g_ce = g[0]  # the weight sum and the accuracy count have no gradient
+    return ((g_ce * dh.astype(jnp.float32)).astype(dh.dtype),
+            (g_ce * dhead).astype(head_dtype.dtype), None, None)
+
+
+_ce.defvjp(_ce_fwd, _ce_bwd)
+
+
+def cross_entropy_sums(hidden: jax.Array, labels: jax.Array, weights: jax.Array,
+                       head: jax.Array, *, chunk: int, dtype=None
+                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(sum(w*ce), sum(w), #correct supervised tokens) for hidden [B, S, D], labels [B, S].
+
+    Logits are hidden @ head (head [D, V]) with `dtype` operands (default: head's dtype) and
+    float32 accumulation; `chunk` positions at a time (the batch dimension stays whole, so its
+    sharding is kept). Differentiable in hidden and head.
+    """
+    dtype = jnp.dtype(head.dtype if dtype is None else dtype)
+    return _ce(hidden, head, labels, weights, min(chunk, hidden.shape[1]), dtype)

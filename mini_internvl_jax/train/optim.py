@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -55,7 +56,8 @@ def _keys(path) -> tuple:
 def make_optimizer(cfg: OptimConfig, total_steps: int, params: nnx.State
                    ) -> optax.GradientTransformation:
     adamw = optax.adamw(make_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                        weight_decay=cfg.weight_decay, mask=decay_mask(params, cfg.no_decay))
+                        weight_decay=cfg.weight_decay, mask=decay_mask(params, cfg.no_decay),
+                        mu_dtype=None if cfg.mu_dtype == "params" else jnp.dtype(cfg.mu_dtype))
     if cfg.clip_norm is None:
         return adamw
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)

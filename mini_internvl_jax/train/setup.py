@@ -90,7 +90,7 @@ def _finish(cfg, model_cfg, mesh, graphdef, trainable, frozen, rest, *, abstract
         make_step_fn(graphdef, tx, schedule, loss_chunk=cfg.loss_chunk,
                      drop_path=model_cfg.vision.drop_path_rate > 0,
                      lora_dropout=cfg.lora.rank > 0 and cfg.lora.dropout > 0,
-                     packed=cfg.packed),
+                     packed=cfg.packed, compute_dtype=cfg.model_compute.dtype),
         mesh, state_sh, frozen_sh, rest_sh, batch_sh)
     if abstract:
         state = abstract_like(abs_state, state_sh)

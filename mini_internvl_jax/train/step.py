@@ -27,10 +27,34 @@ def _add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
 
+def _name(path) -> str:
+    keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
+    return str(keys[-2] if keys and keys[-1] == "value" and len(keys) > 1 else keys[-1])
+
+
+def compute_copy(params, dtype):
+    """`params` with every Dense kernel in the compute dtype, the rest as they are.
+
+    The layers cast their kernels at use; inside the scanned layer loops (forward, recompute
+    and backward, and again in every micro-batch) that re-reads the float32 master weights and
+    converts them each time, and FSDP gathers them in float32. Casting once per step before
+    the loops gives the same values and the same gradients (the cotangent of a bfloat16 kernel
+    is bfloat16 either way and widens to float32 unchanged), at half the bytes. Embedding
+    tables and the LM head keep their dtype: their gradients accumulate in float32.
+    """
+    if dtype is None:
+        return params
+    dtype = jnp.dtype(dtype)
+    return jax.tree.map_with_path(
+        lambda path, x: x.astype(dtype) if _name(path) == "kernel"
+        and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x, params)
+
+
 def make_step_fn(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                  loss_chunk: int, drop_path: bool, lora_dropout: bool,
-                 packed: bool = True) -> Callable:
-    """`step(state, frozen, rest, batch) -> (state, metrics)`, not yet jitted."""
+                 packed: bool = True, compute_dtype=None) -> Callable:
+    """`step(state, frozen, rest, batch) -> (state, metrics)`, not yet jitted.
+    `compute_dtype`: cast the Dense kernels to it once per step (see `compute_copy`)."""
 
     def loss_fn(params, frozen, rest, micro, total_w, key):
         model = nnx.merge(graphdef, params, frozen, rest)
@@ -38,8 +62,10 @@ def make_step_fn(graphdef, tx: optax.GradientTransformation, schedule: optax.Sch
             micro["input_ids"], micro["pixel_values"], micro["image_flags"],
             micro["positions"], micro["segment_ids"] if packed else None,
             dropout_key=key if drop_path else None).hidden
+        llm = model.llm
+        head = llm.embed_tokens[...].T if llm.lm_head is None else llm.lm_head[...]
         ce, w, correct = cross_entropy_sums(hidden, micro["labels"], micro["loss_weights"],
-                                            model.llm.logits, chunk=loss_chunk)
+                                            head, chunk=loss_chunk, dtype=llm.dtype)
         return ce / total_w, (ce, w, correct)
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -57,14 +83,16 @@ def make_step_fn(graphdef, tx: optax.GradientTransformation, schedule: optax.Sch
         total_w = jnp.sum(weights)
         safe_w = jnp.where(total_w > 0, total_w, 1.0)
         n_micro = batch["input_ids"].shape[0]
+        params = compute_copy(state.params, compute_dtype)
+        frozen = compute_copy(frozen, compute_dtype)
         if n_micro == 1:
             micro = jax.tree.map(lambda x: x[0], batch)
-            grads, aux = micro_grads(state.params, frozen, rest, micro, safe_w,
+            grads, aux = micro_grads(params, frozen, rest, micro, safe_w,
                                      jax.random.fold_in(step_key, 0))
         else:
             def body(carry, xs):
                 i, micro = xs
-                g, aux = micro_grads(state.params, frozen, rest, micro, safe_w,
+                g, aux = micro_grads(params, frozen, rest, micro, safe_w,
                                      jax.random.fold_in(step_key, i))
                 return (_add(carry[0], g), _add(carry[1], aux)), None
 

@@ -1,0 +1,525 @@
+"""What a compiled step does, read from its optimized HLO text: FLOPs, bytes, collectives, converts.
+
+XLA's `cost_analysis()` counts the body of a `while` loop once, so for a step whose layers run
+under `lax.scan` it under-reports FLOPs and bytes by about the layer count. This module walks the
+HLO call graph instead and weights every computation by how often it runs (a while body by its
+trip count: XLA's `known_trip_count`, else the `i < N` bound of its condition), which makes a
+scanned step comparable with an unrolled one and with the model's own FLOP count.
+
+Conventions, chosen to match XLA's HloCostAnalysis where it matters:
+  * FLOPs: 2 per multiply-add of every `dot` and `convolution`, wherever it sits (fusions
+    included); elementwise work is not counted (it is bandwidth, not compute). A custom call
+    (a Pallas kernel) contributes the FLOPs of its cost estimate when the HLO carries one.
+  * bytes: for every kernel (an instruction of a sequential computation: entry, loop bodies,
+    branches), the bytes of its operands and results. Inside a fusion, an operand that is only
+    sliced (`dynamic-slice`, `slice`, `gather`) counts the slice, and a result written in place
+    by `dynamic-update-slice` counts the update, as XLA does: a scan body reading layer i of a
+    stacked weight reads one layer, not all of them.
+  * collectives: all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute (and
+    their -start forms), deduplicated by channel id (TPU clones one collective into its async
+    start/done pieces); bytes are the full (gathered / pre-scatter) buffer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+DTYPE_BYTES = {
+    "pred": 1, "s2": 0.25, "u2": 0.25, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2,
+    "u16": 2, "s32": 4, "u32": 4, "s64": 8, "u64": 8, "f16": 2, "bf16": 2, "f32": 4, "f64": 8,
+    "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3fnuz": 1, "f8e5m2fnuz": 1,
+    "f8e4m3b11fnuz": 1, "f8e4m3": 1, "f8e3m4": 1, "f4e2m1fn": 0.5, "f8e8m0fnu": 1,
+    "token": 0,
+}
+COLLECTIVES = {
+    "all-gather": "all-gather", "all-gather-start": "all-gather",
+    "reduce-scatter": "reduce-scatter", "all-reduce": "all-reduce",
+    "all-reduce-start": "all-reduce", "all-to-all": "all-to-all",
+    "collective-permute": "collective-permute", "collective-permute-start": "collective-permute",
+}
+# Instructions that move no data of their own (views, control flow whose bodies are counted).
+FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while",
+        "conditional", "call", "after-all", "partition-id", "replica-id", "opt-barrier",
+        "all-gather-done", "all-reduce-done", "collective-permute-done", "copy-done",
+        "send-done", "recv-done", "async-done", "add-dependency", "domain"}
+SLICERS = {"dynamic-slice", "slice", "gather"}
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_NAME = re.compile(r"%([\w.\-]+)")
+_CALLS = re.compile(r"\b(calls|to_apply|body|condition|branch_computations|true_computation|"
+                    r"false_computation|called_computations)=(\{[^}]*\}|%[\w.\-]+)")
+
+
+def arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(dtype, dims) of every array in an HLO shape string (tuples flattened, layouts ignored)."""
+    shape = re.sub(r"\{[^{}]*\}", "", shape)  # layouts such as {1,0:T(8,128)}
+    return [(d, tuple(int(x) for x in dims.split(",") if x)) for d, dims in _ARRAY.findall(shape)
+            if d in DTYPE_BYTES]
+
+
+def nbytes(shape: str) -> float:
+    total = 0.0
+    for dtype, dims in arrays(shape):
+        n = 1
+        for x in dims:
+            n *= x
+        total += n * DTYPE_BYTES[dtype]
+    return total
+
+
+def _prod(xs) -> int:
+    n = 1
+    for x in xs:
+        n *= x
+    return n
+
+
+def _matching(text: str, start: int) -> int:
+    """Index just past the bracket group opening at text[start]."""
+    depth, pairs = 0, {"(": ")", "{": "}", "[": "]"}
+    close = set(pairs.values())
+    for i in range(start, len(text)):
+        c = text[i]
+        if c in pairs:
+            depth += 1
+        elif c in close:
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    raise ValueError(f"unbalanced brackets in HLO line: {text[:200]}")
+
+
+@dataclass
+class Instr:
+    name: str
+    shape: str
+    opcode: str
+    operands: list[str]
+    args: str  # the raw text between the opcode's parentheses (a constant's value)
+    attrs: str
+    computation: str
+    root: bool = False
+
+    @property
+    def op_name(self) -> str:
+        m = re.search(r'op_name="([^"]*)"', self.attrs)
+        return m.group(1) if m else ""
+
+    def callees(self) -> list[tuple[str, str]]:
+        out = []
+        for key, val in _CALLS.findall(self.attrs):
+            out += [(key, n) for n in _NAME.findall(val)]
+        return out
+
+
+@dataclass
+class Computation:
+    name: str
+    instrs: list[Instr] = field(default_factory=list)
+    entry: bool = False
+
+    def by_name(self) -> dict[str, Instr]:
+        return {i.name: i for i in self.instrs}
+
+
+def parse_instr(line: str, computation: str) -> Instr | None:
+    m = re.match(r"\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*", line)
+    if not m:
+        return None
+    pos = m.end()
+    if line[pos] == "(":
+        end = _matching(line, pos)
+    else:
+        end = line.index(" ", pos)
+        if "{" in line[pos:end] and not line[pos:end].endswith("}"):  # layout with spaces
+            end = _matching(line, line.index("{", pos))
+    shape = line[pos:end]
+    rest = line[end:].lstrip()
+    om = re.match(r"([\w\-]+)\(", rest)
+    if not om:
+        return None
+    close = _matching(rest, om.end() - 1)
+    operands = _NAME.findall(rest[om.end():close - 1])
+    return Instr(m.group(2), shape, om.group(1), operands, rest[om.end():close - 1],
+                 rest[close:], computation,
+                 root=bool(m.group(1)))
+
+
+def parse_module(text: str) -> dict[str, Computation]:
+    comps: dict[str, Computation] = {}
+    cur = None
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith(("HloModule", "//", "#")):
+            continue
+        if not line[0].isspace() and line.rstrip().endswith("{"):
+            head = line.split()
+            entry = head[0] == "ENTRY"
+            name = head[1 if entry else 0].lstrip("%")
+            cur = comps[name] = Computation(name, entry=entry)
+            continue
+        if line.strip() == "}":
+            cur = None
+            continue
+        if cur is not None:
+            ins = parse_instr(line, cur.name)
+            if ins is not None:
+                cur.instrs.append(ins)
+    if not any(c.entry for c in comps.values()):
+        raise ValueError("no ENTRY computation in the HLO text (pass compiled.as_text())")
+    return comps
+
+
+def _root(c: Computation) -> Instr | None:
+    return next((i for i in c.instrs if i.root), None)
+
+
+def _int_constant(name: str, comp: Computation, comps: dict[str, Computation],
+                  outer: tuple[Instr, Computation] | None) -> int | None:
+    """The integer value of `name` in `comp`: a constant, or (inside a fusion) the fusion's
+    operand that a parameter stands for."""
+    ins = comp.by_name().get(name)
+    if ins is None:
+        return None
+    if ins.opcode == "constant" and re.fullmatch(r"-?\d+", ins.args.strip()):
+        return int(ins.args)
+    if ins.opcode == "parameter" and outer is not None:
+        fusion, parent = outer
+        k = int(ins.args)
+        if k < len(fusion.operands):
+            return _int_constant(fusion.operands[k], parent, comps, None)
+    return None
+
+
+def trip_count(loop: Instr, comps: dict[str, Computation]) -> int | None:
+    """Iterations of a while loop: XLA's annotation, else N of a `counter < N` condition
+    (JAX's scan and fori_loop count from 0 in steps of 1)."""
+    m = re.search(r'known_trip_count"?\s*:\s*\{\s*"?n"?\s*:\s*"?(\d+)', loop.attrs)
+    if m:
+        return int(m.group(1))
+    cond = comps.get(dict(loop.callees()).get("condition", ""))
+    if cond is None:
+        return None
+    comp, root, outer = cond, _root(cond), None
+    if root is not None and root.opcode == "fusion":
+        inner = comps.get(dict(root.callees()).get("calls", ""))
+        if inner is None:
+            return None
+        outer, comp, root = (root, cond), inner, _root(inner)
+    if root is None or root.opcode != "compare" or len(root.operands) != 2:
+        return None
+    if "direction=LT" in root.attrs:
+        return _int_constant(root.operands[1], comp, comps, outer)
+    if "direction=GT" in root.attrs:
+        return _int_constant(root.operands[0], comp, comps, outer)
+    return None
+
+
+@dataclass
+class Kernel:
+    """One top-level instruction of a sequential computation, and how often it runs."""
+
+    instr: Instr
+    calls: float
+    flops: float   # per call
+    bytes: float   # per call
+
+
+@dataclass
+class Anatomy:
+    flops: float
+    bytes: float
+    kernels: list[Kernel]
+    collectives: dict[str, dict[str, float]]
+    weight_converts: dict[str, float]
+    matmul_flops_by_dtype: dict[str, float]  # "bf16" / "f32" / "f32xbf16" (operand dtypes)
+    loops: list[dict]
+    unknown_trip_counts: int
+
+
+def _walk(comps: dict[str, Computation]):
+    """(runs per step of every computation, the set of sequential computations,
+    names of computations inside a while loop)."""
+    runs: dict[str, float] = defaultdict(float)
+    sequential, in_loop = set(), set()
+    loops, unknown = [], 0
+    entry = next(c for c in comps.values() if c.entry)
+
+    def visit(name: str, n: float, seq: bool, looped: bool, depth: int = 0):
+        nonlocal unknown
+        if name not in comps or depth > 200:
+            return
+        runs[name] += n
+        if seq:
+            sequential.add(name)
+        if looped:
+            in_loop.add(name)
+        for ins in comps[name].instrs:
+            trips = 1
+            if ins.opcode == "while":
+                t = trip_count(ins, comps)
+                unknown += t is None
+                trips = 1 if t is None else t
+                if seq:
+                    loops.append({"name": ins.name, "op_name": ins.op_name, "trips": t,
+                                  "runs": n})
+            for key, callee in ins.callees():
+                if ins.opcode == "while":
+                    visit(callee, n * trips, seq, True, depth + 1)
+                elif ins.opcode in ("conditional", "call") or key == "branch_computations":
+                    visit(callee, n, seq, looped, depth + 1)
+                else:  # fusions, reducers, async wrappers: part of the calling kernel
+                    visit(callee, n, False, looped, depth + 1)
+
+    visit(entry.name, 1.0, True, False)
+    return runs, sequential, in_loop, loops, unknown
+
+
+def dot_flops(ins: Instr, shapes: dict[str, str]) -> float:
+    """2 x output elements x contracted elements, for dot and convolution."""
+    out = arrays(ins.shape)
+    if not out or len(ins.operands) < 2:
+        return 0.0
+    n_out = _prod(out[0][1])
+    if ins.opcode == "dot":
+        lhs = arrays(shapes.get(ins.operands[0], ""))
+        m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", ins.attrs)
+        if not lhs or not m:
+            return 0.0
+        dims = [int(x) for x in m.group(1).split(",") if x]
+        return 2.0 * n_out * _prod(lhs[0][1][d] for d in dims)
+    if ins.opcode == "convolution":
+        return _conv_flops(ins, shapes, out[0][1])
+    return 0.0
+
+
+def _window(attrs: str) -> dict[str, list[str]]:
+    m = re.search(r"window=\{([^}]*)\}", attrs)
+    out = {}
+    for item in (m.group(1).split() if m else []):
+        key, _, val = item.partition("=")
+        out[key] = val.split("x")
+    return out
+
+
+def _conv_flops(ins: Instr, shapes: dict[str, str], out_dims: tuple[int, ...]) -> float:
+    """2 x (output elements without spatial dims) x (valid (output, window) position pairs per
+    spatial dim) x input features per group. TPU writes batched matmuls as convolutions with a
+    dilated window whose taps mostly land in dilation holes; only real taps count."""
+    lhs = arrays(shapes.get(ins.operands[0], ""))
+    rhs = arrays(shapes.get(ins.operands[1], ""))
+    m = re.search(r"dim_labels=([^_]*)_([^-]*)->(\S+?)(?:,|$)", ins.attrs)
+    if not lhs or not rhs or not m:
+        return 0.0
+    lhs_l, rhs_l, out_l = m.group(1), m.group(2), m.group(3).rstrip(",")
+    lhs_d, rhs_d = lhs[0][1], rhs[0][1]
+    win = _window(ins.attrs)
+    spatial = sorted(c for c in rhs_l if c.isdigit())
+    non_spatial_out = _prod(out_dims[i] for i, c in enumerate(out_l) if not c.isdigit())
+    total = 2.0 * non_spatial_out * rhs_d[rhs_l.index("i")]
+    for j, c in enumerate(spatial):
+        n_in, k = lhs_d[lhs_l.index(c)], rhs_d[rhs_l.index(c)]
+        n_out = out_dims[out_l.index(c)]
+
+        def get(key, default, j=j):
+            vals = win.get(key)
+            return vals[j] if vals and j < len(vals) else default
+
+        stride, ld, rd = int(get("stride", 1)), int(get("lhs_dilate", 1)), int(get("rhs_dilate", 1))
+        lo = int(get("pad", "0_0").split("_")[0])
+        span = (n_in - 1) * ld
+        pairs = 0
+        for o in range(n_out):
+            for t in range(k):
+                q = o * stride + t * rd - lo
+                pairs += 0 <= q <= span and q % ld == 0
+        total *= pairs
+    return total
+
+
+def _custom_call_flops(ins: Instr) -> float:
+    m = re.search(r'"flops"\s*:\s*"?(\d+)', ins.attrs)
+    return float(m.group(1)) if m else 0.0
+
+
+def _computation_flops(name: str, comps, memo) -> float:
+    if name in memo:
+        return memo[name]
+    memo[name] = 0.0
+    c = comps.get(name)
+    if c is None:
+        return 0.0
+    shapes = {i.name: i.shape for i in c.instrs}
+    total = 0.0
+    for ins in c.instrs:
+        total += _instr_flops(ins, shapes, comps, memo)
+    memo[name] = total
+    return total
+
+
+def _instr_flops(ins: Instr, shapes, comps, memo) -> float:
+    if ins.opcode in ("dot", "convolution"):
+        return dot_flops(ins, shapes)
+    if ins.opcode == "custom-call":
+        return _custom_call_flops(ins)
+    if ins.opcode in ("while", "conditional", "call"):
+        return 0.0  # their bodies are kernels of their own
+    return sum(_computation_flops(c, comps, memo) for _, c in ins.callees())
+
+
+def _operand_bytes(ins: Instr, k: int, shapes: dict[str, str], comps) -> float:
+    """Bytes a kernel reads of its k-th operand: only the slices when the fused computation
+    only slices it, nothing when it is the buffer of an in-place dynamic-update-slice."""
+    full = nbytes(shapes.get(ins.operands[k], ""))
+    if ins.opcode in SLICERS and k == 0:
+        return nbytes(ins.shape)
+    if ins.opcode == "dynamic-update-slice" and k == 0:
+        return 0.0
+    if ins.opcode != "fusion":
+        return full
+    inner = comps.get(dict(ins.callees()).get("calls", ""))
+    if inner is None:
+        return full
+    param = next((i for i in inner.instrs if i.opcode == "parameter"
+                  and i.args.strip() == str(k)), None)
+    if param is None:
+        return full
+    users = _users_through_bitcasts(inner, param.name)
+    if users and all(u.opcode in SLICERS and u.operands[0] in _aliases(inner, param.name)
+                     for u in users):
+        return min(full, sum(nbytes(u.shape) for u in users))
+    if users and all(u.opcode == "dynamic-update-slice" and u.operands[0]
+                     in _aliases(inner, param.name) for u in users):
+        return 0.0
+    return full
+
+
+def _aliases(comp: Computation, name: str) -> set[str]:
+    out, frontier = {name}, [name]
+    while frontier:
+        n = frontier.pop()
+        for i in comp.instrs:
+            if i.opcode == "bitcast" and i.operands and i.operands[0] == n and i.name not in out:
+                out.add(i.name)
+                frontier.append(i.name)
+    return out
+
+
+def _users_through_bitcasts(comp: Computation, name: str) -> list[Instr]:
+    names = _aliases(comp, name)
+    return [i for i in comp.instrs if i.opcode != "bitcast" and set(i.operands) & names]
+
+
+def _result_bytes(ins: Instr, comps) -> float:
+    """Bytes a kernel writes: the update of an in-place dynamic-update-slice, else its result."""
+    if ins.opcode == "dynamic-update-slice":
+        return nbytes(_shape_of(ins.operands[1], ins.computation, comps))
+    if ins.opcode != "fusion":
+        return nbytes(ins.shape)
+    inner = comps.get(dict(ins.callees()).get("calls", ""))
+    root = _root(inner) if inner else None
+    if root is None:
+        return nbytes(ins.shape)
+    by = inner.by_name()
+    parts = [by.get(n) for n in root.operands] if root.opcode == "tuple" else [root]
+    total = 0.0
+    for p in parts:
+        while p is not None and p.opcode == "bitcast":
+            p = by.get(p.operands[0])
+        if p is None:
+            continue
+        if p.opcode == "dynamic-update-slice":
+            total += nbytes(by[p.operands[1]].shape) if p.operands[1] in by else 0.0
+        else:
+            total += nbytes(p.shape)
+    return total
+
+
+def _shape_of(name: str, computation: str, comps) -> str:
+    ins = comps[computation].by_name().get(name)
+    return ins.shape if ins else ""
+
+
+def squeezed(dims) -> tuple[int, ...]:
+    return tuple(d for d in dims if d != 1)
+
+
+def merged_forms(dims) -> set[tuple[int, ...]]:
+    """A shape and every shape made by merging neighbouring dims (how a compiler may view a
+    [in, heads, head_dim] kernel: [in, heads*head_dim], ...), size-1 dims dropped."""
+    dims = squeezed(dims)
+    out = {dims}
+    for i in range(len(dims) - 1):
+        for m in merged_forms(dims[:i] + (dims[i] * dims[i + 1],) + dims[i + 2:]):
+            out.add(m)
+    return out
+
+
+def _shape_key(shape: str) -> tuple[int, ...] | None:
+    a = arrays(shape)
+    return squeezed(a[0][1]) if len(a) == 1 else None
+
+
+def analyze(text: str, weight_shapes: set | frozenset = frozenset()) -> Anatomy:
+    """The anatomy of one compiled module (its `as_text()`). `weight_shapes`: shapes of the
+    weights as a loop sees them (a layer's slice, whole or sharded; see `merged_forms`);
+    float32 <-> bfloat16 converts of arrays of those shapes inside a loop are counted."""
+    comps = parse_module(text)
+    runs, sequential, in_loop, loops, unknown = _walk(comps)
+    memo: dict[str, float] = {}
+    kernels = []
+    for name in sequential:
+        c = comps[name]
+        shapes = {i.name: i.shape for i in c.instrs}
+        for ins in c.instrs:
+            if ins.opcode in FREE:
+                continue
+            fl = _instr_flops(ins, shapes, comps, memo)
+            by = sum(_operand_bytes(ins, k, shapes, comps) for k in range(len(ins.operands)))
+            by += _result_bytes(ins, comps)
+            kernels.append(Kernel(ins, runs[name], fl, by))
+
+    coll: dict[str, dict[str, float]] = {}
+    seen: dict[str, tuple[str, float, float]] = {}
+    converts: dict = {"count": 0.0, "bytes": 0.0}
+    convert_sources: dict[str, float] = defaultdict(float)
+    by_dtype: dict[str, float] = defaultdict(float)
+    shapes_of = {n: {i.name: i.shape for i in c.instrs} for n, c in comps.items()}
+    for name, c in comps.items():
+        n = runs.get(name, 0.0)
+        if not n:
+            continue
+        for ins in c.instrs:
+            if ins.opcode in ("dot", "convolution"):
+                kinds = sorted({d for o in ins.operands[:2]
+                                for d, _ in arrays(shapes_of[name].get(o, ""))[:1]})
+                by_dtype["x".join(kinds)] += n * dot_flops(ins, shapes_of[name])
+            kind = COLLECTIVES.get(ins.opcode)
+            if kind is not None:
+                size = max(nbytes(ins.shape) if not ins.opcode.endswith("-start") else 0.0,
+                           sum(nbytes(shapes_of[name].get(o, "")) for o in ins.operands))
+                if kind == "all-gather" and ins.opcode == "all-gather-start":
+                    size = max(size, nbytes(ins.shape) / 2)  # (operand, result) tuple
+                cid = re.search(r"channel_id=(\d+)", ins.attrs)
+                key = f"{kind}#{cid.group(1)}" if cid else f"{kind}@{name}/{ins.name}"
+                prev = seen.get(key)
+                if prev is None or n > prev[1]:
+                    seen[key] = (kind, n, size)
+            if (ins.opcode == "convert" and name in in_loop and ins.operands
+                    and _shape_key(ins.shape) in weight_shapes):
+                src = arrays(shapes_of[name].get(ins.operands[0], ""))
+                dst = arrays(ins.shape)
+                if src and dst and {src[0][0], dst[0][0]} == {"f32", "bf16"}:
+                    converts["count"] += n
+                    convert_sources[f"{src[0][0]}->{dst[0][0]} {ins.op_name}"] += n
+                    converts["bytes"] += n * (nbytes(ins.shape)
+                                              + nbytes(shapes_of[name][ins.operands[0]]))
+    converts["top_sources"] = dict(sorted(convert_sources.items(), key=lambda kv: -kv[1])[:8])
+    for kind, n, size in seen.values():
+        d = coll.setdefault(kind, {"count": 0.0, "bytes": 0.0, "ops": 0})
+        d["count"] += n
+        d["bytes"] += n * size
+        d["ops"] += 1
+    flops = sum(k.calls * k.flops for k in kernels)
+    total_bytes = sum(k.calls * k.bytes for k in kernels)
+    return Anatomy(flops, total_bytes, kernels, coll, converts, dict(by_dtype), loops, unknown)

@@ -1,0 +1,148 @@
+"""The step anatomy's HLO walk (FLOPs by trip count, collectives, weight converts) on programs
+whose answers are counted by hand, and benchmarks/step_anatomy.py end to end on the tiny model."""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mini_internvl_jax.train.hlo_anatomy import analyze, nbytes, parse_module, trip_count
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+
+
+def _cpu_mesh():
+    return jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+
+
+def test_scan_flops_and_all_reduce_counted_per_iteration_on_cpu():
+    mesh = _cpu_mesh()
+
+    def f(w, x):
+        def body(h, wi):
+            y = h @ wi
+            y = jax.shard_map(lambda a: jax.lax.psum(a, "x"), mesh=mesh, in_specs=P("x"),
+                              out_specs=P("x"))(y)
+            return y, None
+
+        return jax.lax.scan(body, x, w)[0]
+
+    w = jax.ShapeDtypeStruct((5, 64, 64), jnp.float32, sharding=NamedSharding(mesh, P()))
+    x = jax.ShapeDtypeStruct((16, 64), jnp.float32, sharding=NamedSharding(mesh, P("x")))
+    with jax.set_mesh(mesh):
+        a = analyze(jax.jit(f).lower(w, x).compile().as_text())
+    # per device: 5 iterations of [2, 64] @ [64, 64]
+    assert a.flops == 5 * 2 * 2 * 64 * 64
+    assert a.matmul_flops_by_dtype == {"f32": a.flops}
+    assert [lp["trips"] for lp in a.loops] == [5] and a.unknown_trip_counts == 0
+    # one psum op, run 5 times, of a float32 [2, 64] shard
+    assert a.collectives == {"all-reduce": {"count": 5.0, "bytes": 5 * 2 * 64 * 4, "ops": 1}}
+
+
+HLO_WITH_FUSED_CONDITION = """
+HloModule m
+
+%cmp (p0: s32[], p1: s32[]) -> pred[] {
+  %p0 = s32[] parameter(0)
+  %p1 = s32[] parameter(1)
+  ROOT %lt = pred[] compare(%p0, %p1), direction=LT
+}
+
+%cond (t: (s32[], f32[8,16])) -> pred[] {
+  %t = (s32[], f32[8,16]) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %n = s32[] constant(7)
+  ROOT %c = pred[] fusion(%i, %n), kind=kLoop, calls=%cmp
+}
+
+%body (t.1: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
+  %t.1 = (s32[], f32[8,16]) parameter(0)
+  %i.1 = s32[] get-tuple-element(%t.1), index=0
+  %h = f32[8,16]{1,0} get-tuple-element(%t.1), index=1
+  %w = f32[16,16]{1,0} constant({...})
+  %d = f32[8,16]{1,0} dot(%h, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %one = s32[] constant(1)
+  %i.2 = s32[] add(%i.1, %one)
+  ROOT %r = (s32[], f32[8,16]) tuple(%i.2, %d)
+}
+
+ENTRY %main (x: f32[8,16]) -> f32[8,16] {
+  %x = f32[8,16]{1,0} parameter(0)
+  %z = s32[] constant(0)
+  %t.2 = (s32[], f32[8,16]) tuple(%z, %x)
+  %loop = (s32[], f32[8,16]) while(%t.2), condition=%cond, body=%body
+  ROOT %out = f32[8,16]{1,0} get-tuple-element(%loop), index=1
+}
+"""
+
+
+def test_trip_count_from_a_fused_condition_and_byte_sizes():
+    comps = parse_module(HLO_WITH_FUSED_CONDITION)
+    loop = next(i for i in comps["main"].instrs if i.opcode == "while")
+    assert trip_count(loop, comps) == 7
+    a = analyze(HLO_WITH_FUSED_CONDITION)
+    assert a.flops == 7 * 2 * 8 * 16 * 16
+    # the dot reads h (8x16) and w (16x16) and writes 8x16 floats; the add moves 3 ints
+    dot = next(k for k in a.kernels if k.instr.opcode == "dot")
+    assert (dot.calls, dot.bytes) == (7, 4 * (8 * 16 + 16 * 16 + 8 * 16))
+    assert nbytes("(bf16[2,3]{1,0:T(8,128)(2,1)}, s32[], pred[4])") == 12 + 4 + 4
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install 'jax[tpu]')")
+def test_tpu_batched_matmuls_and_weight_converts_in_a_scan():
+    """TPU writes batched matmuls as dilated convolutions: only real taps may count. A float32
+    stacked weight cast to bfloat16 in the scan body is one convert per layer."""
+    from jax.sharding import Mesh
+
+    from mini_internvl_jax.train.aot import topology_devices
+
+    mesh = Mesh(np.array(topology_devices("v5e:2x2")), ("x",))
+
+    def attn(q, k):
+        s = jnp.einsum("bshd,bthd->bhst", q, k)
+        return jnp.einsum("bhst,bthd->bshd", jax.nn.softmax(s, -1), k).sum()
+
+    q = jax.ShapeDtypeStruct((4, 256, 4, 64), jnp.bfloat16, sharding=NamedSharding(mesh, P("x")))
+    a = analyze(jax.jit(attn).lower(q, q).compile().as_text())
+    assert a.flops == 2 * (2 * 1 * 4 * 256 * 256 * 64)  # one row and 4 heads per chip
+    assert a.matmul_flops_by_dtype == {"bf16": a.flops}
+
+    def layers(w, x):
+        def body(carry, _):  # the weight changes every iteration: XLA cannot hoist the cast
+            h, wi = carry
+            return (jnp.tanh(h @ wi.astype(jnp.bfloat16)), wi * 0.5), None
+
+        return jax.lax.scan(body, (x, w), None, length=6)[0][0].astype(jnp.float32).sum()
+
+    w = jax.ShapeDtypeStruct((512, 512), jnp.float32, sharding=NamedSharding(mesh, P()))
+    x = jax.ShapeDtypeStruct((64, 512), jnp.bfloat16, sharding=NamedSharding(mesh, P("x")))
+    a = analyze(jax.jit(layers).lower(w, x).compile().as_text(), {(512, 512)})
+    assert a.weight_converts["count"] == 6
+    assert a.weight_converts["bytes"] == 6 * 512 * 512 * (4 + 2)
+    assert a.flops == 6 * 2 * 16 * 512 * 512
+
+
+def test_step_anatomy_script_on_the_tiny_model(tmp_path):
+    path = Path(__file__).parents[1] / "benchmarks" / "step_anatomy.py"
+    spec = importlib.util.spec_from_file_location("step_anatomy", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "anatomy.json"
+    assert mod.main(["--tiny", "--topology", "cpu", "--chips", "2", "--attention", "xla",
+                     "--json", str(out)]) == 0
+    r = json.loads(out.read_text())["results"][0]
+    assert r["chips"] == 2 and r["mesh"]["fsdp"] == 2
+    # tiny-qwen2 has 2 ViT and 2 LLM layers: every scanned loop runs twice
+    assert {lp["trips"] for lp in r["loops"]} == {2} and r["unknown_trip_counts"] == 0
+    # full remat recomputes the forward pass: more HLO FLOPs than model FLOPs, but < 2x
+    assert 0.4 < r["model_over_hlo_flops"] < 1.0
+    assert r["collectives"]["all-gather"]["count"] > 0  # FSDP gathers the weights
+    assert r["roofline"]["v5e"]["global_s"] >= r["hlo_flops"] / mod.CHIPS["v5e"][0]
+    assert os.path.getsize(out) > 0 and r["top_kernels"]
