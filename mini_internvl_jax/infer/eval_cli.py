@@ -1,0 +1,116 @@
+"""Evaluate a checkpoint on a benchmark: `--task` picks the prompt, scorer and input fields.
+
+  python -m mini_internvl_jax.infer.eval_cli --checkpoint DIR --task docvqa \
+      --data docvqa_val.parquet --out runs/docvqa.json
+
+Writes the results JSON (`--out`; overall metrics, per-category metrics, per-item scores) and
+prints a per-category table. Predictions are appended to OUT.predictions.jsonl after every
+batch; rerunning the same command continues where a crash or preemption stopped. Tasks,
+metrics and input formats: `mini_internvl_jax/infer/scorers/tasks.py` and
+docs/evaluation.md. Decoding is greedy, as in InternVL's eval scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from mini_internvl_jax.infer import eval_runner
+from mini_internvl_jax.infer.generate import GenerationConfig
+from mini_internvl_jax.infer.runtime import Runtime, add_model_args, load_runtime
+from mini_internvl_jax.infer.scorers.tasks import TASKS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mini_internvl_jax.infer.eval_cli",
+                                description=__doc__.split("\n")[0])
+    add_model_args(p)
+    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--data", required=True, metavar="PATH",
+                   help="benchmark file (.jsonl, .json, .tsv, .parquet) or a folder of "
+                        "parquet shards")
+    p.add_argument("--image-root", metavar="DIR",
+                   help="folder image paths are relative to (default: the data file's)")
+    p.add_argument("--out", metavar="FILE.json",
+                   help="results JSON (default: DATA_STEM.TASK.json in the current folder); "
+                        "predictions go next to it as FILE.predictions.jsonl")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="rows per generation batch (rounded up to a multiple of the mesh's "
+                        "data x fsdp size)")
+    p.add_argument("--no-circular", dest="circular", action="store_false",
+                   help="mmbench: ask each question once instead of once per rotation")
+    p.add_argument("--limit", type=int, default=None, help="first N rows of the data only")
+    return p
+
+
+def make_answer_fn(rt: Runtime, max_new_tokens: int, batch_size: int):
+    """Greedy answers for a batch of items; batches are padded to a fixed row count."""
+
+    def answer(items):
+        prompts, stops = [], ()
+        for it in items:
+            try:
+                prompt, stops = rt.prompt(it.images, it.prompt)
+            except ValueError as e:
+                raise ValueError(f"item {it.id!r}: {e}") from None
+            prompts.append(prompt)
+        gen = GenerationConfig(max_new_tokens, stop_token_ids=tuple(stops),
+                               pad_token_id=rt.tokenizer.pad_id)
+        outs = rt.generator.generate(prompts, gen, batch_size=batch_size)
+        return [rt.decode(ids, stops) for ids in outs]
+
+    return answer
+
+
+def row_multiple(mesh) -> int:
+    """Batch rows must split evenly over the mesh axes the batch is sharded on."""
+    if mesh is None:
+        return 1
+    return math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        print("error: --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    task = TASKS[args.task]
+    out = Path(args.out or f"{Path(args.data).stem}.{task.name}.json")
+    preds_path = eval_runner.predictions_path(out)
+    try:
+        items = eval_runner.build_items(task, args.data, image_root=args.image_root,
+                                        settings={"circular": args.circular},
+                                        limit=args.limit)
+        done = eval_runner.load_predictions(preds_path, task, items)
+        pending = [it for it in items if it.id not in done]
+        eval_runner.check_images(pending)
+        if pending:
+            rt = load_runtime(args, default_max_num=6)
+            mult = row_multiple(rt.generator.mesh)
+            batch = -(-args.batch_size // mult) * mult
+            answer = make_answer_fn(rt, args.max_new_tokens or task.max_new_tokens, batch)
+            with tqdm(total=len(items), initial=len(items) - len(pending), unit="item",
+                      desc=task.name, file=sys.stderr) as bar:
+                eval_runner.generate_all(task, pending, preds_path, answer, batch,
+                                         progress=bar.update)
+            done = eval_runner.load_predictions(preds_path, task, items)
+    except (ValueError, FileNotFoundError) as e:  # EvalDataError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    records, summary = eval_runner.score_all(task, items, done)
+    summary.update(checkpoint=str(args.checkpoint), data=str(args.data),
+                   predictions=str(preds_path))
+    eval_runner.write_results(out, summary, records)
+    print(eval_runner.format_table(summary))
+    print(json.dumps({"task": task.name, task.headline: summary["metrics"][task.headline],
+                      "results": str(out)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
