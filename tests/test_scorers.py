@@ -172,7 +172,8 @@ def test_pope_metrics():
     # all answered no: precision undefined -> 0, recall 0, F1 0, accuracy 1/2
     m = pope.binary_metrics([False, False], [True, False])
     assert (m["precision"], m["recall"], m["f1"], m["accuracy"]) == (0.0, 0.0, 0.0, 0.5)
-    recs = ([{"split": "random", "pred_yes": p, "label_yes": t} for p, t in zip(preds, labels)]
+    recs = ([{"split": "random", "pred_yes": p, "label_yes": t}
+             for p, t in zip(preds, labels, strict=True)]
             + [{"split": "popular", "pred_yes": True, "label_yes": True}] * 2)
     s = pope.pope_scores(recs)
     assert s["f1_mean"] == pytest.approx((2 / 3 + 1.0) / 2)
