@@ -266,16 +266,17 @@ def test_hallusion_scores():
         return {"category": cat, "subcategory": sub, "set_id": s, "figure_id": f,
                 "question_id": q, "correct": ok}
 
-    recs = [r("0", "0", "0", True), r("0", "0", "1", True),
-            r("0", "1", "0", False), r("0", "1", "1", True),
+    recs = [r("0", "0", "0", True), r("0", "0", "1", False),
+            r("0", "1", "0", True), r("0", "1", "1", False),
             r("1", "0", "0", True, cat="VS", sub="map")]
     s = hallusion.hallusion_scores(recs)
-    # aAcc 4/5; figures (0,0) ok, (0,1) not, (1,0) ok -> 2/3; questions (0,0) [T,F] no,
-    # (0,1) [T,T] ok, (1,0) ok -> 2/3
-    assert s["overall"]["aAcc"] == pytest.approx(80)
-    assert s["overall"]["fAcc"] == pytest.approx(200 / 3)
+    # aAcc 3/5; figures (0,0) and (0,1) each have a wrong answer, (1,0) ok -> 1/3;
+    # questions (0,0) [T,T] ok, (0,1) [F,F] not, (1,0) ok -> 2/3
+    assert s["overall"]["aAcc"] == pytest.approx(60)
+    assert s["overall"]["fAcc"] == pytest.approx(100 / 3)
     assert s["overall"]["qAcc"] == pytest.approx(200 / 3)
-    assert s["categories"]["VD/chart"]["fAcc"] == pytest.approx(50)
+    assert s["categories"]["VD/chart"]["fAcc"] == pytest.approx(0)
+    assert s["categories"]["VD/chart"]["qAcc"] == pytest.approx(50)
     assert s["categories"]["VS"]["aAcc"] == pytest.approx(100)
 
 
