@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from mini_internvl_jax.infer import eval_cli
+from mini_internvl_jax.infer import eval_cli, eval_runner
 from mini_internvl_jax.infer.generate import Generator
+from mini_internvl_jax.infer.scorers.tasks import TASKS
 from tests.helpers.eval_assets import png_bytes, write_checkpoint
 
 
@@ -53,7 +54,7 @@ def test_short_answer_run_resumes_after_preemption(assets, tmp_path, monkeypatch
     data = tmp_path / "docvqa.jsonl"
     write_jsonl(data, [{"questionId": i, "question": f"What is field {i}?",
                         "answers": ["x", f"{i}"], "image": str(root / f"im{i % 3}.png")}
-                       for i in range(5)])
+                       for i in range(4)])
     out = tmp_path / "res.json"
     preds = tmp_path / "res.predictions.jsonl"
     crash = CountingGenerate(monkeypatch, fail_on_call=2)
@@ -65,21 +66,21 @@ def test_short_answer_run_resumes_after_preemption(assets, tmp_path, monkeypatch
 
     resumed = CountingGenerate(monkeypatch)
     assert run(ckpt, "docvqa", data, out, "--batch-size", "2") == 0
-    assert resumed.prompts == 3  # only the unfinished items
+    assert resumed.prompts == 2  # only the unfinished items
     lines = preds.read_text().splitlines()
-    assert lines[:2] == first and [json.loads(x)["id"] for x in lines] == list("01234")
+    assert lines[:2] == first and [json.loads(x)["id"] for x in lines] == list("0123")
     table = capsys.readouterr().out
     assert table.splitlines()[0].split()[:2] == ["category", "anls"] and "overall" in table
     res = json.loads(out.read_text())
-    assert res["task"] == "docvqa" and res["num_items"] == 5 and len(res["items"]) == 5
+    assert res["task"] == "docvqa" and res["num_items"] == 4 and len(res["items"]) == 4
     rec = json.loads(lines[0])
     assert rec["prompt"] == "What is field 0? Answer the question using a single word or phrase."
 
-    # the same answers in one go, batch rows sharded over 2 devices (batch 3 -> 4 rows)
+    # the same answers in one go, batch rows sharded over 2 devices (batch 1 -> 2 rows)
     again = CountingGenerate(monkeypatch)
     out2 = tmp_path / "mesh.json"
-    assert run(ckpt, "docvqa", data, out2, "--batch-size", "3", "--mesh", "data=2") == 0
-    assert again.calls == 2 and again.prompts == 5
+    assert run(ckpt, "docvqa", data, out2, "--batch-size", "1", "--mesh", "data=2") == 0
+    assert again.calls == 2 and again.prompts == 4
     mesh_preds = [json.loads(x)["prediction"]
                   for x in (tmp_path / "mesh.predictions.jsonl").read_text().splitlines()]
     assert mesh_preds == [json.loads(x)["prediction"] for x in lines]
@@ -100,94 +101,167 @@ def _b64(i):
     return base64.b64encode(png_bytes(i)).decode()
 
 
-def _fixture(task, root, tmp_path):
-    """(data path, number of items, a category expected in the table) per task."""
-    if task == "ai2d":  # VLMEvalKit TSV: base64 images, option columns A-D
-        path = tmp_path / "ai2d.tsv"
-        _tsv(path, ["index", "question", "A", "B", "C", "D", "answer", "image"],
-             [[1, "Which part?", "leaf", "root", "stem", "seed", "B", _b64(0)],
-              [2, "Which stage?", "egg", "larva", "pupa", "adult", "D", _b64(1)],
-              [3, "Which one?", "x", "y", "z", "w", "A", "1"]])  # shares row 1's image
-        return path, 3, "overall"
-    if task == "ocrbench":
-        path = tmp_path / "ocr.tsv"
-        _tsv(path, ["index", "question", "answer", "category", "image"],
-             [[1, "What is written?", "['hello']", "Regular Text Recognition", _b64(0)],
-              [2, "What formula?", "['x^2']",
-               "Handwritten Mathematical Expression Recognition", _b64(1)]])
-        return path, 2, "Text Recognition"
-    if task == "mme":  # lmms-lab/MME parquet: question_id names the image
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        path = tmp_path / "mme.parquet"
-        img = [{"bytes": png_bytes(i), "path": None} for i in (0, 0, 1, 1)]
-        pq.write_table(pa.table({
-            "question_id": ["existence/1.png", "existence/1.png", "count/2.png",
-                            "count/2.png"],
-            "question": ["Is there a dog? Please answer yes or no."] * 4,
+def _parquet(path, columns):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def _struct(i):
+    return {"bytes": png_bytes(i), "path": None}
+
+
+# Every fixture has 4 items with one image each (MMMU: two), so that runs with batch size 2
+# share one compiled generation shape and the suite stays fast. `answers` maps a question to
+# an oracle answer; `expected` is the headline score those answers earn, worked out by hand.
+FIXTURES = {
+    "ai2d": dict(  # VLMEvalKit TSV: base64 images (row 4 shares row 1's), option columns
+        write=lambda p: _tsv(p / "ai2d.tsv", ["index", "question", "A", "B", "C", "D", "answer",
+                                              "image"],
+                             [[1, "Which part?", "leaf", "root", "stem", "seed", "B", _b64(0)],
+                              [2, "Which stage?", "egg", "larva", "pupa", "adult", "D", _b64(1)],
+                              [3, "Which one?", "x", "y", "z", "w", "A", _b64(2)],
+                              [4, "Which end?", "top", "bottom", "left", "right", "C", "1"]]),
+        file="ai2d.tsv", category="overall",
+        # B right, "(D)" right by extraction, "y" (option B) wrong, "left" text right -> 3/4
+        answers={"Which part?": "B", "Which stage?": "(D)", "Which one?": "y",
+                 "Which end?": "left"}, expected=75.0),
+    "ocrbench": dict(
+        write=lambda p: _tsv(p / "ocr.tsv", ["index", "question", "answer", "category", "image"],
+                             [[1, "Text one?", "['hello']", "Regular Text Recognition", _b64(0)],
+                              [2, "Formula?", "['x^{2}']",
+                               "Handwritten Mathematical Expression Recognition", _b64(1)],
+                              [3, "Text two?", "['World']", "Artistic Text Recognition", _b64(2)],
+                              [4, "Key?", "['12 USD']", "Key Information Extraction", _b64(0)]]),
+        file="ocr.tsv", category="Text Recognition",
+        # "HELLO there" hits, "x ^ {2}" hits (HME ignores spaces), "word" misses, "12 usd" hits
+        answers={"Text one?": "HELLO there", "Formula?": "x ^ {2}", "Text two?": "word",
+                 "Key?": "total 12 usd"}, expected=3),
+    "mme": dict(  # lmms-lab/MME parquet: question_id names the image (acc+ groups by it)
+        write=lambda p: _parquet(p / "mme.parquet", {
+            "question_id": ["existence/1.png", "existence/1.png", "count/2.png", "count/2.png"],
+            "question": ["Is there a dog? Please answer yes or no.",
+                         "Is there a cow? Please answer yes or no.",
+                         "Are there two cats? Please answer yes or no.",
+                         "Are there three cats? Please answer yes or no."],
             "answer": ["Yes", "No", "Yes", "No"],
-            "category": ["existence", "existence", "count", "count"], "image": img}), path)
-        return path, 4, "existence"
-    if task == "mmmu":  # MMMU parquet: two images, one open question
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        path = tmp_path / "mmmu.parquet"
-        pq.write_table(pa.table({
-            "id": ["validation_Art_1", "validation_Math_2"],
-            "question": ["<image 1> <image 2> Which is older?", "<image 1> What is x?"],
-            "options": ["['left', 'right']", "[]"], "answer": ["A", "4"],
-            "question_type": ["multiple-choice", "open"],
-            "image_1": [{"bytes": png_bytes(0), "path": None},
-                        {"bytes": png_bytes(1), "path": None}],
-            "image_2": [{"bytes": png_bytes(2), "path": None}, None]}), path)
-        return path, 2, "Math"
-    if task == "pope":
-        path = tmp_path / "pope.jsonl"
-        write_jsonl(path, [{"question_id": i, "question": "Is there a cat in the image?",
-                            "answer": "yes" if i % 2 else "no", "image": f"im{i % 3}.png",
-                            "category": "random" if i < 2 else "popular"} for i in range(4)])
-        return path, 4, "popular"
-    if task == "hallusion":  # one question without an image
-        path = tmp_path / "hb.jsonl"
-        write_jsonl(path, [{"question": "Is the line rising?", "gt_answer": str(i % 2),
-                            "category": "VD", "subcategory": "chart", "set_id": "0",
-                            "figure_id": str(i), "question_id": "0",
-                            **({"image": "im0.png"} if i else {})} for i in range(3)])
-        return path, 3, "VD/chart"
-    if task == "mathvista":
-        path = tmp_path / "mv.jsonl"
-        write_jsonl(path, [
-            {"pid": "1", "query": "Hint: answer with a number.\nQuestion: How many?",
-             "question_type": "free_form", "answer_type": "integer", "answer": "3",
-             "image": "im1.png", "metadata": {"task": "math word problem"}},
-            {"pid": "2", "query": "Which? Choices: (A) 1 (B) 2", "choices": ["1", "2"],
+            "category": ["existence", "existence", "count", "count"],
+            "image": [_struct(0), _struct(0), _struct(1), _struct(1)]}),
+        file="mme.parquet", category="existence",
+        # existence both right: 100 + 100; count one right: 50 + 0 -> 250
+        answers={"Is there a dog?": "Yes", "Is there a cow?": "No", "two cats": "Yes",
+                 "three cats": "Yes"}, expected=250.0),
+    "pope": dict(
+        write=lambda p: write_jsonl(p / "pope.jsonl", [
+            {"question_id": i, "question": f"Is there a {a} in the image?", "answer": lab,
+             "image": f"im{i % 3}.png", "category": "random" if i < 2 else "popular"}
+            for i, (a, lab) in enumerate([("cat", "yes"), ("dog", "no"), ("cow", "yes"),
+                                          ("owl", "no")])]),
+        file="pope.jsonl", category="popular",
+        # random: cat yes/yes, dog no/no -> F1 1; popular: cow no/yes, owl no/no -> F1 0
+        answers={"cat": "Yes", "dog": "No, there is not.", "cow": "No", "owl": "no"},
+        expected=50.0),
+    "hallusion": dict(
+        write=lambda p: write_jsonl(p / "hb.jsonl", [
+            {"question": f"Is line {i} rising?", "gt_answer": str(i % 2), "category": "VD",
+             "subcategory": "chart", "set_id": "0", "figure_id": str(i // 2),
+             "question_id": str(i % 2), "image": f"im{i % 3}.png"} for i in range(4)]),
+        file="hb.jsonl", category="VD/chart",
+        # truth no,yes,no,yes; answers no,yes,yes,yes -> 3 of 4 right
+        answers={"line 0": "No", "line 1": "Yes.", "line 2": "Yes", "line 3": "yes"},
+        expected=75.0),
+    "mathvista": dict(
+        write=lambda p: write_jsonl(p / "mv.jsonl", [
+            {"pid": str(i), "query": "Hint: Please answer the question requiring an integer "
+             f"answer at the end.\nQuestion: Problem {i}?",
+             "question_type": "free_form", "answer_type": "integer", "answer": str(i),
+             "image": f"im{i % 3}.png", "metadata": {"task": "math word problem"}}
+            for i in range(3)] + [
+            {"pid": "3", "query": "Hint: Please answer the question with the correct option letter."
+             "\nQuestion: Problem 3?\nChoices:\n(A) 1\n(B) 2",
+             "choices": ["1", "2"],
              "question_type": "multi_choice", "answer_type": "text", "answer": "2",
-             "image": "im2.png", "metadata": {"task": "figure question answering"}}])
-        return path, 2, "math word problem"
-    raise AssertionError(task)
+             "image": "im2.png", "metadata": {"task": "figure question answering"}}]),
+        file="mv.jsonl", category="math word problem",
+        # 0 right, "The answer is 1 cm." right, "3" wrong, "(B)" -> "2" right -> 3/4
+        answers={"Problem 0": "0", "Problem 1": "The answer is 1 cm.", "Problem 2": "3",
+                 "Problem 3": "(B)"}, expected=75.0),
+    "mmmu": dict(  # MMMU parquet: image_1 / image_2 columns, multiple-choice and open
+        write=lambda p: _parquet(p / "mmmu.parquet", {
+            "id": [f"validation_Art_{i}" for i in range(2)]
+            + [f"validation_Math_{i}" for i in range(2)],
+            "question": ["<image 1> <image 2> Older?", "<image 1> <image 2> Larger?",
+                         "<image 1> <image 2> What is x?", "<image 1> <image 2> What is y?"],
+            "options": ["['left', 'right']", "['left', 'right']", "[]", "[]"],
+            "answer": ["A", "B", "4", "['2.5', '5/2']"],
+            "question_type": ["multiple-choice"] * 2 + ["open"] * 2,
+            "image_1": [_struct(i) for i in range(4)],
+            "image_2": [_struct(3 - i) for i in range(4)]}),
+        file="mmmu.parquet", category="Math",
+        # "(A)" right, "A" wrong, "x = 4" right, "2.50" right -> 3/4
+        answers={"Older?": "(A)", "Larger?": "A", "What is x?": "x = 4", "What is y?": "2.50"},
+        expected=75.0),
+}
 
 
-@pytest.mark.parametrize("task", ["ai2d", "ocrbench", "mme", "mmmu", "pope", "hallusion",
-                                  "mathvista"])
+def _oracle(answers):
+    def answer(items):
+        out = []
+        for it in items:
+            hits = [a for q, a in answers.items() if q in it.prompt]
+            assert len(hits) == 1, it.prompt
+            out += hits
+        return out
+    return answer
+
+
+@pytest.mark.parametrize("task", sorted(FIXTURES))
+def test_each_task_reads_its_format_and_scores_known_answers(task, tmp_path):
+    """Without the model: the task's fields, prompt and scorer on oracle answers."""
+    fx = FIXTURES[task]
+    for i in range(3):
+        (tmp_path / f"im{i}.png").write_bytes(png_bytes(i, (40 + 8 * i, 30)))
+    fx["write"](tmp_path)
+    t = TASKS[task]
+    items = eval_runner.build_items(t, tmp_path / fx["file"])
+    assert len(items) == 4 and all(it.images for it in items)
+    eval_runner.check_images(items)
+    preds = tmp_path / "p.jsonl"
+    eval_runner.generate_all(t, items, preds, _oracle(fx["answers"]), batch_size=3)
+    done = eval_runner.load_predictions(preds, t, items)
+    _, summary = eval_runner.score_all(t, items, done)
+    assert summary["metrics"][t.headline] == pytest.approx(fx["expected"])
+    assert fx["category"] in eval_runner.format_table(summary)
+
+
+@pytest.mark.parametrize("task", [
+    "ai2d", "mme", "mathvista", "pope",
+    pytest.param("ocrbench", marks=pytest.mark.slow),   # same code path as docvqa/pope
+    pytest.param("hallusion", marks=pytest.mark.slow),  # same code path as pope
+    pytest.param("mmmu", marks=pytest.mark.slow),       # 2 images a row: another compile
+])
 def test_task_runs_and_resumes_from_a_torn_write(task, assets, tmp_path, monkeypatch, capsys):
     root, ckpt = assets
-    data, n, category = _fixture(task, root, tmp_path)
+    fx = FIXTURES[task]
+    fx["write"](tmp_path)
+    data = tmp_path / fx["file"]
     out = tmp_path / "r.json"
-    extra = ["--image-root", str(root), "--batch-size", "4"]
+    extra = ["--image-root", str(root), "--batch-size", "2"]
     assert run(ckpt, task, data, out, *extra) == 0
     table = capsys.readouterr().out
-    assert category in table and "overall" in table
+    assert fx["category"] in table and "overall" in table
     res = json.loads(out.read_text())
-    assert res["num_items"] == n and res["headline"] in res["metrics"]
+    assert res["num_items"] == 4 and res["headline"] in res["metrics"]
     preds = tmp_path / "r.predictions.jsonl"
     lines = preds.read_text().splitlines(keepends=True)
-    # a crash while writing the second record: one whole line and a torn one remain
-    preds.write_text(lines[0] + lines[1][:10])
+    # a crash while writing the third record: two whole lines and a torn one remain
+    preds.write_text(lines[0] + lines[1] + lines[2][:10])
     counter = CountingGenerate(monkeypatch)
     assert run(ckpt, task, data, out, *extra) == 0
-    assert counter.prompts == n - 1
+    assert counter.prompts == 2
     again = preds.read_text().splitlines(keepends=True)
-    assert again[0] == lines[0] and len(again) == n
+    assert again[:2] == lines[:2] and len(again) == 4
     assert json.loads(out.read_text())["metrics"] == res["metrics"]
 
 

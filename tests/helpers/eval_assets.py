@@ -7,7 +7,6 @@ import io
 import shutil
 from pathlib import Path
 
-import jax
 import numpy as np
 from flax import nnx
 from PIL import Image
@@ -18,27 +17,30 @@ from mini_internvl_jax.data.demo import write_demo
 from mini_internvl_jax.models import InternVLModel
 
 
-def random_tiny_model(seed: int = 5, std: float = 0.1):
-    """tiny-qwen2 with every parameter perturbed, so greedy answers are not degenerate."""
+def random_tiny_params(seed: int = 5, std: float = 0.1) -> tuple:
+    """(config, flat params) of tiny-qwen2 with random weights (norm scales near 1), made
+    from the parameter shapes alone: building the model eagerly costs a minute on CPU."""
     cfg = load_model_config("tiny-qwen2")
     with nnx.use_eager_sharding(False):
-        model = InternVLModel(cfg, rngs=nnx.Rngs(0))
+        abstract = nnx.eval_shape(lambda: InternVLModel(cfg, rngs=nnx.Rngs(0)))
     rng = np.random.RandomState(seed)
-    params = nnx.state(model, nnx.Param)
-    nnx.update(model, jax.tree.map(
-        lambda x: np.asarray(x) + std * rng.randn(*x.shape).astype(np.float32), params))
-    return model
+    flat = {}
+    for path, v in nnx.to_flat_state(nnx.state(abstract)):
+        x = std * rng.randn(*v.shape)
+        if "norm" in "/".join(map(str, path)) and str(path[-1]) == "weight":
+            x += 1.0
+        flat[tuple(path)] = x.astype(v.dtype)
+    return cfg, flat
 
 
 def write_checkpoint(root: Path) -> Path:
     """root/ckpt: params, model config and tokenizer files of a random tiny model."""
     write_demo(root / "demo", num_stage1=2, num_stage2=4)
-    model = random_tiny_model()
-    flat = {tuple(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
+    cfg, flat = random_tiny_params()
     ckpt = root / "ckpt"
     ckpt.mkdir()
     save_params(ckpt / "params", flat)
-    write_model_config(ckpt, model.cfg)
+    write_model_config(ckpt, cfg)
     for f in (root / "demo" / "tokenizers" / "qwen2").iterdir():
         shutil.copy(f, ckpt / f.name)
     return ckpt
