@@ -477,7 +477,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          _vqa_build, _vqa_score, _vqa_summary, "vqa_accuracy"),
     Task("ocrbench", "OCRBench score (of 1000)", 100, f"{_JSONL} (question, answer list, "
          "category, image), TSV (VLMEvalKit OCRBench.tsv), parquet (echo840/OCRBench)",
-         _short_build(("category", "question_type")), _ocrbench_score, _ocrbench_summary,
+         _short_build(("category", "question_type", "type")), _ocrbench_score, _ocrbench_summary,
          "final_score"),
     Task("ai2d", "accuracy", 10, f"{_JSONL} (question, options list, answer letter or index, "
          "image), TSV (VLMEvalKit AI2D_TEST: columns A-D), parquet (lmms-lab/ai2d)",
