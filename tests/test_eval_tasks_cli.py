@@ -112,6 +112,9 @@ def _struct(i):
     return {"bytes": png_bytes(i), "path": None}
 
 
+MC = "Answer with the option's letter from the given choices directly."
+SHORT = "Answer the question using a single word or phrase."
+
 # Every fixture has 4 items with one image each (MMMU: two), so that runs with batch size 2
 # share one compiled generation shape and the suite stays fast. `answers` maps a question to
 # an oracle answer; `expected` is the headline score those answers earn, worked out by hand.
@@ -124,6 +127,7 @@ FIXTURES = {
                               [3, "Which one?", "x", "y", "z", "w", "A", _b64(2)],
                               [4, "Which end?", "top", "bottom", "left", "right", "C", "1"]]),
         file="ai2d.tsv", category="overall",
+        prompt="Which part?\nA. leaf\nB. root\nC. stem\nD. seed\n" + MC,
         # B right, "(D)" right by extraction, "y" (option B) wrong, "left" text right -> 3/4
         answers={"Which part?": "B", "Which stage?": "(D)", "Which one?": "y",
                  "Which end?": "left"}, expected=75.0),
@@ -149,6 +153,7 @@ FIXTURES = {
             "category": ["existence", "existence", "count", "count"],
             "image": [_struct(0), _struct(0), _struct(1), _struct(1)]}),
         file="mme.parquet", category="existence",
+        prompt="Is there a dog? Please answer yes or no. " + SHORT,
         # existence both right: 100 + 100; count one right: 50 + 0 -> 250
         answers={"Is there a dog?": "Yes", "Is there a cow?": "No", "two cats": "Yes",
                  "three cats": "Yes"}, expected=250.0),
@@ -159,6 +164,7 @@ FIXTURES = {
             for i, (a, lab) in enumerate([("cat", "yes"), ("dog", "no"), ("cow", "yes"),
                                           ("owl", "no")])]),
         file="pope.jsonl", category="popular",
+        prompt="Is there a cat in the image? " + SHORT,
         # random: cat yes/yes, dog no/no -> F1 1; popular: cow no/yes, owl no/no -> F1 0
         answers={"cat": "Yes", "dog": "No, there is not.", "cow": "No", "owl": "no"},
         expected=50.0),
@@ -168,6 +174,7 @@ FIXTURES = {
              "subcategory": "chart", "set_id": "0", "figure_id": str(i // 2),
              "question_id": str(i % 2), "image": f"im{i % 3}.png"} for i in range(4)]),
         file="hb.jsonl", category="VD/chart",
+        prompt="Is line 0 rising? Please answer yes or no. " + SHORT,
         # truth no,yes,no,yes; answers no,yes,yes,yes -> 3 of 4 right
         answers={"line 0": "No", "line 1": "Yes.", "line 2": "Yes", "line 3": "yes"},
         expected=75.0),
@@ -199,9 +206,39 @@ FIXTURES = {
             "image_1": [_struct(i) for i in range(4)],
             "image_2": [_struct(3 - i) for i in range(4)]}),
         file="mmmu.parquet", category="Math",
+        prompt="<image 1> <image 2> Older?\nA. left\nB. right\n" + MC,
         # "(A)" right, "A" wrong, "x = 4" right, "2.50" right -> 3/4
         answers={"Older?": "(A)", "Larger?": "A", "What is x?": "x = 4", "What is y?": "2.50"},
         expected=75.0),
+    "mmbench": dict(  # JSONL; CircularEval asks each question once per rotation
+        write=lambda p: write_jsonl(p / "mmb.jsonl", [
+            {"id": "q1", "image": "im0.png", "question": "Which colour?", "hint": "Look.",
+             "options": {"A": "red", "B": "green", "C": "blue"}, "answer": "C"},
+            {"id": "q2", "image": "im1.png", "question": "Pick one.",
+             "options": ["yes", "no"], "answer": "A"}]),
+        file="mmb.jsonl", category="overall", n=5,
+        prompt="Look.\nWhich colour?\nA. red\nB. green\nC. blue\n" + MC,
+        # "blue" is right in all 3 rotations; "A" only in the first of q2's 2 -> 1 of 2
+        answers={"Which colour?": "blue", "Pick one.": "A"}, expected=50.0),
+    "chartqa": dict(
+        write=lambda p: write_jsonl(p / "chart.jsonl", [
+            {"question": f"Value {i}?", "answer": a, "image": f"im{i % 3}.png"}
+            for i, a in enumerate(["12", "100", "95.2", "Yes"])]),
+        file="chart.jsonl", category="overall",
+        # 12.5 (4.2 % off) right, 105 (5 %) right, 100 vs 95.2 (5.04 % of the reference)
+        # wrong, "yes" right -> 3/4
+        answers={"Value 0?": "12.5", "Value 1?": "105", "Value 2?": "100", "Value 3?": "yes"},
+        expected=75.0),
+    "vqa": dict(  # images optional
+        write=lambda p: write_jsonl(p / "vqa.jsonl", [
+            {"question": "How many?", "answers": ["two"] * 3 + ["3"] * 7, "image": "im0.png"},
+            {"question": "What animal?", "answer": "a cat"},
+            {"question": "What colour?", "answer": "blue", "image": "im1.png"},
+            {"question": "Is it?", "answers": ["yes", "no"], "image": "im2.png"}]),
+        file="vqa.jsonl", category="overall", images=False,
+        # 0.9 (3 of 10 say 2), 1 (one answer: exact match), 0, (0 + 1/3) / 2
+        answers={"How many?": "2", "What animal?": "Cat", "What colour?": "red",
+                 "Is it?": "yes"}, expected=100 * (0.9 + 1 + 0 + 1 / 6) / 4),
 }
 
 
@@ -225,7 +262,10 @@ def test_each_task_reads_its_format_and_scores_known_answers(task, tmp_path):
     fx["write"](tmp_path)
     t = TASKS[task]
     items = eval_runner.build_items(t, tmp_path / fx["file"])
-    assert len(items) == 4 and all(it.images for it in items)
+    assert len(items) == fx.get("n", 4)
+    assert all(it.images for it in items) or not fx.get("images", True)
+    if "prompt" in fx:
+        assert items[0].prompt == fx["prompt"]
     eval_runner.check_images(items)
     preds = tmp_path / "p.jsonl"
     eval_runner.generate_all(t, items, preds, _oracle(fx["answers"]), batch_size=3)
