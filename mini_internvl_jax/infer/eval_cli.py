@@ -99,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
                 eval_runner.generate_all(task, pending, preds_path, answer, batch,
                                          progress=bar.update)
             done = eval_runner.load_predictions(preds_path, task, items)
+        records, summary = eval_runner.score_all(task, items, done)
     except (ValueError, FileNotFoundError) as e:  # EvalDataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    records, summary = eval_runner.score_all(task, items, done)
     summary.update(checkpoint=str(args.checkpoint), data=str(args.data),
                    predictions=str(preds_path))
     eval_runner.write_results(out, summary, records)
