@@ -88,7 +88,6 @@ def _read_tsv(path: Path) -> list[tuple[str, dict]]:
             r["image"] = by_index[img]  # VLMEvalKit stores a shared image once
         if r.get("image"):
             r["image"] = _b64(r["image"], where)
-        r["_tsv"] = True
     return rows
 
 
