@@ -331,3 +331,37 @@ def test_bad_inputs_fail_before_generation_and_keep_finished_work(assets, tmp_pa
     write_jsonl(data, [{"question": "Cat?", "answer": "maybe", "image": "im0.png"}])
     assert run(ckpt, "pope", data, tmp_path / "y.json") == 2
     assert "pope.jsonl:1: answer must be yes / no" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task,row,message", [
+    ("docvqa", {"image": "x.png"}, "missing field 'question'"),
+    ("docvqa", {"question": "Q", "answers": ["a"]}, "no image"),
+    ("docvqa", {"question": "Q", "answers": [{"a": 1}], "image": "x.png"},
+     "field 'answers' must hold answer strings"),
+    ("textvqa", {"question": "Q", "answers": ["a"], "image": "x.png"},
+     r"needs the list of \(10\) human answers"),
+    ("ai2d", {"question": "Q", "options": ["a"], "answer": "A", "image": "x.png"},
+     "expected 2 or more options"),
+    ("ai2d", {"question": "Q", "options": ["a", "b"], "answer": "C", "image": "x.png"},
+     "answer 'C' is not one of the 2 option letters"),
+    ("mme", {"question": "Q", "answer": "maybe", "category": "OCR", "image": "x.png"},
+     "answer must be yes / no"),
+    ("mmmu", {"id": "validation_Art_1", "question": "Q", "question_type": "essay",
+              "answer": "a", "image": "x.png"}, "question_type must be"),
+    ("hallusion", {"question": "Q", "gt_answer": "1", "category": "VD",
+                   "subcategory": "chart"}, "missing field 'set_id'"),
+    ("mathvista", {"query": "Q", "question_type": "multi_choice", "answer_type": "text",
+                   "answer": "a", "image": "x.png"}, "needs 'choices'"),
+])
+def test_bad_rows_name_the_file_line_and_field(task, row, message, tmp_path):
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, [row])
+    with pytest.raises(eval_runner.EvalDataError, match=f"d.jsonl:1: .*{message}"):
+        eval_runner.build_items(TASKS[task], path)
+
+
+def test_duplicate_ids_are_rejected(tmp_path):
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, [{"id": 7, "question": "Q", "answer": "a"}] * 2)
+    with pytest.raises(eval_runner.EvalDataError, match=r"d.jsonl:2: duplicate id '7'"):
+        eval_runner.build_items(TASKS["vqa"], path)
