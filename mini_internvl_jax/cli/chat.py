@@ -1,7 +1,7 @@
 """Chat with a converted Mini-InternVL checkpoint; answers stream as they are generated.
 
-  python -m mini_internvl_jax.chat --checkpoint DIR --image a.jpg "What is in the image?"
-  python -m mini_internvl_jax.chat --checkpoint DIR --image a.jpg        # interactive
+  mivl-chat --checkpoint DIR --image a.jpg "What is in the image?"
+  mivl-chat --checkpoint DIR --image a.jpg        # interactive
 
 Interactive commands: /image PATH (add an image to the next question), /reset, /exit.
 """
@@ -11,15 +11,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mini_internvl_jax.infer.chat import ChatSession
 from mini_internvl_jax.infer.runtime import add_model_args, load_runtime
 from mini_internvl_jax.infer.sampling import SamplingConfig
+from mini_internvl_jax.infer.session import ChatSession
 
 HELP = "commands: /image PATH, /reset, /exit (or end of input)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mini_internvl_jax.chat",
+    p = argparse.ArgumentParser(prog="mivl-chat",
                                 description=__doc__.split("\n")[0])
     add_model_args(p)
     p.add_argument("--image", action="append", default=[], metavar="PATH",
