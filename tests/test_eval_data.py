@@ -54,6 +54,9 @@ def test_json_paths_and_errors(tmp_path, monkeypatch):
         read_rows(tmp_path / "d.csv")
     with pytest.raises(EvalDataError, match="does not exist"):
         read_rows(tmp_path / "missing.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"a": 1}\nnot json\n')
+    with pytest.raises(EvalDataError, match="bad.jsonl:2: not valid JSON"):
+        read_rows(tmp_path / "bad.jsonl")
     (tmp_path / "bad.jsonl").write_text('{"a": 1}\n[1]\n')
     with pytest.raises(EvalDataError, match="bad.jsonl:2: expected a JSON object"):
         read_rows(tmp_path / "bad.jsonl")

@@ -1,15 +1,18 @@
-"""The benchmark evaluation CLI end to end on a random tiny model and tiny fixture datasets,
-one per task family and input format: it runs, writes results and a per-category table, and
-resumes an interrupted run without generating finished items again."""
+"""The benchmark evaluation CLI (`mivl-eval`) end to end on a random tiny model and tiny
+fixture datasets, one per task family and input format: it runs, writes results, a
+per-category table and TensorBoard events, and resumes an interrupted run without generating
+finished items again."""
 
 import base64
 import json
 
 import pytest
 
-from mini_internvl_jax.infer import eval_cli, eval_runner
+from mini_internvl_jax.cli import evaluate
+from mini_internvl_jax.infer import eval_runner
 from mini_internvl_jax.infer.generate import Generator
 from mini_internvl_jax.infer.scorers.tasks import TASKS
+from tests.helpers import events
 from tests.helpers.eval_assets import png_bytes, write_checkpoint
 
 
@@ -44,9 +47,9 @@ def write_jsonl(path, rows):
 
 
 def run(ckpt, task, data, out, *extra):
-    return eval_cli.main(["--checkpoint", str(ckpt), "--task", task, "--data", str(data),
-                          "--out", str(out), "--max-new-tokens", "3", "--max-num", "1",
-                          *extra])
+    return evaluate.main(["--checkpoint", str(ckpt), "--task", task, "--data", str(data),
+                         "--out", str(out), "--max-new-tokens", "3", "--max-num", "1",
+                         *extra])
 
 
 def test_short_answer_run_resumes_after_preemption(assets, tmp_path, monkeypatch, capsys):
@@ -86,10 +89,24 @@ def test_short_answer_run_resumes_after_preemption(assets, tmp_path, monkeypatch
     assert mesh_preds == [json.loads(x)["prediction"] for x in lines]
     assert json.loads(out2.read_text())["metrics"] == res["metrics"]
 
-    # everything done: no model call, same results
+    # everything done: no model call, same results, also logged to TensorBoard at step 5
     idle = CountingGenerate(monkeypatch)
-    assert run(ckpt, "docvqa", data, out, "--batch-size", "2") == 0
+    tb_dir = tmp_path / "tb"
+    assert run(ckpt, "docvqa", data, out, "--batch-size", "2", "--tensorboard", str(tb_dir),
+               "--tensorboard-step", "5") == 0
     assert idle.calls == 0 and json.loads(out.read_text())["metrics"] == res["metrics"]
+    tb = events.values(tb_dir)
+    assert tb["eval/docvqa/anls"] == [(5, pytest.approx(res["metrics"]["anls"]))]
+    [(_, scores)] = next(v for k, v in tb.items() if k.startswith("eval/docvqa/scores"))
+    anls = res["metrics"]["anls"]
+    assert scores.splitlines() == ["| category | anls | num_questions |", "|---|---|---|",
+                                   f"| overall | {anls} |  |", f"| all | {anls} | 4 |"]
+    [(_, table)] = next(v for k, v in tb.items() if k.startswith("eval/docvqa/predictions"))
+    rows = table.splitlines()
+    assert len(rows) == 6 and rows[0] == "| id | prompt | prediction | anls | category |"
+    first = json.loads(lines[0])
+    cell = first["prediction"].replace("|", "\\|").replace("\n", " ")
+    assert rows[2] == f"| 0 | {first['prompt']} | {cell} | {res['items'][0]['anls']} | all |"
 
 
 def _tsv(path, header, rows):
@@ -275,6 +292,53 @@ def test_each_task_reads_its_format_and_scores_known_answers(task, tmp_path):
     assert fx["category"] in eval_runner.format_table(summary)
 
 
+class Oracle:
+    """Answers from the item alone and records the batch sizes it was asked."""
+
+    def __init__(self, fn):
+        self.fn, self.batches = fn, []
+
+    def __call__(self, batch):
+        self.batches.append(len(batch))
+        return [self.fn(it) for it in batch]
+
+
+def test_mmbench_rotations_batches_and_vqa_scores(tmp_path):
+    mmb = tmp_path / "m.jsonl"
+    write_jsonl(mmb, [
+        {"id": 1, "question": "Colour?", "options": ["red", "green", "blue", "white"],
+         "answer": "C"},
+        {"id": 2, "question": "Shape?", "options": {"A": "circle", "B": "square", "C": None},
+         "answer": "B"}])
+    t = TASKS["mmbench"]
+    items = eval_runner.build_items(t, mmb)
+    assert len(items) == 6  # 4 rotations + 2 (the empty option C is dropped)
+
+    def knows_blue_guesses_a(it):
+        if "Colour?" in it.prompt:  # always names the letter now holding "blue"
+            return "ABCD"[it.ref["options"].index("blue")] + "."
+        return "A"
+
+    oracle = Oracle(knows_blue_guesses_a)
+    preds = tmp_path / "m.predictions.jsonl"
+    eval_runner.generate_all(t, items, preds, oracle, batch_size=4)
+    assert oracle.batches == [4, 2]
+    _, s = eval_runner.score_all(t, items, eval_runner.load_predictions(preds, t, items))
+    assert s["metrics"]["circular_accuracy"] == 50.0  # q2 fails on the rotation where B moved
+    assert s["metrics"]["accuracy_first_rotation"] == 50.0  # q2 rotation 0: "A", answer B
+    assert s["metrics"]["num_questions"] == 2
+
+    vqa = tmp_path / "v.jsonl"
+    write_jsonl(vqa, [{"question": "How many?", "answers": ["two"] * 3 + ["3"] * 7},
+                      {"question": "What?", "answer": "a cat"}])
+    t = TASKS["vqa"]
+    items = eval_runner.build_items(t, vqa)
+    answers = dict(zip((it.id for it in items), ["2", "Cat"], strict=True))
+    _, s = eval_runner.score_all(t, items, answers)
+    assert s["metrics"]["exact_match"] == 100.0
+    assert s["metrics"]["vqa_accuracy"] == pytest.approx(100 * ((7 * 1 + 3 * 2 / 3) / 10 + 1) / 2)
+
+
 @pytest.mark.parametrize("task", [
     "ai2d", "mme", "mathvista", "pope",
     pytest.param("ocrbench", marks=pytest.mark.slow),   # same code path as docvqa/pope
@@ -336,6 +400,9 @@ def test_bad_inputs_fail_before_generation_and_keep_finished_work(assets, tmp_pa
 @pytest.mark.parametrize("task,row,message", [
     ("docvqa", {"image": "x.png"}, "missing field 'question'"),
     ("docvqa", {"question": "Q", "answers": ["a"]}, "no image"),
+    ("vqa", {"question": "Q", "answer": "a", "image": 5}, "field 'image' must be an image path"),
+    ("mmbench", {"question": "Q", "options": list("abcdefghijk"), "answer": "A"},
+     "at most 10 options, got 11"),
     ("docvqa", {"question": "Q", "answers": [{"a": 1}], "image": "x.png"},
      "field 'answers' must hold answer strings"),
     ("textvqa", {"question": "Q", "answers": ["a"], "image": "x.png"},

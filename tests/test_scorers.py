@@ -8,8 +8,10 @@ import pytest
 
 from mini_internvl_jax.infer.scorers import (
     anls,
+    chartqa,
     hallusion,
     mathvista,
+    mmbench,
     mme,
     mmmu,
     multiple_choice,
@@ -63,6 +65,10 @@ def test_anls_levenshtein_and_errors():
     ("it's", "it 's"),                  # "'s" split off
     ("What?", "what"),
     ("a\tb\nc", "b c"),                 # tabs/newlines to spaces; "a" is an article
+    ("  Ten\tapples\n", "10 apples"),
+    ("none", "0"),
+    ("yes!", "yes"),                    # "!" at the end -> space, stripped by the split
+    ("The cat.", "cat"),
 ])
 def test_textvqa_normalisation(raw, norm):
     assert vqa_accuracy.normalize_answer(raw) == norm
@@ -86,6 +92,127 @@ def test_textvqa_accuracy(pred, answers, expected):
 def test_textvqa_needs_answer_list():
     with pytest.raises(ValueError, match="list of human answers"):
         vqa_accuracy.vqa_accuracy("a", "a")
+
+
+def test_generic_vqa_exact_match_and_single_answers():
+    task = TASKS["vqa"]
+    assert vqa_accuracy.exact_match("Two dogs", ["2 dogs", "dogs"]) == 1.0
+    assert vqa_accuracy.exact_match("three", ["2"]) == 0.0
+    # one answer: the soft score is the exact match (the 10-answer score needs 2+ answers)
+    assert task.score({"answers": ["cat"], "category": "all"}, "a Cat") == {
+        "exact_match": 1.0, "vqa_accuracy": 1.0, "category": "all"}
+    # ["yes", "no"], "yes": leaving out "yes" -> 0, leaving out "no" -> 1/3; mean 1/6
+    rec = task.score({"answers": ["yes", "no"], "category": "all"}, "yes")
+    assert rec["exact_match"] == 1.0 and rec["vqa_accuracy"] == pytest.approx(1 / 6)
+
+
+# -------------------------------------------------------------------------- ChartQA
+
+
+@pytest.mark.parametrize("pred,ref,ok", [
+    ("12%", "0.12", True),          # trailing % divides by 100
+    ("0.12", "12%", True),
+    ("105", "100", True),           # exactly 5% off
+    ("95", "100", True),
+    ("105.1", "100", False),        # just over 5%
+    ("94.9", "100", False),
+    (" 12 ", "12", True),           # surrounding whitespace
+    ("1,234", "1234", False),       # thousands separator: not a number, strings differ
+    ("1,234", "1,234", True),
+    ("0", "0", True),               # zero reference: exact match
+    ("0.01", "0", False),
+    ("Yes", "yes", True),           # case-insensitive string match
+    ("Yes.", "yes", False),
+    ("2019", "2018", True),         # 1 / 2018 < 5%: years count as numbers too
+    ("-10", "-10.4", True),
+])
+def test_chartqa_relaxed_correctness(pred, ref, ok):
+    assert chartqa.relaxed_correctness(pred, ref) is ok
+
+
+def test_chartqa_tolerance_relative_to_prediction_reproduces_internvl():
+    # |100 - 95.2| = 4.8: 5.04% of the reference, 4.8% of the prediction
+    assert not chartqa.relaxed_correctness("100", "95.2")
+    assert chartqa.relaxed_correctness("100", "95.2", relative_to="prediction")
+    with pytest.raises(ValueError, match="relative_to"):
+        chartqa.relaxed_correctness("1", "1", relative_to="both")
+
+
+def test_chartqa_best_over_references_and_summary():
+    assert chartqa.chartqa_score("5", ["7", "5.1"]) == 1.0
+    assert chartqa.chartqa_score("5", ["7", "8"]) == 0.0
+    assert chartqa.chartqa_score("blue", "Blue") == 1.0
+    task = TASKS["chartqa"]
+    recs = [task.score({"answers": ["95.2"], "category": c}, p)
+            for p, c in (("100", "human"), ("95", "augmented"))]
+    s = task.summarize(recs)
+    # "100": wrong against the reference, right against the prediction; "95": right in both
+    assert s["metrics"] == {"relaxed_accuracy": 50.0, "relaxed_accuracy_internvl": 100.0}
+    assert s["categories"]["human"] == {"relaxed_accuracy": 0.0, "num_questions": 1}
+
+
+# -------------------------------------------------------------------------- MMBench
+
+
+def test_mmbench_prompt_layout():
+    q = mmbench.mmbench_question("What is shown?", ["a dog", "a cat"], hint="Look closely.")
+    assert q == ("Look closely.\nWhat is shown?\nA. a dog\nB. a cat\n"
+                 "Answer with the option's letter from the given choices directly.")
+    assert (mmbench.mmbench_question("Q?", ["x", "y"], lang="cn")
+            == "Q?\nA. x\nB. y\n请直接回答选项字母。")
+
+
+@pytest.mark.parametrize("pred,expected", [
+    ("B", "B"), (" C\n", "C"), ("B. a cat", "B"), ("(D)", "D"), ("[A]", "A"), ("C)", "C"),
+    ("The answer is D", "D"), ("Answer: A", "A"),
+    ("a cat", "B"),            # option text
+    ("A cat.", "B"),           # a leading article is not option A
+    ("a cat and a dog", None),  # two options named
+    ("E", None),               # not one of the 4 options
+    ("I am not sure", None),
+])
+def test_mmbench_choice_extraction(pred, expected):
+    assert mmbench.extract_choice(pred, ["a dog", "a cat", "a bird", "a fish"]) == expected
+
+
+def test_mmbench_rotations_track_the_answer():
+    opts = ["red", "green", "blue", "white"]
+    assert mmbench.rotate_options(opts, "C", 0) == (opts, "C")
+    assert mmbench.rotate_options(opts, "C", 1) == (["green", "blue", "white", "red"], "B")
+    assert mmbench.rotate_options(opts, "C", 3) == (["white", "red", "green", "blue"], "D")
+    for shift in range(4):
+        rotated, ans = mmbench.rotate_options(opts, "C", shift)
+        assert rotated["ABCD".index(ans)] == "blue"
+    assert len({tuple(mmbench.rotate_options(opts, "A", s)[0]) for s in range(4)}) == 4
+    with pytest.raises(ValueError, match="not among 4 options"):
+        mmbench.rotate_options(opts, "E", 0)
+
+
+def test_circular_accuracy_needs_every_rotation():
+    results = [("q1", True)] * 4 + [("q2", True), ("q2", False), ("q2", True), ("q2", True),
+                                    ("q3", True), ("q3", True)]
+    assert mmbench.circular_accuracy(results) == pytest.approx(2 / 3)
+    assert mmbench.circular_accuracy([]) == 0.0
+
+
+def test_mmbench_summary_per_category():
+    task = TASKS["mmbench"]
+
+    def rec(question, rotation, category, right):
+        ref = {"options": ["x", "y"], "answer": "A", "question": question,
+               "rotation": rotation, "category": category}
+        return task.score(ref, "A" if right else "B")
+
+    recs = [rec("1", 0, "ocr", True), rec("1", 1, "ocr", True),
+            rec("2", 0, "ocr", True), rec("2", 1, "ocr", False),
+            rec("3", 0, "count", False), rec("3", 1, "count", True)]
+    s = task.summarize(recs)
+    # only question 1 is right in both rotations; rotation 0 right for 1 and 2
+    assert s["metrics"]["circular_accuracy"] == pytest.approx(100 / 3)
+    assert s["metrics"]["accuracy_first_rotation"] == pytest.approx(200 / 3)
+    assert s["metrics"]["num_questions"] == 3
+    assert s["categories"] == {"count": {"circular_accuracy": 0.0, "num_questions": 1},
+                               "ocr": {"circular_accuracy": 50.0, "num_questions": 2}}
 
 
 # ----------------------------------------------------------------- multiple choice

@@ -15,7 +15,7 @@ Where the references disagree: InternVL's own AI2D score compares the stripped, 
 prediction to the answer letter exactly, and its SEED script compares `prediction == answer`,
 so "A." or "(A)" count wrong there; we report that strict rate too (`accuracy_exact`).
 VLMEvalKit would send unmatched answers to an LLM judge (not reproduced). The MMBench scorer
-in `infer/scoring.py` reads "A cat" as option text, as InternVL's MMBench post-processing does.
+(`mmbench.py`) reads "A cat" as option text, as InternVL's MMBench post-processing does.
 """
 
 from __future__ import annotations

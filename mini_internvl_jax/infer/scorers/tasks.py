@@ -27,12 +27,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mini_internvl_jax.infer import scoring
 from mini_internvl_jax.infer.eval_data import EvalDataError, as_list, image_refs
 from mini_internvl_jax.infer.scorers import (
     anls,
+    chartqa,
     hallusion,
     mathvista,
+    mmbench,
     mme,
     mmmu,
     multiple_choice,
@@ -203,8 +204,8 @@ def _ocrbench_summary(records):
 
 
 def _chartqa_score(ref, pred):
-    return {"relaxed_accuracy": scoring.chartqa_score(pred, ref["answers"]),
-            "relaxed_accuracy_internvl": scoring.chartqa_score(pred, ref["answers"],
+    return {"relaxed_accuracy": chartqa.chartqa_score(pred, ref["answers"]),
+            "relaxed_accuracy_internvl": chartqa.chartqa_score(pred, ref["answers"],
                                                                relative_to="prediction"),
             "category": ref["category"]}
 
@@ -227,8 +228,9 @@ def _vqa_build(row, where, root, settings):
 
 def _vqa_score(ref, pred):
     answers = ref["answers"]
-    return {"exact_match": scoring.vqa_exact_match(pred, answers),
-            "vqa_accuracy": scoring.vqa_accuracy(pred, answers), "category": ref["category"]}
+    em = vqa_accuracy.exact_match(pred, answers)
+    soft = vqa_accuracy.vqa_accuracy(pred, answers) if len(answers) > 1 else em
+    return {"exact_match": em, "vqa_accuracy": soft, "category": ref["category"]}
 
 
 def _vqa_summary(records):
@@ -270,18 +272,21 @@ def _mc_summary(records):
 
 def _mmbench_build(row, where, root, settings):
     opts = _options(row, where)
+    if len(opts) > len(mmbench.LETTERS):
+        raise EvalDataError(f"{where}: MMBench questions have at most {len(mmbench.LETTERS)} "
+                            f"options, got {len(opts)}")
     q = _text(row, ("question",), where)
     answer = _letter(row, where, len(opts))
     lang = str(row.get("lang") or "en")
-    if lang not in scoring.MMBENCH_PROMPT:
-        raise EvalDataError(f"{where}: lang must be one of {sorted(scoring.MMBENCH_PROMPT)}")
+    if lang not in mmbench.MMBENCH_PROMPT:
+        raise EvalDataError(f"{where}: lang must be one of {sorted(mmbench.MMBENCH_PROMPT)}")
     hint = _get(row, ("hint",), where, required=False)
     images = image_refs(row, root, where, required=False)
     qid = _id(row, where)
     items = []
     for shift in range(len(opts) if settings.get("circular", True) else 1):
-        rotated, letter = scoring.rotate_options(opts, answer, shift)
-        prompt = scoring.mmbench_question(q, rotated, str(hint) if hint else None, lang)
+        rotated, letter = mmbench.rotate_options(opts, answer, shift)
+        prompt = mmbench.mmbench_question(q, rotated, str(hint) if hint else None, lang)
         ref = {"options": rotated, "answer": letter, "question": qid, "rotation": shift,
                "category": _category(row, ("category", "l2-category"))}
         items.append(Item(f"{qid}@{shift}", prompt, images, ref))
@@ -289,7 +294,7 @@ def _mmbench_build(row, where, root, settings):
 
 
 def _mmbench_score(ref, pred):
-    choice = scoring.extract_choice(pred, ref["options"])
+    choice = mmbench.extract_choice(pred, ref["options"])
     return {"choice": choice, "correct": choice == ref["answer"], "question": ref["question"],
             "rotation": ref["rotation"], "category": ref["category"]}
 
@@ -300,11 +305,11 @@ def _mmbench_summary(records):
     for r in records:
         groups[r["category"]].append(r)
     for c, rs in sorted(groups.items()):
-        cats[c] = {"circular_accuracy": 100 * scoring.circular_accuracy(
+        cats[c] = {"circular_accuracy": 100 * mmbench.circular_accuracy(
             (r["question"], r["correct"]) for r in rs),
             "num_questions": len({r["question"] for r in rs})}
     return {"metrics": {
-        "circular_accuracy": 100 * scoring.circular_accuracy(
+        "circular_accuracy": 100 * mmbench.circular_accuracy(
             (r["question"], r["correct"]) for r in records),
         "accuracy_first_rotation": 100 * _mean(r["correct"] for r in records
                                                if r["rotation"] == 0),

@@ -11,6 +11,10 @@ Rules (TextVQA's EvalAI evaluator, the m4c/LLaVA `TextVQAAccuracyEvaluator` that
   * the score is min(1, matches / 3) averaged over the leave-one-out subsets of the (10)
     human answers: a prediction three annotators gave scores 0.9 (= (7 * 1 + 3 * 2/3) / 10).
 
+The generic `vqa` task (your own data, any number of answers) normalises the same way and
+reports the exact match against any answer too; with a single answer its soft score is that
+exact match.
+
 Where the references disagree:
   * the official VQA v2 script (`vqaEval.py`) normalises only when the 10 answers are not all
     equal, and strips no commas or "?" before its punctuation step; EvalAI (TextVQA)
@@ -98,3 +102,9 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     # leaving out a matching answer leaves hits - 1 matches, any other leaves hits
     total = sum(min(1.0, (hits - (r == pred)) / 3.0) for r in refs)
     return total / len(refs)
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 when the normalised prediction equals any normalised answer."""
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(a) for a in answers))
