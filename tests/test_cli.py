@@ -1,5 +1,6 @@
 """The commands' own argument handling and error exits (their work is tested elsewhere:
-test_train_cli, test_chat_eval_cli, test_convert_errors, test_train_init, test_install)."""
+test_train_cli, test_chat_eval_cli, test_eval_tasks_cli, test_convert_errors, test_train_init,
+test_install)."""
 
 import json
 

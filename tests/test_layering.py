@@ -35,6 +35,7 @@ LAZY_THIRD_PARTY = {
     "sentencepiece": "only SentencePiece tokenizers need it",
     "tokenizers": "only Hugging Face tokenizers need it",
     "jax.experimental.topologies": "TPU AOT compile only; needs libtpu",
+    "pyarrow": "only parquet benchmark files need it (evaluation); a clear error if missing",
 }
 # Package imports a function may make itself, and why.
 LAZY_PACKAGE = {

@@ -1,83 +1,73 @@
-"""Evaluate a checkpoint on ChartQA, MMBench-style multiple choice or VQA (JSONL in).
+"""Evaluate a checkpoint on a benchmark: `--task` picks the prompt, scorer and input fields.
 
-  mivl-eval --checkpoint DIR --task chartqa --data test.jsonl
+  mivl-eval --checkpoint DIR --task docvqa --data docvqa_val.parquet --out runs/docvqa.json
 
-Writes one prediction record per request (JSONL) and the overall scores (JSON), and prints the
-scores. Input format and prompts: `mini_internvl_jax/infer/evaluation.py`; scoring rules:
-`mini_internvl_jax/infer/scoring.py`. Decoding is greedy, as in InternVL's eval scripts.
+Writes the results JSON (`--out`; overall metrics, per-category metrics, per-item scores) and
+prints a per-category table. Predictions are appended to OUT.predictions.jsonl after every
+batch; rerunning the same command continues where a crash or preemption stopped. Tasks,
+metrics and input formats: `mini_internvl_jax/infer/scorers/tasks.py` and
+docs/evaluation.md. Decoding is greedy, as in InternVL's eval scripts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-import time
+from collections.abc import Sequence
 from pathlib import Path
 
-from mini_internvl_jax.infer import evaluation
+from tqdm import tqdm
+
+from mini_internvl_jax.infer import eval_runner
 from mini_internvl_jax.infer.generate import GenerationConfig
 from mini_internvl_jax.infer.runtime import Runtime, add_model_args, load_runtime
+from mini_internvl_jax.infer.scorers.tasks import TASKS, Item
 from mini_internvl_jax.train.metrics import markdown_table, open_tensorboard
 
 TABLE_ROWS = 50  # predictions shown in TensorBoard's text tab (all of them are in --out)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mivl-eval",
-                                description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="mivl-eval", description=__doc__.split("\n")[0])
     add_model_args(p)
-    p.add_argument("--task", required=True, choices=evaluation.TASKS)
-    p.add_argument("--data", required=True, metavar="FILE", help="JSONL with one item a line")
+    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--data", required=True, metavar="PATH",
+                   help="benchmark file (.jsonl, .json, .tsv, .parquet) or a folder of "
+                        "parquet shards")
     p.add_argument("--image-root", metavar="DIR",
                    help="folder image paths are relative to (default: the data file's)")
-    p.add_argument("--out", metavar="FILE",
-                   help="predictions JSONL (default: DATA_STEM.TASK.predictions.jsonl in the "
-                        "current folder); scores go next to it as .score.json")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", metavar="FILE.json",
+                   help="results JSON (default: DATA_STEM.TASK.json in the current folder); "
+                        "predictions go next to it as FILE.predictions.jsonl")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="rows per generation batch (rounded up to a multiple of the mesh's "
+                        "data x fsdp size)")
     p.add_argument("--no-circular", dest="circular", action="store_false",
                    help="mmbench: ask each question once instead of once per rotation")
-    p.add_argument("--limit", type=int, default=None, help="first N items only")
+    p.add_argument("--limit", type=int, default=None, help="first N rows of the data only")
     p.add_argument("--tensorboard", metavar="DIR",
-                   help="also write the scores (scalars and a table) and the first "
-                        f"{TABLE_ROWS} predictions (a table) as TensorBoard events into DIR")
+                   help="also write the scores (overall scalars, a table with the categories) "
+                        f"and the first {TABLE_ROWS} predictions (a table) as TensorBoard "
+                        "events into DIR")
     p.add_argument("--tensorboard-step", type=int, default=0, metavar="N",
                    help="step to log at, e.g. the checkpoint's training step (default 0)")
     return p
 
 
-def log_to_tensorboard(log_dir: str, task: str, summary: dict, records: list[dict],
-                       step: int) -> None:
-    """Scores as scalars `eval/TASK/NAME` plus markdown tables of scores and predictions."""
-    scores = {k: v for k, v in summary.items()
-              if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    tb = open_tensorboard(log_dir)
-    try:
-        for k, v in scores.items():
-            tb.add_scalar(f"eval/{task}/{k}", v, step)
-        tb.add_text(f"eval/{task}/scores", markdown_table(["metric", "value"],
-                                                          [[k, v] for k, v in scores.items()]),
-                    step)
-        if records:
-            header = list(records[0])
-            rows = [[r.get(k, "") for k in header] for r in records[:TABLE_ROWS]]
-            tb.add_text(f"eval/{task}/predictions", markdown_table(header, rows), step)
-    finally:
-        tb.close()
-
-
 def make_answer_fn(rt: Runtime, max_new_tokens: int, batch_size: int):
-    """Greedy answers for a batch of requests; batches are padded to a fixed size."""
+    """Greedy answers for a batch of items; batches are padded to a fixed row count."""
 
-    def answer(requests):
-        prompts, stops = [], None
-        for r in requests:
+    def answer(items):
+        prompts, stops = [], ()
+        for it in items:
             try:
-                prompt, stops = rt.prompt(r.images, r.question)
+                prompt, stops = rt.prompt(it.images, it.prompt)
             except ValueError as e:
-                raise ValueError(f"item {r.item_id!r}: {e}") from None
+                raise ValueError(f"item {it.id!r}: {e}") from None
             prompts.append(prompt)
-        gen = GenerationConfig(max_new_tokens, stop_token_ids=stops,
+        gen = GenerationConfig(max_new_tokens, stop_token_ids=tuple(stops),
                                pad_token_id=rt.tokenizer.pad_id)
         outs = rt.generator.generate(prompts, gen, batch_size=batch_size)
         return [rt.decode(ids, stops) for ids in outs]
@@ -85,50 +75,78 @@ def make_answer_fn(rt: Runtime, max_new_tokens: int, batch_size: int):
     return answer
 
 
+def row_multiple(mesh) -> int:
+    """Batch rows must split evenly over the mesh axes the batch is sharded on."""
+    if mesh is None:
+        return 1
+    return math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
+
+
+def log_to_tensorboard(log_dir: str, summary: dict, items: Sequence[Item],
+                       records: Sequence[dict], step: int) -> None:
+    """Overall metrics as scalars `eval/TASK/METRIC`; markdown tables of the metrics (overall and
+    per category) and of the first predictions with their prompts."""
+    task = summary["task"]
+    rows = [("overall", summary["metrics"])] + list(summary.get("categories", {}).items())
+    cols = list(dict.fromkeys(k for _, m in rows for k in m))
+    prompts = {it.id: it.prompt for it in items}
+    shown = list(records[:TABLE_ROWS])
+    fields = list(dict.fromkeys(k for r in shown for k in r if k != "id"))
+    tb = open_tensorboard(log_dir)
+    try:
+        for k, v in summary["metrics"].items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                tb.add_scalar(f"eval/{task}/{k}", v, step)
+        tb.add_text(f"eval/{task}/scores", markdown_table(
+            ["category", *cols], [[name, *(m.get(c, "") for c in cols)] for name, m in rows]),
+            step)
+        if shown:
+            tb.add_text(f"eval/{task}/predictions", markdown_table(
+                ["id", "prompt", *fields],
+                [[r["id"], prompts[r["id"]], *(r.get(k, "") for k in fields)] for r in shown]),
+                step)
+    finally:
+        tb.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         print("error: --batch-size must be >= 1", file=sys.stderr)
         return 2
-    out = Path(args.out or f"{Path(args.data).stem}.{args.task}.predictions.jsonl")
-    score_path = out.with_name(out.name.removesuffix(".jsonl") + ".score.json")
+    task = TASKS[args.task]
+    out = Path(args.out or f"{Path(args.data).stem}.{task.name}.json")
+    preds_path = eval_runner.predictions_path(out)
     try:
-        requests = evaluation.build_requests(args.task, args.data, image_root=args.image_root,
-                                             circular=args.circular)
-        if args.limit is not None:
-            keep = set(list_ids(requests)[:args.limit])
-            requests = [r for r in requests if r.item_id in keep]
-        rt = load_runtime(args, default_max_num=6)
-    except (ValueError, FileNotFoundError) as e:
+        items = eval_runner.build_items(task, args.data, image_root=args.image_root,
+                                        settings={"circular": args.circular},
+                                        limit=args.limit)
+        done = eval_runner.load_predictions(preds_path, task, items)
+        pending = [it for it in items if it.id not in done]
+        eval_runner.check_images(pending)
+        if pending:
+            rt = load_runtime(args, default_max_num=6)
+            mult = row_multiple(rt.generator.mesh)
+            batch = -(-args.batch_size // mult) * mult
+            answer = make_answer_fn(rt, args.max_new_tokens or task.max_new_tokens, batch)
+            with tqdm(total=len(items), initial=len(items) - len(pending), unit="item",
+                      desc=task.name, file=sys.stderr) as bar:
+                eval_runner.generate_all(task, pending, preds_path, answer, batch,
+                                         progress=bar.update)
+            done = eval_runner.load_predictions(preds_path, task, items)
+        records, summary = eval_runner.score_all(task, items, done)
+    except (ValueError, FileNotFoundError) as e:  # EvalDataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    answer = make_answer_fn(rt, args.max_new_tokens or 100, args.batch_size)
-    start = time.perf_counter()
-
-    def progress(done: int, total: int) -> None:
-        rate = done / (time.perf_counter() - start)
-        print(f"\r{done}/{total} requests ({rate:.2f}/s)", end="", file=sys.stderr, flush=True)
-
-    try:
-        records, summary = evaluation.run_evaluation(args.task, requests, answer,
-                                                     batch_size=args.batch_size,
-                                                     progress=progress)
-    except ValueError as e:
-        print(f"\nerror: {e}", file=sys.stderr)
-        return 2
-    print(file=sys.stderr)
     summary.update(checkpoint=str(args.checkpoint), data=str(args.data),
-                   predictions=str(out))
-    evaluation.write_results(records, summary, out, score_path)
+                   predictions=str(preds_path))
+    eval_runner.write_results(out, summary, records)
     if args.tensorboard:
-        log_to_tensorboard(args.tensorboard, args.task, summary, records, args.tensorboard_step)
-    print(json.dumps(summary, indent=2))
+        log_to_tensorboard(args.tensorboard, summary, items, records, args.tensorboard_step)
+    print(eval_runner.format_table(summary))
+    print(json.dumps({"task": task.name, task.headline: summary["metrics"][task.headline],
+                      "results": str(out)}))
     return 0
-
-
-def list_ids(requests) -> list[str]:
-    """Item ids in first-appearance order (rotations of one item share an id)."""
-    return list(dict.fromkeys(r.item_id for r in requests))
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num", type=int, default=None,
                    help="most tiles per image before the thumbnail (dynamic tiling)")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="default: 1024 for chat, 100 for evaluation")
+                   help="default: 1024 for chat, the task's own for evaluation")
     p.add_argument("--system", default=None, help="system message (default: InternVL's)")
 
 

@@ -1,0 +1,157 @@
+"""Benchmark files as rows: JSONL / JSON, TSV (VLMEvalKit) and parquet (as published on HF).
+
+  * `.jsonl` (one object a line) or `.json` (a list of objects): images are paths relative to
+    `--image-root` (default: the data file's folder), a list of paths, or absent;
+  * `.tsv` (VLMEvalKit's files): a header row; `image` holds base64-encoded image bytes (or,
+    when short, the `index` of the row whose image it shares, as VLMEvalKit dedups images),
+    `image_path` a path; list-valued cells (answers) are Python literals such as "['a', 'b']";
+  * `.parquet`, or a folder of `*.parquet` shards (Hugging Face datasets' published form):
+    image cells are {"bytes", "path"} structs. pyarrow is needed only for these.
+
+Rows come back as (where, dict) with `where` = "FILE:LINE" for error messages; images as a
+tuple of paths (str) or encoded bytes, which `prepare_chat_inputs` opens either way.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import binascii
+import csv
+import json
+import sys
+from pathlib import Path
+
+
+class EvalDataError(ValueError):
+    """A malformed evaluation file; the message names the file, row and field."""
+
+
+def read_rows(path: str | Path) -> list[tuple[str, dict]]:
+    path = Path(path)
+    if path.is_dir():
+        shards = sorted(path.glob("*.parquet"))
+        if not shards:
+            raise EvalDataError(f"{path} is a folder without *.parquet files")
+        return [r for s in shards for r in _read_parquet(s)]
+    if not path.is_file():
+        raise EvalDataError(f"evaluation file {path} does not exist")
+    suffix = path.suffix.lower()
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".tsv": _read_tsv,
+               ".parquet": _read_parquet}
+    if suffix not in readers:
+        raise EvalDataError(f"{path}: unknown format {suffix!r}; expected one of "
+                            f"{sorted(readers)} or a folder of parquet shards")
+    rows = readers[suffix](path)
+    if not rows:
+        raise EvalDataError(f"{path} holds no rows")
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvalDataError(f"{path}:{n}: not valid JSON ({e})") from None
+            if not isinstance(obj, dict):
+                raise EvalDataError(f"{path}:{n}: expected a JSON object")
+            rows.append((f"{path}:{n}", obj))
+    return rows
+
+
+def _read_json(path: Path) -> list[tuple[str, dict]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise EvalDataError(f"{path}: not valid JSON ({e})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]  # DocVQA / InfographicVQA annotation files: {"data": [...]}
+    if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
+        raise EvalDataError(f"{path}: expected a list of objects (or {{'data': [...]}})")
+    return [(f"{path}:item {i}", x) for i, x in enumerate(data)]
+
+
+def _read_tsv(path: Path) -> list[tuple[str, dict]]:
+    csv.field_size_limit(sys.maxsize)  # base64 images are long cells
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        rows = [(f"{path}:{n}", dict(r)) for n, r in enumerate(reader, 2)]
+    by_index = {r.get("index"): r.get("image") for _, r in rows if r.get("index") is not None}
+    for where, r in rows:
+        img = r.get("image")
+        if img is not None and len(img) <= 64 and img in by_index:
+            r["image"] = by_index[img]  # VLMEvalKit stores a shared image once
+        if r.get("image"):
+            r["image"] = _b64(r["image"], where)
+    return rows
+
+
+def _b64(text: str, where: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise EvalDataError(f"{where}: column 'image' is not base64 image data") from None
+
+
+def _read_parquet(path: Path) -> list[tuple[str, dict]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise EvalDataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)"
+                            ) from None
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises its own error types for broken files
+        raise EvalDataError(f"{path}: not a readable parquet file ({e})") from None
+    return [(f"{path}:row {i}", r) for i, r in enumerate(table.to_pylist())]
+
+
+def as_list(value, where: str, name: str) -> list:
+    """A list cell: a list, a Python-literal list in a string (TSV), or one scalar."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            parsed = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise EvalDataError(f"{where}: field {name!r} looks like a list but is not a "
+                                f"valid literal: {value[:80]!r}") from None
+        if isinstance(parsed, list):
+            return parsed
+    if hasattr(value, "tolist"):
+        return list(value.tolist())
+    return [value]
+
+
+def image_refs(row: dict, root: Path, where: str, *, required: bool) -> tuple:
+    """The row's images in order as paths or encoded bytes: the first of `decoded_image`
+    (MathVista), `image`, `image_path`, then `image_1` ... `image_N` (MMMU)."""
+    first = next((k for k in ("decoded_image", "image", "image_path")
+                  if row.get(k) not in (None, "")), None)
+    keys = [first] if first else []
+    keys += sorted((k for k in row if k.startswith("image_") and k[6:].isdigit()
+                    and row[k] not in (None, "")), key=lambda k: int(k[6:]))
+    refs = [_one_ref(one, root, where, k) for k in keys
+            for one in (row[k] if isinstance(row[k], list) else [row[k]])]
+    if required and not refs:
+        raise EvalDataError(f"{where}: no image (fields 'image', 'image_path' or 'image_1'...)")
+    return tuple(refs)
+
+
+def _one_ref(v, root: Path, where: str, key: str):
+    if isinstance(v, bytes):
+        return v
+    if isinstance(v, dict):  # HF parquet image struct
+        if v.get("bytes"):
+            return bytes(v["bytes"])
+        if v.get("path"):
+            return str(root / v["path"])
+    if isinstance(v, str) and v:
+        return str(root / v)
+    raise EvalDataError(f"{where}: field {key!r} must be an image path, bytes or an "
+                        f"{{'bytes', 'path'}} struct, got {type(v).__name__}")

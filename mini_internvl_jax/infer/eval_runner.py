@@ -1,0 +1,153 @@
+"""Resumable benchmark evaluation: items -> batched greedy generation -> scores.
+
+Predictions go to `RESULTS.predictions.jsonl` next to the results JSON, one line per item,
+flushed and fsynced after every batch. A rerun with the same `--out` reads that file, skips
+the items it holds and generates only the rest; a torn last line (a crash mid-write) is
+dropped, anything else unexpected (an id the data does not have, a different prompt or task)
+is an error rather than a silent overwrite, so finished work is never discarded. Scores are
+recomputed from all predictions at the end, so a rerun with every item done only rescores.
+
+Every pending item's images are opened and decoded before the model is loaded, so a bad file
+fails the run at once instead of hours in. Batches are padded to a multiple of the mesh's
+data x fsdp size; the generator shards batch rows over those axes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from mini_internvl_jax.data.errors import SkipSample
+from mini_internvl_jax.data.processing import decode_rgb, open_image
+from mini_internvl_jax.fileio import write_atomic
+from mini_internvl_jax.infer.eval_data import EvalDataError, read_rows
+from mini_internvl_jax.infer.scorers.tasks import Item, Task
+
+
+def build_items(task: Task, data: str | Path, *, image_root: str | Path | None = None,
+                settings: dict | None = None, limit: int | None = None) -> list[Item]:
+    """All items of a benchmark file (the first `limit` rows only, if given)."""
+    root = Path(image_root) if image_root is not None else Path(data)
+    root = root if root.is_dir() else root.parent
+    rows = read_rows(data)
+    if limit is not None:
+        rows = rows[:limit]
+    items: list[Item] = []
+    seen: dict[str, str] = {}
+    for where, row in rows:
+        for item in task.build(row, where, root, settings or {}):
+            if item.id in seen:
+                raise EvalDataError(f"{where}: duplicate id {item.id!r} (first at "
+                                    f"{seen[item.id]})")
+            seen[item.id] = where
+            items.append(item)
+    if not items:
+        raise EvalDataError(f"{data}: no {task.name} items")
+    return items
+
+
+def predictions_path(results: str | Path) -> Path:
+    results = Path(results)
+    return results.with_name(results.name.removesuffix(".json") + ".predictions.jsonl")
+
+
+def load_predictions(path: Path, task: Task, items: Sequence[Item]) -> dict[str, str]:
+    """id -> prediction already in `path`; drops a torn last line, rejects foreign records."""
+    if not path.exists():
+        return {}
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    if lines[-1]:  # no newline at the end: the last write was cut off
+        os.truncate(path, len(raw) - len(lines[-1]))
+    by_id = {it.id: it for it in items}
+    done: dict[str, str] = {}
+    for n, line in enumerate(lines[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            rid, pred = str(rec["id"]), rec["prediction"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise EvalDataError(f"{path}:{n}: not a prediction record; fix or move the file "
+                                "(it is never overwritten)") from None
+        if rec.get("task") != task.name or rid not in by_id:
+            raise EvalDataError(f"{path}:{n}: record {rid!r} of task {rec.get('task')!r} is not "
+                                f"an item of this {task.name} data; use another --out")
+        if rec.get("prompt") != by_id[rid].prompt:
+            raise EvalDataError(f"{path}:{n}: item {rid!r} was generated with a different "
+                                "prompt; use another --out")
+        done[rid] = pred
+    return done
+
+
+def check_images(items: Sequence[Item]) -> None:
+    """Opens and decodes every image of `items`; one error lists the first bad ones."""
+    bad = []
+    for it in items:
+        for ref in it.images:
+            try:
+                decode_rgb(open_image(ref))
+            except (SkipSample, ValueError) as e:
+                bad.append(f"item {it.id!r}: {e}")
+                break
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise EvalDataError(f"{len(bad)} item(s) have unreadable images{more}: "
+                            + "; ".join(bad[:5]))
+
+
+def generate_all(task: Task, pending: Sequence[Item], path: Path,
+                 answer: Callable[[Sequence[Item]], list[str]], batch_size: int,
+                 progress=None) -> None:
+    """Answers `pending` in batches, appending each batch's records to `path` durably."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start:start + batch_size]
+            preds = answer(batch)
+            if len(preds) != len(batch):
+                raise RuntimeError(f"{len(preds)} predictions for {len(batch)} items")
+            f.write("".join(json.dumps({"id": it.id, "task": task.name, "prompt": it.prompt,
+                                        "prediction": p}, ensure_ascii=False) + "\n"
+                            for it, p in zip(batch, preds, strict=True)))
+            f.flush()
+            os.fsync(f.fileno())
+            if progress is not None:
+                progress(len(batch))
+
+
+def score_all(task: Task, items: Sequence[Item], predictions: dict[str, str]
+              ) -> tuple[list[dict], dict]:
+    records = []
+    for it in items:
+        rec = {"id": it.id, "prediction": predictions[it.id]}
+        rec.update(task.score(it.ref, predictions[it.id]))
+        records.append(rec)
+    summary = task.summarize(records)
+    return records, {"task": task.name, "metric": task.metric, "headline": task.headline,
+                     "num_items": len(items), **summary}
+
+
+def format_table(summary: dict) -> str:
+    """Overall metrics, then one row per category, as an aligned plain-text table."""
+    rows = [("overall", summary["metrics"])] + list(summary.get("categories", {}).items())
+    cols = list(dict.fromkeys(k for _, m in rows for k in m))
+
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.2f}"
+        return "" if v is None else str(v)
+
+    table = [["category"] + cols] + [[name] + [cell(m.get(c)) for c in cols] for name, m in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_results(path: str | Path, summary: dict, records: Sequence[dict]) -> None:
+    write_atomic(path, json.dumps({**summary, "items": list(records)}, indent=1,
+                                  ensure_ascii=False) + "\n")

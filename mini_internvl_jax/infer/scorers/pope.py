@@ -1,0 +1,56 @@
+"""POPE: yes/no reading and accuracy, precision, recall, F1 and yes-ratio per split.
+
+Rules (InternVL's `eval/pope/eval_pope.py`, itself LLaVA's `eval_pope.py`):
+  * only the text before the first "." counts; commas are deleted; the text is split on single
+    spaces; if the words include "No", "no" or "not" the answer is no, otherwise yes (an empty
+    or off-topic answer counts as yes; "NO" is yes, "No." and "no, it is not" are no);
+  * "yes" is the positive class; per split (adversarial, popular, random): accuracy,
+    precision = TP / (TP + FP), recall = TP / (TP + FN), F1, yes-ratio = share answered yes;
+  * the reported POPE number is the mean F1 over the splits.
+
+Where the references disagree: the script divides by zero when a split has no positive
+prediction; we report precision (and F1) 0 there. VLMEvalKit's POPE uses its word-level yes/no
+extraction (both or neither of yes/no -> Unknown, counted wrong) and reports the F1 and accuracy
+over all splits pooled ("Overall") besides each split.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+
+
+def parse_yes_no(response: str) -> str:
+    text = response.split(".")[0] if "." in response else response
+    words = text.replace(",", "").split(" ")
+    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+
+
+def binary_metrics(preds: Iterable[bool], labels: Iterable[bool]) -> dict:
+    """preds / labels: True for yes. Accuracy, precision, recall, F1, yes-ratio (fractions)."""
+    tp = fp = tn = fn = 0
+    for p, t in zip(preds, labels, strict=True):
+        tp += p and t
+        fp += p and not t
+        tn += not p and not t
+        fn += not p and t
+    n = tp + fp + tn + fn
+    if n == 0:
+        raise ValueError("binary_metrics: no predictions")
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": (tp + tn) / n, "precision": precision, "recall": recall, "f1": f1,
+            "yes_ratio": (tp + fp) / n, "num_questions": n}
+
+
+def pope_scores(records: Iterable[Mapping]) -> dict:
+    """records: {split, pred_yes, label_yes} -> per-split metrics and the mean F1."""
+    by_split: dict[str, list] = defaultdict(list)
+    for r in records:
+        by_split[r["split"]].append((bool(r["pred_yes"]), bool(r["label_yes"])))
+    splits = {s: binary_metrics([p for p, _ in v], [t for _, t in v])
+              for s, v in sorted(by_split.items())}
+    return {"f1_mean": sum(m["f1"] for m in splits.values()) / len(splits),
+            "accuracy_mean": sum(m["accuracy"] for m in splits.values()) / len(splits),
+            "splits": splits}
