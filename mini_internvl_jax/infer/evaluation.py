@@ -1,7 +1,9 @@
 """Batch evaluation: JSONL items -> chat requests -> predictions -> per-item and overall scores.
 
 Input lines (one JSON object each; `id` defaults to the line number; `image` is a path relative
-to the image root, a list of paths, or absent for text-only items):
+to the image root, a list of paths (prompted `Image-1: <image>`..., tile budget shared), or
+absent for text-only items; or `video` a path under the same root, sampled as `num_frames`
+frames, default 8, prompted `Frame1: <image>`...):
   chartqa, vqa: {"id", "image", "question", "answer": str | [str]} (`answers` also accepted)
   mmbench:      {"id", "image", "question", "options": {"A": ..} | [..], "answer": "B",
                  "hint"?, "lang"?: "en" | "cn"}
@@ -17,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mini_internvl_jax.data.video import DEFAULT_NUM_FRAMES, VideoRef
 from mini_internvl_jax.fileio import write_atomic
 from mini_internvl_jax.infer import scoring
 
@@ -32,7 +35,7 @@ class EvalDataError(ValueError):
 class Request:
     item_id: str
     question: str  # the full prompt text sent to the model
-    images: tuple[str, ...]
+    images: tuple  # image paths, or one VideoRef
     reference: str | tuple[str, ...]  # answers (chartqa, vqa) or the answer letter (mmbench)
     options: tuple[str, ...] = ()
     rotation: int = 0
@@ -69,7 +72,15 @@ def _field(obj: dict, name: str, where: str, kinds: tuple[type, ...]):
     return value
 
 
-def _images(obj: dict, root: Path, where: str) -> tuple[str, ...]:
+def _images(obj: dict, root: Path, where: str) -> tuple:
+    """Image paths, or one `VideoRef` for a `video` row (`num_frames` optional, default 8)."""
+    if obj.get("video") is not None:
+        video, n = obj["video"], obj.get("num_frames", DEFAULT_NUM_FRAMES)
+        if not isinstance(video, str) or not video or obj.get("image") is not None:
+            raise EvalDataError(f"{where}: field 'video' must be a path, without 'image'")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise EvalDataError(f"{where}: field 'num_frames' must be a positive integer")
+        return (VideoRef(str(root / video), n),)
     ref = obj.get("image")
     if ref is None:
         return ()

@@ -47,7 +47,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="shard parameters over devices, e.g. 'tensor=2' (axes data, fsdp, "
                         "tensor) for models that do not fit one device")
     p.add_argument("--max-num", type=int, default=None,
-                   help="most tiles per image before the thumbnail (dynamic tiling)")
+                   help="tile budget before the thumbnail (dynamic tiling): one image gets up "
+                        "to N tiles, k images max(1, N // k) each, as InternVL")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default: 1024 for chat, 100 for evaluation")
     p.add_argument("--system", default=None, help="system message (default: InternVL's)")
