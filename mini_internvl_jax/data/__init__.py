@@ -2,8 +2,8 @@
 
 Modules, in pipeline order: `sources` (meta JSON + JSONL, ArrayRecord, TFDS), `tiling`,
 `tokenizer`, `templates`, `media` + `video` (several images, video frames), `processing`
-(record -> sample; inference prompts), `packing`,
-`pipeline` (the Grain iterator), `config` (`DataConfig`) and `demo` (synthetic data).
+(record -> sample; inference prompts), `packing`, `pipeline` (the Grain iterator), `config`
+(`DataConfig`) and `demo` (synthetic data).
 """
 
 import importlib
