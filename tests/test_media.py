@@ -277,3 +277,15 @@ def test_text_stream_never_prints_partial_characters(assets, kind):
     assert not any("\ufffd" in p for p in pieces)
     assert "".join(pieces) == tok.decode(ids) == text
     assert sum(bool(p) for p in pieces) > 5  # it did stream, not print all at the end
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "phi3", "internlm2"])
+def test_text_stream_adds_up_to_the_decode_of_any_ids(assets, kind):
+    """Random ids (broken byte sequences, special tokens, leading-space pieces at every window
+    start) still stream to exactly the full decode."""
+    tok = load_tokenizer(assets / "demo" / "tokenizers" / kind)
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        ids = rng.integers(0, tok.vocab_size, 30).tolist()
+        stream = TextStream(tok, [])
+        assert "".join([stream.push(i) for i in ids] + [stream.flush()]) == tok.decode(ids)

@@ -38,7 +38,8 @@ class DataConfig:
     text_only_dummy_tile: bool = False
     # Video rows (`video` in the JSONL): frames per sample drawn uniformly in [min, max]
     # (InternVL2's 8..32), one per interval, at random or at the interval middle; one tile
-    # per frame. Draws are seeded by the run seed and the sample's position.
+    # per frame (so a row needs that many tiles of the batch's tile buffer and 256 tokens
+    # each). Draws are seeded by the run seed and the sample's position.
     min_num_frames: int = 8
     max_num_frames: int = 32
     frame_sampling: Literal["rand", "middle"] = "rand"
