@@ -241,7 +241,7 @@ class SampleProcessor:
     def process(self, rec: Record, spec: DatasetSpec, plan_index: int) -> Sample:
         cfg = self.cfg
         msgs, system = parse_conversations(rec.conversations)
-        video_rng = None
+        video_rng, n_frames = None, 0
         if rec.video is not None:
             # Frame count and picks: a stream of their own, so JPEG draws stay as they were.
             video_rng = np.random.default_rng([self.seed, plan_index, 1])

@@ -11,7 +11,8 @@ Which frames, by InternVL's rules:
     middle with `"middle"` sampling; a video with fewer frames than asked repeats its last pick.
     Draws come from a numpy Generator the caller seeds, so a sample is reproducible.
 
-Decoding uses PyAV (`av`, FFmpeg bindings), imported only when a video is read. Frames are
+Decoding uses PyAV (`av`, FFmpeg bindings), imported only when a video is read; remote paths
+(`gs://`, ...) are read into memory through `etils.epath` first. Frames are
 decoded in order and the chosen ones kept, so any container and codec FFmpeg reads works; the
 frame count comes from the stream header, or from a counting pass when the container does not
 store it (Matroska/WebM).
@@ -25,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from mini_internvl_jax.data import tiling
@@ -139,6 +141,11 @@ def read_frames(source, choose: Callable[[int, float], Sequence[int]]) -> Frames
     """
     av = _av()
     name = "embedded video" if isinstance(source, bytes) else str(source)
+    if isinstance(source, str) and "://" in source:  # gs:// etc.: read once through epath
+        try:
+            source = epath.Path(source).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+            raise VideoError("missing_video", f"{name}: {type(e).__name__}") from None
     try:
         with _open(source, av) as c:
             if not c.streams.video:
