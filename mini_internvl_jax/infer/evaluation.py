@@ -144,7 +144,8 @@ def build_requests(task: str, path: str | Path, *, image_root: str | Path | None
 
 
 def score(task: str, req: Request, prediction: str) -> dict:
-    rec = {"id": req.item_id, "question": req.question, "prediction": prediction}
+    rec: dict[str, object] = {"id": req.item_id, "question": req.question,
+                              "prediction": prediction}
     if task == "mmbench":
         choice = scoring.extract_choice(prediction, req.options)
         rec.update(rotation=req.rotation, answer=req.reference, choice=choice,

@@ -17,11 +17,10 @@ import threading
 import grain
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
+from jax.experimental import multihost_utils
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint folder that cannot be used; the message names it."""
+from mini_internvl_jax import configlib
+from mini_internvl_jax.convert.run_folder import CheckpointError, absolute_path
 
 
 class _IteratorSnapshot:
@@ -77,40 +76,9 @@ class Checkpointer:
 
 
 def run_meta(cfg, model_cfg, step: int) -> dict:
-    """What a step folder records about its run (init_from and export read it back)."""
-    from mini_internvl_jax import configlib
-
+    """What a step folder records about its run (convert/run_folder.py reads it back)."""
     return {"train_config": configlib.to_dict(cfg), "model_config": configlib.to_dict(model_cfg),
             "step": step, "process_count": jax.process_count()}
-
-
-def absolute_path(directory: str) -> epath.Path:
-    """Orbax needs absolute paths; relative local ones resolve against the working directory
-    (`gs://...` and other URLs are absolute already)."""
-    path = epath.Path(directory)
-    return path if "://" in str(directory) else epath.Path(path.absolute())
-
-
-def read_meta(directory: str, step: int | None = None) -> tuple[int, dict]:
-    """(step, meta JSON) of a run's checkpoint (the latest when `step` is None)."""
-    path = absolute_path(directory)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint folder {path} does not exist")
-    mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
-    try:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"{path} holds no training checkpoint (no step folders)")
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    finally:
-        mngr.close()
-    return step, meta
-
-
-def is_training_checkpoint(directory: str) -> bool:
-    path = epath.Path(directory)
-    return path.is_dir() and any((p / "meta").exists() for p in path.iterdir()
-                                 if p.name.isdigit())
 
 
 class PreemptionGuard:
@@ -137,8 +105,6 @@ class PreemptionGuard:
 
     def should_stop(self, step: int) -> bool:
         if self._multi:
-            from jax.experimental import multihost_utils
-
             try:
                 return multihost_utils.reached_preemption_sync_point(step)
             except RuntimeError:  # preemption service not running

@@ -13,8 +13,10 @@ import jax
 import numpy as np
 from flax import nnx
 
+from mini_internvl_jax.batch import to_global
 from mini_internvl_jax.sharding import make_mesh
 from mini_internvl_jax.train import setup as setup_lib
+from mini_internvl_jax.train.batches import make_iterator, next_step_batch
 from mini_internvl_jax.train.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -22,8 +24,7 @@ from mini_internvl_jax.train.checkpoint import (
     run_meta,
 )
 from mini_internvl_jax.train.config import TrainConfig
-from mini_internvl_jax.train.data import make_iterator, next_step_batch, to_global
-from mini_internvl_jax.train.init import load_initial_params, model_config
+from mini_internvl_jax.train.init_from import load_initial_params, model_config
 from mini_internvl_jax.train.report import Reporter
 from mini_internvl_jax.train.state import TrainState, abstract_like, split_params
 
@@ -125,6 +126,8 @@ def run(cfg: TrainConfig, *, devices=None, stop_after: int | None = None) -> Run
                     jax.profiler.start_trace(cfg.log.dir or cfg.checkpoint.dir)
                     profiling = True
                 host_batch, stats = next_step_batch(iterator, cfg.optim.grad_accum)
+                if step == start + 1:
+                    reporter.log_samples(step, host_batch)
                 extra = {"data_digest": _digest(host_batch),
                          "real_tiles": int(host_batch["image_flags"].sum()) * jax.process_count(),
                          **stats}

@@ -1,4 +1,4 @@
-"""`python train.py --config CONFIG.yaml [key=value ...] [--aot-tpu TOPOLOGY]`."""
+"""`mivl-train --config PRESET_OR_YAML [key=value ...] [--aot-tpu TOPOLOGY]`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,15 @@ import argparse
 import os
 import sys
 
+import jax
+
 from mini_internvl_jax.configlib import ConfigError
+from mini_internvl_jax.data.errors import DataError
+from mini_internvl_jax.train.aot import compile_for_topology, format_report
+from mini_internvl_jax.train.checkpoint import CheckpointError
+from mini_internvl_jax.train.config import load_train_config
+from mini_internvl_jax.train.init_from import InitError
+from mini_internvl_jax.train.trainer import TrainingDivergedError, run
 
 _CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "MEGASCALE_COORDINATOR_ADDRESS")
 
@@ -17,10 +25,8 @@ def _cluster_detected() -> bool:
     return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")  # a multi-host TPU slice
 
 
-def maybe_initialize_distributed(mode: str, args) -> None:
+def maybe_initialize_distributed(mode: str, args: argparse.Namespace) -> None:
     """jax.distributed.initialize() for multi-host runs; must run before any JAX computation."""
-    import jax
-
     if args.coordinator:
         jax.distributed.initialize(coordinator_address=args.coordinator,
                                    num_processes=args.num_processes, process_id=args.process_id)
@@ -28,9 +34,10 @@ def maybe_initialize_distributed(mode: str, args) -> None:
         jax.distributed.initialize()
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="train.py", description=__doc__)
-    p.add_argument("--config", required=True, help="training YAML (configs/stage*-*.yaml, ...)")
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mivl-train", description=__doc__)
+    p.add_argument("--config", required=True,
+                   help="training preset name (demo, stage1, stage2, lora, ...) or a YAML path")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-5")
     p.add_argument("--aot-tpu", metavar="TOPOLOGY",
                    help="compile the training step for a TPU topology (e.g. v5e:2x2) on this "
@@ -41,18 +48,14 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from mini_internvl_jax.train.config import load_train_config
-
     try:
         cfg = load_train_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if args.aot_tpu:
-        from mini_internvl_jax.train.aot import compile_for_topology, format_report
-
         try:
             print(format_report(compile_for_topology(cfg, args.aot_tpu)))
         except (ConfigError, RuntimeError) as e:
@@ -60,11 +63,6 @@ def main(argv=None) -> int:
             return 2
         return 0
     maybe_initialize_distributed(cfg.distributed, args)
-    from mini_internvl_jax.data.errors import DataError
-    from mini_internvl_jax.train.checkpoint import CheckpointError
-    from mini_internvl_jax.train.init import InitError
-    from mini_internvl_jax.train.trainer import TrainingDivergedError, run
-
     try:
         result = run(cfg)
     except TrainingDivergedError as e:
@@ -77,3 +75,7 @@ def main(argv=None) -> int:
         saved = "checkpoint saved" if cfg.checkpoint.dir else "no checkpoint.dir: nothing saved"
         print(f"stopped by SIGTERM at step {result.final_step}; {saved}", flush=True)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

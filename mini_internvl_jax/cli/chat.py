@@ -1,9 +1,9 @@
 """Chat with a converted Mini-InternVL checkpoint; answers stream as they are generated.
 
-  python -m mini_internvl_jax.chat --checkpoint DIR --image a.jpg "What is in the image?"
-  python -m mini_internvl_jax.chat --checkpoint DIR --image a.jpg        # interactive
-  python -m mini_internvl_jax.chat --checkpoint DIR --image a.jpg --image b.jpg "Compare."
-  python -m mini_internvl_jax.chat --checkpoint DIR --video v.mp4 --num-frames 8 "What happens?"
+  mivl-chat --checkpoint DIR --image a.jpg "What is in the image?"
+  mivl-chat --checkpoint DIR --image a.jpg        # interactive
+  mivl-chat --checkpoint DIR --image a.jpg --image b.jpg "Compare."
+  mivl-chat --checkpoint DIR --video v.mp4 --num-frames 8 "What happens?"
 
 Interactive commands: /image PATH and /video PATH [N] (add to the next question), /reset
 (forget the conversation and its images), /exit. Several images are labelled `Image-k:` and
@@ -16,15 +16,15 @@ import argparse
 import sys
 
 from mini_internvl_jax.data.video import DEFAULT_NUM_FRAMES
-from mini_internvl_jax.infer.chat import ChatSession
 from mini_internvl_jax.infer.runtime import add_model_args, load_runtime
 from mini_internvl_jax.infer.sampling import SamplingConfig
+from mini_internvl_jax.infer.session import ChatSession
 
 HELP = "commands: /image PATH, /video PATH [N], /reset, /exit (or end of input)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mini_internvl_jax.chat",
+    p = argparse.ArgumentParser(prog="mivl-chat",
                                 description=__doc__.split("\n")[0])
     add_model_args(p)
     p.add_argument("--image", action="append", default=[], metavar="PATH",

@@ -1,23 +1,27 @@
-"""Tiny InternVL checkpoints on disk, in both layouts, built from transformers models.
+"""Tiny InternVL checkpoints on disk: HF folders in both layouts, built from transformers
+models, and converted (Orbax) folders written from an NNX model.
 
 The original (remote-code) names, the fused ViT qkv and the InternLM2 `wqkv` packing are written
-out here from the facts tables (§4.1, §4.2), independently of mini_internvl_jax.convert.mapping,
-so the converter is checked against a second reading of the spec.
+out here from InternVL's published modelling code, independently of
+mini_internvl_jax.convert.mapping, so the converter is checked against a second reading of it.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 import transformers
+from flax import nnx
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tests import hf_reference as ref
+from mini_internvl_jax.convert.orbax_io import save_params, write_model_config
+from tests.helpers import hf_reference as ref
 
 ARCH = {"qwen2": "Qwen2ForCausalLM", "internlm2": "InternLM2ForCausalLM",
         "phi3": "Phi3ForCausalLM"}
@@ -32,7 +36,7 @@ def native_model(family: str):
 
 
 def pack_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """Rows per KV head h: [q_(h*g) .. q_(h*g+g-1), k_h, v_h] (facts §4.1), head by head."""
+    """Rows per KV head h: [q_(h*g) .. q_(h*g+g-1), k_h, v_h], head by head (InternLM2's layout)."""
     heads = q.shape[0] // (k.shape[0] // kv_heads)
     hd = k.shape[0] // kv_heads
     g = heads // kv_heads
@@ -47,7 +51,7 @@ def pack_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_heads: int) 
 
 
 def original_state_dict(native_sd: dict, family: str, kv_heads: int) -> dict:
-    """transformers-native names -> InternVL remote-code names (facts §4.2)."""
+    """transformers-native names -> InternVL remote-code names (InternVL's checkpoints)."""
     out = {}
     sd = {k: v.detach().clone() for k, v in native_sd.items()}
     vt = "model.vision_tower."
@@ -211,3 +215,14 @@ def rel_err(ours, theirs) -> float:
 def leftovers(parent: Path) -> list[str]:
     """Temporary folders a failed conversion might have left behind."""
     return [p.name for p in Path(parent).iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def save_checkpoint(model, folder: Path, tokenizer_dir: Path) -> None:
+    """A converted checkpoint folder (Orbax params, model config, tokenizer files) from an NNX
+    model, as `mivl-convert` writes one, for the chat and evaluation CLIs."""
+    flat = {tuple(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
+    folder.mkdir()
+    save_params(folder / "params", flat)
+    write_model_config(folder, model.cfg)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, folder / f.name)

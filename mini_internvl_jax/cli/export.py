@@ -1,0 +1,33 @@
+"""`mivl-export RUN_DIR OUT_DIR`: a training run's checkpoint (LoRA merged) as a converted folder.
+
+OUT_DIR gets the converter's layout (model_config.json + params/ + tokenizer files), so chat,
+evaluate and `mivl-convert --from-orbax OUT_DIR --to-hf ...` read it like any converted folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mini_internvl_jax.train.checkpoint import CheckpointError
+from mini_internvl_jax.train.export import export_checkpoint
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mivl-export", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="checkpoint.dir of a training run")
+    p.add_argument("out_dir")
+    p.add_argument("--step", type=int, help="default: the latest step")
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        out = export_checkpoint(a.run_dir, a.out_dir, step=a.step, overwrite=a.overwrite)
+    except (CheckpointError, ValueError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
