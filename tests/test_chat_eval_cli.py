@@ -2,7 +2,6 @@
 model is random). The evaluation CLI's tests are in test_eval_tasks_cli.py."""
 
 import io
-import shutil
 
 import numpy as np
 import pytest
@@ -10,24 +9,15 @@ from flax import nnx
 from PIL import Image
 
 from mini_internvl_jax.cli import chat
-from mini_internvl_jax.convert.orbax_io import save_params, write_model_config
 from mini_internvl_jax.data.demo import write_demo
 from mini_internvl_jax.data.tokenizer import load_tokenizer
 from mini_internvl_jax.infer.generate import Generator
 from mini_internvl_jax.infer.runtime import Runtime
 from mini_internvl_jax.infer.session import ChatSession
+from tests.helpers.checkpoints import save_checkpoint
 from tests.test_generate import random_model
 
 QUESTION = "What is in the image?"
-
-
-def save_checkpoint(model, folder, tokenizer_dir):
-    flat = {tuple(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
-    folder.mkdir()
-    save_params(folder / "params", flat)
-    write_model_config(folder, model.cfg)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, folder / f.name)
 
 
 @pytest.fixture(scope="module")

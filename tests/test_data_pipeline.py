@@ -393,7 +393,8 @@ def test_prepare_chat_inputs(demo):
                                                            "Hello.")],
                               tokenizer=tok, template="phi3-chat", image_size=56,
                               num_image_tokens=4, max_num=6)
-    tiles = brute_tiles(img, brute_grid(*img.size, 1, 6, 56), 56, True)
+    # two images share the budget: max(1, 6 // 2) tiles each (InternVL's multi-image rule)
+    tiles = brute_tiles(img, brute_grid(*img.size, 1, 3, 56), 56, True)
     assert out.num_tiles == [len(tiles)] * 2
     want = (np.concatenate([tiles, tiles]).transpose(0, 3, 1, 2) / 255.0
             - np.array([0.485, 0.456, 0.406])[:, None, None]) / np.array(

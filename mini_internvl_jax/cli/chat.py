@@ -2,8 +2,12 @@
 
   mivl-chat --checkpoint DIR --image a.jpg "What is in the image?"
   mivl-chat --checkpoint DIR --image a.jpg        # interactive
+  mivl-chat --checkpoint DIR --image a.jpg --image b.jpg "Compare."
+  mivl-chat --checkpoint DIR --video v.mp4 --num-frames 8 "What happens?"
 
-Interactive commands: /image PATH (add an image to the next question), /reset, /exit.
+Interactive commands: /image PATH and /video PATH [N] (add to the next question), /reset
+(forget the conversation and its images), /exit. Several images are labelled `Image-k:` and
+share the tile budget; a video is N frames of one tile each (`Frame1:` ...), as in InternVL2.
 """
 
 from __future__ import annotations
@@ -11,11 +15,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mini_internvl_jax.data.video import DEFAULT_NUM_FRAMES
 from mini_internvl_jax.infer.runtime import add_model_args, load_runtime
 from mini_internvl_jax.infer.sampling import SamplingConfig
 from mini_internvl_jax.infer.session import ChatSession
 
-HELP = "commands: /image PATH, /reset, /exit (or end of input)"
+HELP = "commands: /image PATH, /video PATH [N], /reset, /exit (or end of input)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="image for the first question (repeat for several)")
+    p.add_argument("--video", metavar="PATH", help="video for the first question")
+    p.add_argument("--num-frames", type=int, default=DEFAULT_NUM_FRAMES, metavar="N",
+                   help=f"frames taken from a video (default {DEFAULT_NUM_FRAMES})")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -42,7 +50,7 @@ def _answer(session: ChatSession, question: str) -> None:
     sys.stdout.flush()
 
 
-def _interactive(session: ChatSession) -> None:
+def _interactive(session: ChatSession, num_frames: int) -> None:
     print(HELP, file=sys.stderr)
     while True:
         try:
@@ -65,19 +73,30 @@ def _interactive(session: ChatSession) -> None:
                 continue
             session.add_image(path)
             continue
+        if line.startswith("/video"):
+            parts = line[len("/video"):].split()
+            n = parts[1] if len(parts) == 2 else str(num_frames)
+            if not 1 <= len(parts) <= 2 or not n.isdigit() or int(n) < 1:
+                print(f"usage: /video PATH [N]  (N frames, default {num_frames})",
+                      file=sys.stderr)
+                continue
+            session.add_video(parts[0], int(n))
+            continue
         if line.startswith("/"):
             print(f"unknown command {line.split()[0]}; {HELP}", file=sys.stderr)
             continue
         try:
             sys.stdout.write("assistant> ")
             _answer(session, line)
-        except ValueError as e:  # unreadable image, placeholder mismatch: keep the session
+        except (ValueError, ImportError) as e:  # unreadable image or video: keep the session
             print(f"\nerror: {e}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.num_frames < 1:
+            raise ValueError(f"--num-frames must be >= 1, got {args.num_frames}")
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
         runtime = load_runtime(args, default_max_num=12)
     except (ValueError, FileNotFoundError) as e:
@@ -86,12 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     session = ChatSession(runtime, sampling, args.max_new_tokens or 1024, args.seed)
     for path in args.image:
         session.add_image(path)
+    if args.video:
+        session.add_video(args.video, args.num_frames)
     if args.question is None:
-        _interactive(session)
+        _interactive(session, args.num_frames)
         return 0
     try:
         _answer(session, args.question)
-    except ValueError as e:
+    except (ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,8 +1,9 @@
 """Data pipeline: InternVL-format sources, exact dynamic tiling, chat templates, packing, Grain.
 
 Modules, in pipeline order: `sources` (meta JSON + JSONL, ArrayRecord, TFDS), `tiling`,
-`tokenizer`, `templates`, `processing` (record -> sample; inference prompts), `packing`,
-`pipeline` (the Grain iterator), `config` (`DataConfig`) and `demo` (synthetic data).
+`tokenizer`, `templates`, `media` + `video` (several images, video frames), `processing`
+(record -> sample; inference prompts), `packing`, `pipeline` (the Grain iterator), `config`
+(`DataConfig`) and `demo` (synthetic data).
 """
 
 import importlib
@@ -12,6 +13,7 @@ from mini_internvl_jax.data.errors import DataError, TokenizerError
 from mini_internvl_jax.data.processing import PromptInputs, prepare_chat_inputs
 from mini_internvl_jax.data.templates import get_template, stop_token_ids
 from mini_internvl_jax.data.tokenizer import Tokenizer, load_tokenizer
+from mini_internvl_jax.data.video import VideoRef
 
 # Grain is imported only when the pipeline is used, so configs, tokenizers and templates work
 # on machines without it (inference hosts, accelerator images).
@@ -32,6 +34,7 @@ __all__ = [
     "PromptInputs",
     "Tokenizer",
     "TokenizerError",
+    "VideoRef",
     "build_train_dataset",
     "build_train_iterator",
     "data_config_from_dict",

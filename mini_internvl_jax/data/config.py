@@ -32,6 +32,13 @@ class DataConfig:
     # InternVL feeds a white tile with image_flags=0 for text-only samples; off by default
     # because it only spends ViT compute.
     text_only_dummy_tile: bool = False
+    # Video rows (`video` in the JSONL): frames per sample drawn uniformly in [min, max]
+    # (InternVL2's 8..32), one per interval, at random or at the interval middle; one tile
+    # per frame (so a row needs that many tiles of the batch's tile buffer and 256 tokens
+    # each). Draws are seeded by the run seed and the sample's position.
+    min_num_frames: int = 8
+    max_num_frames: int = 32
+    frame_sampling: Literal["rand", "middle"] = "rand"
     # Train-time JPEG re-encode for datasets with `data_augment: true` (quality inclusive).
     jpeg_quality_min: int = 75
     jpeg_quality_max: int = 100
@@ -79,6 +86,9 @@ class DataConfig:
         check(1 <= self.min_dynamic_patch <= self.max_dynamic_patch, "data.min_dynamic_patch",
               f"need 1 <= min_dynamic_patch ({self.min_dynamic_patch}) <= max_dynamic_patch "
               f"({self.max_dynamic_patch})")
+        check(1 <= self.min_num_frames <= self.max_num_frames, "data.min_num_frames",
+              f"need 1 <= min_num_frames ({self.min_num_frames}) <= max_num_frames "
+              f"({self.max_num_frames})")
         check(1 <= self.jpeg_quality_min <= self.jpeg_quality_max <= 100, "data.jpeg_quality_min",
               "need 1 <= jpeg_quality_min <= jpeg_quality_max <= 100")
         check(self.max_tiles_per_row is None or self.max_tiles_per_row >= 1,

@@ -14,6 +14,8 @@ BAD_REASONS = (
     "malformed_json",
     "missing_image",
     "corrupt_image",
+    "missing_video",
+    "corrupt_video",
     "unknown_role",
     "bad_turn_order",
     "placeholder_mismatch",

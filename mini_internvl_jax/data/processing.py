@@ -21,6 +21,13 @@ from mini_internvl_jax.batch import IGNORE_INDEX
 from mini_internvl_jax.data import tiling
 from mini_internvl_jax.data.config import DataConfig
 from mini_internvl_jax.data.errors import Skipped, SkipSample
+from mini_internvl_jax.data.media import (
+    VIDEO_PLACEHOLDER,
+    expand_video_placeholder,
+    image_budget,
+    media_prefix,
+    num_placeholders,
+)
 from mini_internvl_jax.data.sources import DatasetSpec, Mixture, Record
 from mini_internvl_jax.data.templates import (
     GPT,
@@ -34,6 +41,15 @@ from mini_internvl_jax.data.templates import (
     stop_token_ids,
 )
 from mini_internvl_jax.data.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, Tokenizer
+from mini_internvl_jax.data.video import (
+    VideoError,
+    VideoRef,
+    load_video,
+    read_frames,
+    resize_frames,
+    sample_num_frames,
+    train_frame_indices,
+)
 
 
 @dataclass
@@ -91,16 +107,34 @@ def parse_conversations(conv) -> tuple[list[tuple[str, str]], str | None]:
 
 def place_image_placeholders(msgs: list[tuple[str, str]], num_images: int
                              ) -> list[tuple[str, str]]:
-    """Adds `<image>\\n` per image to the first human turn when no placeholder is present
-    (InternVL's rule); any other count mismatch is an error."""
+    """Without any placeholder, puts `<image>\\n` (one image) or `Image-k: <image>\\n` lines
+    (several) in front of the first human turn (see `media`); any other count mismatch is an
+    error."""
     n_ph = count_placeholders(msgs)
     if num_images and n_ph == 0:
         role, text = msgs[0]
-        return [(role, f"{IMAGE_PLACEHOLDER}\n" * num_images + text)] + msgs[1:]
+        return [(role, media_prefix([None] * num_images) + text)] + msgs[1:]
     if n_ph != num_images:
         raise SkipSample("placeholder_mismatch",
                          f"{n_ph} {IMAGE_PLACEHOLDER} placeholder(s) for {num_images} image(s)")
     return msgs
+
+
+def place_video_placeholders(msgs: list[tuple[str, str]], num_frames: int
+                             ) -> list[tuple[str, str]]:
+    """Replaces the one `<video>` (put in front of the first human turn when absent, as
+    InternVL does) by `Frame1: <image>\\n...` lines, one per frame."""
+    if count_placeholders(msgs):
+        raise SkipSample("placeholder_mismatch",
+                         f"a video sample has {IMAGE_PLACEHOLDER} placeholders in its text")
+    n_vid = sum(text.count(VIDEO_PLACEHOLDER) for _, text in msgs)
+    if n_vid > 1:
+        raise SkipSample("placeholder_mismatch", f"{n_vid} {VIDEO_PLACEHOLDER} placeholders "
+                                                 "for one video")
+    if n_vid == 0:
+        msgs = [(msgs[0][0], f"{VIDEO_PLACEHOLDER}\n" + msgs[0][1])] + msgs[1:]
+    return [(role, expand_video_placeholder(text, num_frames)
+             if VIDEO_PLACEHOLDER in text else text) for role, text in msgs]
 
 
 def open_image(ref) -> Image.Image:
@@ -208,7 +242,14 @@ class SampleProcessor:
     def process(self, rec: Record, spec: DatasetSpec, plan_index: int) -> Sample:
         cfg = self.cfg
         msgs, system = parse_conversations(rec.conversations)
-        msgs = place_image_placeholders(msgs, len(rec.images))
+        video_rng, n_frames = None, 0
+        if rec.video is not None:
+            # Frame count and picks: a stream of their own, so JPEG draws stay as they were.
+            video_rng = np.random.default_rng([self.seed, plan_index, 1])
+            n_frames = sample_num_frames(video_rng, cfg.min_num_frames, cfg.max_num_frames)
+            msgs = place_video_placeholders(msgs, n_frames)
+        else:
+            msgs = place_image_placeholders(msgs, len(rec.images))
         if self.template.strip_messages:
             msgs = [(r, t.strip()) for r, t in msgs]
         if system is None:
@@ -216,10 +257,9 @@ class SampleProcessor:
 
         opened = [open_image(ref) for ref in rec.images]
         mdp = spec.max_dynamic_patch or cfg.max_dynamic_patch
-        spec_t = TileSpec(self.image_size, cfg.min_dynamic_patch,
-                          max(1, mdp // max(1, len(opened))), cfg.use_thumbnail,
-                          cfg.dynamic_image_size)
-        counts = [spec_t.count(im) for im in opened]
+        spec_t = TileSpec(self.image_size, cfg.min_dynamic_patch, image_budget(mdp, len(opened)),
+                          cfg.use_thumbnail, cfg.dynamic_image_size)
+        counts = [spec_t.count(im) for im in opened] if video_rng is None else [1] * n_frames
         n_tiles = sum(counts) or int(cfg.text_only_dummy_tile)
         if n_tiles > self.row_tiles:
             raise SkipSample("too_many_tiles", f"{n_tiles} tiles > {self.row_tiles} per row")
@@ -245,7 +285,10 @@ class SampleProcessor:
                              + (" after truncation" if truncated else ""))
 
         size = self.image_size
-        if opened:
+        if video_rng is not None:
+            tiles = self._video_tiles(rec, spec, plan_index, n_frames, video_rng)
+            flags = np.ones(len(tiles), dtype=np.int32)
+        elif opened:
             names = [r if isinstance(r, str) else "embedded image" for r in rec.images]
             parts = [spec_t.tiles(decode_rgb(im, n)) for im, n in zip(opened, names, strict=True)]
             tiles = parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -264,6 +307,33 @@ class SampleProcessor:
                       loss_weights=loss_weights(labels, cfg.loss_reduction), tiles=tiles,
                       tile_flags=flags, truncated=truncated, source=rec.source, line=rec.line)
 
+    def _video_tiles(self, rec: Record, spec: DatasetSpec, plan_index: int, n_frames: int,
+                     rng: np.random.Generator) -> np.ndarray:
+        """One tile per sampled frame; InternVL's JPEG augmentation acts on the whole frame,
+        before the resize."""
+        cfg = self.cfg
+
+        def choose(vlen: int, fps: float) -> list[int]:
+            start = 0
+            if rec.clip is not None:  # InternVL: frames [start*fps, start*fps + len*fps)
+                start, vlen = int(rec.clip[0] * fps), int((rec.clip[1] - rec.clip[0]) * fps)
+                if vlen < 1:
+                    raise VideoError("corrupt_video", f"{rec.video}: clip {rec.clip} at {fps} "
+                                                      "fps holds no frame")
+            return [start + i for i in train_frame_indices(vlen, n_frames, rng,
+                                                           cfg.frame_sampling)]
+
+        try:
+            frames = read_frames(rec.video, choose).images
+        except VideoError as e:
+            raise SkipSample(e.reason, str(e)) from None
+        if spec.data_augment:
+            q = np.random.default_rng([self.seed, plan_index]).integers(
+                cfg.jpeg_quality_min, cfg.jpeg_quality_max + 1, len(frames))
+            frames = [Image.fromarray(a) for a in tiling.jpeg_degrade(
+                np.stack([np.asarray(f) for f in frames]), q)]
+        return resize_frames(frames, self.image_size)
+
 
 @dataclass
 class PromptInputs:
@@ -272,7 +342,7 @@ class PromptInputs:
     input_ids: np.ndarray  # int32 [L]
     pixel_values: np.ndarray  # float32 [T, 3, H, W], ImageNet-normalised
     image_flags: np.ndarray  # int32 [T], all 1
-    num_tiles: list[int]  # per image, thumbnail included
+    num_tiles: list[int]  # per <image> placeholder (a video frame is one), thumbnail included
     stop_token_ids: tuple[int, ...]
     prompt: str  # rendered prompt with <image> placeholders not expanded
 
@@ -283,31 +353,44 @@ def prepare_chat_inputs(images: Sequence | None, question: str,
                         num_image_tokens: int = 256, max_num: int = 12, min_num: int = 1,
                         use_thumbnail: bool = True, dynamic: bool = True,
                         system_message: str | None = None) -> PromptInputs:
-    """InternVL `chat()` inputs from images (PIL, path or bytes), a question and history.
+    """InternVL `chat()` inputs from images (PIL, path or bytes) and videos (`VideoRef`), a
+    question and history.
 
-    `max_num` is per image, as in InternVL's examples. Without any `<image>` in the
-    question or history, one `<image>\\n` per image is put in front of the question.
+    `max_num` is the tile budget of one image; k images get max(1, max_num // k) each (see
+    `media`), video frames one tile each. Without any `<image>` in the question or history,
+    the `media` placeholder lines go in front of the question (`<image>\\n`, `Image-k:` lines,
+    `FrameN:` lines); otherwise the question and history must hold one `<image>` per image and
+    per video frame, in order.
     """
     tmpl = get_template(template) if isinstance(template, str) else template
     if images is None:
         images = []
-    elif isinstance(images, (str, bytes, Image.Image, os.PathLike)):
+    elif isinstance(images, (str, bytes, Image.Image, os.PathLike, VideoRef)):
         images = [images]
     msgs: list[tuple[str, str]] = []
     for q, a in history:
         msgs += [(HUMAN, q), (GPT, a)]
-    n_ph = count_placeholders(msgs + [(HUMAN, question)])
+    n_ph, need = count_placeholders(msgs + [(HUMAN, question)]), num_placeholders(images)
     if images and n_ph == 0:
-        question = f"{IMAGE_PLACEHOLDER}\n" * len(images) + question
-    elif n_ph != len(images):
+        question = media_prefix(images) + question
+    elif n_ph != need:
         raise ValueError(f"{n_ph} {IMAGE_PLACEHOLDER} placeholder(s) in the question and history "
-                         f"for {len(images)} image(s)")
+                         f"for {need} (one per image and per video frame)")
     msgs.append((HUMAN, question))
-    spec = TileSpec(image_size, min_num, max_num, use_thumbnail, dynamic)
+    n_still = sum(not isinstance(x, VideoRef) for x in images)
+    spec = TileSpec(image_size, min_num, image_budget(max_num, n_still), use_thumbnail, dynamic)
+    tiles: list[np.ndarray] = []
     try:
-        tiles = [spec.tiles(decode_rgb(open_image(ref))) for ref in images]
+        for ref in images:
+            if isinstance(ref, VideoRef):
+                frames = load_video(ref).images
+                tiles += list(resize_frames(frames, image_size)[:, None])
+            else:
+                tiles.append(spec.tiles(decode_rgb(open_image(ref))))
     except SkipSample as e:
         raise ValueError(f"cannot read image: {e}") from None
+    except VideoError as e:
+        raise ValueError(f"cannot read video: {e}") from None
     counts = [len(t) for t in tiles]
     enc = encode_chat(tokenizer, tmpl, msgs, [num_image_tokens * c for c in counts],
                       system_message=system_message, add_generation_prompt=True)

@@ -7,7 +7,8 @@ came from). A meta JSON names the datasets of a training stage:
               "data_augment": false, "max_dynamic_patch": 6}, ...}
 
 `annotation` ending in `.jsonl` is InternVL's format (one JSON object per line, `image` a
-path or list of paths relative to `root`, or absent for text-only); ending in
+path or list of paths relative to `root`, or `video` a path relative to `root` with an optional
+`clip` [start, end] in seconds, or neither for text-only); ending in
 `.array_record` (a glob or list is fine) it holds `encode_record` records; `"format": "tfds"`
 with `tfds_name`, `data_dir`, `split` reads a prepared TFDS dataset via `tfds.data_source`.
 Relative paths are resolved against the meta file's folder. Paths go through `etils.epath`,
@@ -68,6 +69,8 @@ class Record:
     images: list
     source: str
     line: int  # 1-based line of a JSONL file, else 1-based record index
+    video: str | None = None  # a video file (then `images` is empty)
+    clip: tuple[float, float] | None = None  # the part of the video to sample, in seconds
 
 
 def _resolve(base: epath.Path, value: str) -> str:
@@ -148,8 +151,9 @@ def _record_from_json(item: Any, root: str, name: str, line: int,
                       blobs: list[bytes] | None = None) -> Record:
     if not isinstance(item, dict):
         raise SkipSample("malformed_json", f"line is {type(item).__name__}, not an object")
-    if "video" in item and item["video"]:
-        raise SkipSample("malformed_json", "video samples are not supported")
+    video = item.get("video")
+    if video not in (None, ""):
+        return _video_record(item, video, root, name, line, blobs)
     if blobs:
         images = list(blobs)
     else:
@@ -166,6 +170,27 @@ def _record_from_json(item: Any, root: str, name: str, line: int,
     if "conversations" not in item:
         raise SkipSample("malformed_json", "no 'conversations' field")
     return Record(conversations=item["conversations"], images=images, source=name, line=line)
+
+
+def _video_record(item: dict, video: Any, root: str, name: str, line: int,
+                  blobs: list[bytes] | None) -> Record:
+    """A `video` row: a path under `root`, optionally `clip`: [start, end] in seconds."""
+    if not isinstance(video, str):
+        raise SkipSample("malformed_json", f"'video' must be a path, got {video!r}")
+    if blobs or item.get("image") not in (None, "", []):
+        raise SkipSample("malformed_json", "a record has both 'image' and 'video'")
+    clip = item.get("clip")
+    if clip is not None:
+        if not (isinstance(clip, list) and len(clip) == 2 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in clip)
+                and 0 <= clip[0] < clip[1]):
+            raise SkipSample("malformed_json", f"'clip' must be [start, end] seconds with "
+                                               f"0 <= start < end, got {clip!r}")
+        clip = (float(clip[0]), float(clip[1]))
+    if "conversations" not in item:
+        raise SkipSample("malformed_json", "no 'conversations' field")
+    return Record(conversations=item["conversations"], images=[], source=name, line=line,
+                  video=_resolve(epath.Path(root), video), clip=clip)
 
 
 class RecordSource(abc.ABC):

@@ -49,8 +49,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", metavar="AXIS=N,...",
                    help="shard parameters over devices, e.g. 'tensor=2' (axes data, fsdp, "
                         "tensor) for models that do not fit one device")
-    p.add_argument("--max-num", type=int, default=None,
-                   help="most tiles per image before the thumbnail (dynamic tiling)")
+    p.add_argument("--max-num", type=int, default=None, metavar="N",
+                   help="tile budget before the thumbnail (dynamic tiling): one image gets up "
+                        "to N tiles, k images max(1, N // k) each, as InternVL")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default: 1024 for chat, the task's own for evaluation")
     p.add_argument("--system", default=None, help="system message (default: InternVL's)")
@@ -109,26 +110,33 @@ def load_runtime(args: argparse.Namespace, default_max_num: int) -> Runtime:
 
 
 class TextStream:
-    """Incremental detokenization: text appears once its bytes form whole characters."""
+    """Incremental detokenization with prefix/read offsets (as vLLM's): each step decodes only
+    the tokens since the last printed text plus the ones printed last, as context for
+    SentencePiece's leading-space rule, so a step costs the same at token 10 and 1000. Text is
+    held back while it ends inside a multi-byte character (U+FFFD); the pieces add up to the
+    decode of all tokens."""
 
     def __init__(self, tokenizer: Tokenizer, stop_ids: Sequence[int]):
         self.tokenizer = tokenizer
         self.stop_ids = set(stop_ids)
         self.ids: list[int] = []
-        self.shown = 0
+        self.prefix = 0  # start of the context window
+        self.read = 0  # tokens already shown
+
+    def _delta(self, final: bool) -> str:
+        shown = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if not final and (len(text) <= len(shown) or text.endswith("\ufffd")):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(shown):]
 
     def push(self, token: int) -> str:
         if token in self.stop_ids:
             return ""
         self.ids.append(int(token))
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more tokens
-            return ""
-        new, self.shown = text[self.shown:], len(text)
-        return new
+        return self._delta(final=False)
 
     def flush(self) -> str:
         """Whatever is still held back once generation has ended."""
-        text = self.tokenizer.decode(self.ids)
-        new, self.shown = text[self.shown:], len(text)
-        return new
+        return self._delta(final=True)

@@ -1,9 +1,10 @@
 """A multi-turn chat over one loaded model, streaming each answer token by token.
 
 Follows InternVL's `chat()`: every turn re-encodes the whole conversation with all images so
-far (history questions keep their `<image>` placeholders), and an image added in a turn gets its
-placeholder in front of that turn's question ("Image-k: <image>" labels when a conversation
-has several images, as in the model cards' multi-image examples).
+far (history questions keep their `<image>` placeholders), and an image or video added in a turn
+gets its placeholder lines in front of that turn's question (`mini_internvl_jax.data.media`:
+`<image>` for a lone image, `Image-k: <image>` labels once a conversation has several,
+`FrameN: <image>` per video frame).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mini_internvl_jax.data.media import media_prefix
 from mini_internvl_jax.data.templates import IMAGE_PLACEHOLDER
+from mini_internvl_jax.data.video import DEFAULT_NUM_FRAMES, VideoRef
 from mini_internvl_jax.infer.generate import GenerationConfig
 from mini_internvl_jax.infer.runtime import Runtime, TextStream
 from mini_internvl_jax.infer.sampling import SamplingConfig
@@ -32,10 +35,16 @@ class ChatSession:
     seed: int = 0
     images: list = field(default_factory=list)
     history: list[tuple[str, str]] = field(default_factory=list)
-    _pending: int = 0  # images added since the last question
+    _pending: int = 0  # images and videos added since the last question
 
     def add_image(self, image) -> None:
         self.images.append(image)
+        self._pending += 1
+
+    def add_video(self, video, num_frames: int = DEFAULT_NUM_FRAMES,
+                  bound: tuple[float, float] | None = None) -> None:
+        """A video for the next question, as `num_frames` frames (segment middles)."""
+        self.images.append(VideoRef(video, num_frames, bound))
         self._pending += 1
 
     def reset(self) -> None:
@@ -44,12 +53,9 @@ class ChatSession:
     def _with_placeholders(self, question: str) -> str:
         if not self._pending or IMAGE_PLACEHOLDER in question:
             return question
-        first = len(self.images) - self._pending
-        if len(self.images) == 1:
-            return f"{IMAGE_PLACEHOLDER}\n{question}"
-        labels = "".join(f"Image-{first + k + 1}: {IMAGE_PLACEHOLDER}\n"
-                         for k in range(self._pending))
-        return labels + question
+        earlier = self.images[:len(self.images) - self._pending]
+        first = 1 + sum(not isinstance(x, VideoRef) for x in earlier)
+        return media_prefix(self.images[len(earlier):], first) + question
 
     def ask(self, question: str, write: Callable[[str], None] | None = None) -> Reply:
         """Answers `question`, calling `write` with each new piece of text as it decodes."""

@@ -1,4 +1,5 @@
-"""Tiny InternVL checkpoints on disk, in both layouts, built from transformers models.
+"""Tiny InternVL checkpoints on disk: HF folders in both layouts, built from transformers
+models, and converted (Orbax) folders written from an NNX model.
 
 The original (remote-code) names, the fused ViT qkv and the InternLM2 `wqkv` packing are written
 out here from InternVL's published modelling code, independently of
@@ -9,14 +10,17 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 import transformers
+from flax import nnx
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mini_internvl_jax.convert.orbax_io import save_params, write_model_config
 from tests.helpers import hf_reference as ref
 
 ARCH = {"qwen2": "Qwen2ForCausalLM", "internlm2": "InternLM2ForCausalLM",
@@ -211,3 +215,14 @@ def rel_err(ours, theirs) -> float:
 def leftovers(parent: Path) -> list[str]:
     """Temporary folders a failed conversion might have left behind."""
     return [p.name for p in Path(parent).iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def save_checkpoint(model, folder: Path, tokenizer_dir: Path) -> None:
+    """A converted checkpoint folder (Orbax params, model config, tokenizer files) from an NNX
+    model, as `mivl-convert` writes one, for the chat and evaluation CLIs."""
+    flat = {tuple(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
+    folder.mkdir()
+    save_params(folder / "params", flat)
+    write_model_config(folder, model.cfg)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, folder / f.name)
