@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 
 from mini_internvl_jax.config import ModelConfig
 from mini_internvl_jax.convert.errors import CheckpointReadError
+from mini_internvl_jax.convert.finite import check_finite_arrays
 from mini_internvl_jax.convert.importer import hf_to_arrays, open_hf, resolve_dtype
 from mini_internvl_jax.convert.orbax_io import (
     PARAMS_DIR,
@@ -106,6 +107,7 @@ def load_pretrained_with_info(path: str | Path, dtype: str | None = None, *,
                            cfg.scan_layers)
             check_against_specs({p: a.shape for p, a in host.items()}, specs, str(params_dir))
             arrays = _place(host, where)
+        check_finite_arrays(arrays, str(params_dir))
         source, layout = "converted", conv.get("layout")
     elif (path / "config.json").is_file():
         src = open_hf(path, overrides)

@@ -1,20 +1,20 @@
-"""`python train.py --config CONFIG.yaml [key=value ...] [--aot-tpu TOPOLOGY]`."""
+"""`python train.py --config CONFIG.yaml [key=value ...] [--aot-tpu TOPOLOGY]`.
+
+Exit codes: 0 finished (total_steps reached, or a finite dataset ran out: final checkpoint
+saved); 2 a config, data or checkpoint problem (one line on stderr); 3 training diverged;
+143 / 130 stopped by SIGTERM / Ctrl-C (checkpoint saved at the step boundary, or, after a
+second signal or `checkpoint.stop_grace_s` without a step boundary, the process ends without
+saving and the last checkpoint stays).
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
+import signal
 import sys
 
 from mini_internvl_jax.configlib import ConfigError
-
-_CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "MEGASCALE_COORDINATOR_ADDRESS")
-
-
-def _cluster_detected() -> bool:
-    if any(k in os.environ for k in _CLUSTER_ENV):
-        return True
-    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")  # a multi-host TPU slice
+from mini_internvl_jax.train.cluster import multihost_reason
 
 
 def maybe_initialize_distributed(mode: str, args) -> None:
@@ -24,7 +24,7 @@ def maybe_initialize_distributed(mode: str, args) -> None:
     if args.coordinator:
         jax.distributed.initialize(coordinator_address=args.coordinator,
                                    num_processes=args.num_processes, process_id=args.process_id)
-    elif mode == "on" or (mode == "auto" and _cluster_detected()):
+    elif mode == "on" or (mode == "auto" and multihost_reason() is not None):
         jax.distributed.initialize()
 
 
@@ -38,6 +38,9 @@ def parse_args(argv):
     p.add_argument("--coordinator", help="host:port of process 0 (manual multi-process start)")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though optim.lr, batch_size or the dataset differ from the "
+                        "checkpoint's run (the change is printed and recorded)")
     return p.parse_args(argv)
 
 
@@ -63,10 +66,14 @@ def main(argv=None) -> int:
     from mini_internvl_jax.data.errors import DataError
     from mini_internvl_jax.train.checkpoint import CheckpointError
     from mini_internvl_jax.train.init import InitError
+    from mini_internvl_jax.train.stopping import exit_code
     from mini_internvl_jax.train.trainer import TrainingDivergedError, run
 
     try:
-        result = run(cfg)
+        result = run(cfg, allow_config_change=args.allow_config_change)
+    except KeyboardInterrupt:  # Ctrl-C before the step loop: nothing to save yet
+        print("interrupted before training started; nothing saved", file=sys.stderr)
+        return exit_code(signal.SIGINT)
     except TrainingDivergedError as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 3
@@ -75,5 +82,8 @@ def main(argv=None) -> int:
         return 2
     if result.stopped == "preempted":
         saved = "checkpoint saved" if cfg.checkpoint.dir else "no checkpoint.dir: nothing saved"
-        print(f"stopped by SIGTERM at step {result.final_step}; {saved}", flush=True)
+        signum = result.stop_signal or signal.SIGTERM
+        print(f"stopped by {signal.Signals(signum).name} at step {result.final_step}; {saved}",
+              flush=True)
+        return exit_code(signum)
     return 0

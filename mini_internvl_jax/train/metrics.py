@@ -121,15 +121,41 @@ class TensorBoardWriter:
         self._fh.close()
 
 
-class MetricsLog:
-    """metrics.jsonl (one object per logged step) and, optionally, TensorBoard scalars."""
+def drop_rows_after(path: Path, step: int) -> int:
+    """Removes rows logged after `step` (by a run that was killed and is resumed from `step`,
+    so those steps run again); returns how many. Rewritten atomically."""
+    from mini_internvl_jax.fileio import write_atomic
 
-    def __init__(self, log_dir: str | Path | None, *, tensorboard: bool):
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            row_step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):  # a line cut short by a kill
+            continue
+        if isinstance(row_step, int) and row_step > step:
+            continue
+        keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+        write_atomic(path, "".join(keep))
+    return len(lines) - len(keep)
+
+
+class MetricsLog:
+    """metrics.jsonl (one object per logged step) and, optionally, TensorBoard scalars.
+
+    `start_step`: the step the run resumes from; rows after it are dropped, so re-done steps
+    are never recorded twice."""
+
+    def __init__(self, log_dir: str | Path | None, *, tensorboard: bool, start_step: int = 0):
         self.jsonl = None
         self.tb = None
         if log_dir is None:
             return
         Path(log_dir).mkdir(parents=True, exist_ok=True)
+        drop_rows_after(Path(log_dir) / "metrics.jsonl", start_step)
         self.jsonl = open(Path(log_dir) / "metrics.jsonl", "a")  # noqa: SIM115
         if tensorboard:
             self.tb = TensorBoardWriter(log_dir)
