@@ -64,6 +64,24 @@ def user_error(e: BaseException) -> str | None:
     return None
 
 
+def silence_abandoned_reads() -> None:
+    """After a failed Orbax read, drops the "Event loop is closed" reports of its abandoned
+    TensorStore reads (they finish after Orbax closed its event loop and are harmless); every
+    other unraisable exception still reaches the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        v = unraisable.exc_value
+        if isinstance(v, RuntimeError) and str(v) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._drops_closed_loop = True
+    sys.unraisablehook = hook
+
+
 def run_cli(main: Callable[[], int | None]) -> int:
     """Calls `main`; a user error becomes `error: ...` on stderr and exit code 2, Ctrl-C 130."""
     try:

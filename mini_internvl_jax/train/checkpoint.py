@@ -18,6 +18,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from mini_internvl_jax.failures import silence_abandoned_reads
+
 # Errors a damaged step folder raises while restoring (TensorStore reports corrupt or truncated
 # files as ValueError; missing ones as FileNotFoundError / OSError).
 RESTORE_ERRORS = (ValueError, KeyError, TypeError, OSError, RuntimeError)
@@ -65,6 +67,7 @@ class Checkpointer:
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**args))
         except RESTORE_ERRORS as e:
+            silence_abandoned_reads()
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} cannot be restored into this run "
                 f"(damaged, or a different model, LoRA, trainable parameters or host count?): "
