@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mini_internvl_jax.failures import user_error
 from mini_internvl_jax.infer.chat import ChatSession
 from mini_internvl_jax.infer.runtime import add_model_args, load_runtime
 from mini_internvl_jax.infer.sampling import SamplingConfig
@@ -75,17 +76,33 @@ def _interactive(session: ChatSession) -> None:
             print(f"\nerror: {e}", file=sys.stderr)
 
 
+def _check_image(path: str) -> None:
+    from mini_internvl_jax.data.errors import SkipSample
+    from mini_internvl_jax.data.processing import decode_rgb, open_image
+
+    try:
+        decode_rgb(open_image(path), path)
+    except SkipSample as e:
+        raise ValueError(f"--image {e.detail}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+        for path in args.image:  # before the model is loaded
+            _check_image(path)
         runtime = load_runtime(args, default_max_num=12)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_error(e) or e}", file=sys.stderr)
         return 2
     session = ChatSession(runtime, sampling, args.max_new_tokens or 1024, args.seed)
-    for path in args.image:
-        session.add_image(path)
+    try:
+        for path in args.image:
+            session.add_image(path)
+    except (ValueError, OSError) as e:
+        print(f"error: {user_error(e) or e}", file=sys.stderr)
+        return 2
     if args.question is None:
         _interactive(session)
         return 0

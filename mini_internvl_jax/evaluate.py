@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from mini_internvl_jax.failures import user_error
 from mini_internvl_jax.infer import evaluation
 from mini_internvl_jax.infer.generate import GenerationConfig
 from mini_internvl_jax.infer.runtime import Runtime, add_model_args, load_runtime
@@ -70,9 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.limit is not None:
             keep = set(list_ids(requests)[:args.limit])
             requests = [r for r in requests if r.item_id in keep]
+        evaluation.check_images(requests)
         rt = load_runtime(args, default_max_num=6)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_error(e) or e}", file=sys.stderr)
         return 2
     answer = make_answer_fn(rt, args.max_new_tokens or 100, args.batch_size)
     start = time.perf_counter()
@@ -91,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     print(file=sys.stderr)
     summary.update(checkpoint=str(args.checkpoint), data=str(args.data),
                    predictions=str(out))
-    evaluation.write_results(records, summary, out, score_path)
+    try:
+        evaluation.write_results(records, summary, out, score_path)
+    except OSError as e:
+        print(f"error: {user_error(e) or e}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -40,6 +40,8 @@ def disk_error(e: BaseException, where: str | None = None) -> str | None:
     if code in (errno.EROFS, errno.EACCES, errno.EPERM) or (
             code is None and _NOT_WRITABLE.search(text)):
         return f"{path} is not writable ({_first_line(getattr(e, 'strerror', None) or text)})"
+    if code == errno.ENOTDIR:
+        return f"{path} is not writable (a part of the path is a file, not a folder)"
     return None
 
 

@@ -326,3 +326,24 @@ def test_train_cli_does_not_initialise_distributed_on_libtpu_warning_text(monkey
     cli.maybe_initialize_distributed("auto", cli.parse_args(["--config", "x.yaml"]))
     assert calls == []
 
+
+
+# 4. a full disk while saving a checkpoint -----------------------------------------------------
+
+def test_full_disk_during_a_checkpoint_save_is_one_line(tmp_path, monkeypatch, capsys):
+    import orbax.checkpoint as ocp
+
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump({**BASE, "mesh": ONE, "checkpoint": {
+        "dir": str(tmp_path / "ckpt"), "every": 1, "async_save": False}}))
+
+    def no_space(self, step, *a, **k):  # how TensorStore reports ENOSPC
+        raise ValueError(f'DATA_LOSS: Error writing local file "{self.directory}/{step}/d/0": '
+                         "[OS error 28: No space left on device]")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", no_space)
+    monkeypatch.setattr(jax, "devices", lambda *a: jax.local_devices()[:1])
+    assert train_main(["--config", str(cfg_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"error: no space left on device writing {tmp_path}/ckpt/1/d/0; "
+                           "free some space or choose another place"), err

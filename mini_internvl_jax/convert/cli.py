@@ -6,8 +6,7 @@ import argparse
 import ctypes
 import sys
 
-from mini_internvl_jax.configlib import ConfigError
-from mini_internvl_jax.convert.errors import ConversionError
+from mini_internvl_jax.failures import user_error
 
 EPILOG = """examples:
   python convert_weights.py --from-hf InternVL2-1B --to internvl2-1b-jax
@@ -121,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
                                  on_tensor=progress)
             progress.close()
             print(stats.summary("exported") + f" -> {args.to_hf}")
-    except (ConversionError, ConfigError) as e:
+    except Exception as e:  # noqa: BLE001 - user errors become one line, bugs re-raise
         progress.close()
-        print(f"error: {e}", file=sys.stderr)
+        line = user_error(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         return 1
     return 0

@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw
 
 from mini_internvl_jax.data.templates import DEFAULT_SYSTEM_MESSAGE, TEMPLATES
 from mini_internvl_jax.data.tokenizer import INTERNVL_TOKENS
+from mini_internvl_jax.failures import EXIT_USER_ERROR, user_error
 from mini_internvl_jax.fileio import atomic_folder
 
 VOCAB_SIZE = 512
@@ -368,7 +369,7 @@ def write_demo(out_dir: str | os.PathLike, *, seed: int = 0, num_stage1: int = 1
         return _build(tmp, seed, num_stage1, num_stage2)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
@@ -376,12 +377,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-stage2", type=int, default=160)
     p.add_argument("--force", action="store_true", help="replace an earlier demo folder")
     args = p.parse_args(argv)
-    m = write_demo(args.out_dir, seed=args.seed, num_stage1=args.num_stage1,
-                   num_stage2=args.num_stage2, force=args.force)
+    for name in ("num_stage1", "num_stage2"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        m = write_demo(args.out_dir, seed=args.seed, num_stage1=args.num_stage1,
+                       num_stage2=args.num_stage2, force=args.force)
+    except Exception as e:  # noqa: BLE001 - user errors become one line, bugs re-raise
+        line = user_error(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return EXIT_USER_ERROR
     print(f"wrote {args.out_dir}: {m['stage1']['samples']} stage-1 and "
           f"{m['stage2']['samples']} stage-2 samples, {m['images']} images, tokenizers "
           f"{sorted(m['tokenizers'])}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -132,6 +132,27 @@ def build_requests(task: str, path: str | Path, *, image_root: str | Path | None
     return out
 
 
+def check_images(requests: Sequence[Request], limit: int = 5) -> None:
+    """Opens and decodes every request's images before any generation: one missing or
+    damaged file otherwise stops the run after the model was loaded and some answers made."""
+    from mini_internvl_jax.data.errors import SkipSample
+    from mini_internvl_jax.data.processing import decode_rgb, open_image
+
+    bad: dict[str, str] = {}
+    for r in requests:
+        for path in r.images:
+            if path in bad:
+                continue
+            try:
+                decode_rgb(open_image(path), path)
+            except SkipSample as e:
+                bad[path] = f"item {r.item_id!r}: {e.detail}"
+    if bad:
+        shown = "; ".join(list(bad.values())[:limit])
+        more = f" (and {len(bad) - limit} more)" if len(bad) > limit else ""
+        raise EvalDataError(f"{len(bad)} image(s) cannot be read: {shown}{more}")
+
+
 def score(task: str, req: Request, prediction: str) -> dict:
     rec = {"id": req.item_id, "question": req.question, "prediction": prediction}
     if task == "mmbench":

@@ -48,9 +48,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "tensor) for models that do not fit one device")
     p.add_argument("--max-num", type=int, default=None,
                    help="most tiles per image before the thumbnail (dynamic tiling)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="default: 1024 for chat, 100 for evaluation")
     p.add_argument("--system", default=None, help="system message (default: InternVL's)")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: 0 would otherwise read as "unset" and silently become the default."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 @dataclass

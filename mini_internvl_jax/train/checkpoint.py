@@ -142,6 +142,12 @@ def read_meta(directory: str, step: int | None = None) -> tuple[int, dict]:
         if step is None:
             raise CheckpointError(f"{path} holds no training checkpoint (no step folders)")
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except CheckpointError:
+        raise
+    except RESTORE_ERRORS as e:
+        silence_abandoned_reads()
+        raise CheckpointError(f"{path} step {step}: unreadable run metadata "
+                              f"({_first_line(e)})") from e
     finally:
         mngr.close()
     return step, meta

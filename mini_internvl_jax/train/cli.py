@@ -14,6 +14,7 @@ import signal
 import sys
 
 from mini_internvl_jax.configlib import ConfigError
+from mini_internvl_jax.failures import EXIT_USER_ERROR, user_error
 from mini_internvl_jax.train.cluster import multihost_reason
 
 
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
         cfg = load_train_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     if args.aot_tpu:
         from mini_internvl_jax.train.aot import compile_for_topology, format_report
 
@@ -63,9 +64,6 @@ def main(argv=None) -> int:
             return 2
         return 0
     maybe_initialize_distributed(cfg.distributed, args)
-    from mini_internvl_jax.data.errors import DataError
-    from mini_internvl_jax.train.checkpoint import CheckpointError
-    from mini_internvl_jax.train.init import InitError
     from mini_internvl_jax.train.stopping import exit_code
     from mini_internvl_jax.train.trainer import TrainingDivergedError, run
 
@@ -77,9 +75,12 @@ def main(argv=None) -> int:
     except TrainingDivergedError as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 3
-    except (ConfigError, CheckpointError, InitError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - user errors become one line, bugs re-raise
+        line = user_error(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return EXIT_USER_ERROR
     if result.stopped == "preempted":
         saved = "checkpoint saved" if cfg.checkpoint.dir else "no checkpoint.dir: nothing saved"
         signum = result.stop_signal or signal.SIGTERM

@@ -18,8 +18,9 @@ import numpy as np
 from flax import nnx
 
 from mini_internvl_jax.config import ModelConfig, model_config_from_dict
+from mini_internvl_jax.failures import EXIT_USER_ERROR, user_error
 from mini_internvl_jax.sharding import make_mesh, state_shardings
-from mini_internvl_jax.train.checkpoint import Checkpointer, read_meta
+from mini_internvl_jax.train.checkpoint import Checkpointer, CheckpointError, read_meta
 from mini_internvl_jax.train.config import TrainConfig, train_config_from_dict
 from mini_internvl_jax.train.lora import merge_lora
 from mini_internvl_jax.train.setup import model_factory
@@ -34,7 +35,7 @@ def load_checkpoint_model(run_dir: str, step: int | None = None, *, mesh=None
         cfg = train_config_from_dict(meta["train_config"])
         model_cfg = model_config_from_dict(meta["model_config"])
     except (KeyError, ValueError) as e:
-        raise ValueError(f"{run_dir} step {step}: no usable run metadata ({e})") from e
+        raise CheckpointError(f"{run_dir} step {step}: no usable run metadata ({e})") from e
     mesh = mesh or make_mesh(1, 1, 1, jax.devices()[:1])
     with nnx.use_eager_sharding(False):
         graphdef, params, rest = nnx.split(nnx.eval_shape(model_factory(model_cfg, cfg)),
@@ -82,7 +83,17 @@ def main(argv=None) -> int:
     p.add_argument("--step", type=int, help="default: the latest step")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
-    out = export_checkpoint(a.run_dir, a.out_dir, step=a.step, overwrite=a.overwrite)
+    try:
+        if Path(a.out_dir).exists() and not a.overwrite:
+            raise FileExistsError(f"{a.out_dir} already exists; choose a new path or pass "
+                                  "--overwrite")
+        out = export_checkpoint(a.run_dir, a.out_dir, step=a.step, overwrite=a.overwrite)
+    except Exception as e:  # noqa: BLE001 - user errors become one line, bugs re-raise
+        line = user_error(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return EXIT_USER_ERROR
     print(f"wrote {out}")
     return 0
 

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from mini_internvl_jax.configlib import ConfigError
 from mini_internvl_jax.sharding import make_mesh
 from mini_internvl_jax.train import setup as setup_lib
 from mini_internvl_jax.train.checkpoint import Checkpointer, CheckpointError
@@ -158,7 +159,10 @@ def run(cfg: TrainConfig, *, devices=None, stop_after: int | None = None,
     than the checkpoint's (the change is printed and recorded in the next checkpoints' meta).
     """
     model_cfg = model_config(cfg)
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
+    try:
+        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
+    except ValueError as e:  # sizes that do not match the devices: a config mistake
+        raise ConfigError(f"mesh: {e}") from None
     setup_lib.check_batch_fits_mesh(cfg, mesh)
     init = None if cfg.init_from is None else (lambda m: load_initial_params(m, cfg, mesh))
     iterator = make_iterator(cfg, model_cfg)
