@@ -1,13 +1,5 @@
-#!/usr/bin/env python
-"""Hugging Face PyTorch checkpoints <-> this project's Orbax folders (run with --help)."""
-
-import os
-import sys
-
-# Conversion is pure host work: keep JAX off accelerators (and quiet) unless asked otherwise.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-from mini_internvl_jax.convert.cli import main  # noqa: E402
+"""Shim for `mivl-convert` (mini_internvl_jax/cli/convert.py) run from a checkout."""
+from mini_internvl_jax.cli.convert import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,8 +1,5 @@
-"""Train Mini-InternVL: `python train.py --config configs/<preset>.yaml [key=value ...]`."""
-
-import sys
-
-from mini_internvl_jax.train import main
+"""Shim for `mivl-train` (mini_internvl_jax/cli/train.py) from a checkout: python train.py."""
+from mini_internvl_jax.cli.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

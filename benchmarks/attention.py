@@ -30,8 +30,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mini_internvl_jax.kernels import dispatch, flash_gpu  # noqa: E402
-from mini_internvl_jax.models.attention import dot_product_attention  # noqa: E402
+from mini_internvl_jax.kernels import (  # noqa: E402
+    AttentionMask,
+    dispatch,
+    dot_product_attention,
+    flash_gpu,
+)
 
 IMPLS = ("xla", "cudnn", "jax_pallas", "ours")
 
@@ -131,16 +135,15 @@ def _shipped_tpu(q, k, v, seg, *, causal, interpret):
 def attention_fn(impl: str, causal: bool, platform: str, block_sizes=None):
     """(q, k, v, seg) -> out for one implementation."""
     if impl == "xla":
-        return lambda q, k, v, seg: dot_product_attention(q, k, v, causal=causal,
-                                                          segment_ids=seg)
+        return lambda q, k, v, seg: dot_product_attention(q, k, v, AttentionMask(causal, seg))
     if impl == "cudnn":
-        return lambda q, k, v, seg: dispatch.attention(q, k, v, causal=causal, segment_ids=seg,
+        return lambda q, k, v, seg: dispatch.attention(q, k, v, AttentionMask(causal, seg),
                                                        impl="cudnn")
     if impl == "jax_pallas":
         fn = _shipped_tpu if platform == "tpu" else _shipped_gpu
         return functools.partial(fn, causal=causal, interpret=platform == "cpu")
     if impl == "ours":
-        return lambda q, k, v, seg: dispatch.attention(q, k, v, causal=causal, segment_ids=seg,
+        return lambda q, k, v, seg: dispatch.attention(q, k, v, AttentionMask(causal, seg),
                                                        impl="pallas", block_sizes=block_sizes)
     raise ValueError(impl)
 
@@ -217,7 +220,7 @@ def sweep_configs():
 
 
 def _out_and_grads(impl, causal, q, k, v, seg, do):
-    f = lambda q, k, v: dispatch.attention(q, k, v, causal=causal, segment_ids=seg, impl=impl)
+    f = lambda q, k, v: dispatch.attention(q, k, v, AttentionMask(causal, seg), impl=impl)
     out, vjp = jax.vjp(f, q, k, v)
     return (out, *vjp(do))
 

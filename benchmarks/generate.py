@@ -35,7 +35,7 @@ from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mini_internvl_jax.config import load_model_config  # noqa: E402
+from mini_internvl_jax.config import ComputeConfig, load_model_config  # noqa: E402
 from mini_internvl_jax.fileio import write_atomic  # noqa: E402
 from mini_internvl_jax.infer.generate import GenerationConfig, Generator, Prompt  # noqa: E402
 from mini_internvl_jax.models import InternVLModel  # noqa: E402
@@ -53,14 +53,15 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def build_model(cfg):
+def build_model(cfg, compute):
     """Random parameters created by one jitted init on the first device."""
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    return create_sharded_model(lambda: InternVLModel(cfg, rngs=nnx.Rngs(0)), mesh)
+    return create_sharded_model(lambda: InternVLModel(cfg, compute, rngs=nnx.Rngs(0)), mesh)
 
 
-def bench_jax(cfg, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
-    gen = Generator(build_model(cfg))
+def bench_jax(cfg, compute, batch: int, prompt_len: int, new_tokens: int, repeats: int
+              ) -> dict:
+    gen = Generator(build_model(cfg, compute))
     rng = np.random.RandomState(0)
     hi = min(cfg.llm.vocab_size, 30000)
     prompts = [Prompt(rng.randint(100, hi, size=prompt_len)) for _ in range(batch)]
@@ -182,8 +183,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.small:
         args.prompt_len, args.new_tokens = 32, 32
-    cfg = load_model_config(args.preset).replace(dtype=args.dtype, param_dtype=args.dtype,
-                                                 scan_layers=not args.no_scan)
+    cfg = load_model_config(args.preset)
+    compute = ComputeConfig(dtype=args.dtype, param_dtype=args.dtype,
+                            scan_layers=not args.no_scan)
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}); preset {args.preset}, "
           f"{args.dtype}, prompt {args.prompt_len}, {args.new_tokens} new tokens", flush=True)
@@ -192,7 +194,7 @@ def main(argv=None) -> int:
     for b in args.batch_sizes:
         row = {"batch": b}
         try:
-            row["jax"] = bench_jax(cfg, b, args.prompt_len, args.new_tokens, args.repeats)
+            row["jax"] = bench_jax(cfg, compute, b, args.prompt_len, args.new_tokens, args.repeats)
         except Exception:  # keep the other measurements
             row["jax_error"] = traceback.format_exc(limit=3)
         results.append(row)

@@ -64,15 +64,17 @@ def run_jax(a) -> dict:
     import jax
     import numpy as np
 
+    from mini_internvl_jax.batch import to_global
+    from mini_internvl_jax.config import ComputeConfig
     from mini_internvl_jax.sharding import make_mesh
     from mini_internvl_jax.train import flops
+    from mini_internvl_jax.train.batches import SyntheticBatches
     from mini_internvl_jax.train.config import (
         OptimConfig,
         SyntheticConfig,
         TrainConfig,
         build_model_config,
     )
-    from mini_internvl_jax.train.data import SyntheticBatches, to_global
     from mini_internvl_jax.train.setup import build
 
     cfg = TrainConfig(
@@ -80,9 +82,10 @@ def run_jax(a) -> dict:
         max_tiles=a.batch * max(a.tiles, 1), total_steps=10_000, stage=2,
         synthetic=SyntheticConfig(tiles_per_sample=a.tiles, min_fill=1.0), packed=False,
         optim=OptimConfig(lr=1e-5, warmup_steps=0, weight_decay=0.01, clip_norm=None),
-        dtype=a.dtype, param_dtype="float32", remat=a.remat, attention_impl=a.attention,
-        scan_layers=not a.no_scan, loss_chunk=a.loss_chunk)
-    model_cfg = build_model_config(cfg).replace(check_image_tokens=False)
+        compute=ComputeConfig(dtype=a.dtype, param_dtype="float32", remat=a.remat,
+                              attention_impl=a.attention, scan_layers=not a.no_scan),
+        loss_chunk=a.loss_chunk)
+    model_cfg = build_model_config(cfg)
     mesh = make_mesh(1, -1, 1)
     t0 = time.perf_counter()
     s = build(cfg, mesh, model_cfg)

@@ -1,41 +1,56 @@
-"""Model configuration: InternViT, the LLM decoder and the InternVL glue.
+"""Model configuration: what a checkpoint is (architecture) apart from how to run it (compute).
 
-Values for the public checkpoints live in `configs/mini-internvl-{1b,2b,4b}.yaml`; when a
-checkpoint is converted, its own config.json wins (vocab size, rope factor lists).
+`ModelConfig` (InternViT, the LLM decoder and the InternVL glue) is everything the weights mean;
+a converted folder stores it and nothing else. `ComputeConfig` (dtypes, attention kernel, layer
+scan, rematerialisation, in-graph checks) is chosen by whoever runs the model: the trainer,
+chat, evaluation or export. Values for the public checkpoints are the package's model presets
+(`mini_internvl_jax/configs/models/mini-internvl-{1b,2b,4b}.yaml`); when a checkpoint is
+converted, its own config.json wins (vocab size, rope factor lists).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from mini_internvl_jax import configlib
-from mini_internvl_jax.configlib import ConfigError
+from mini_internvl_jax.configlib import check, check_choices
 
-DTYPES = ("float32", "bfloat16", "float16")
-FAMILIES = ("qwen2", "internlm2", "phi3", "llama")
-TEMPLATES = ("Hermes-2", "internlm2-chat", "phi3-chat")
-REMAT_POLICIES = ("none", "full", "save_dots")
-ATTENTION_IMPLS = ("xla", "cudnn", "pallas", "auto")
+# Each choice type is defined once; the tuples of its values are derived from it.
+Dtype = Literal["float32", "bfloat16", "float16"]
+Family = Literal["qwen2", "internlm2", "phi3", "llama"]
+TemplateName = Literal["Hermes-2", "internlm2-chat", "phi3-chat"]
+RematPolicy = Literal["none", "full", "save_dots"]
+AttentionImpl = Literal["xla", "cudnn", "pallas", "auto"]
+
+DTYPES: tuple[str, ...] = get_args(Dtype)
+FAMILIES: tuple[str, ...] = get_args(Family)
+TEMPLATE_NAMES: tuple[str, ...] = get_args(TemplateName)
+REMAT_POLICIES: tuple[str, ...] = get_args(RematPolicy)
+ATTENTION_IMPLS: tuple[str, ...] = get_args(AttentionImpl)
 
 
-def _check(cond: bool, where: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{where}: {msg}")
+@dataclass(frozen=True)
+class ComputeConfig:
+    """How to run a model: none of it changes what the weights mean, so none of it is stored
+    with them. The defaults suit inference and tests; training presets set their own."""
 
+    dtype: Dtype = "float32"  # compute dtype
+    param_dtype: Dtype = "float32"
+    attention_impl: AttentionImpl = "xla"
+    # One traced layer under a scan (fast compiles, stacked [L, ...] parameters) or a loop.
+    scan_layers: bool = False
+    remat: RematPolicy = "none"
+    # Checked on the host when inputs are concrete and through a host callback under jit.
+    check_image_tokens: bool = True
 
-def _check_choices(cfg, prefix: str) -> None:
-    """Literal-typed fields hold one of their values, also when built in Python (not YAML)."""
-    hints = typing.get_type_hints(type(cfg))
-    for f in dataclasses.fields(cfg):
-        tp = hints[f.name]
-        if typing.get_origin(tp) is Literal:
-            value = getattr(cfg, f.name)
-            _check(value in typing.get_args(tp), f"{prefix}{f.name}",
-                   f"{value!r} is not one of {list(typing.get_args(tp))}")
+    def __post_init__(self):
+        check_choices(self, "compute.")
+
+    def replace(self, **kw) -> ComputeConfig:
+        return dataclasses.replace(self, **kw)
 
 
 @dataclass(frozen=True)
@@ -60,15 +75,15 @@ class VisionConfig:
 
     def __post_init__(self):
         w = "vision"
-        _check_choices(self, "vision.")
+        check_choices(self, "vision.")
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "image_size",
                      "patch_size", "num_channels"):
-            _check(getattr(self, name) > 0, f"{w}.{name}", "must be positive")
-        _check(self.hidden_size % self.num_heads == 0, f"{w}.num_heads",
-               f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        _check(self.image_size % self.patch_size == 0, f"{w}.image_size",
-               f"{self.image_size} is not a multiple of patch_size {self.patch_size}")
-        _check(0.0 <= self.drop_path_rate < 1.0, f"{w}.drop_path_rate", "must be in [0, 1)")
+            check(getattr(self, name) > 0, f"{w}.{name}", "must be positive")
+        check(self.hidden_size % self.num_heads == 0, f"{w}.num_heads",
+              f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        check(self.image_size % self.patch_size == 0, f"{w}.image_size",
+              f"{self.image_size} is not a multiple of patch_size {self.patch_size}")
+        check(0.0 <= self.drop_path_rate < 1.0, f"{w}.drop_path_rate", "must be in [0, 1)")
 
     @property
     def head_dim(self) -> int:
@@ -95,17 +110,17 @@ class RopeScaling:
     original_max_position_embeddings: int | None = None
 
     def __post_init__(self):
-        _check_choices(self, "llm.rope_scaling.")
+        check_choices(self, "llm.rope_scaling.")
         if self.type == "longrope":
-            _check(self.original_max_position_embeddings is not None,
-                   "llm.rope_scaling.original_max_position_embeddings", "required for longrope")
+            check(self.original_max_position_embeddings is not None,
+                  "llm.rope_scaling.original_max_position_embeddings", "required for longrope")
         if self.type == "dynamic":
-            _check(self.factor >= 1.0, "llm.rope_scaling.factor", "must be >= 1 for dynamic NTK")
+            check(self.factor >= 1.0, "llm.rope_scaling.factor", "must be >= 1 for dynamic NTK")
 
 
 @dataclass(frozen=True)
 class LLMConfig:
-    family: Literal[FAMILIES]
+    family: Family
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -122,25 +137,25 @@ class LLMConfig:
 
     def __post_init__(self):
         w = "llm"
-        _check_choices(self, "llm.")
+        check_choices(self, "llm.")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                      "intermediate_size", "max_position_embeddings"):
-            _check(getattr(self, name) > 0, f"{w}.{name}", "must be positive")
-        _check(self.num_heads % self.num_kv_heads == 0, f"{w}.num_kv_heads",
-               f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+            check(getattr(self, name) > 0, f"{w}.{name}", "must be positive")
+        check(self.num_heads % self.num_kv_heads == 0, f"{w}.num_kv_heads",
+              f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.head_dim is None:
-            _check(self.hidden_size % self.num_heads == 0, f"{w}.num_heads",
-                   f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
-                   " (set head_dim explicitly if that is intended)")
+            check(self.hidden_size % self.num_heads == 0, f"{w}.num_heads",
+                  f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+                  " (set head_dim explicitly if that is intended)")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-        _check(self.head_dim % 2 == 0, f"{w}.head_dim", "must be even for rotary embeddings")
+        check(self.head_dim % 2 == 0, f"{w}.head_dim", "must be even for rotary embeddings")
         rs = self.rope_scaling
         if rs is not None and rs.type == "longrope":
             for name in ("short_factor", "long_factor"):
                 lst = getattr(rs, name)
-                _check(lst is None or len(lst) == self.head_dim // 2, f"{w}.rope_scaling.{name}",
-                       f"needs head_dim // 2 = {self.head_dim // 2} values, got "
-                       f"{None if lst is None else len(lst)}")
+                check(lst is None or len(lst) == self.head_dim // 2, f"{w}.rope_scaling.{name}",
+                      f"needs head_dim // 2 = {self.head_dim // 2} values, got "
+                      f"{None if lst is None else len(lst)}")
 
 
 @dataclass(frozen=True)
@@ -151,29 +166,22 @@ class ModelConfig:
     ps_version: Literal["v1", "v2"] = "v2"
     select_layer: int = -1
     image_token_id: int = 151648
-    template: Literal[TEMPLATES] = "Hermes-2"
+    template: TemplateName = "Hermes-2"
     projector_norm_eps: float = 1e-5
-    dtype: Literal[DTYPES] = "float32"  # compute dtype
-    param_dtype: Literal[DTYPES] = "float32"
-    attention_impl: Literal[ATTENTION_IMPLS] = "xla"
-    scan_layers: bool = False
-    remat: Literal[REMAT_POLICIES] = "none"
-    # Checked on the host when inputs are concrete and through a host callback under jit.
-    check_image_tokens: bool = True
     name: str = "custom"
     notes: str = field(default="", compare=False)
 
     def __post_init__(self):
-        _check_choices(self, "")
+        check_choices(self, "")
         scale = 1.0 / self.downsample_ratio
-        _check(abs(scale - round(scale)) < 1e-6 and round(scale) >= 1, "downsample_ratio",
-               f"1/{self.downsample_ratio} must be a whole number")
-        _check(self.vision.grid_size % round(scale) == 0, "downsample_ratio",
-               f"vision grid {self.vision.grid_size} is not divisible by {round(scale)}")
+        check(abs(scale - round(scale)) < 1e-6 and round(scale) >= 1, "downsample_ratio",
+              f"1/{self.downsample_ratio} must be a whole number")
+        check(self.vision.grid_size % round(scale) == 0, "downsample_ratio",
+              f"vision grid {self.vision.grid_size} is not divisible by {round(scale)}")
         n = self.vision.num_layers
-        _check(-n <= self.select_layer <= n, "select_layer", f"must be in [-{n}, {n}]")
-        _check(0 <= self.image_token_id < self.llm.vocab_size, "image_token_id",
-               f"{self.image_token_id} is outside the vocabulary of size {self.llm.vocab_size}")
+        check(-n <= self.select_layer <= n, "select_layer", f"must be in [-{n}, {n}]")
+        check(0 <= self.image_token_id < self.llm.vocab_size, "image_token_id",
+              f"{self.image_token_id} is outside the vocabulary of size {self.llm.vocab_size}")
 
     @property
     def shuffle_scale(self) -> int:
@@ -198,13 +206,28 @@ class ModelConfig:
         return dataclasses.replace(self, **kw)
 
 
+# Run-time keys that model configs (converted folders, run metadata) held before ComputeConfig.
+LEGACY_COMPUTE_KEYS = tuple(f.name for f in dataclasses.fields(ComputeConfig))
+
+
+def split_legacy_compute(data: dict, where: str) -> tuple[dict, dict]:
+    """(architecture-only dict, the run-time keys it held) of an older model config; prints a
+    one-line notice when there were any, since they are ignored from now on."""
+    legacy = {k: data[k] for k in LEGACY_COMPUTE_KEYS if k in data}
+    if legacy:
+        print(f"note: {where} holds run-time settings {sorted(legacy)} from an older version; "
+              "they are not part of the model config any more and are ignored")
+        data = {k: v for k, v in data.items() if k not in legacy}
+    return data, legacy
+
+
 def model_config_from_dict(data: dict) -> ModelConfig:
     return configlib.from_dict(ModelConfig, data, "model")
 
 
 def load_model_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()
                       ) -> ModelConfig:
-    """Preset name (`mini-internvl-1b`, `tiny-qwen2`, ...) or a YAML path, plus overrides."""
-    data = configlib.read_yaml(configlib.preset_path(name_or_path))
+    """Model preset name (`mini-internvl-1b`, `tiny-qwen2`, ...) or a YAML path, plus overrides."""
+    data = configlib.read_preset("models", name_or_path)
     data = configlib.apply_overrides(data, list(overrides))
     return model_config_from_dict(data)

@@ -7,21 +7,44 @@ dotted path so a user can find the line in their YAML.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import importlib.resources
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
+from mini_internvl_jax.errors import UserError
+
 T = TypeVar("T")
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Presets ship inside the package (package data), so a non-editable install finds them too.
+PRESET_PACKAGE = "mini_internvl_jax.configs"
+PresetKind = Literal["models", "train"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value or key that cannot be used; the message names the field."""
+
+
+def check(cond: bool, where: str, msg: str) -> None:
+    """Raises ConfigError("where: msg") unless `cond`: the one validation helper of configs."""
+    if not cond:
+        raise ConfigError(f"{where}: {msg}")
+
+
+def check_choices(cfg: Any, prefix: str = "") -> None:
+    """Literal-typed fields hold one of their values, also when built in Python (not YAML)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        tp, allows_none = _resolve_type(hints[f.name])
+        value = getattr(cfg, f.name)
+        if typing.get_origin(tp) is Literal and not (value is None and allows_none):
+            check(value in typing.get_args(tp), f"{prefix}{f.name}",
+                  f"{value!r} is not one of {list(typing.get_args(tp))}")
 
 
 def _resolve_type(tp: Any) -> tuple[Any, bool]:
@@ -101,11 +124,25 @@ def from_dict(cls: type[T], data: dict, path: str = "") -> T:
         )
     kwargs = {}
     for name, value in data.items():
+        default = _default_dataclass(fields[name])
+        if isinstance(value, dict) and default is not None:
+            # A partial mapping changes only the keys it names of the field's default (a
+            # training preset's `compute: {remat: none}` keeps its other training defaults).
+            value = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)
+                     if f.init} | value
         kwargs[name] = _coerce(value, hints[name], f"{path}.{name}" if path else name)
     try:
         return cls(**kwargs)
     except TypeError as e:  # missing required fields
         raise ConfigError(f"{path or cls.__name__}: {e}") from None
+
+
+def _default_dataclass(f: dataclasses.Field) -> Any:
+    """The field's default when it is a dataclass instance (from a default factory), else None."""
+    if f.default_factory is dataclasses.MISSING:
+        return None
+    default = f.default_factory()
+    return default if dataclasses.is_dataclass(default) else None
 
 
 def to_dict(cfg: Any) -> Any:
@@ -137,8 +174,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Returns a copy of the nested dict `data` with `key=value` overrides applied."""
-    import copy
-
     data = copy.deepcopy(data)
     for text in overrides:
         keys, value = parse_override(text)
@@ -169,29 +204,41 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def _parse_yaml(text: str, where: str) -> dict:
+    """Both preset files and user files go through here, so both refuse duplicate keys."""
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {where} is not valid YAML{line}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {where} must hold a mapping at the top level")
+    return data
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return data
+    return _parse_yaml(path.read_text(), str(path))
 
 
-def preset_path(name_or_path: str | Path) -> Path:
-    """A preset name (`mini-internvl-1b`) or a path to a YAML file."""
+def preset_names(kind: PresetKind) -> list[str]:
+    """The bundled presets of one kind: `models` or `train`."""
+    folder = importlib.resources.files(PRESET_PACKAGE).joinpath(kind)
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def read_preset(kind: PresetKind, name_or_path: str | Path) -> dict:
+    """A bundled preset of `kind` by name (`mini-internvl-1b`, `stage2`), or a YAML file path."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml"):
-        return p
-    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
-    if candidate.is_file():
-        return candidate
-    known = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
-    raise ConfigError(f"unknown preset {name_or_path!r}; known presets: {known}")
+        return read_yaml(p)
+    resource = importlib.resources.files(PRESET_PACKAGE).joinpath(kind, f"{name_or_path}.yaml")
+    if not resource.is_file():
+        label = "model" if kind == "models" else "training"
+        raise ConfigError(f"unknown {label} preset {str(name_or_path)!r}; known {label} presets: "
+                          f"{preset_names(kind)} (or pass a .yaml path)")
+    return _parse_yaml(resource.read_text(), f"{kind}/{name_or_path}.yaml (bundled preset)")

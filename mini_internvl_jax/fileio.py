@@ -9,6 +9,7 @@ process is gone (and says so on stderr), so repeated kills never fill the disk.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import socket
@@ -128,3 +129,21 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
             tmp.write_bytes(data)
         else:
             tmp.write_text(data, encoding="utf-8")
+
+
+def check_creatable(folder: str | os.PathLike) -> None:
+    """Raises NotADirectoryError / PermissionError naming `folder` when it cannot be created (or
+    written) there, without creating anything: checked before minutes of model building that
+    would end in the first write. URLs (`gs://...`) are left to their own library."""
+    if "://" in str(folder):
+        return
+    path = Path(folder).absolute()
+    for existing in (path, *path.parents):
+        if not existing.exists():
+            continue
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file, not a folder",
+                                     str(folder))
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "Permission denied", str(folder))
+        return

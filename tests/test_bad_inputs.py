@@ -41,7 +41,7 @@ CASES = {
     "train: zero steps": Case("train", ("--config", "{train_yaml}", "total_steps=0"),
                               ("total_steps", ">= 1")),
     "train: unknown preset": Case("train", ("--config", "{train_yaml}", "model=tiny-nope"),
-                                  ("tiny-nope", "unknown preset")),
+                                  ("tiny-nope", "unknown model preset")),
     "train: bad YAML in override": Case("train", ("--config", "{train_yaml}", "seq_len=[1"),
                                         ("seq_len", "not valid YAML")),
     "train: data without tokenizer": Case(
@@ -127,7 +127,8 @@ CASES = {
     "export: missing run folder": Case("export", ("{tmp}/nope", "{tmp}/out"), ("nope",),
                                        no_output=("{tmp}/out",)),
     "export: not a run folder": Case("export", ("{converted}", "{tmp}/out"),
-                                     ("no training checkpoint",), no_output=("{tmp}/out",)),
+                                     ("converted", "not a training run"),
+                                     no_output=("{tmp}/out",)),
     "export: corrupt run folder": Case("export", ("{corrupt_run}", "{tmp}/out"),
                                        ("corrupt_run", "unreadable"),
                                        no_output=("{tmp}/out",)),
@@ -216,7 +217,7 @@ def fixtures(tmp_path_factory):
 
 def test_disk_error_lines():
     """The classifier behind the one-line messages, on the errors Python and TensorStore give."""
-    from mini_internvl_jax.failures import disk_error
+    from mini_internvl_jax.errors import disk_error
 
     assert disk_error(OSError(errno.ENOSPC, "No space left on device", "/d/x")) == (
         "no space left on device writing /d/x; free some space or choose another place")

@@ -10,14 +10,15 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from mini_internvl_jax import chat, evaluate
+from mini_internvl_jax.cli import chat, evaluate
 from mini_internvl_jax.convert.orbax_io import save_params, write_model_config
 from mini_internvl_jax.data.demo import write_demo
 from mini_internvl_jax.data.tokenizer import load_tokenizer
 from mini_internvl_jax.infer import evaluation
-from mini_internvl_jax.infer.chat import ChatSession
 from mini_internvl_jax.infer.generate import Generator
 from mini_internvl_jax.infer.runtime import Runtime
+from mini_internvl_jax.infer.session import ChatSession
+from tests.helpers import events
 from tests.test_generate import random_model
 
 QUESTION = "What is in the image?"
@@ -122,10 +123,16 @@ def test_evaluate_cli_writes_predictions_and_scores(assets, tmp_path, capsys):
     write_jsonl(chart, [{"image": str(root / "wide.png"), "question": "Max?", "answer": "12"},
                         {"question": "Min?", "answer": ["3%", "0.03"]}])
     assert evaluate.main(["--checkpoint", str(ckpt), "--task", "chartqa", "--data", str(chart),
-                          "--out", str(tmp_path / "c.jsonl"), "--max-new-tokens", "2"]) == 0
+                          "--out", str(tmp_path / "c.jsonl"), "--max-new-tokens", "2",
+                          "--tensorboard", str(tmp_path / "tb"), "--tensorboard-step", "5"]) == 0
     recs = [json.loads(x) for x in (tmp_path / "c.jsonl").read_text().splitlines()]
     assert [r["answers"] for r in recs] == [["12"], ["3%", "0.03"]]
     assert recs[0]["question"] == ("Max? Answer the question using a single word or phrase.")
+    scores = json.loads((tmp_path / "c.score.json").read_text())
+    tb = events.values(tmp_path / "tb")
+    assert tb["eval/chartqa/relaxed_accuracy"] == [(5, pytest.approx(scores["relaxed_accuracy"]))]
+    [(_, table)] = next(v for k, v in tb.items() if k.startswith("eval/chartqa/predictions"))
+    assert table.count("\n") == 3 and "Max? Answer the question" in table  # header, rule, 2 rows
 
 
 def test_evaluate_cli_reports_bad_input(assets, tmp_path, capsys):

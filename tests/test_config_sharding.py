@@ -1,5 +1,7 @@
 """Config validation and overrides; logical-axis rules placing a model on 8 fake CPU devices."""
 
+import typing
+
 import jax
 import numpy as np
 import pytest
@@ -7,14 +9,22 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from mini_internvl_jax import configlib, load_model_config
-from mini_internvl_jax.config import ConfigError, LLMConfig
+from mini_internvl_jax.config import (
+    ComputeConfig,
+    LLMConfig,
+    TemplateName,
+    model_config_from_dict,
+)
+from mini_internvl_jax.configlib import ConfigError
+from mini_internvl_jax.data.config import DataConfig
+from mini_internvl_jax.data.templates import TEMPLATES
 from mini_internvl_jax.models import InternVLModel
 from mini_internvl_jax.sharding import create_sharded_model, logical_to_spec, make_mesh
 
 
 def test_presets_load_with_overrides():
-    cfg = load_model_config("mini-internvl-2b", ["llm.num_layers=2", "dtype=bfloat16"])
-    assert cfg.llm.num_layers == 2 and cfg.dtype == "bfloat16"
+    cfg = load_model_config("mini-internvl-2b", ["llm.num_layers=2", "select_layer=-2"])
+    assert cfg.llm.num_layers == 2 and cfg.select_layer == -2
     assert cfg.llm.family == "internlm2" and cfg.image_token_id == 92546
     assert cfg.llm.rope_scaling.type == "dynamic" and cfg.llm.rope_scaling.factor == 2.0
     assert cfg.num_image_tokens == 256 and cfg.projector_in_dim == 4096
@@ -31,7 +41,7 @@ def test_presets_load_with_overrides():
     (["template=chatml"], r"template: 'chatml' is not one of"),
     (["image_token_id=999999"], r"image_token_id"),
     (["downsample_ratio=0.3"], r"downsample_ratio"),
-    (["remat=sometimes"], r"remat"),
+    (["remat=none"], r"unknown key.*remat"),  # run-time settings are not architecture
     (["noequals"], r"key=value"),
 ])
 def test_bad_config_errors_name_the_field(overrides, match):
@@ -40,14 +50,44 @@ def test_bad_config_errors_name_the_field(overrides, match):
 
 
 def test_unknown_preset_and_missing_file(tmp_path):
-    with pytest.raises(ConfigError, match="unknown preset 'nope'.*mini-internvl-1b"):
+    with pytest.raises(ConfigError, match="unknown model preset 'nope'.*mini-internvl-1b"):
         load_model_config("nope")
+    with pytest.raises(ConfigError, match=r"known model presets: \[[^]]*tiny-qwen2'\]"):
+        load_model_config("stage2")  # a training preset is not a model preset
     with pytest.raises(ConfigError, match="does not exist"):
         load_model_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("llm: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_model_config(bad)
+
+
+def test_compute_config_choices_are_checked_in_python_and_yaml():
+    with pytest.raises(ConfigError, match=r"compute\.remat: 'sometimes' is not one of"):
+        ComputeConfig(remat="sometimes")
+    with pytest.raises(ConfigError, match=r"compute\.dtype: 'fp8' is not one of"):
+        configlib.from_dict(ComputeConfig, {"dtype": "fp8"}, "compute")
+    assert ComputeConfig() == ComputeConfig("float32", "float32", "xla", False, "none", True)
+
+
+def test_template_choices_match_the_chat_templates():
+    """The config's TemplateName values are exactly the templates data/templates.py defines."""
+    assert set(typing.get_args(TemplateName)) == set(TEMPLATES)
+    with pytest.raises(ConfigError, match=r"data\.template: 'chatml' is not one of"):
+        configlib.from_dict(DataConfig, {"meta_path": "m.json", "template": "chatml"}, "data")
+
+
+def test_stored_legacy_compute_keys_are_dropped_with_a_notice(capsys):
+    from mini_internvl_jax.convert.orbax_io import model_config_from_json
+
+    data = configlib.to_dict(load_model_config("tiny-qwen2"))
+    old = {**data, "dtype": "bfloat16", "param_dtype": "bfloat16", "scan_layers": True,
+           "remat": "none", "attention_impl": "xla", "check_image_tokens": False}
+    assert model_config_from_json(old, "old/model_config.json") == model_config_from_dict(data)
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "old/model_config.json" in out and "'remat'" in out
+    model_config_from_json(data, "new/model_config.json")
+    assert capsys.readouterr().out == ""
 
 
 def test_longrope_factor_length_is_checked():
@@ -73,9 +113,10 @@ def test_logical_to_spec_drops_axes_that_do_not_divide():
 @pytest.mark.parametrize("scan", [False, True])
 def test_model_built_on_8_device_mesh_is_placed_by_the_rules(scan):
     assert jax.device_count() == 8
-    cfg = load_model_config("tiny-qwen2", [f"scan_layers={str(scan).lower()}"])
+    cfg = load_model_config("tiny-qwen2")
     mesh = make_mesh(data=1, fsdp=4, tensor=2)
-    model = create_sharded_model(lambda: InternVLModel(cfg, rngs=nnx.Rngs(0)), mesh)
+    compute = ComputeConfig(scan_layers=scan)
+    model = create_sharded_model(lambda: InternVLModel(cfg, compute, rngs=nnx.Rngs(0)), mesh)
     flat = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     layer = ("llm", "layers", "layers") + (() if scan else (0,))
     lead = (None,) if scan else ()

@@ -10,11 +10,13 @@ import torch
 import transformers
 
 from mini_internvl_jax import load_pretrained
+from mini_internvl_jax.config import ComputeConfig
 from mini_internvl_jax.convert.exporter import export_to_hf
 from mini_internvl_jax.convert.importer import convert_hf_to_orbax, open_hf
-from mini_internvl_jax.convert.load import load_pretrained_with_info
-from tests import hf_reference as ref
-from tests.test_convert_helpers import (
+from mini_internvl_jax.convert.orbax_io import params_metadata
+from mini_internvl_jax.convert.resolve import load_pretrained_with_info
+from tests.helpers import hf_reference as ref
+from tests.helpers.checkpoints import (
     TEMPLATE,
     inputs,
     native_model,
@@ -49,7 +51,7 @@ def test_original_layout_converts_to_matching_logits(family, models, tmp_path):
     assert stats.parameters == sum(p.numel() for p in model.parameters())
 
     ours, info = load_pretrained_with_info(tmp_path / "out")
-    assert info.source == "converted" and info.layout == "original"
+    assert info.kind == "converted" and info.layout == "original"
     assert info.template == TEMPLATE[family] and info.image_token_id == ref.IMAGE_TOKEN
     assert info.tokenizer_dir is None  # no tokenizer model files in the tiny folder
     assert ours.cfg.llm.family == (family if family != "internlm2" else "internlm2")
@@ -68,7 +70,7 @@ def test_native_layout_loads_in_memory_with_matching_logits(models, tmp_path):
     model, _, expected = models["qwen2"]
     model.save_pretrained(tmp_path / "hf")
     ours, info = load_pretrained_with_info(tmp_path / "hf")
-    assert info.source == "huggingface" and info.layout == "native"
+    assert info.kind == "hf" and info.layout == "native"
     assert info.template == "Hermes-2"  # family default: native configs carry no template
     ids, px = inputs()
     assert rel_err(ours(jnp.asarray(ids), jnp.asarray(px)), expected) <= 1e-4
@@ -91,7 +93,9 @@ def test_original_round_trip_is_bit_exact(family, store, models, tmp_path):
     (tmp_path / "hf" / "tokenization_internlm2.py").write_text("# remote code stand-in\n")
     convert_hf_to_orbax(tmp_path / "hf", tmp_path / "orbax", dtype=store)
     stored = json.loads((tmp_path / "orbax" / "model_config.json").read_text())
-    assert stored["param_dtype"] == ("float32" if store == "float32" else "bfloat16")
+    assert not {"dtype", "param_dtype", "scan_layers", "remat"} & set(stored)  # architecture only
+    dtypes = {d.name for _, d in params_metadata(tmp_path / "orbax" / "params").values()}
+    assert dtypes == {"float32" if store == "float32" else "bfloat16"}
 
     max_shard = "20KB" if family == "qwen2" else "5GB"
     export_to_hf(tmp_path / "orbax", tmp_path / "back", max_shard_size=max_shard,
@@ -178,9 +182,9 @@ def test_top_level_load_pretrained_delegates(models, tmp_path):
     model, hf_cfg, _ = models["phi3"]
     write_original(tmp_path / "hf", model, hf_cfg, "phi3", dtype=torch.bfloat16)
     convert_hf_to_orbax(tmp_path / "hf", tmp_path / "out")
-    m = load_pretrained(tmp_path / "out", dtype="float32")
+    m = load_pretrained(tmp_path / "out", ComputeConfig())
     kernel = m.llm.layers.layers[0].q_proj.kernel[...]
-    assert kernel.dtype == jnp.float32 and m.cfg.param_dtype == "float32"
+    assert kernel.dtype == jnp.float32 and m.compute.param_dtype == "float32"
     # bf16 -> float32 is exact: the first q head of layer 0 equals the torch rows
     qkv = model.model.language_model.layers[0].self_attn.qkv_proj.weight.detach()
     q_rows = qkv[:16].to(torch.bfloat16).float().numpy()

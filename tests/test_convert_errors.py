@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from mini_internvl_jax import fileio
+from mini_internvl_jax.cli import convert as cli
 from mini_internvl_jax.config import load_model_config
-from mini_internvl_jax.convert import cli, importer
+from mini_internvl_jax.convert import importer
 from mini_internvl_jax.convert.errors import (
     CheckpointMismatchError,
     CheckpointReadError,
@@ -20,7 +21,7 @@ from mini_internvl_jax.convert.exporter import export_to_hf
 from mini_internvl_jax.convert.hf_config import hf_config_from_model
 from mini_internvl_jax.convert.importer import convert_hf_to_orbax
 from mini_internvl_jax.convert.mapping import LAYOUTS
-from tests.test_convert_helpers import (
+from tests.helpers.checkpoints import (
     leftovers,
     native_model,
     read_tensors,
@@ -121,8 +122,8 @@ def test_image_token_id_needs_a_source(tmp_path, source):
 
 
 @pytest.mark.parametrize("damage,patterns", [
-    ("truncate", ["model.safetensors is not a valid safetensors file", "truncated"]),
-    ("garbage", ["model.safetensors is not a valid safetensors file", "header length"]),
+    ("truncate", ["model.safetensors is not a valid safetensors file", "not fully covered"]),
+    ("garbage", ["model.safetensors is not a valid safetensors file", "header too large"]),
     ("no_weights", ["no checkpoint found", "model.safetensors"]),
     ("bad_config", ["cannot read the model's config.json", "config.json"]),
     ("no_config", ["config.json does not exist"]),

@@ -6,13 +6,13 @@ import pytest
 import torch
 from flax import nnx
 
-from mini_internvl_jax.config import load_model_config
+from mini_internvl_jax.config import ComputeConfig, load_model_config
 from mini_internvl_jax.convert.exporter import export_to_hf
 from mini_internvl_jax.convert.importer import convert_hf_to_orbax
-from mini_internvl_jax.convert.load import load_pretrained, load_pretrained_with_info
 from mini_internvl_jax.convert.params import abstract_model, flat_specs, param_specs
+from mini_internvl_jax.convert.resolve import load_pretrained, load_pretrained_with_info
 from mini_internvl_jax.sharding import logical_to_spec, make_mesh
-from tests.test_convert_helpers import native_model, read_tensors, write_original
+from tests.helpers.checkpoints import native_model, read_tensors, write_original
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +53,10 @@ def test_stacked_and_per_layer_storage_load_either_way(folders):
     root, _ = folders
     convert_hf_to_orbax(root / "hf", root / "scanned", scan_layers=True)
     flat = _params(load_pretrained(root / "flat"))
-    restacked = load_pretrained(root / "flat", scan_layers=True)
-    assert restacked.cfg.scan_layers
-    unstacked = load_pretrained(root / "scanned", scan_layers=False)
+    bf16 = ComputeConfig(dtype="bfloat16", param_dtype="bfloat16")
+    restacked = load_pretrained(root / "flat", bf16.replace(scan_layers=True))
+    assert restacked.compute.scan_layers
+    unstacked = load_pretrained(root / "scanned", bf16.replace(scan_layers=False))
     for model in (restacked, load_pretrained(root / "scanned")):
         stacked = _params(model)
         q = stacked[("llm", "layers", "layers", "q_proj", "kernel")]
@@ -75,18 +76,21 @@ def test_stacked_and_per_layer_storage_load_either_way(folders):
 @pytest.mark.parametrize("scan", [False, True])
 def test_param_specs_match_the_built_model(scan):
     """The converter's shapes (traced stacked, split on paper) equal the real model's."""
-    cfg = load_model_config("tiny-internlm2").replace(scan_layers=scan, param_dtype="bfloat16")
-    assert param_specs(cfg) == flat_specs(abstract_model(cfg)[1])
+    cfg = load_model_config("tiny-internlm2")
+    compute = ComputeConfig(param_dtype="bfloat16", scan_layers=scan)
+    assert param_specs(cfg, dtype="bfloat16", scan=scan) == flat_specs(
+        abstract_model(cfg, compute)[1])
 
 
 def test_dtype_choices_on_load(folders):
     root, _ = folders
-    model, info = load_pretrained_with_info(root / "flat")
-    assert info.config.param_dtype == "bfloat16" and info.config.dtype == "bfloat16"
+    model, info = load_pretrained_with_info(root / "flat")  # as stored: bf16, per layer
+    assert info.compute == ComputeConfig(dtype="bfloat16", param_dtype="bfloat16")
+    assert model.compute == info.compute
     assert model.llm.embed_tokens[...].dtype == jax.numpy.bfloat16
-    model, info = load_pretrained_with_info(root / "flat", "float32", compute_dtype="bfloat16")
+    model = load_pretrained(root / "flat", ComputeConfig(dtype="bfloat16"))
     assert model.llm.embed_tokens[...].dtype == jax.numpy.float32
-    assert info.config.dtype == "bfloat16"
+    assert model.compute.dtype == "bfloat16"
 
 
 def test_pytorch_bin_checkpoint_converts_like_safetensors(folders, tmp_path):

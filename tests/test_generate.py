@@ -14,14 +14,14 @@ from mini_internvl_jax.infer import GenerationConfig, Generator, Prompt, Samplin
 from mini_internvl_jax.models import InternVLModel
 from mini_internvl_jax.models.internvl import ImageTokenMismatchError
 from mini_internvl_jax.sharding import make_mesh, state_shardings
-from tests import hf_reference as ref
+from tests.helpers import hf_reference as ref
 
 
 def ours_from_torch(cfg, torch_model):
     with nnx.use_eager_sharding(False):
         model = InternVLModel(cfg, rngs=nnx.Rngs(0))
     load_rules_into(model, model_rules(cfg, "native"), torch_state_reader(torch_model.state_dict()),
-                    scan=cfg.scan_layers)
+                    scan=model.compute.scan_layers)
     return model
 
 

@@ -13,8 +13,14 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import AxisType
 
-from mini_internvl_jax.kernels import common, dispatch, flash_gpu, flash_tpu
-from mini_internvl_jax.models.attention import dot_product_attention
+from mini_internvl_jax.kernels import (
+    AttentionMask,
+    common,
+    dispatch,
+    dot_product_attention,
+    flash_gpu,
+    flash_tpu,
+)
 
 # dK/dV query blocks larger than dQ's: the dK/dV kernel then reads rows the dQ kernel never
 # wrote (delta past the end), which must stay masked.
@@ -95,10 +101,47 @@ def test_matches_dense_reference(kernel, b, s, h, kvh, d, causal, nseg, dtype):
     got = jax.jit(lambda *a: out_and_grads(lambda q, k, v: run_kernel(
         kernel, q, k, v, causal=causal, seg=seg, kv_seg=kv_seg), *a))(q, k, v, do)
     want = out_and_grads(lambda q, k, v: dot_product_attention(
-        q, k, v, causal=causal, segment_ids=seg, kv_segment_ids=kv_seg), q, k, v, do)
+        q, k, v, AttentionMask(causal, seg, kv_seg)), q, k, v, do)
     assert_close(got, want, dtype, kernel)
     if kv_seg is not None:
         assert np.all(np.asarray(got[0][1]) == 0.0)
+
+
+@pytest.mark.parametrize("causal,h,kvh,offset", [(False, 4, 4, None), (True, 6, 2, None),
+                                                 (True, 4, 1, 5)],
+                         ids=["full", "causal-gqa3", "decode-offset5"])
+def test_reference_matches_jax_nn_dot_product_attention(causal, h, kvh, offset):
+    """The dense reference against JAX's own XLA attention (no segments). A decode step's
+    offset causal mask is built here by hand (np.tril) and passed to jax.nn explicitly."""
+    q, k, v, _ = make_inputs(2, 12, h, kvh, 64, jnp.float32, seed=7)
+    if offset is None:
+        got = dot_product_attention(q, k, v, AttentionMask(causal=causal))
+        want = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
+    else:
+        q = q[:, offset:offset + 3]
+        got = dot_product_attention(q, k, v, AttentionMask(causal=True, q_offset=offset))
+        visible = np.tril(np.ones((3, 12), bool), k=offset)
+        want = jax.nn.dot_product_attention(q, k, v, mask=jnp.asarray(visible)[None, None],
+                                            implementation="xla")
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_mask_materialize_and_pytree():
+    seg = jnp.asarray([[1, 1, 2, 0]], jnp.int32)
+    kv = jnp.asarray([[1, 2, 2, 2, 0, 1]], jnp.int32)
+    mask = AttentionMask(causal=True, segment_ids=seg, kv_segment_ids=kv, q_offset=2)
+    # query i sits at causal index 2 + i; sees key j iff same non-zero segment and j <= 2 + i
+    want = np.array([[1, 0, 0, 0, 0, 0],
+                     [1, 0, 0, 0, 0, 0],
+                     [0, 1, 1, 1, 0, 0],
+                     [0, 0, 0, 0, 0, 0]], bool)
+    np.testing.assert_array_equal(mask.materialize(1, 4, 6)[0], want)
+    # key ids only count together with query ids; no segments and not causal: no mask at all
+    assert AttentionMask(causal=False, kv_segment_ids=kv).key_segment_ids is None
+    assert AttentionMask(causal=False).materialize(1, 4, 6) is None
+    # arrays are leaves, `causal` is static: a jitted function sees it as a Python bool
+    assert len(jax.tree.leaves(mask)) == 3
+    assert jax.jit(lambda m: jnp.asarray(m.causal))(mask)
 
 
 @pytest.mark.parametrize("kernel", ["tpu", "gpu"])
@@ -127,8 +170,9 @@ def test_tpu_kernel_under_tpu_interpret_params():
     got = out_and_grads(lambda q, k, v: run_kernel("tpu", q, k, v, causal=True, seg=seg,
                                                    interpret=pltpu.InterpretParams()),
                         q, k, v, do)
-    want = out_and_grads(lambda q, k, v: dot_product_attention(q, k, v, causal=True,
-                                                               segment_ids=seg), q, k, v, do)
+    want = out_and_grads(lambda q, k, v: dot_product_attention(q, k, v,
+                                                               AttentionMask(True, seg)),
+                         q, k, v, do)
     assert_close(got, want, jnp.float32, "tpu/InterpretParams")
 
 
@@ -151,23 +195,23 @@ def test_block_ranges_skip_empty_blocks():
 def test_dispatch_on_cpu():
     q, k, v, _ = make_inputs(1, 40, 4, 2, 64, jnp.float32, seed=4)
     seg = packed_segments(1, 40, 2, seed=4)
-    ref = dot_product_attention(q, k, v, causal=True, segment_ids=seg)
+    packed = AttentionMask(causal=True, segment_ids=seg)
+    ref = dot_product_attention(q, k, v, packed)
     for impl in ("xla", "auto", "pallas"):
         out = jax.jit(lambda q, k, v, impl=impl: dispatch.attention(
-            q, k, v, causal=True, segment_ids=seg, impl=impl))(q, k, v)
+            q, k, v, packed, impl=impl))(q, k, v)
         np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5, err_msg=impl)
     # decode against a cache (q_offset, S != T) falls back to the dense path
     q1 = q[:, 30:33]
-    out = jax.jit(lambda q, k, v: dispatch.attention(q, k, v, causal=True, q_offset=30,
-                                                     impl="pallas"))(q1, k, v)
-    np.testing.assert_allclose(
-        out, dot_product_attention(q1, k, v, causal=True, q_offset=30), atol=1e-6)
+    decode = AttentionMask(causal=True, q_offset=30)
+    out = jax.jit(lambda q, k, v: dispatch.attention(q, k, v, decode, impl="pallas"))(q1, k, v)
+    np.testing.assert_allclose(out, dot_product_attention(q1, k, v, decode), atol=1e-6)
     with pytest.raises(ValueError, match="packed segments"):
-        dispatch.attention(q, k, v, causal=True, segment_ids=seg, impl="cudnn")
+        dispatch.attention(q, k, v, packed, impl="cudnn")
     with pytest.raises(ValueError, match="needs a GPU"):
-        dispatch.attention(q, k, v, causal=True, impl="cudnn")
+        dispatch.attention(q, k, v, AttentionMask(causal=True), impl="cudnn")
     with pytest.raises(ValueError, match="not one of"):
-        dispatch.attention(q, k, v, causal=True, impl="flash")
+        dispatch.attention(q, k, v, AttentionMask(causal=True), impl="flash")
 
 
 def test_resolve_impl():
@@ -212,8 +256,8 @@ def test_pallas_under_mesh_runs_in_shard_map(mesh_shape, kvh, axis_type):
     mesh = jax.make_mesh(mesh_shape, ("data", "fsdp", "tensor"), axis_types=(axis_type,) * 3)
     q, k, v, do = make_inputs(4, 24, 4, kvh, 64, jnp.float32, seed=5)
     seg = packed_segments(4, 24, 2, seed=5)
-    fn = lambda impl: (lambda q, k, v: dispatch.attention(q, k, v, causal=True,
-                                                          segment_ids=seg, impl=impl))
+    fn = lambda impl: (lambda q, k, v: dispatch.attention(q, k, v, AttentionMask(True, seg),
+                                                          impl=impl))
     want = out_and_grads(fn("xla"), q, k, v, do)
     with jax.set_mesh(mesh):
         step = jax.jit(lambda *a: out_and_grads(fn("pallas"), *a))

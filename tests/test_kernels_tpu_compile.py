@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mini_internvl_jax.kernels import dispatch
+from mini_internvl_jax.kernels import AttentionMask, dispatch
 
 if importlib.util.find_spec("libtpu") is None:
     pytest.skip("libtpu is not installed: no TPU compiler", allow_module_level=True)
@@ -49,8 +49,8 @@ SHAPES = [
 def test_forward_backward_compiles_for_tpu(tpu_mesh, name, b, s, h, kvh, d, causal, seg,
                                            dtype):
     def loss(q, k, v, segment_ids):
-        out = dispatch.attention(q, k, v, causal=causal,
-                                 segment_ids=segment_ids if seg else None, impl="auto")
+        mask = AttentionMask(causal, segment_ids if seg else None)
+        out = dispatch.attention(q, k, v, mask, impl="auto")
         return jnp.sum(out.astype(jnp.float32))
 
     act = NamedSharding(tpu_mesh, P(("data", "fsdp"), None, "tensor", None))

@@ -8,11 +8,11 @@ import torch
 import transformers
 from flax import nnx
 
-from mini_internvl_jax.config import ModelConfig, VisionConfig
+from mini_internvl_jax.config import ComputeConfig, ModelConfig, VisionConfig
 from mini_internvl_jax.convert.apply import load_rules_into, torch_state_reader
 from mini_internvl_jax.convert.mapping import llm_rules, model_rules, vision_rules
 from mini_internvl_jax.models import InternViT, InternVLModel
-from tests import hf_reference as ref
+from tests.helpers import hf_reference as ref
 
 TINY_VISION = VisionConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                            image_size=56, patch_size=14)
@@ -23,20 +23,22 @@ def rel_err(ours, theirs) -> float:
     return float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)))
 
 
-def build_ours(cfg: ModelConfig, rules, state_dict) -> InternVLModel:
+def build_ours(cfg: ModelConfig, rules, state_dict, compute: ComputeConfig | None = None
+               ) -> InternVLModel:
+    compute = compute or ComputeConfig()
     with nnx.use_eager_sharding(False):
-        model = InternVLModel(cfg, rngs=nnx.Rngs(0))
-    load_rules_into(model, rules, torch_state_reader(state_dict), scan=cfg.scan_layers)
+        model = InternVLModel(cfg, compute, rngs=nnx.Rngs(0))
+    load_rules_into(model, rules, torch_state_reader(state_dict), scan=compute.scan_layers)
     return model
 
 
 def llm_model(pair, *, scan=False, dtype="float32"):
     hf_cfg, llm_cfg, cls = pair
     torch_model = ref.randomize_(cls(hf_cfg))
-    cfg = ModelConfig(vision=TINY_VISION, llm=llm_cfg, image_token_id=ref.IMAGE_TOKEN,
-                      scan_layers=scan, dtype=dtype)
+    cfg = ModelConfig(vision=TINY_VISION, llm=llm_cfg, image_token_id=ref.IMAGE_TOKEN)
     rules = llm_rules(llm_cfg, body="model.", head="lm_head")
-    return torch_model, build_ours(cfg, rules, torch_model.state_dict())
+    return torch_model, build_ours(cfg, rules, torch_model.state_dict(),
+                                   ComputeConfig(dtype=dtype, scan_layers=scan))
 
 
 def torch_logits(model, ids, positions=None, **kw):
@@ -89,10 +91,9 @@ def test_packed_segments_equal_separate_reference_runs():
 def test_scan_layers_and_remat_match_reference():
     pair = ref.qwen2_pair(layers=3)
     torch_model, _ = llm_model(pair)
-    cfg = ModelConfig(vision=TINY_VISION, llm=pair[1], image_token_id=ref.IMAGE_TOKEN,
-                      scan_layers=True, remat="full")
+    cfg = ModelConfig(vision=TINY_VISION, llm=pair[1], image_token_id=ref.IMAGE_TOKEN)
     ours = build_ours(cfg, llm_rules(pair[1], body="model.", head="lm_head"),
-                      torch_model.state_dict())
+                      torch_model.state_dict(), ComputeConfig(scan_layers=True, remat="full"))
     ids = np.random.RandomState(4).randint(0, ref.VOCAB, size=(2, 16))
     assert rel_err(ours(jnp.asarray(ids, jnp.int32)), torch_logits(torch_model, ids)) <= 1e-4
 
@@ -177,7 +178,7 @@ def test_internvl_full_forward_parity(text):
     assert rel_err(logits, expected) <= 1e-4
 
     # bf16 compute, float32 master weights: within 2e-2 of the float32 reference
-    bf16 = build_ours(cfg.replace(dtype="bfloat16"), model_rules(cfg, "native"),
-                      torch_model.state_dict())
+    bf16 = build_ours(cfg, model_rules(cfg, "native"), torch_model.state_dict(),
+                      ComputeConfig(dtype="bfloat16"))
     logits16 = bf16(jnp.asarray(ids), jnp.asarray(buffer), jnp.asarray(flags))
     assert rel_err(logits16, expected) <= 2e-2

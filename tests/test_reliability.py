@@ -18,14 +18,17 @@ import jax
 import numpy as np
 import pytest
 import yaml
+from tensorboardX.proto.event_pb2 import SessionLog
 
 from mini_internvl_jax import fileio
+from mini_internvl_jax.cli import train as train_cli
+from mini_internvl_jax.convert.run_folder import CheckpointError, read_meta
 from mini_internvl_jax.train import trainer
-from mini_internvl_jax.train.checkpoint import CheckpointError, read_meta
-from mini_internvl_jax.train.cli import main as train_main
 from mini_internvl_jax.train.cluster import multihost_reason
 from mini_internvl_jax.train.config import train_config_from_dict
-from mini_internvl_jax.train.init import model_config
+from mini_internvl_jax.train.init_from import model_config
+from mini_internvl_jax.train.metrics import MetricsLog
+from tests.helpers import events
 from tests.test_train_run import BASE, ONE, compilation_cache, config  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,11 +55,11 @@ def run_one(**over):
 # 1. nothing fits ------------------------------------------------------------------------------
 
 def test_demo_with_tiny_seq_len_fails_fast_instead_of_spinning(demo_data, tmp_path):
-    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/demo.yaml"),
+    cmd = [sys.executable, "-m", "mini_internvl_jax.cli.train", "--config", "demo",
            f"tokenizer={demo_data}/tokenizers/qwen2",
            f"data.meta_path={demo_data}/stage2_meta.json", "seq_len=24",
            f"checkpoint.dir={tmp_path}/run", "log.progress_bar=false"]
-    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=60)
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2, p.stderr[-2000:]
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error: no record fits the batch"), p.stderr[-2000:]
@@ -143,7 +146,7 @@ def test_ctrl_c_and_sigterm_save_and_exit_with_a_distinct_code(tmp_path, monkeyp
                                         "checkpoint": {"dir": str(tmp_path / "ckpt")}}))
     _signal_after(monkeypatch, signum, 2)
     monkeypatch.setattr(jax, "devices", lambda *a: jax.local_devices()[:1])
-    assert train_main(["--config", str(cfg_path)]) == code
+    assert train_cli.main(["--config", str(cfg_path)]) == code
     out = capsys.readouterr()
     name = signal.Signals(signum).name
     assert f"stopped by {name} at step 2; checkpoint saved" in out.out
@@ -183,11 +186,11 @@ def test_resume_into_a_different_model_still_names_the_mismatch(tmp_path):
 
 def test_nonfinite_weights_are_named_at_conversion_and_at_load(tmp_path, capsys):
     torch = pytest.importorskip("torch")
-    from mini_internvl_jax.convert import cli as convert_cli
+    from mini_internvl_jax.cli import convert as convert_cli
     from mini_internvl_jax.convert.finite import NonFiniteWeightsError
-    from mini_internvl_jax.convert.load import load_pretrained
     from mini_internvl_jax.convert.orbax_io import restore_numpy, save_params
-    from tests.test_convert_helpers import leftovers, native_model, save_state, write_original
+    from mini_internvl_jax.convert.resolve import load_pretrained
+    from tests.helpers.checkpoints import leftovers, native_model, save_state, write_original
 
     model, hf_cfg = native_model("qwen2")
     sd = write_original(tmp_path / "hf", model, hf_cfg, "qwen2")
@@ -277,6 +280,19 @@ def test_resume_refuses_changed_settings_and_logs_each_step_once(tmp_path, capsy
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
 
 
+def test_a_resumed_log_drops_and_purges_the_redone_steps(tmp_path):
+    rows = "".join(json.dumps({"step": i, "loss": 1.0}) + "\n" for i in (1, 2, 3, 4))
+    (tmp_path / "metrics.jsonl").write_text(rows + '{"step": 5, "lo')  # cut short by a kill
+    log = MetricsLog(tmp_path, tensorboard=True, start_step=2)  # resumed from step 2
+    log.write(3, {"loss": 0.5})
+    log.close()
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    starts = [ev.step for f in tmp_path.glob("events.out.tfevents.*")
+              for ev in events.read_events(f) if ev.session_log.status == SessionLog.START]
+    assert starts == [3]  # TensorBoard hides the earlier run's events from step 3 on
+
+
 def test_a_changed_dataset_is_a_changed_setting(tmp_path):
     meta = tmp_path / "meta.json"
     meta.write_text("{}")
@@ -315,15 +331,13 @@ def test_multihost_is_detected_from_real_values_only(env, want):
 
 
 def test_train_cli_does_not_initialise_distributed_on_libtpu_warning_text(monkeypatch):
-    from mini_internvl_jax.train import cli
-
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", LIBTPU_WARNING)
     for key in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_NPROCS", "OMPI_COMM_WORLD_SIZE",
                 "MEGASCALE_COORDINATOR_ADDRESS"):
         monkeypatch.delenv(key, raising=False)
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append(1))
-    cli.maybe_initialize_distributed("auto", cli.parse_args(["--config", "x.yaml"]))
+    train_cli.maybe_initialize_distributed("auto", train_cli.parse_args(["--config", "x.yaml"]))
     assert calls == []
 
 
@@ -343,7 +357,7 @@ def test_full_disk_during_a_checkpoint_save_is_one_line(tmp_path, monkeypatch, c
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", no_space)
     monkeypatch.setattr(jax, "devices", lambda *a: jax.local_devices()[:1])
-    assert train_main(["--config", str(cfg_path)]) == 2
+    assert train_cli.main(["--config", str(cfg_path)]) == 2
     err = capsys.readouterr().err
     assert err.strip() == (f"error: no space left on device writing {tmp_path}/ckpt/1/d/0; "
                            "free some space or choose another place"), err

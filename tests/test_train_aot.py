@@ -7,8 +7,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mini_internvl_jax.configlib import CONFIG_DIR
-from mini_internvl_jax.train.config import load_train_config, train_config_from_dict
+from mini_internvl_jax.models import InternVLModel
+from mini_internvl_jax.train.config import (
+    build_model_config,
+    load_train_config,
+    train_config_from_dict,
+)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                 reason="libtpu is not installed (pip install 'jax[tpu]')")
@@ -16,12 +20,10 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
 
 def _param_bytes_by_hand(cfg) -> int:
     """Bytes of every parameter of the model, from an abstract model built here."""
-    from mini_internvl_jax.models import InternVLModel
-    from mini_internvl_jax.train.config import build_model_config
-
     mc = build_model_config(cfg)
     with nnx.use_eager_sharding(False):
-        state = nnx.state(nnx.eval_shape(lambda: InternVLModel(mc, rngs=nnx.Rngs(0))))
+        state = nnx.state(nnx.eval_shape(
+            lambda: InternVLModel(mc, cfg.model_compute, rngs=nnx.Rngs(0))))
     return sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize
                for _, v in nnx.to_flat_state(state))
 
@@ -31,7 +33,8 @@ def test_tiny_step_compiles_for_v5e_2x2_with_fsdp():
 
     cfg = train_config_from_dict({
         "model": "tiny-qwen2", "batch_size": 4, "seq_len": 64, "max_tiles": 4,
-        "synthetic": {"tiles_per_sample": 1}, "attention_impl": "xla", "remat": "full",
+        "synthetic": {"tiles_per_sample": 1},
+        "compute": {"attention_impl": "xla", "remat": "full"},
         "mesh": {"data": 1, "fsdp": -1, "tensor": 1}})
     r = compile_for_topology(cfg, "v5e:2x2")
     assert r["chips"] == 4 and r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
@@ -54,7 +57,7 @@ def test_unknown_topology_is_a_clear_error():
 def test_w1_step_compiles_for_v5e_2x2_with_fsdp():
     from mini_internvl_jax.train.aot import compile_for_topology
 
-    cfg = load_train_config(CONFIG_DIR / "stage2-1b.yaml", [
+    cfg = load_train_config("stage2", [
         "data=null", "batch_size=4", "max_tiles=24", "synthetic.tiles_per_sample=6",
         "optim.grad_accum=1", "model_overrides={}"])
     r = compile_for_topology(cfg, "v5e:2x2")

@@ -12,9 +12,10 @@ import jax
 import pytest
 import yaml
 
+from mini_internvl_jax.cli.train import main
+from mini_internvl_jax.convert.run_folder import read_meta
 from mini_internvl_jax.train import trainer
-from mini_internvl_jax.train.checkpoint import read_meta
-from mini_internvl_jax.train.cli import main
+from tests.helpers import events
 from tests.test_train_run import BASE, ONE, compilation_cache  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +28,7 @@ def test_demo_loss_falls(tmp_path):
     write_demo(data)
     run = tmp_path / "run"
     # relative paths, as the README's demo command uses them (Orbax itself needs absolute ones)
-    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/demo.yaml"),
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", "demo",
            "tokenizer=demo_data/tokenizers/qwen2", "data.meta_path=demo_data/stage2_meta.json",
            "total_steps=40", "optim.warmup_steps=5", "checkpoint.dir=run",
            "checkpoint.every=1000", "log.every=10", "log.progress_bar=false"]
@@ -40,7 +41,12 @@ def test_demo_loss_falls(tmp_path):
     assert loss[10] > 5.0  # ~ln(512) at the start
     assert loss[40] < loss[10] - 1.5, loss
     assert rows[-1]["data_num_samples"] > 0 and rows[-1]["tokens_per_s"] > 0
-    assert list(run.glob("events.out.tfevents.*"))
+    tb = events.values(run)
+    assert [step for step, _ in tb["loss"]] == [10, 20, 30, 40]
+    [(step, tiles)] = tb["samples/tiles"]  # the first batch's tiles, as one image grid
+    assert step == 1 and tiles.ndim == 3 and tiles.shape[2] == 3 and tiles.std() > 0
+    [(step, text)] = next(v for k, v in tb.items() if k.startswith("samples/text"))
+    assert step == 1 and "<IMG_CONTEXT>x" in text and "supervised targets" in text
     assert (run / "40").is_dir()  # final checkpoint
 
 

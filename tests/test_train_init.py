@@ -2,24 +2,29 @@
 initialise the base weights exactly (LoRA adapters start fresh); a LoRA run's checkpoint is
 merged for init_from and for export to a converted folder."""
 
+import json
+
 import jax
 import numpy as np
 from flax import nnx
 
+from mini_internvl_jax.config import ComputeConfig
 from mini_internvl_jax.convert.importer import convert_hf_to_orbax
-from mini_internvl_jax.convert.load import load_pretrained
+from mini_internvl_jax.convert.resolve import load_pretrained, open_source
+from mini_internvl_jax.models.lora import LoRAParam
 from mini_internvl_jax.sharding import make_mesh
 from mini_internvl_jax.train.checkpoint import Checkpointer, run_meta
 from mini_internvl_jax.train.config import train_config_from_dict
 from mini_internvl_jax.train.export import export_checkpoint
-from mini_internvl_jax.train.init import load_initial_params, model_config
-from mini_internvl_jax.train.lora import LoRAParam
+from mini_internvl_jax.train.init_from import load_initial_params, model_config
 from mini_internvl_jax.train.setup import build
-from tests.test_convert_helpers import native_model, write_original
+from tests.helpers.checkpoints import native_model, write_original
 
 BASE = {"batch_size": 2, "seq_len": 32, "max_tiles": 2, "total_steps": 4,
-        "synthetic": {"tiles_per_sample": 1}, "dtype": "float32", "remat": "none",
-        "scan_layers": True, "lora": {"rank": 2}, "mesh": {"data": 1, "fsdp": 1, "tensor": 1}}
+        "synthetic": {"tiles_per_sample": 1},
+        "compute": {"dtype": "float32", "remat": "none", "scan_layers": True},
+        "lora": {"rank": 2}, "mesh": {"data": 1, "fsdp": 1, "tensor": 1}}
+SCANNED = ComputeConfig(scan_layers=True)
 
 
 def _build(init_from):
@@ -36,7 +41,7 @@ def test_init_from_converted_hf_and_lora_checkpoint_then_export(tmp_path):
     write_original(tmp_path / "hf", model, hf_cfg, "qwen2")
     convert_hf_to_orbax(tmp_path / "hf", tmp_path / "converted")
     want = {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(
-        nnx.state(load_pretrained(tmp_path / "converted", scan_layers=True), nnx.Param))}
+        nnx.state(load_pretrained(tmp_path / "converted", SCANNED), nnx.Param))}
 
     for source in ("converted", "hf"):
         s, got = _build(tmp_path / source)
@@ -75,8 +80,12 @@ def test_init_from_converted_hf_and_lora_checkpoint_then_export(tmp_path):
         np.testing.assert_allclose(np.asarray(v.get_value()), expected[k], rtol=1e-5, atol=1e-6,
                                    err_msg=str(k))
 
+    kinds = {name: open_source(tmp_path / name).kind for name in ("run", "converted", "hf")}
+    assert kinds == {"run": "training_run", "converted": "converted", "hf": "hf"}
     export_checkpoint(str(tmp_path / "run"), str(tmp_path / "exported"))
-    exported = load_pretrained(tmp_path / "exported", scan_layers=True)
+    stored = json.loads((tmp_path / "exported" / "model_config.json").read_text())
+    assert "scan_layers" not in stored and "remat" not in stored  # architecture only
+    exported = load_pretrained(tmp_path / "exported", SCANNED)
     got = {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(
         nnx.state(exported, nnx.Param))}
     assert got.keys() == expected.keys()

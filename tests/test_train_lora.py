@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mini_internvl_jax import load_model_config
+from mini_internvl_jax import ComputeConfig, load_model_config
 from mini_internvl_jax.models import InternVLModel
 from mini_internvl_jax.models.layers import Dense
-from mini_internvl_jax.train.config import LoRAConfig
-from mini_internvl_jax.train.lora import (
+from mini_internvl_jax.models.lora import (
+    LoRAConfig,
     LoRADense,
     LoRAKey,
     LoRAParam,
@@ -46,6 +46,8 @@ def test_lora_dense_matches_numpy(in_shape, out_shape):
                                rtol=1e-5, atol=1e-6)
 
 
+SCANNED = ComputeConfig(scan_layers=True)
+
 def random_model(make, seed=0):
     """`make()`'s structure with N(0, 0.1) weights from numpy: no per-op XLA compiles."""
     with nnx.use_eager_sharding(False):
@@ -62,8 +64,8 @@ def _forward(model, ids, px, flags):
 
 
 def test_lora_on_scanned_model_and_merge():
-    cfg = load_model_config("tiny-qwen2", ["scan_layers=true"])
-    model = random_model(lambda: InternVLModel(cfg, rngs=nnx.Rngs(0)))
+    cfg = load_model_config("tiny-qwen2")
+    model = random_model(lambda: InternVLModel(cfg, SCANNED, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(0)
     ids = rng.integers(6, cfg.llm.vocab_size, (2, 12)).astype(np.int32)
     ids[0, 1:5] = cfg.image_token_id
@@ -86,8 +88,8 @@ def test_lora_on_scanned_model_and_merge():
 
 
 def test_lora_dropout_keys_differ_per_adapter_and_layer():
-    cfg = load_model_config("tiny-qwen2", ["scan_layers=true"])
-    model = random_model(lambda: InternVLModel(cfg, rngs=nnx.Rngs(0)))
+    cfg = load_model_config("tiny-qwen2")
+    model = random_model(lambda: InternVLModel(cfg, SCANNED, rngs=nnx.Rngs(0)))
     with nnx.use_eager_sharding(False):
         apply_lora(model, LoRAConfig(rank=2, dropout=0.5, targets=("q_proj", "v_proj")),
                    nnx.Rngs(1))

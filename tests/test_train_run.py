@@ -15,25 +15,23 @@ import portpicker
 import pytest
 from flax import nnx
 
+from mini_internvl_jax.batch import to_global
 from mini_internvl_jax.sharding import make_mesh
 from mini_internvl_jax.train import trainer
+from mini_internvl_jax.train.batches import SyntheticBatches
 from mini_internvl_jax.train.checkpoint import Checkpointer
 from mini_internvl_jax.train.config import train_config_from_dict
-from mini_internvl_jax.train.data import SyntheticBatches, to_global
 from mini_internvl_jax.train.setup import build, build_abstract
 from mini_internvl_jax.train.state import abstract_like
 
 BASE = {
     "model": "tiny-qwen2", "batch_size": 8, "seq_len": 32, "max_tiles": 16, "total_steps": 4,
     "synthetic": {"tiles_per_sample": 1, "samples_per_row": 2},
-    "dtype": "float32", "remat": "none", "scan_layers": True, "loss_chunk": 8,
+    "compute": {"dtype": "float32", "remat": "none", "scan_layers": True}, "loss_chunk": 8,
     # A large Adam eps keeps the update a smooth function of the gradient, so float32
     # reduction-order noise in near-zero gradients (k_proj biases) is not amplified to +-lr.
     "optim": {"lr": 1e-2, "warmup_steps": 1, "eps": 1e-4},
     "log": {"every": 100, "progress_bar": False, "tensorboard": False},
-    # The synthetic data is consistent by construction; without the check's host callback the
-    # compiled step can be reused from the persistent cache (the CLI tests keep the check on).
-    "model_overrides": {"check_image_tokens": False},
 }
 ONE = {"data": 1, "fsdp": 1, "tensor": 1}
 CACHE_KEYS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",

@@ -1,7 +1,5 @@
 """Training building blocks against independent references: cross-entropy, optimizer, FLOPs,
-TensorBoard records, configs."""
-
-import struct
+configs (TensorBoard: test_train_tensorboard.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mini_internvl_jax import load_model_config
+from mini_internvl_jax import ComputeConfig, load_model_config
 from mini_internvl_jax.configlib import ConfigError
 from mini_internvl_jax.models import InternVLModel
 from mini_internvl_jax.train import flops, metrics
@@ -174,70 +172,33 @@ def test_peak_table_and_mfu():
     assert metrics.mfu(989.4e12 * 0.5, 1.0, 1, 989.4) == pytest.approx(0.5)
 
 
-# ----------------------------------------------------------------------------- TensorBoard
-
-def test_crc32c_check_values():
-    assert metrics.crc32c(b"123456789") == 0xE3069283   # RFC 3720 check value
-    assert metrics.crc32c(bytes(32)) == 0x8A9136AA       # RFC 3720 B.4
-
-
-def _event_classes():
-    """tensorflow.Event / Summary built from a descriptor here, to parse what we wrote."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-    fd = descriptor_pb2.FileDescriptorProto(name="ev.proto", package="t", syntax="proto3")
-    F = descriptor_pb2.FieldDescriptorProto
-    val = fd.message_type.add(name="Value")
-    val.field.add(name="tag", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
-    val.field.add(name="simple_value", number=2, type=F.TYPE_FLOAT, label=F.LABEL_OPTIONAL)
-    summ = fd.message_type.add(name="Summary")
-    summ.field.add(name="value", number=1, type=F.TYPE_MESSAGE, type_name=".t.Value",
-                   label=F.LABEL_REPEATED)
-    ev = fd.message_type.add(name="Event")
-    ev.field.add(name="wall_time", number=1, type=F.TYPE_DOUBLE, label=F.LABEL_OPTIONAL)
-    ev.field.add(name="step", number=2, type=F.TYPE_INT64, label=F.LABEL_OPTIONAL)
-    ev.field.add(name="file_version", number=3, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
-    ev.field.add(name="summary", number=5, type=F.TYPE_MESSAGE, type_name=".t.Summary",
-                 label=F.LABEL_OPTIONAL)
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(fd)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("t.Event"))
-
-
-def test_tensorboard_events_parse(tmp_path):
-    w = metrics.TensorBoardWriter(tmp_path)
-    w.scalars(7, {"loss": 1.5, "lr": 0.25})
-    w.scalars(300, {"loss": 0.75})
-    w.close()
-    data = w.path.read_bytes()
-    Event = _event_classes()
-    events, pos = [], 0
-    while pos < len(data):
-        (n,) = struct.unpack("<Q", data[pos:pos + 8])
-        (hcrc,) = struct.unpack("<I", data[pos + 8:pos + 12])
-        body = data[pos + 12:pos + 12 + n]
-        (bcrc,) = struct.unpack("<I", data[pos + 12 + n:pos + 16 + n])
-        mask = lambda c: (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-        assert hcrc == mask(metrics.crc32c(data[pos:pos + 8]))
-        assert bcrc == mask(metrics.crc32c(body))
-        events.append(Event.FromString(body))
-        pos += 16 + n
-    assert events[0].file_version == "brain.Event:2"
-    assert events[1].step == 7
-    assert {v.tag: v.simple_value for v in events[1].summary.value} == {"loss": 1.5, "lr": 0.25}
-    assert events[2].step == 300 and events[2].summary.value[0].simple_value == 0.75
-
-
 # ----------------------------------------------------------------------------- configs
 
-@pytest.mark.parametrize("name", ["stage1-1b", "stage1-2b", "stage1-4b", "stage2-1b",
-                                  "stage2-2b", "stage2-4b", "lora-2b", "demo"])
-def test_presets_load(name):
-    from mini_internvl_jax.configlib import CONFIG_DIR
-
-    cfg = load_train_config(CONFIG_DIR / f"{name}.yaml", ["tokenizer=tok"])
+@pytest.mark.parametrize("name,model", [(stage, f"mini-internvl-{size}")
+                                        for stage in ("stage1", "stage2")
+                                        for size in ("1b", "2b", "4b")]
+                         + [("lora", None), ("demo", None)])
+def test_presets_load(name, model):
+    over = ["tokenizer=tok"] + ([f"model={model}"] if model else [])
+    cfg = load_train_config(name, over)
+    assert cfg.model == (model or cfg.model)
     assert cfg.batch_size % cfg.optim.grad_accum == 0
     assert (cfg.frozen_components == {"vision", "llm"}) == (cfg.stage == 1)
+    assert not cfg.model_compute.check_image_tokens  # the pipeline checks on the host
+
+
+def test_train_presets_are_their_own_kind_and_compute_merges_onto_defaults():
+    with pytest.raises(ConfigError, match=r"unknown training preset 'tiny-qwen2'.*"
+                                          r"'demo', 'lora', 'stage1', 'stage2'\]"):
+        load_train_config("tiny-qwen2")
+    cfg = train_config_from_dict({"compute": {"remat": "none"}})
+    default = train_config_from_dict({}).compute
+    assert default.dtype == "bfloat16" and default.scan_layers and default.remat == "full"
+    assert cfg.compute == default.replace(remat="none")
+    with pytest.raises(ConfigError, match=r"compute\.remat: 'sometimes' is not one of"):
+        train_config_from_dict({"compute": {"remat": "sometimes"}})
+    with pytest.raises(ConfigError, match=r"unknown key.*'remat'"):
+        train_config_from_dict({"remat": "none"})  # the old top-level key
 
 
 @pytest.mark.parametrize("data,match", [
@@ -251,3 +212,15 @@ def test_presets_load(name):
 def test_bad_train_configs_name_the_field(data, match):
     with pytest.raises(ConfigError, match=match):
         train_config_from_dict(data)
+
+
+def test_old_run_metadata_still_reads():
+    """A run saved before ComputeConfig kept dtype/remat/... at the top of its train config."""
+    from mini_internvl_jax.convert.run_folder import upgrade_train_config_dict
+
+    old = {"model": "tiny-qwen2", "dtype": "float32", "param_dtype": "float32",
+           "remat": "none", "attention_impl": "xla", "scan_layers": False}
+    cfg = train_config_from_dict(upgrade_train_config_dict(old))
+    assert cfg.compute == ComputeConfig(dtype="float32", param_dtype="float32", remat="none",
+                                        attention_impl="xla", scan_layers=False)
+    assert upgrade_train_config_dict({"model": "x"}) == {"model": "x"}

@@ -15,7 +15,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from mini_internvl_jax.config import ModelConfig, load_model_config, model_config_from_dict
+from mini_internvl_jax.config import DTYPES, ModelConfig, load_model_config
 from mini_internvl_jax.convert.errors import (
     CheckpointReadError,
     ConversionError,
@@ -23,7 +23,7 @@ from mini_internvl_jax.convert.errors import (
 )
 from mini_internvl_jax.convert.hf_config import hf_config_from_model, read_json
 from mini_internvl_jax.convert.hf_io import PlannedTensor, SafetensorsWriter, parse_size
-from mini_internvl_jax.convert.importer import PARAM_DTYPES, ConversionStats, OnTensor
+from mini_internvl_jax.convert.importer import ConversionStats, OnTensor
 from mini_internvl_jax.convert.mapping import (
     LAYOUTS,
     model_rules,
@@ -35,6 +35,7 @@ from mini_internvl_jax.convert.orbax_io import (
     BatchedParams,
     copy_side_files,
     is_converted_folder,
+    model_config_from_json,
     params_metadata,
     read_converted,
     write_json,
@@ -61,7 +62,8 @@ def _source(src: Path, model_config: str | None) -> tuple[ModelConfig, dict, Pat
     if not (src / "_METADATA").is_file() and (src / PARAMS_DIR).is_dir():
         src = src / PARAMS_DIR
     if model_config.endswith(".json"):  # e.g. another converted folder's model_config.json
-        cfg = model_config_from_dict(read_json(Path(model_config), "the model config"))
+        cfg = model_config_from_json(read_json(Path(model_config), "the model config"),
+                                     model_config)
     else:
         cfg = load_model_config(model_config)
     return cfg, {}, src
@@ -70,8 +72,8 @@ def _source(src: Path, model_config: str | None) -> tuple[ModelConfig, dict, Pat
 def _out_dtypes(names: list[str], stored: dict[str, np.dtype], dtype: str | None, info: dict
                 ) -> dict[str, np.dtype]:
     if dtype not in (None, "auto"):
-        if dtype not in PARAM_DTYPES:
-            raise ConversionError(f"dtype {dtype!r} is not one of {('auto',) + PARAM_DTYPES}")
+        if dtype not in DTYPES:
+            raise ConversionError(f"dtype {dtype!r} is not one of {('auto',) + DTYPES}")
         return dict.fromkeys(names, jnp.dtype(dtype))
     main = info.get("source_dtype")
     exceptions = info.get("source_dtype_exceptions") or {}
@@ -100,12 +102,13 @@ def export_to_hf(src_dir: str | Path, out_dir: str | Path, *, layout: str = "ori
     max_bytes = parse_size(max_shard_size)
     cfg, info, params_dir = _source(src_dir, model_config)
     meta = params_metadata(params_dir)
-    cfg = cfg.replace(scan_layers=is_scanned(meta, stacks_of(cfg)))
-    check_against_specs({p: s for p, (s, _) in meta.items()}, param_specs(cfg), str(params_dir))
+    scan = is_scanned(meta, stacks_of(cfg))
+    check_against_specs({p: s for p, (s, _) in meta.items()}, param_specs(cfg, scan=scan),
+                        str(params_dir))
     rules = model_rules(cfg, layout)
     stored = {}
     for rule in rules:
-        first = meta[target_key(rule.targets[0], cfg.scan_layers)[0]][1]
+        first = meta[target_key(rule.targets[0], scan)[0]][1]
         stored.update(dict.fromkeys(rule.sources, first))
     names = [n for r in rules for n in r.sources]
     out_dtypes = _out_dtypes(names, stored, dtype, info)
@@ -122,7 +125,7 @@ def export_to_hf(src_dir: str | Path, out_dir: str | Path, *, layout: str = "ori
                     "InternVL2-4B release uses")
     hf_config = hf_config_from_model(cfg, layout, config_dtype, base=info.get("source_config"))
 
-    keys = [[target_key(t, cfg.scan_layers) for t in rule.targets] for rule in rules]
+    keys = [[target_key(t, scan) for t in rule.targets] for rule in rules]
     params = BatchedParams(params_dir, meta, [[p for p, _ in step] for step in keys],
                            read_batch_bytes)
     stats = ConversionStats()

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mini_internvl_jax.convert.errors import CheckpointReadError
+from mini_internvl_jax.convert.params import path_str
 
 
 class NonFiniteWeightsError(CheckpointReadError):
@@ -47,7 +48,7 @@ def check_finite_arrays(arrays: dict, where: str) -> None:
 
     One jitted reduction per array on its own devices; only two scalars per array come back.
     """
-    floats = {".".join(map(str, p)): a for p, a in arrays.items()
+    floats = {path_str(p): a for p, a in arrays.items()
               if jnp.issubdtype(a.dtype, jnp.inexact)}
     counts = jax.device_get(_counts(floats))
     bad = [(k, int(n), int(i)) for k, (n, i) in sorted(counts.items()) if n or i]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mini_internvl_jax import configlib
-from mini_internvl_jax.config import TEMPLATES, ModelConfig, model_config_from_dict
+from mini_internvl_jax.config import TEMPLATE_NAMES, ModelConfig, model_config_from_dict
 from mini_internvl_jax.convert.errors import (
     CheckpointReadError,
     ConversionError,
@@ -32,12 +32,14 @@ NATIVE_TEXT_TYPES = {"qwen2": "qwen2", "llama": "llama", "phi3": "phi3"}
 _ARCH_OF_FAMILY = {v: k for k, v in ORIGINAL_LLM_ARCHITECTURES.items()}
 _NATIVE_TYPE_OF_FAMILY = {"qwen2": "qwen2", "llama": "llama", "internlm2": "llama",
                           "phi3": "phi3"}
-# The chat template each public checkpoint family ships with (facts §1).
+# The chat template each public checkpoint family ships with (InternVL2-1B: Hermes-2,
+# 2B: internlm2-chat, 4B: phi3-chat; the `template` key of their config.json).
 DEFAULT_TEMPLATES = {"qwen2": "Hermes-2", "internlm2": "internlm2-chat", "phi3": "phi3-chat",
                      "llama": "internlm2-chat"}
-# <IMG_CONTEXT> in each family's tokenizer after InternVL's 9 added tokens (facts §3.4).
+# <IMG_CONTEXT> in each family's tokenizer after InternVL's 9 added tokens (<img>, </img>,
+# <IMG_CONTEXT>, <quad>, </quad>, <ref>, </ref>, <box>, </box>).
 DEFAULT_IMAGE_TOKEN_IDS = {"qwen2": 151648, "internlm2": 92546, "phi3": 32013}
-# Released InternVL2 values for the keys our ModelConfig does not carry (facts §1).
+# Released InternVL2 values (their config.json) for the keys our ModelConfig does not carry.
 _ORIGINAL_DEFAULTS = {"dynamic_image_size": True, "use_thumbnail": True, "min_dynamic_patch": 1,
                       "max_dynamic_patch": 12, "use_backbone_lora": 0, "use_llm_lora": 0,
                       "pad2square": False}
@@ -277,7 +279,6 @@ def model_config_from_hf(hf: dict, shape_of: Callable[[str], tuple | None], fold
     data["image_token_id"] = image_token
     data["template"] = template
     data["name"] = Path(folder).resolve().name
-    data["dtype"] = data["param_dtype"] = "float32"
 
     keys = {o.split("=", 1)[0].strip() for o in overrides}
     data = configlib.apply_overrides(data, list(overrides))
@@ -285,10 +286,10 @@ def model_config_from_hf(hf: dict, shape_of: Callable[[str], tuple | None], fold
         template_source = "override"
     if "image_token_id" in keys:
         token_source = "override"
-    if data.get("template") not in TEMPLATES:
+    if data.get("template") not in TEMPLATE_NAMES:
         raise UnknownArchitectureError(
             f"{where}: chat template {data.get('template')!r} is not supported; supported: "
-            f"{list(TEMPLATES)} (override with template=NAME)")
+            f"{list(TEMPLATE_NAMES)} (override with template=NAME)")
     token = data.get("image_token_id")
     if token is not None and (isinstance(token, bool) or not isinstance(token, int)):
         raise ConversionError(f"image_token_id {token!r} ({token_source}) is not an integer "

@@ -1,9 +1,10 @@
 """Hugging Face checkpoint files, read and written one tensor at a time.
 
-Safetensors headers (8-byte length + JSON) are parsed here, so shapes and dtypes are known before
-any data is read, and each tensor is read with one `readinto` into a fresh buffer. There is no
-memory map: a converter's resident memory is its output plus the tensor in hand. Writing mirrors
-that: the headers come from a plan of (name, dtype, shape), then tensors stream in plan order.
+Reading goes through the `safetensors` library (`safe_open`, numpy framework; bfloat16 arrives
+as ml_dtypes' type): headers are validated when a file is opened, so names, shapes and dtypes
+are known before any data is read, and each `read` copies one tensor out of the file. Writing
+streams: the headers come from a plan of (name, dtype, shape), then tensors follow in plan order,
+so the exporter never holds more than the tensor in hand (the library's writer needs them all).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from mini_internvl_jax.convert.errors import CheckpointReadError, ConversionError
 
@@ -30,7 +33,6 @@ SAFETENSORS_DTYPES = {
     "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 _DTYPE_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-_MAX_HEADER = 100 * 2**20
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 TORCH_INDEX = "pytorch_model.bin.index.json"
@@ -55,52 +57,28 @@ class TensorInfo:
     file: Path
     dtype: np.dtype
     shape: tuple[int, ...]
-    start: int = 0   # absolute byte offset of the data in `file`
-    nbytes: int = 0
+
+
+def _open_safetensors(path: Path) -> Any:
+    """`safe_open` with the library's validation errors turned into ours, naming the file."""
+    try:
+        return safe_open(str(path), framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointReadError(f"{path} is not a valid safetensors file: {e}") from None
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Tensor infos of one .safetensors file, validated against the file size."""
+    """Tensor infos of one .safetensors file (the library checks offsets against the size)."""
     path = Path(path)
-
-    def bad(reason: str) -> CheckpointReadError:
-        return CheckpointReadError(f"{path} is not a valid safetensors file: {reason}")
-
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise bad(f"it has only {size} bytes")
-            n = int.from_bytes(head, "little")
-            if n > min(size - 8, _MAX_HEADER):
-                raise bad(f"header length {n} does not fit in a file of {size} bytes")
-            raw = f.read(n)
-    except OSError as e:
-        raise CheckpointReadError(f"cannot read {path}: {e}") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad(f"header is not JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
-    data_start, data_size = 8 + n, size - 8 - n
+    handle = _open_safetensors(path)
     infos = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise bad(f"entry for tensor {name!r} is malformed ({e!r})") from None
-        nbytes = math.prod(shape) * dtype.itemsize
-        if end - begin != nbytes or not 0 <= begin <= end <= data_size:
-            raise bad(f"tensor {name!r} ({entry['dtype']} {list(shape)}) has data offsets "
-                      f"[{begin}, {end}] that do not fit its size {nbytes} or the data section "
-                      f"of {data_size} bytes (truncated file?)")
-        infos[name] = TensorInfo(path, dtype, shape, data_start + begin, nbytes)
+    for name in handle.keys():
+        view = handle.get_slice(name)
+        code = view.get_dtype()
+        if code not in SAFETENSORS_DTYPES:
+            raise CheckpointReadError(f"{path}: tensor {name!r} has dtype {code}, which this "
+                                      f"converter does not read ({sorted(SAFETENSORS_DTYPES)})")
+        infos[name] = TensorInfo(path, SAFETENSORS_DTYPES[code], tuple(view.get_shape()))
     return infos
 
 
@@ -110,6 +88,7 @@ class CheckpointReader:
     def __init__(self, infos: dict[str, TensorInfo], description: str):
         self.infos = infos
         self.description = description
+        self._handles: dict[Path, Any] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.infos
@@ -125,19 +104,16 @@ class CheckpointReader:
         return self.infos[name].dtype
 
     def read(self, name: str) -> np.ndarray:
+        """A fresh, writable copy of one tensor (safetensors files only; see subclasses)."""
         info = self.infos[name]
-        out = np.empty(info.shape, info.dtype)
+        if info.file not in self._handles:
+            self._handles[info.file] = _open_safetensors(info.file)
         try:
-            with open(info.file, "rb") as f:
-                f.seek(info.start)
-                got = f.readinto(out.reshape(-1).view(np.uint8)) if info.nbytes else 0
-        except OSError as e:
+            out = self._handles[info.file].get_tensor(name)
+        except (SafetensorError, OSError) as e:
             raise CheckpointReadError(f"cannot read tensor {name!r} from {info.file}: {e}") \
                 from None
-        if got != info.nbytes:
-            raise CheckpointReadError(f"tensor {name!r} in {info.file} is truncated: read {got} "
-                                      f"of {info.nbytes} bytes")
-        return out
+        return out if out.flags.writeable else out.copy()
 
 
 class RenamedReader(CheckpointReader):
@@ -308,7 +284,7 @@ class SafetensorsWriter:
                       [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
         self._order = [(s, t) for s, shard in enumerate(self.shards) for t in shard]
         self._next = 0
-        self._file = None
+        self._file: BinaryIO | None = None
         self._file_index = -1
 
     def write(self, name: str, array: np.ndarray) -> None:
@@ -327,6 +303,7 @@ class SafetensorsWriter:
             array = contiguous
         if shard != self._file_index:
             self._open(shard)
+        assert self._file is not None
         self._file.write(array.reshape(-1).view(np.uint8).data)
         self._next += 1
 

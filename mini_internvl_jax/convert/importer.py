@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 import mini_internvl_jax
+from mini_internvl_jax.config import DTYPES
 from mini_internvl_jax.convert.apply import fill_from_rules
 from mini_internvl_jax.convert.errors import (
     CheckpointMismatchError,
@@ -49,7 +50,6 @@ from mini_internvl_jax.convert.orbax_io import (
 from mini_internvl_jax.convert.params import param_specs, path_str
 from mini_internvl_jax.fileio import atomic_folder
 
-PARAM_DTYPES = ("bfloat16", "float32", "float16")
 # Buffers some PyTorch checkpoints carry that are recomputed, never learned.
 IGNORABLE_SUFFIXES = (".rotary_emb.inv_freq",)
 OnTensor = Callable[[str, int, int], None]  # (tensor name, index, total)
@@ -106,9 +106,9 @@ def resolve_dtype(dtype: str | None, reader: CheckpointReader) -> str:
     """`auto`/None keeps the checkpoint's own floating dtype."""
     if dtype in (None, "auto"):
         main, _ = source_dtypes(reader)
-        return main if main in PARAM_DTYPES else "float32"
-    if dtype not in PARAM_DTYPES:
-        raise ConversionError(f"dtype {dtype!r} is not one of {('auto',) + PARAM_DTYPES}")
+        return main if main in DTYPES else "float32"
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype {dtype!r} is not one of {('auto',) + DTYPES}")
     return dtype
 
 
@@ -139,10 +139,10 @@ def hf_to_arrays(src: HFSource, *, dtype: str, scan: bool = False, strict: bool 
                  ) -> tuple[dict[tuple, np.ndarray], ConversionStats]:
     """Our parameters as host arrays of `dtype`, read tensor by tensor from `src`."""
     start = time.perf_counter()
-    cfg = src.info.config.replace(param_dtype=dtype, dtype=dtype, scan_layers=scan)
+    cfg = src.info.config
     rules = model_rules(cfg, src.info.layout)
     stats = ConversionStats(ignored=check_tensors(src.reader, rules, strict))
-    specs = param_specs(cfg)
+    specs = param_specs(cfg, dtype=dtype, scan=scan)
     covered = {target_key(t, scan)[0] for r in rules for t in r.targets}
     unfilled = [path_str(p) for p in specs if p not in covered]
     if unfilled:
@@ -198,8 +198,7 @@ def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, dtype: str |
         save_params(tmp / PARAMS_DIR, flat)
         del flat
         info = src.info
-        write_model_config(tmp, info.config.replace(dtype=dtype, param_dtype=dtype,
-                                                    scan_layers=scan_layers))
+        write_model_config(tmp, info.config)
         copied = copy_side_files(src.folder, tmp)
         write_json(tmp / CONVERSION_INFO, {
             "format_version": 1,

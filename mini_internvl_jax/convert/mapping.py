@@ -12,7 +12,7 @@ Layouts:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,14 +20,15 @@ import numpy as np
 from mini_internvl_jax.config import LLMConfig, ModelConfig, VisionConfig
 
 LAYOUTS = ("original", "native")
-Path = tuple  # our parameter path, e.g. ("llm", "norm", "weight")
+# Our parameter path (an nnx state path), e.g. ("llm", "norm", "weight"); ints index lists.
+ParamPath = tuple[Hashable, ...]
 
 
 @dataclass(frozen=True)
 class Target:
-    path: Path                # inside a layer stack: relative to one layer
+    path: ParamPath                # inside a layer stack: relative to one layer
     layer: int | None = None  # layer index inside the stack `stack`
-    stack: Path | None = None
+    stack: ParamPath | None = None
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def _rule(sources, targets, fns, shapes) -> Rule:
     return Rule(tuple(sources), tuple(targets), to_jax, to_hf, tuple(tuple(s) for s in shapes))
 
 
-def _stack_path(stack: Path, i: int) -> Callable[[Path], Target]:
+def _stack_path(stack: ParamPath, i: int) -> Callable[[ParamPath], Target]:
     return lambda p: Target(p, i, stack)
 
 
@@ -336,20 +337,21 @@ def key_tensor_names(layout: str, family: str) -> dict[str, str]:
             "position_embedding": vision}
 
 
-def layer_stacks(rules: list[Rule]) -> dict[Path, int]:
+def layer_stacks(rules: list[Rule]) -> dict[ParamPath, int]:
     """Each layer stack's path in our tree -> its number of layers."""
-    stacks: dict[Path, int] = {}
+    stacks: dict[ParamPath, int] = {}
     for rule in rules:
         for t in rule.targets:
-            if t.stack is not None:
+            if t.stack is not None and t.layer is not None:
                 stacks[t.stack] = max(stacks.get(t.stack, 0), t.layer + 1)
     return stacks
 
 
-def target_key(target: Target, scan: bool) -> tuple[Path, int | None]:
+def target_key(target: Target, scan: bool) -> tuple[ParamPath, int | None]:
     """(path in our nnx state, index on the leading layer axis or None)."""
     if target.layer is None:
         return target.path, None
+    assert target.stack is not None, "a layer target names its stack"
     if scan:
         return target.stack + target.path, target.layer
     return target.stack + (target.layer,) + target.path, None

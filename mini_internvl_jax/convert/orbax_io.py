@@ -17,10 +17,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mini_internvl_jax import configlib
-from mini_internvl_jax.config import ModelConfig, model_config_from_dict
+from mini_internvl_jax.config import ModelConfig, model_config_from_dict, split_legacy_compute
 from mini_internvl_jax.convert.errors import CheckpointReadError
 from mini_internvl_jax.convert.params import flatten, nest
-from mini_internvl_jax.failures import silence_abandoned_reads
+from mini_internvl_jax.errors import silence_abandoned_reads
 
 PARAMS_DIR = "params"
 MODEL_CONFIG = "model_config.json"
@@ -159,7 +159,13 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def write_model_config(folder: Path, cfg: ModelConfig) -> None:
+    """Architecture only: how to run the model (dtypes, scan, ...) is the reader's choice."""
     write_json(Path(folder) / MODEL_CONFIG, configlib.to_dict(cfg))
+
+
+def model_config_from_json(data: dict, where: str | Path) -> ModelConfig:
+    """A stored model config; run-time keys an older version wrote are dropped (with a notice)."""
+    return model_config_from_dict(split_legacy_compute(data, str(where))[0])
 
 
 def is_converted_folder(path: Path) -> bool:
@@ -176,7 +182,7 @@ def read_converted(folder: Path) -> tuple[ModelConfig, dict]:
         raise CheckpointReadError(f"cannot read {folder / MODEL_CONFIG}: {e}") from None
     if not isinstance(data, dict):
         raise CheckpointReadError(f"{folder / MODEL_CONFIG} must hold a JSON object")
-    cfg = model_config_from_dict(data)
+    cfg = model_config_from_json(data, folder / MODEL_CONFIG)
     info = {}
     if (folder / CONVERSION_INFO).is_file():
         try:

@@ -8,29 +8,29 @@ an array; the nested form (plain dicts) is what Orbax stores, so a trainer can r
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from mini_internvl_jax.config import ModelConfig
+from mini_internvl_jax.config import ComputeConfig, Dtype, ModelConfig
 from mini_internvl_jax.convert.errors import CheckpointMismatchError
-from mini_internvl_jax.convert.mapping import layer_stacks, model_rules
+from mini_internvl_jax.convert.mapping import ParamPath, layer_stacks, model_rules
+from mini_internvl_jax.models import InternVLModel
 from mini_internvl_jax.sharding import state_shardings
 
-Path = tuple
 
-
-def path_str(path: Path) -> str:
+def path_str(path: ParamPath) -> str:
     return ".".join(map(str, path))
 
 
-def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_model(cfg: ModelConfig, compute: ComputeConfig | None = None
+                   ) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, abstract state) without allocating a single parameter."""
-    from mini_internvl_jax.models import InternVLModel
-
     with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: InternVLModel(cfg, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: InternVLModel(cfg, compute, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     others = [p for p, v in nnx.to_flat_state(state) if not isinstance(v, nnx.Param)]
     if others:
@@ -39,18 +39,21 @@ def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     return graphdef, state
 
 
-def flat_specs(state: nnx.State) -> dict[Path, jax.ShapeDtypeStruct]:
+def flat_specs(state: nnx.State) -> dict[ParamPath, jax.ShapeDtypeStruct]:
     return {tuple(p): jax.ShapeDtypeStruct(v.shape, v.dtype) for p, v in nnx.to_flat_state(state)}
 
 
-def param_specs(cfg: ModelConfig) -> dict[Path, jax.ShapeDtypeStruct]:
-    """Every parameter's shape and dtype under `cfg`, without building a per-layer model.
+def param_specs(cfg: ModelConfig, *, dtype: Dtype = "float32", scan: bool = False
+                ) -> dict[ParamPath, jax.ShapeDtypeStruct]:
+    """Every parameter's shape and dtype (`dtype`, stacked when `scan`), without building a
+    per-layer model.
 
     Traces the stacked form (one layer under vmap: 0.1 s for InternVL2-1B where the per-layer
-    form takes 7 s) and, when `cfg` does not scan, splits the stacks on paper.
+    form takes 7 s) and, when not scanning, splits the stacks on paper.
     """
-    specs = flat_specs(abstract_model(cfg.replace(scan_layers=True))[1])
-    if cfg.scan_layers:
+    compute = ComputeConfig(dtype=dtype, param_dtype=dtype, scan_layers=True)
+    specs = flat_specs(abstract_model(cfg, compute)[1])
+    if scan:
         return specs
     stacks = stacks_of(cfg)
     out = {}
@@ -65,7 +68,7 @@ def param_specs(cfg: ModelConfig) -> dict[Path, jax.ShapeDtypeStruct]:
     return out
 
 
-def nest(flat: dict[Path, object]) -> dict:
+def nest(flat: Mapping[ParamPath, object]) -> dict:
     out: dict = {}
     for path, value in flat.items():
         node = out
@@ -75,7 +78,7 @@ def nest(flat: dict[Path, object]) -> dict:
     return out
 
 
-def flatten(tree: dict, prefix: Path = ()) -> dict[Path, object]:
+def flatten(tree: dict, prefix: ParamPath = ()) -> dict[ParamPath, object]:
     """Inverse of `nest`; digit-string keys (how Orbax stores list indices) become ints."""
     out: dict = {}
     for key, value in tree.items():
@@ -87,11 +90,11 @@ def flatten(tree: dict, prefix: Path = ()) -> dict[Path, object]:
     return out
 
 
-def stacks_of(cfg: ModelConfig) -> dict[Path, int]:
+def stacks_of(cfg: ModelConfig) -> dict[ParamPath, int]:
     return layer_stacks(model_rules(cfg, "original"))
 
 
-def is_scanned(flat: dict[Path, object], stacks: dict[Path, int]) -> bool:
+def is_scanned(flat: Mapping[ParamPath, object], stacks: dict[ParamPath, int]) -> bool:
     """Whether `flat` holds layer stacks with a leading layer axis (no per-layer index keys)."""
     for stack in stacks:
         n = len(stack)
@@ -100,8 +103,8 @@ def is_scanned(flat: dict[Path, object], stacks: dict[Path, int]) -> bool:
     return True
 
 
-def restack(flat: dict[Path, np.ndarray], stacks: dict[Path, int], scan: bool
-            ) -> dict[Path, np.ndarray]:
+def restack(flat: dict[ParamPath, np.ndarray], stacks: dict[ParamPath, int], scan: bool
+            ) -> dict[ParamPath, np.ndarray]:
     """Converts host arrays between per-layer entries and one stacked entry per parameter."""
     if is_scanned(flat, stacks) == scan:
         return flat
@@ -121,8 +124,8 @@ def restack(flat: dict[Path, np.ndarray], stacks: dict[Path, int], scan: bool
     return out
 
 
-def check_against_specs(flat_shapes: dict[Path, tuple], specs: dict[Path, jax.ShapeDtypeStruct],
-                        where: str) -> None:
+def check_against_specs(flat_shapes: dict[ParamPath, tuple],
+                        specs: dict[ParamPath, jax.ShapeDtypeStruct], where: str) -> None:
     """Same parameter names and shapes as the model expects, or an error naming them."""
     missing = [p for p in specs if p not in flat_shapes]
     unexpected = [p for p in flat_shapes if p not in specs]
@@ -140,7 +143,7 @@ def check_against_specs(flat_shapes: dict[Path, tuple], specs: dict[Path, jax.Sh
                                           f"{tuple(flat_shapes[p])}, expected {spec.shape}")
 
 
-def shardings(state: nnx.State, mesh: Mesh | None) -> dict[Path, jax.sharding.Sharding]:
+def shardings(state: nnx.State, mesh: Mesh | None) -> dict[ParamPath, jax.sharding.Sharding]:
     """Where each parameter lives: the mesh's logical-rule shardings, or the first device."""
     if mesh is None:
         one = SingleDeviceSharding(jax.devices()[0])
@@ -149,7 +152,7 @@ def shardings(state: nnx.State, mesh: Mesh | None) -> dict[Path, jax.sharding.Sh
     return {tuple(p): v.get_value() for p, v in nnx.to_flat_state(tree)}
 
 
-def build_model(graphdef: nnx.GraphDef, state: nnx.State, arrays: dict[Path, jax.Array]):
+def build_model(graphdef: nnx.GraphDef, state: nnx.State, arrays: dict[ParamPath, jax.Array]):
     """The model whose parameters are `arrays` (already placed)."""
     nnx.replace_by_pure_dict(state, nest(arrays))
     return nnx.merge(graphdef, state)

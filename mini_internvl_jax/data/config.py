@@ -11,12 +11,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mini_internvl_jax import configlib
-from mini_internvl_jax.configlib import ConfigError
-
-
-def _check(cond: bool, where: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"data.{where}: {msg}")
+from mini_internvl_jax.config import TemplateName
+from mini_internvl_jax.configlib import check
 
 
 @dataclass(frozen=True)
@@ -24,7 +20,7 @@ class DataConfig:
     # InternVL meta JSON: {name: {root, annotation, repeat_time, data_augment, ...}}.
     meta_path: str
     # Chat template; null = the model's (pass `template=` to `build_train_iterator`).
-    template: Literal["Hermes-2", "internlm2-chat", "phi3-chat"] | None = None
+    template: TemplateName | None = None
     # Overrides the template's default system message when set.
     system_message: str | None = None
 
@@ -77,27 +73,27 @@ class DataConfig:
     max_consecutive_skips: int = 10000
 
     def __post_init__(self):
-        _check(bool(self.meta_path), "meta_path", "must name the meta JSON file")
-        _check(1 <= self.min_dynamic_patch <= self.max_dynamic_patch, "min_dynamic_patch",
-               f"need 1 <= min_dynamic_patch ({self.min_dynamic_patch}) <= max_dynamic_patch "
-               f"({self.max_dynamic_patch})")
-        _check(1 <= self.jpeg_quality_min <= self.jpeg_quality_max <= 100, "jpeg_quality_min",
-               "need 1 <= jpeg_quality_min <= jpeg_quality_max <= 100")
-        _check(self.max_tiles_per_row is None or self.max_tiles_per_row >= 1,
-               "max_tiles_per_row", "must be >= 1 or null")
-        _check(self.max_samples_per_row is None or self.max_samples_per_row >= 1,
-               "max_samples_per_row", "must be >= 1 or null")
-        _check(self.pack_lookahead >= 0, "pack_lookahead", "must be >= 0")
-        _check(self.num_epochs is None or self.num_epochs >= 1, "num_epochs",
-               "must be >= 1 or null (repeat forever)")
-        _check(self.num_threads >= 0, "num_threads", "must be >= 0")
-        _check(self.prefetch_buffer_size >= 1, "prefetch_buffer_size", "must be >= 1")
-        _check(self.num_workers >= 0, "num_workers", "must be >= 0")
-        _check(self.worker_buffer_size >= 1, "worker_buffer_size", "must be >= 1")
-        _check(self.batch_prefetch >= 0, "batch_prefetch", "must be >= 0")
-        _check(0.0 <= self.max_bad_fraction <= 1.0, "max_bad_fraction", "must be in [0, 1]")
-        _check(self.bad_check_min_samples >= 1, "bad_check_min_samples", "must be >= 1")
-        _check(self.max_consecutive_skips >= 1, "max_consecutive_skips", "must be >= 1")
+        check(bool(self.meta_path), "data.meta_path", "must name the meta JSON file")
+        check(1 <= self.min_dynamic_patch <= self.max_dynamic_patch, "data.min_dynamic_patch",
+              f"need 1 <= min_dynamic_patch ({self.min_dynamic_patch}) <= max_dynamic_patch "
+              f"({self.max_dynamic_patch})")
+        check(1 <= self.jpeg_quality_min <= self.jpeg_quality_max <= 100, "data.jpeg_quality_min",
+              "need 1 <= jpeg_quality_min <= jpeg_quality_max <= 100")
+        check(self.max_tiles_per_row is None or self.max_tiles_per_row >= 1,
+              "data.max_tiles_per_row", "must be >= 1 or null")
+        check(self.max_samples_per_row is None or self.max_samples_per_row >= 1,
+              "data.max_samples_per_row", "must be >= 1 or null")
+        check(self.pack_lookahead >= 0, "data.pack_lookahead", "must be >= 0")
+        check(self.num_epochs is None or self.num_epochs >= 1, "data.num_epochs",
+              "must be >= 1 or null (repeat forever)")
+        check(self.num_threads >= 0, "data.num_threads", "must be >= 0")
+        check(self.prefetch_buffer_size >= 1, "data.prefetch_buffer_size", "must be >= 1")
+        check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        check(self.worker_buffer_size >= 1, "data.worker_buffer_size", "must be >= 1")
+        check(self.batch_prefetch >= 0, "data.batch_prefetch", "must be >= 0")
+        check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1]")
+        check(self.bad_check_min_samples >= 1, "data.bad_check_min_samples", "must be >= 1")
+        check(self.max_consecutive_skips >= 1, "data.max_consecutive_skips", "must be >= 1")
 
 
 def data_config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> DataConfig:

@@ -1,4 +1,4 @@
-"""Synthetic demo dataset: `python -m mini_internvl_jax.data.demo OUT_DIR [--seed 0]`.
+"""Synthetic demo dataset (`mivl-demo-data OUT_DIR [--seed 0]` writes it).
 
 Writes, deterministically and in a few seconds, everything the README demo needs:
 
@@ -24,11 +24,9 @@ The whole folder is built under a temporary name and renamed into place.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
-import sys
 import textwrap
 from pathlib import Path
 
@@ -37,7 +35,6 @@ from PIL import Image, ImageDraw
 
 from mini_internvl_jax.data.templates import DEFAULT_SYSTEM_MESSAGE, TEMPLATES
 from mini_internvl_jax.data.tokenizer import INTERNVL_TOKENS
-from mini_internvl_jax.failures import EXIT_USER_ERROR, user_error
 from mini_internvl_jax.fileio import atomic_folder
 
 VOCAB_SIZE = 512
@@ -266,10 +263,10 @@ def _write_tokenizers(root: Path, texts: list[str]) -> dict:
 
 
 def _readme() -> str:
-    doc = sys.modules[__name__].__doc__
+    doc = __doc__ or ""
     layout = textwrap.dedent(doc[doc.index("    OUT_DIR/"):doc.index("Each tokenizer")])
     note = doc[doc.index("Each tokenizer"):doc.index("The whole folder")]
-    return ("# Demo data (generated)\n\nMade by `python -m mini_internvl_jax.data.demo OUT_DIR`."
+    return ("# Demo data (generated)\n\nMade by `mivl-demo-data OUT_DIR`."
             "\n\n```\n" + layout.strip() + "\n```\n\n" + note.strip() + "\n")
 
 
@@ -286,14 +283,16 @@ def _build(root: Path, seed: int, num_stage1: int, num_stage2: int) -> dict:
         idx += 1
         return name, info
 
-    captions = []
+    captions: list[dict] = []
     for _ in range(num_stage1):
         name, info = new_image()
         prompt = str(rng.choice(CAPTION_PROMPTS))
         captions.append({"id": len(captions), "image": name, "conversations": [
             {"from": "human", "value": f"<image>\n{prompt}"},
             {"from": "gpt", "value": _caption(info)}]})
-    qa, multi, text = [], [], []
+    qa: list[dict] = []
+    multi: list[dict] = []
+    text: list[dict] = []
     for k in range(num_stage2):
         kind = k % 4
         if kind in (0, 1):
@@ -318,8 +317,8 @@ def _build(root: Path, seed: int, num_stage1: int, num_stage2: int) -> dict:
         else:
             rounds = []
             for _ in range(int(rng.integers(1, 4))):
-                a, b = (int(v) for v in rng.integers(0, 50, size=2))
-                rounds.append((f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."))
+                x, y = (int(v) for v in rng.integers(0, 50, size=2))
+                rounds.append((f"What is {x} plus {y}?", f"{x} plus {y} is {x + y}."))
             text.append({"id": len(text), "conversations": _conversation("", rounds)})
 
     _write_jsonl(root / "stage1" / "captions.jsonl", captions)
@@ -368,32 +367,3 @@ def write_demo(out_dir: str | os.PathLike, *, seed: int = 0, num_stage1: int = 1
     with atomic_folder(out, overwrite=True) as tmp:
         return _build(tmp, seed, num_stage1, num_stage2)
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("out_dir")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-stage1", type=int, default=160)
-    p.add_argument("--num-stage2", type=int, default=160)
-    p.add_argument("--force", action="store_true", help="replace an earlier demo folder")
-    args = p.parse_args(argv)
-    for name in ("num_stage1", "num_stage2"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    try:
-        m = write_demo(args.out_dir, seed=args.seed, num_stage1=args.num_stage1,
-                       num_stage2=args.num_stage2, force=args.force)
-    except Exception as e:  # noqa: BLE001 - user errors become one line, bugs re-raise
-        line = user_error(e)
-        if line is None:
-            raise
-        print(f"error: {line}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    print(f"wrote {args.out_dir}: {m['stage1']['samples']} stage-1 and "
-          f"{m['stage2']['samples']} stage-2 samples, {m['images']} images, tokenizers "
-          f"{sorted(m['tokenizers'])}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

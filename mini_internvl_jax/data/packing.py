@@ -27,15 +27,15 @@ from typing import Any
 import grain
 import numpy as np
 
+from mini_internvl_jax.batch import BATCH_DTYPES, IGNORE_INDEX, STATS_PREFIX
 from mini_internvl_jax.data.errors import DataError, Skipped
 from mini_internvl_jax.data.processing import Sample
-from mini_internvl_jax.data.templates import IGNORE_INDEX
 from mini_internvl_jax.data.tiling import normalize_tiles
 
 log = logging.getLogger(__name__)
 
 # Host-side per-batch counters; drop these keys before putting a batch on devices.
-STATS_KEYS = ("stats_num_samples", "stats_num_truncated", "stats_num_dropped", "stats_num_bad")
+STATS_KEYS = tuple(f"{STATS_PREFIX}num_{k}" for k in ("samples", "truncated", "dropped", "bad"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,13 +91,9 @@ class BatchBuilder:
         until then makes handing batches between processes ~7x cheaper."""
         g = self.geom
         shape = (g.batch_size, g.seq_len)
-        out = {
-            "input_ids": np.full(shape, g.pad_id, dtype=np.int32),
-            "labels": np.full(shape, IGNORE_INDEX, dtype=np.int32),
-            "loss_weights": np.zeros(shape, dtype=np.float32),
-            "positions": np.zeros(shape, dtype=np.int32),
-            "segment_ids": np.zeros(shape, dtype=np.int32),
-        }
+        fill = {"input_ids": g.pad_id, "labels": IGNORE_INDEX}
+        out = {k: np.full(shape, fill.get(k, 0), dtype=BATCH_DTYPES[k])
+               for k in ("input_ids", "labels", "loss_weights", "positions", "segment_ids")}
         tiles, flags = [], []
         for b, row in enumerate(self.rows):
             off = 0
@@ -132,9 +128,9 @@ def finalize_batch(batch: dict[str, np.ndarray], geom: BatchGeometry) -> dict[st
     tiles, flags = batch["tiles"], batch["tile_flags"]
     batch = {k: np.array(v) for k, v in batch.items() if k not in ("tiles", "tile_flags")}
     size = geom.image_size
-    pixel_values = np.zeros((geom.max_tiles, 3, size, size), dtype=np.float32)
+    pixel_values = np.zeros((geom.max_tiles, 3, size, size), dtype=BATCH_DTYPES["pixel_values"])
     normalize_tiles(tiles, out=pixel_values[:len(tiles)])
-    image_flags = np.zeros(geom.max_tiles, dtype=np.int32)
+    image_flags = np.zeros(geom.max_tiles, dtype=BATCH_DTYPES["image_flags"])
     image_flags[:len(flags)] = flags
     batch["pixel_values"] = pixel_values
     batch["image_flags"] = image_flags
@@ -179,10 +175,10 @@ class PackIterator(grain.DatasetIterator):
         self._run[x.reason] += 1
         if self._run.total() >= self._max_run:
             g = self._geom
-            reasons = ", ".join(f"{k}: {v}" for k, v in self._run.most_common())
+            rejected = ", ".join(f"{k}: {v}" for k, v in self._run.most_common())
             raise DataError(
                 f"no record fits the batch: the last {self._run.total()} records in a row were "
-                f"all rejected ({reasons}; last: {x.source}:{x.line} {x.detail}); raise seq_len "
+                f"all rejected ({rejected}; last: {x.source}:{x.line} {x.detail}); raise seq_len "
                 f"({g.seq_len}) or max_tiles ({g.max_tiles}), or lower data.max_dynamic_patch")
         total = self._counts["samples"] + self._counts["dropped"] + self._counts["bad"]
         if total >= self._bad_min and self._counts["bad"] > self._max_bad * total:
@@ -238,8 +234,8 @@ class PackIterator(grain.DatasetIterator):
         self._counts["samples"] += builder.num_samples
         self._counts["truncated"] += sum(s.truncated for r in builder.rows for s in r)
         for key in ("samples", "truncated", "dropped", "bad"):
-            batch[f"stats_num_{key}"] = np.asarray(self._counts[key] - self._reported[key],
-                                                   dtype=np.int32)
+            batch[f"{STATS_PREFIX}num_{key}"] = np.asarray(
+                self._counts[key] - self._reported[key], dtype=np.int32)
         self._reported = collections.Counter(self._counts)
         return batch
 

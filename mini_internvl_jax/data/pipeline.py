@@ -8,17 +8,9 @@
       .map(finalize_batch)             tiles -> normalised float32 tile buffer
     ThreadPrefetchIterDataset          batches made ahead in a background thread
 
-Batch dict (numpy, static shapes; B = batch_size rows, S = seq_len, T = max_tiles):
-  input_ids int32 [B, S]      pad = tokenizer pad id (or 0)
-  labels int32 [B, S]         next-token targets: labels[b, t] = id of token t+1 of the same
-                              sample if it is trained, else -100 (a sample's last token: -100)
-  loss_weights float32 [B, S] 0 where labels == -100, else 1, 1/n or 1/sqrt(n)
-  positions int32 [B, S]      0.. per packed sample, 0 on padding
-  segment_ids int32 [B, S]    1, 2, ... per packed sample in a row, 0 = padding
-  pixel_values float32 [T, 3, H, W]  ImageNet-normalised tiles: row 0's samples in order
-                              (each image's tiles, thumbnail last), then row 1, ...; padding last
-  image_flags int32 [T]       1 real tile, 0 padding (or InternVL's text-only dummy tile)
-  stats_num_{samples,truncated,dropped,bad} int32 []  host-side counters since the last batch
+Each batch is one micro-batch of the contract in `mini_internvl_jax.batch` (numpy, static
+shapes, without the leading grad-accum axis: [B, S] token fields, [T, C, H, W] tiles, [T] flags),
+plus host-side counters `stats_num_{samples,truncated,dropped,bad}` since the last batch.
 
 Iterator state (`get_state`) is JSON; save it with the model via
 `ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(it))` and restore with
@@ -34,6 +26,7 @@ import json
 import sys
 
 import grain
+import jax
 
 from mini_internvl_jax.data.config import DataConfig
 from mini_internvl_jax.data.errors import DataError
@@ -97,8 +90,6 @@ def build_train_dataset(data_cfg: DataConfig, *, tokenizer: Tokenizer | str,
                             "(Hermes-2, internlm2-chat or phi3-chat)")
         data_cfg = dataclasses.replace(data_cfg, template=template)
     if shard_index is None or shard_count is None:
-        import jax
-
         shard_index, shard_count = jax.process_index(), jax.process_count()
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)

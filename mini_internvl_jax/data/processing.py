@@ -17,6 +17,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+from mini_internvl_jax.batch import IGNORE_INDEX
 from mini_internvl_jax.data import tiling
 from mini_internvl_jax.data.config import DataConfig
 from mini_internvl_jax.data.errors import Skipped, SkipSample
@@ -24,7 +25,6 @@ from mini_internvl_jax.data.sources import DatasetSpec, Mixture, Record
 from mini_internvl_jax.data.templates import (
     GPT,
     HUMAN,
-    IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
     ChatTemplate,
     count_placeholders,
@@ -42,7 +42,7 @@ class Sample:
 
     input_ids: np.ndarray  # int32 [L]
     labels: np.ndarray  # int32 [L]; labels[t] = input_ids[t+1] if that token is trained
-    loss_weights: np.ndarray  # float32 [L]; 0 where labels == -100
+    loss_weights: np.ndarray  # float32 [L]; 0 where labels == IGNORE_INDEX
     tiles: np.ndarray  # uint8 [n, H, W, 3], in placeholder order, thumbnails last per image
     tile_flags: np.ndarray  # int32 [n]; 0 only for InternVL's text-only dummy tile
     truncated: bool
@@ -163,7 +163,8 @@ class TileSpec:
 
 
 def shifted_labels(input_ids: np.ndarray, trained: np.ndarray) -> np.ndarray:
-    """labels[t] = input_ids[t+1] where token t+1 is trained, else -100; last is -100."""
+    """labels[t] = input_ids[t+1] where token t+1 is trained, else IGNORE_INDEX (the last
+    token's too)."""
     labels = np.full(len(input_ids), IGNORE_INDEX, dtype=np.int32)
     labels[:-1] = np.where(trained[1:], input_ids[1:], IGNORE_INDEX)
     return labels

@@ -20,7 +20,6 @@ import numpy as np
 from mini_internvl_jax.data.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, Tokenizer
 
 IMAGE_PLACEHOLDER = "<image>"
-IGNORE_INDEX = -100
 DEFAULT_SYSTEM_MESSAGE = (
     "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
     "是一个有用无害的人工智能助手。"

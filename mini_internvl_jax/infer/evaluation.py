@@ -17,6 +17,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mini_internvl_jax.data.errors import SkipSample
+from mini_internvl_jax.data.processing import decode_rgb, open_image
+from mini_internvl_jax.errors import UserError
 from mini_internvl_jax.fileio import write_atomic
 from mini_internvl_jax.infer import scoring
 
@@ -24,7 +27,7 @@ TASKS = ("chartqa", "mmbench", "vqa")
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 
 
-class EvalDataError(ValueError):
+class EvalDataError(UserError, ValueError):
     """A malformed evaluation file; the message names the file, line and field."""
 
 
@@ -135,9 +138,6 @@ def build_requests(task: str, path: str | Path, *, image_root: str | Path | None
 def check_images(requests: Sequence[Request], limit: int = 5) -> None:
     """Opens and decodes every request's images before any generation: one missing or
     damaged file otherwise stops the run after the model was loaded and some answers made."""
-    from mini_internvl_jax.data.errors import SkipSample
-    from mini_internvl_jax.data.processing import decode_rgb, open_image
-
     bad: dict[str, str] = {}
     for r in requests:
         for path in r.images:
@@ -154,7 +154,8 @@ def check_images(requests: Sequence[Request], limit: int = 5) -> None:
 
 
 def score(task: str, req: Request, prediction: str) -> dict:
-    rec = {"id": req.item_id, "question": req.question, "prediction": prediction}
+    rec: dict[str, object] = {"id": req.item_id, "question": req.question,
+                              "prediction": prediction}
     if task == "mmbench":
         choice = scoring.extract_choice(prediction, req.options)
         rec.update(rotation=req.rotation, answer=req.reference, choice=choice,

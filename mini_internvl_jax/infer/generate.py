@@ -33,8 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mini_internvl_jax.batch import BATCH_DTYPES
 from mini_internvl_jax.infer.sampling import SamplingConfig, sample_logits
 from mini_internvl_jax.models.internvl import ImageTokenMismatchError
+from mini_internvl_jax.models.llm import KVCache
 from mini_internvl_jax.sharding import shard_activation
 
 CACHE_NAMES = (None, "batch", None, "act_kv_heads", None)  # [L, B, T, KV, hd]
@@ -75,7 +77,7 @@ class DecodeState:
     tokens: jax.Array
     logits: jax.Array  # float32 [B, V] the latest tokens were chosen from
     done: jax.Array
-    cache: dict
+    cache: KVCache
     positions: jax.Array
     key: jax.Array
     step: int
@@ -117,7 +119,8 @@ class Generator:
 
     def prepare(self, prompts: Sequence[Prompt], gen: GenerationConfig,
                 batch_size: int | None = None) -> dict:
-        """Left-padded numpy batch: input_ids, positions, segment_ids, pixel_values, flags."""
+        """Left-padded numpy batch: input_ids, positions, segment_ids, pixel_values, flags
+        (the training-batch fields a forward pass reads, with their dtypes), plus controls."""
         if not prompts:
             raise ValueError("generate: no prompts given")
         rows = len(prompts)
@@ -145,21 +148,21 @@ class Generator:
                 tiles.append(self._check_tiles(np.asarray(p.pixel_values, np.float32), i))
             ids_list.append(ids)
         s = length_bucket(max(len(x) for x in ids_list), gen.min_length_bucket)
-        input_ids = np.full((b, s), gen.pad_token_id, np.int32)
-        mask = np.zeros((b, s), np.int32)
+        input_ids = np.full((b, s), gen.pad_token_id, BATCH_DTYPES["input_ids"])
+        mask = np.zeros((b, s), BATCH_DTYPES["segment_ids"])
         for r, ids in enumerate(ids_list):
             input_ids[r, s - len(ids):] = ids
             mask[r, s - len(ids):] = 1
-        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(BATCH_DTYPES["positions"])
         batch = {"input_ids": input_ids, "positions": positions, "segment_ids": mask,
                  "pixel_values": None, "image_flags": None, "active": np.arange(b) < rows,
                  "control": control_arrays(gen), "num_rows": rows}
         if tiles:
             real = np.concatenate(tiles)
             t = _next_pow2(len(real))
-            px = np.zeros((t,) + real.shape[1:], np.float32)
+            px = np.zeros((t,) + real.shape[1:], BATCH_DTYPES["pixel_values"])
             px[:len(real)] = real
-            flags = np.zeros((t,), np.int32)
+            flags = np.zeros((t,), BATCH_DTYPES["image_flags"])
             flags[:len(real)] = 1
             batch["pixel_values"], batch["image_flags"] = px, flags
         return batch
@@ -234,12 +237,13 @@ def _prefill(leaves, batch, key, *, model_def, cache_len, sampling):
     model = _merge(model_def, leaves)
     b = batch["input_ids"].shape[0]
     cache = model.llm.init_cache(b, cache_len)
-    cache = {**cache, "k": shard_activation(cache["k"], CACHE_NAMES),
-             "v": shard_activation(cache["v"], CACHE_NAMES)}
-    hidden, cache = model.hidden_states(
+    cache = cache.replace(k=shard_activation(cache.k, CACHE_NAMES),
+                          v=shard_activation(cache.v, CACHE_NAMES))
+    out = model.hidden_states(
         batch["input_ids"], batch["pixel_values"], batch["image_flags"],
         batch["positions"], batch["segment_ids"], cache=cache)
-    logits = model.llm.logits(hidden[:, -1:])[:, 0]
+    cache = out.cache
+    logits = model.llm.logits(out.hidden[:, -1:])[:, 0]
     tokens = sample_logits(logits, jax.random.fold_in(key, 0), sampling)
     done = jnp.isin(tokens, batch["control"]["stop_ids"]) | ~batch["active"]
     positions = batch["positions"][:, -1] + 1
@@ -252,8 +256,9 @@ def _decode(leaves, tokens, done, cache, positions, key, step, control, *, model
     model = _merge(model_def, leaves)
     x = model.llm.embed(tokens[:, None])
     seg = jnp.ones_like(tokens)[:, None]
-    hidden, cache = model.llm(x, positions[:, None], seg, cache=cache)
-    logits = model.llm.logits(hidden)[:, 0]
+    out = model.llm(x, positions[:, None], seg, cache=cache)
+    cache = out.cache
+    logits = model.llm.logits(out.hidden)[:, 0]
     nxt = sample_logits(logits, jax.random.fold_in(key, step), sampling)
     nxt = jnp.where(done, control["pad_id"], nxt)
     done = done | jnp.isin(nxt, control["stop_ids"])

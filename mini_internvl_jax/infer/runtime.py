@@ -11,6 +11,8 @@ from pathlib import Path
 
 import jax
 
+from mini_internvl_jax.config import DTYPES
+from mini_internvl_jax.convert.resolve import open_source
 from mini_internvl_jax.data.processing import prepare_chat_inputs
 from mini_internvl_jax.data.tokenizer import Tokenizer, load_tokenizer
 from mini_internvl_jax.infer.generate import Generator, Prompt
@@ -38,10 +40,11 @@ def parse_mesh(spec: str | None):
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="converted folder (convert_weights.py) or Hugging Face InternVL folder")
+                   help="converted folder (mivl-convert), Hugging Face InternVL folder or a "
+                        "training run's checkpoint.dir")
     p.add_argument("--tokenizer", metavar="DIR",
                    help="tokenizer folder (default: the checkpoint folder)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"],
+    p.add_argument("--dtype", choices=DTYPES,
                    help="parameter and compute dtype (default: as stored)")
     p.add_argument("--mesh", metavar="AXIS=N,...",
                    help="shard parameters over devices, e.g. 'tensor=2' (axes data, fsdp, "
@@ -95,11 +98,15 @@ class Runtime:
 
 
 def load_runtime(args: argparse.Namespace, default_max_num: int) -> Runtime:
-    from mini_internvl_jax.convert.load import load_pretrained_with_info
-
+    """Any folder convert/resolve.py knows (training run, converted, Hugging Face), run in the
+    dtype it stores unless --dtype says otherwise."""
     mesh = parse_mesh(args.mesh)
-    model, info = load_pretrained_with_info(args.checkpoint, args.dtype, mesh=mesh)
-    tok_dir = Path(args.tokenizer) if args.tokenizer else info.tokenizer_dir
+    source = open_source(args.checkpoint)
+    compute = source.compute
+    if args.dtype is not None:
+        compute = compute.replace(dtype=args.dtype, param_dtype=args.dtype)
+    model = source.load(compute, mesh=mesh)
+    tok_dir = Path(args.tokenizer) if args.tokenizer else source.tokenizer_dir
     if tok_dir is None:
         raise FileNotFoundError(f"{args.checkpoint} holds no tokenizer (tokenizer.model, "
                                 "tokenizer.json, or vocab.json + merges.txt); pass "
@@ -108,7 +115,7 @@ def load_runtime(args: argparse.Namespace, default_max_num: int) -> Runtime:
     max_num = default_max_num if args.max_num is None else args.max_num
     if max_num < 1:
         raise ValueError(f"--max-num must be >= 1, got {max_num}")
-    return Runtime(Generator(model, mesh=mesh), tokenizer, info.template, max_num,
+    return Runtime(Generator(model, mesh=mesh), tokenizer, source.template, max_num,
                    args.system)
 
 

@@ -1,7 +1,7 @@
 """Picks an attention implementation per backend and runs Pallas kernels under the mesh.
 
 `impl`:
-  * `xla`    the dense reference (`models.attention.dot_product_attention`);
+  * `xla`    the dense reference (`kernels.reference.dot_product_attention`);
   * `cudnn`  `jax.nn.dot_product_attention(implementation="cudnn")`; GPU only and only where it
              is exact, so segment ids raise (cuDNN cannot keep packed samples apart);
   * `pallas` our flash kernel for the backend: Mosaic on TPU, Triton on GPU, the GPU kernel in
@@ -27,9 +27,10 @@ import numpy as np
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
+from mini_internvl_jax.config import ATTENTION_IMPLS as IMPLS
 from mini_internvl_jax.kernels import flash_gpu, flash_tpu
 from mini_internvl_jax.kernels.common import HEAD_DIMS
-from mini_internvl_jax.models.attention import IMPLS, dot_product_attention
+from mini_internvl_jax.kernels.reference import AttentionMask, dot_product_attention
 
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
@@ -69,21 +70,23 @@ def resolve_impl(impl: str, *, platform: str, has_segments: bool, dtype, seq_len
     return "xla"
 
 
-def attention(q, k, v, *, causal: bool, segment_ids=None, kv_segment_ids=None, q_offset=0,
-              impl: str = "auto", scale: float | None = None, block_sizes=None) -> jax.Array:
-    """Attention computed by `impl` (see the module docstring); same contract as the dense
-    reference. `block_sizes` (flash_tpu/flash_gpu.BlockSizes) tunes the Pallas kernel."""
-    if segment_ids is None:
-        kv_segment_ids = None  # the reference ignores kv ids without query ids
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, impl: str,
+              scale: float | None = None, block_sizes=None) -> jax.Array:
+    """Attention of q [B, S, H, D] over k/v [B, T, KV, D] under `mask`, computed by `impl` (see
+    the module docstring); the one entry point the models call. `block_sizes`
+    (flash_tpu/flash_gpu.BlockSizes) tunes the Pallas kernel."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
+    if impl == "xla":
+        return dot_product_attention(q, k, v, mask, scale)
+    causal, segment_ids, kv_segment_ids = mask.causal, mask.segment_ids, mask.key_segment_ids
     platform = target_platform()
     impl = resolve_impl(impl, platform=platform, has_segments=segment_ids is not None,
                         dtype=q.dtype, seq_len=q.shape[1], head_dim=q.shape[-1])
-    dense = lambda: dot_product_attention(q, k, v, causal=causal, segment_ids=segment_ids,
-                                          kv_segment_ids=kv_segment_ids, q_offset=q_offset,
-                                          scale=scale)
+    dense = lambda: dot_product_attention(q, k, v, mask, scale)
     if impl == "xla":
         return dense()
-    prefill = (isinstance(q_offset, (int, np.integer)) and q_offset == 0
+    prefill = (isinstance(mask.q_offset, (int, np.integer)) and mask.q_offset == 0
                and q.shape[1] == k.shape[1])
     if impl == "cudnn":
         if segment_ids is not None:

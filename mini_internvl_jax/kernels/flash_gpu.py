@@ -436,7 +436,7 @@ def flash_attention(q, k, v, *, causal: bool, segment_ids=None, kv_segment_ids=N
                     interpret: bool = False) -> jax.Array:
     """Flash attention on GPU (Pallas Triton). q [B,S,H,D], k/v [B,S,KV,D] -> [B,S,H,D].
 
-    Masking follows `models.attention.dot_product_attention`. `interpret=True` runs the same
+    Masking follows `kernels.reference.dot_product_attention`. `interpret=True` runs the same
     kernels through the Pallas interpreter (CPU tests).
     """
     _, s, h, kvh, _, d = common.check_inputs(q, k, v, segment_ids, kv_segment_ids)

@@ -475,7 +475,7 @@ def flash_attention(q, k, v, *, causal: bool, segment_ids=None, kv_segment_ids=N
                     interpret=False) -> jax.Array:
     """Flash attention on TPU (Mosaic). q [B,S,H,D], k/v [B,S,KV,D] -> [B,S,H,D].
 
-    Masking follows `models.attention.dot_product_attention`: segment ids (0 = padding) keep
+    Masking follows `kernels.reference.dot_product_attention`: segment ids (0 = padding) keep
     queries inside their segment, fully masked rows return zeros. `interpret` is passed to
     `pallas_call` (True or `pltpu.InterpretParams()` to run on CPU).
     """

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mini_internvl_jax.config import ModelConfig
+from mini_internvl_jax.config import ComputeConfig, ModelConfig
 from mini_internvl_jax.models.layers import Dense, LayerNorm, gelu
-from mini_internvl_jax.models.llm import Decoder
+from mini_internvl_jax.models.llm import Decoder, ModelOutput
 from mini_internvl_jax.models.vision import InternViT
 from mini_internvl_jax.sharding import shard_activation
 
@@ -99,25 +99,30 @@ def default_positions(input_ids: jax.Array, segment_ids: jax.Array | None) -> ja
 
 
 class InternVLModel(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
-        dtype = jnp.dtype(cfg.dtype)
-        param_dtype = jnp.dtype(cfg.param_dtype)
+    """`cfg` is what the weights are; `compute` how this instance runs them (dtypes, attention
+    kernel, layer scan, remat, in-graph checks)."""
+
+    def __init__(self, cfg: ModelConfig, compute: ComputeConfig | None = None, *,
+                 rngs: nnx.Rngs):
+        compute = ComputeConfig() if compute is None else compute
+        self.cfg, self.compute = cfg, compute
+        dtype = jnp.dtype(compute.dtype)
+        param_dtype = jnp.dtype(compute.param_dtype)
         self.vision = InternViT(cfg.vision, dtype=dtype, param_dtype=param_dtype,
-                                attention_impl=cfg.attention_impl, scan_layers=cfg.scan_layers,
-                                rngs=rngs)
+                                attention_impl=compute.attention_impl,
+                                scan_layers=compute.scan_layers, rngs=rngs)
         self.projector = Projector(cfg.projector_in_dim, cfg.llm.hidden_size,
                                    cfg.projector_norm_eps, dtype=dtype, param_dtype=param_dtype,
                                    rngs=rngs)
         self.llm = Decoder(cfg.llm, dtype=dtype, param_dtype=param_dtype,
-                           attention_impl=cfg.attention_impl, scan_layers=cfg.scan_layers,
-                           rngs=rngs)
+                           attention_impl=compute.attention_impl,
+                           scan_layers=compute.scan_layers, rngs=rngs)
 
     def image_features(self, pixel_values: jax.Array, *, dropout_key=None) -> jax.Array:
         """[T, C, H, W] -> [T, num_image_tokens, llm hidden]."""
         cfg = self.cfg
         h = self.vision(pixel_values, num_layers=cfg.num_vision_layers_used,
-                        dropout_key=dropout_key, remat=cfg.remat)
+                        dropout_key=dropout_key, remat=self.compute.remat)
         h = h[:, 1:]  # drop CLS
         t, n, c = h.shape
         side = int(round(np.sqrt(n)))
@@ -129,7 +134,7 @@ class InternVLModel(nnx.Module):
               image_flags: jax.Array | None = None, *, dropout_key=None) -> jax.Array:
         x = self.llm.embed(input_ids)
         if pixel_values is None:
-            if self.cfg.check_image_tokens:
+            if self.compute.check_image_tokens:
                 check_image_token_count(jnp.sum(input_ids == self.cfg.image_token_id),
                                         jnp.int32(0), jnp.int32(0), self.cfg.num_image_tokens)
             return x
@@ -137,19 +142,19 @@ class InternVLModel(nnx.Module):
             image_flags = jnp.ones((pixel_values.shape[0],), jnp.int32)
         feats = self.image_features(pixel_values, dropout_key=dropout_key)
         return splice_image_embeddings(x, input_ids, feats, image_flags, self.cfg.image_token_id,
-                                       check=self.cfg.check_image_tokens)
+                                       check=self.compute.check_image_tokens)
 
     def hidden_states(self, input_ids, pixel_values=None, image_flags=None, positions=None,
-                      segment_ids=None, *, dropout_key=None, cache=None):
-        """Final-normed LLM hidden states [B, S, D] (and the updated cache, if one is given)."""
+                      segment_ids=None, *, dropout_key=None, cache=None) -> ModelOutput:
+        """Final-normed LLM hidden states [B, S, D] and the updated cache (if one is given)."""
         if positions is None:
             positions = default_positions(input_ids, segment_ids)
         x = self.embed(input_ids, pixel_values, image_flags, dropout_key=dropout_key)
-        return self.llm(x, positions, segment_ids, cache=cache, remat=self.cfg.remat)
+        return self.llm(x, positions, segment_ids, cache=cache, remat=self.compute.remat)
 
     def __call__(self, input_ids, pixel_values=None, image_flags=None, positions=None,
                  segment_ids=None, *, dropout_key=None) -> jax.Array:
         """Logits [B, S, vocab] in float32."""
-        hidden, _ = self.hidden_states(input_ids, pixel_values, image_flags, positions,
-                                       segment_ids, dropout_key=dropout_key)
-        return self.llm.logits(hidden)
+        out = self.hidden_states(input_ids, pixel_values, image_flags, positions, segment_ids,
+                                 dropout_key=dropout_key)
+        return self.llm.logits(out.hidden)

@@ -4,23 +4,42 @@ Family differences are data, not code paths: q/k/v bias (Qwen2), RoPE scaling (I
 NTK, Phi-3 LongRoPE), eps and theta. Packed rows are handled by `positions` (restarting per
 sample) and `segment_ids` (no attention across samples; 0 = padding).
 
-An optional KV cache ({'k', 'v': [L, B, T, KV, hd], 'segment_ids': [B, T], 'index': int32})
-serves prefill and decode with the same code: new keys are written at `index` and queries see
-cache slots up to their own.
+An optional `KVCache` serves prefill and decode with the same code: new keys are written at
+`index` and queries see cache slots up to their own.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from mini_internvl_jax.config import LLMConfig
-from mini_internvl_jax.models.attention import attention
+from mini_internvl_jax.kernels import AttentionMask, attention
 from mini_internvl_jax.models.layers import Dense, RMSNorm, make_param, normal
 from mini_internvl_jax.models.rope import apply_rope, rope_cos_sin
 from mini_internvl_jax.models.stack import LayerStack
 from mini_internvl_jax.sharding import shard_activation
+
+
+class KVCache(struct.PyTreeNode):
+    """Every layer's keys and values, written in place at `index` (slots filled so far).
+
+    `segment_ids` marks filled slots (0 = empty or padding), so queries never see unwritten or
+    padded slots.
+    """
+
+    k: jax.Array  # [L, B, T, KV, hd]
+    v: jax.Array  # [L, B, T, KV, hd]
+    segment_ids: jax.Array  # [B, T] int32
+    index: jax.Array  # int32 []
+
+
+class ModelOutput(struct.PyTreeNode):
+    """Final-normed hidden states [B, S, D] and the updated cache (None without one)."""
+
+    hidden: jax.Array
+    cache: KVCache | None = None
 
 
 class DecoderLayer(nnx.Module):
@@ -46,11 +65,11 @@ class DecoderLayer(nnx.Module):
         self.up_proj = Dense((d,), (i,), ("embed", "mlp"), use_bias=False, **kw)
         self.down_proj = Dense((i,), (d,), ("mlp", "embed"), use_bias=False, **kw)
 
-    def __call__(self, x, layer_index, *, cos, sin, segment_ids, cache_meta):
-        """Without a cache x is the hidden state; with one, x = (hidden, k_all, v_all) where
-        k_all/v_all hold every layer's cache and this layer updates its slice in place."""
-        if cache_meta is not None:
-            x, k_all, v_all = x
+    def __call__(self, state: tuple[jax.Array, KVCache | None], layer_index: jax.Array, *,
+                 cos, sin, mask: AttentionMask):
+        """state = (hidden [B, S, D], cache or None) -> (new state, None). With a cache, this
+        layer writes its keys/values into its slice at `cache.index` and attends over them."""
+        x, cache = state
         h_in = self.input_norm(x)
         q = self.q_proj(h_in)
         k = self.k_proj(h_in)
@@ -59,25 +78,23 @@ class DecoderLayer(nnx.Module):
         k = apply_rope(k, cos, sin)
         q = shard_activation(q, ("batch", "length", "act_heads", None))
         k = shard_activation(k, ("batch", "length", "act_kv_heads", None))
-        if cache_meta is None:
-            out = attention(q, k, v, causal=True, segment_ids=segment_ids,
-                            impl=self.attention_impl)
+        if cache is None:
+            out = attention(q, k, v, mask, impl=self.attention_impl)
         else:
-            index, kv_segment_ids = cache_meta
-            start = (layer_index, 0, index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+            start = (layer_index, 0, cache.index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start)
+            v_all = jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start)
+            cache = cache.replace(k=k_all, v=v_all)
             ck, cv = k_all[layer_index], v_all[layer_index]
-            out = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), causal=True,
-                            segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                            q_offset=index, impl=self.attention_impl)
+            out = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask,
+                            impl=self.attention_impl)
         x = x + self.o_proj(out)
         h = self.post_attention_norm(x)
         gate = self.gate_proj(h)
         up = self.up_proj(h)
         mlp = shard_activation(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
         x = shard_activation(x + self.down_proj(mlp), ("batch", "length", "act_embed"))
-        return (x if cache_meta is None else (x, k_all, v_all)), None
+        return (x, cache), None
 
 
 class Decoder(nnx.Module):
@@ -102,24 +119,25 @@ class Decoder(nnx.Module):
         return shard_activation(x, ("batch", "length", "act_embed"))
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, *,
-                 cache: dict | None = None, remat: str = "none"):
-        """x: input embeddings [B, S, D] -> (final-normed hidden [B, S, D], updated cache)."""
+                 cache: KVCache | None = None, remat: str = "none") -> ModelOutput:
+        """x: input embeddings [B, S, D] -> final-normed hidden states and the updated cache."""
         cos, sin = rope_cos_sin(self.cfg, positions)
+        layer_ids = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
         if cache is None:
-            x, _ = self.layers(x, None, remat=remat, cos=cos, sin=sin, segment_ids=segment_ids,
-                               cache_meta=None)
-            return self.norm(x), None
-        index = cache["index"]
+            mask = AttentionMask(causal=True, segment_ids=segment_ids)
+            (x, _), _ = self.layers((x, None), layer_ids, remat=remat, cos=cos, sin=sin,
+                                    mask=mask)
+            return ModelOutput(self.norm(x))
+        index = cache.index
         b, s = x.shape[:2]
         q_seg = jnp.ones((b, s), jnp.int32) if segment_ids is None else segment_ids
-        kv_seg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], q_seg, index, axis=1)
+        kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, q_seg, index, axis=1)
+        mask = AttentionMask(causal=True, segment_ids=q_seg, kv_segment_ids=kv_seg,
+                             q_offset=index)
         # The whole cache rides along as loop state so each layer updates it in place.
-        layer_ids = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
-        (x, k_all, v_all), _ = self.layers((x, cache["k"], cache["v"]), layer_ids, remat=remat,
-                                           cos=cos, sin=sin, segment_ids=q_seg,
-                                           cache_meta=(index, kv_seg))
-        new_cache = {"k": k_all, "v": v_all, "segment_ids": kv_seg, "index": index + s}
-        return self.norm(x), new_cache
+        (x, cache), _ = self.layers((x, cache.replace(segment_ids=kv_seg)), layer_ids,
+                                    remat=remat, cos=cos, sin=sin, mask=mask)
+        return ModelOutput(self.norm(x), cache.replace(index=index + s))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits; the head runs in the compute dtype with float32 accumulation."""
@@ -128,10 +146,11 @@ class Decoder(nnx.Module):
                             preferred_element_type=jnp.float32)
         return shard_activation(logits, ("batch", "length", "act_vocab"))
 
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        """An empty cache of `max_len` slots (compute dtype unless `dtype` is given)."""
         cfg = self.cfg
         dtype = self.dtype if dtype is None else dtype
         shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-                "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
-                "index": jnp.zeros((), jnp.int32)}
+        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                       segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+                       index=jnp.zeros((), jnp.int32))

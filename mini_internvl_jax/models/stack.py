@@ -12,7 +12,8 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
-REMAT_POLICIES = {
+# jax.checkpoint policy per `remat` setting (the config's remat choices).
+CHECKPOINT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     # Keep matmul outputs (projections), recompute elementwise work and attention.
@@ -39,19 +40,20 @@ class LayerStack(nnx.Module):
                  **kwargs):
         """Runs the first `num_layers` layers (default all).
 
-        Each layer is called as `layer(x, per_layer_slice, **kwargs) -> (x, out_slice)`;
-        `per_layer` is a pytree with a leading layer axis (or None) and the stacked outputs
-        are returned alongside x.
+        Each layer is called as `layer(x, per_layer_slice, **kwargs) -> (x, out_slice)`; x is
+        the loop state (any pytree: the decoder carries (hidden, KV cache)), `per_layer` a
+        pytree with a leading layer axis (or None); the stacked outputs are returned alongside
+        x.
         """
         n = self.num_layers if num_layers is None else num_layers
-        if remat not in REMAT_POLICIES:
-            raise ValueError(f"remat {remat!r} is not one of {list(REMAT_POLICIES)}")
+        if remat not in CHECKPOINT_POLICIES:
+            raise ValueError(f"remat {remat!r} is not one of {list(CHECKPOINT_POLICIES)}")
 
         def apply(graphdef, state, h, xs):
             return nnx.merge(graphdef, state)(h, xs, **kwargs)
 
         if remat != "none":
-            apply = jax.checkpoint(apply, policy=REMAT_POLICIES[remat], static_argnums=(0,))
+            apply = jax.checkpoint(apply, policy=CHECKPOINT_POLICIES[remat], static_argnums=(0,))
 
         if self.scan:
             graphdef, state = nnx.split(self.layers)

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from mini_internvl_jax.config import VisionConfig
-from mini_internvl_jax.models.attention import attention
+from mini_internvl_jax.kernels import AttentionMask, attention
 from mini_internvl_jax.models.layers import Dense, gelu, make_norm, make_param, normal
 from mini_internvl_jax.models.stack import LayerStack
 from mini_internvl_jax.sharding import shard_activation
@@ -131,7 +131,7 @@ class VisionBlock(nnx.Module):
             q = self.q_norm(q.reshape(t, n, d)).reshape(q.shape)
             k = self.k_norm(k.reshape(t, n, d)).reshape(k.shape)
         q = shard_activation(q, ("tiles", "length", "act_heads", None))
-        out = attention(q, k, v, causal=False, impl=self.attention_impl)
+        out = attention(q, k, v, AttentionMask(causal=False), impl=self.attention_impl)
         return self.proj(out)
 
     def __call__(self, x: jax.Array, drop: tuple | None):

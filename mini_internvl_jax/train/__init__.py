@@ -1,5 +1,4 @@
-"""Training: sharded steps over device meshes, Orbax checkpoints, exact resume, TPU AOT."""
+"""Training: sharded steps over device meshes, Orbax checkpoints, exact resume, TPU AOT.
 
-from mini_internvl_jax.train.cli import main
-
-__all__ = ["main"]
+The command line is `mivl-train` (mini_internvl_jax/cli/train.py).
+"""

@@ -1,6 +1,6 @@
 """Compile the full training step for a TPU topology on any machine with libtpu installed.
 
-`python train.py --config ... --aot-tpu v5e:2x2` builds the mesh over the topology's
+`mivl-train --config ... --aot-tpu v5e:2x2` builds the mesh over the topology's
 compile-only devices, lowers the jitted step on abstract arguments (nothing is allocated) and
 compiles it, then reports XLA's per-chip memory analysis and FLOPs: the way to size a pod
 before paying for it.
@@ -65,8 +65,8 @@ def compile_for_topology(cfg: TrainConfig, topology: str) -> dict:
         "topology": topology, "chips": len(devices), "device_kind": devices[0].device_kind,
         "mesh": dict(mesh.shape), "model": model_cfg.name, "stage": cfg.stage,
         "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "tiles_per_step": tiles,
-        "grad_accum": cfg.optim.grad_accum, "remat": cfg.remat, "dtype": cfg.dtype,
-        "param_dtype": cfg.param_dtype,
+        "grad_accum": cfg.optim.grad_accum, "remat": cfg.compute.remat,
+        "dtype": cfg.compute.dtype, "param_dtype": cfg.compute.param_dtype,
         "trainable_gib": per_device_bytes(s.state.params) / GIB,
         "frozen_gib": per_device_bytes(s.frozen) / GIB,
         "optimizer_gib": per_device_bytes(s.state.opt_state) / GIB,

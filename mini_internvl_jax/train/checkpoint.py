@@ -16,17 +16,15 @@ import time
 import grain
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
 
-from mini_internvl_jax.failures import silence_abandoned_reads
-
-# Errors a damaged step folder raises while restoring (TensorStore reports corrupt or truncated
-# files as ValueError; missing ones as FileNotFoundError / OSError).
-RESTORE_ERRORS = (ValueError, KeyError, TypeError, OSError, RuntimeError)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint folder that cannot be used; the message names it."""
+from mini_internvl_jax import configlib
+from mini_internvl_jax.convert.run_folder import (
+    RESTORE_ERRORS,
+    CheckpointError,
+    absolute_path,
+    first_line,
+)
+from mini_internvl_jax.errors import silence_abandoned_reads
 
 
 class _IteratorSnapshot:
@@ -71,7 +69,7 @@ class Checkpointer:
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} cannot be restored into this run "
                 f"(damaged, or a different model, LoRA, trainable parameters or host count?): "
-                f"{_first_line(e)}. To start a new run from its weights, use init_from instead "
+                f"{first_line(e)}. To start a new run from its weights, use init_from instead "
                 f"of resuming.") from e
         return {k: out[k] for k in args}
 
@@ -101,9 +99,9 @@ class Checkpointer:
                     (self.directory / str(bad)).rename(target)
                     moved.append(str(target))
                 self.manager.reload()
-                bad, e = errors[0]
+                bad, error = errors[0]
                 note = (f"checkpoint step {bad} in {self.directory} is unreadable "
-                        f"({_first_line(e.__cause__)}); resuming from step {step}, the newest "
+                        f"({first_line(error.__cause__)}); resuming from step {step}, the newest "
                         f"intact one. Moved aside: {', '.join(moved)}")
             return step, out, note
         raise errors[0][1]
@@ -117,49 +115,6 @@ class Checkpointer:
 
 
 def run_meta(cfg, model_cfg, step: int) -> dict:
-    """What a step folder records about its run (init_from and export read it back)."""
-    from mini_internvl_jax import configlib
-
+    """What a step folder records about its run (convert/run_folder.py reads it back)."""
     return {"train_config": configlib.to_dict(cfg), "model_config": configlib.to_dict(model_cfg),
             "step": step, "process_count": jax.process_count()}
-
-
-def absolute_path(directory: str) -> epath.Path:
-    """Orbax needs absolute paths; relative local ones resolve against the working directory
-    (`gs://...` and other URLs are absolute already)."""
-    path = epath.Path(directory)
-    return path if "://" in str(directory) else epath.Path(path.absolute())
-
-
-def read_meta(directory: str, step: int | None = None) -> tuple[int, dict]:
-    """(step, meta JSON) of a run's checkpoint (the latest when `step` is None)."""
-    path = absolute_path(directory)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint folder {path} does not exist")
-    mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
-    try:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"{path} holds no training checkpoint (no step folders)")
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    except CheckpointError:
-        raise
-    except RESTORE_ERRORS as e:
-        silence_abandoned_reads()
-        raise CheckpointError(f"{path} step {step}: unreadable run metadata "
-                              f"({_first_line(e)})") from e
-    finally:
-        mngr.close()
-    return step, meta
-
-
-def is_training_checkpoint(directory: str) -> bool:
-    path = epath.Path(directory)
-    return path.is_dir() and any((p / "meta").exists() for p in path.iterdir()
-                                 if p.name.isdigit())
-
-
-def _first_line(e: BaseException | None, limit: int = 300) -> str:
-    """TensorStore errors carry a multi-kilobyte spec; the first part says what went wrong."""
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return text if len(text) <= limit else text[:limit] + " ..."

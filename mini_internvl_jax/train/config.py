@@ -1,8 +1,9 @@
-"""Training config: one YAML file (`configs/stage*-*.yaml`, `configs/demo.yaml`) + `key=value`.
+"""Training config: a training preset (`stage1`, `stage2`, `lora`, `demo`: package data under
+mini_internvl_jax/configs/train/) or a YAML path, plus `key=value` overrides.
 
-The model comes from a preset name or YAML path plus `model_overrides` (a nested mapping merged
-into it); the training-time model knobs (compute/param dtype, remat, attention, layer scan) live
-here so one model preset serves every stage.
+The model comes from a model preset name or YAML path plus `model_overrides` (a nested mapping
+merged into it); how to run it (compute/param dtype, remat, attention, layer scan) is `compute`,
+so one model preset serves every stage and nothing is patched into the model config.
 """
 
 from __future__ import annotations
@@ -13,14 +14,10 @@ from pathlib import Path
 from typing import Literal
 
 from mini_internvl_jax import configlib
-from mini_internvl_jax.config import ModelConfig, model_config_from_dict
-from mini_internvl_jax.configlib import ConfigError
+from mini_internvl_jax.config import ComputeConfig, ModelConfig, model_config_from_dict
+from mini_internvl_jax.configlib import check
 from mini_internvl_jax.data.config import DataConfig
-
-
-def _check(cond: bool, where: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{where}: {msg}")
+from mini_internvl_jax.models.lora import LoRAConfig
 
 
 @dataclass(frozen=True)
@@ -52,38 +49,15 @@ class OptimConfig:
     no_decay: tuple[str, ...] = ("norm", r"bias$")
 
     def __post_init__(self):
-        _check(self.lr > 0, "optim.lr", "must be positive")
-        _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
-        _check(self.warmup_steps is None or self.warmup_steps >= 0, "optim.warmup_steps",
-               "must be >= 0")
-        _check(0.0 <= self.warmup_ratio < 1.0, "optim.warmup_ratio", "must be in [0, 1)")
-        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-        _check(self.clip_norm is None or self.clip_norm > 0, "optim.clip_norm",
-               "must be positive or null (no clipping)")
-        _check(self.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
-
-
-@dataclass(frozen=True)
-class LoRAConfig:
-    """Low-rank adapters on linear layers; rank 0 = off. Base weights under LoRA are frozen."""
-
-    rank: int = 0
-    alpha: float | None = None  # None = 2 * rank (InternVL's scripts)
-    dropout: float = 0.0
-    # Attribute names of our Dense layers (see models/llm.py and models/vision.py).
-    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                "down_proj")
-    vision: bool = False
-    vision_targets: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
-
-    def __post_init__(self):
-        _check(self.rank >= 0, "lora.rank", "must be >= 0")
-        _check(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
-        _check(self.alpha is None or self.alpha > 0, "lora.alpha", "must be positive")
-
-    @property
-    def scale(self) -> float:
-        return (2.0 * self.rank if self.alpha is None else self.alpha) / max(self.rank, 1)
+        check(self.lr > 0, "optim.lr", "must be positive")
+        check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
+        check(self.warmup_steps is None or self.warmup_steps >= 0, "optim.warmup_steps",
+              "must be >= 0")
+        check(0.0 <= self.warmup_ratio < 1.0, "optim.warmup_ratio", "must be in [0, 1)")
+        check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        check(self.clip_norm is None or self.clip_norm > 0, "optim.clip_norm",
+              "must be positive or null (no clipping)")
+        check(self.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -98,9 +72,9 @@ class CheckpointConfig:
     stop_grace_s: float = 120.0
 
     def __post_init__(self):
-        _check(self.every >= 1, "checkpoint.every", "must be >= 1")
-        _check(self.keep >= 1, "checkpoint.keep", "must be >= 1")
-        _check(self.stop_grace_s > 0, "checkpoint.stop_grace_s", "must be positive")
+        check(self.every >= 1, "checkpoint.every", "must be >= 1")
+        check(self.keep >= 1, "checkpoint.keep", "must be >= 1")
+        check(self.stop_grace_s > 0, "checkpoint.stop_grace_s", "must be positive")
 
 
 @dataclass(frozen=True)
@@ -117,8 +91,8 @@ class LogConfig:
     peak_tflops: float | None = None
 
     def __post_init__(self):
-        _check(self.every >= 1, "log.every", "must be >= 1")
-        _check(self.profile_steps >= 1, "log.profile_steps", "must be >= 1")
+        check(self.every >= 1, "log.every", "must be >= 1")
+        check(self.profile_steps >= 1, "log.profile_steps", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -131,9 +105,9 @@ class SyntheticConfig:
     min_fill: float = 0.5
 
     def __post_init__(self):
-        _check(self.tiles_per_sample >= 0, "synthetic.tiles_per_sample", "must be >= 0")
-        _check(self.samples_per_row >= 1, "synthetic.samples_per_row", "must be >= 1")
-        _check(0.0 < self.min_fill <= 1.0, "synthetic.min_fill", "must be in (0, 1]")
+        check(self.tiles_per_sample >= 0, "synthetic.tiles_per_sample", "must be >= 0")
+        check(self.samples_per_row >= 1, "synthetic.samples_per_row", "must be >= 1")
+        check(0.0 < self.min_fill <= 1.0, "synthetic.min_fill", "must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -167,11 +141,11 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    remat: Literal["none", "full", "save_dots"] = "full"
-    attention_impl: Literal["xla", "cudnn", "pallas", "auto"] = "xla"
-    scan_layers: bool = True
+    # How the model runs. A partial mapping (`compute: {remat: none}`) keeps these training
+    # defaults for the keys it does not name.
+    compute: ComputeConfig = field(default_factory=lambda: ComputeConfig(
+        dtype="bfloat16", param_dtype="float32", remat="full", attention_impl="xla",
+        scan_layers=True))
     # False: one sample per row, right-padded; attention then needs no segment ids (which lets
     # cuDNN run it). Packed rows (several samples per row) need True.
     packed: bool = True
@@ -183,24 +157,31 @@ class TrainConfig:
     distributed: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self):
-        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
-        _check(self.batch_size % self.optim.grad_accum == 0, "batch_size",
-               f"{self.batch_size} is not divisible by optim.grad_accum {self.optim.grad_accum}")
-        _check(self.seq_len >= 2, "seq_len", "must be >= 2")
-        _check(self.max_tiles >= 1, "max_tiles", "must be >= 1")
-        _check(self.total_steps >= 1, "total_steps", "must be >= 1")
-        _check(self.loss_chunk >= 1, "loss_chunk", "must be >= 1")
-        _check(self.max_bad_steps >= 1, "max_bad_steps", "must be >= 1")
-        _check(self.packed or self.data is not None or self.synthetic.samples_per_row == 1,
-               "packed", "false needs one sample per row (synthetic.samples_per_row: 1)")
-        _check(self.log.profile_start is None or self.log.dir or self.checkpoint.dir,
-               "log.profile_start", "needs log.dir (or checkpoint.dir) to write the trace to")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.batch_size % self.optim.grad_accum == 0, "batch_size",
+              f"{self.batch_size} is not divisible by optim.grad_accum {self.optim.grad_accum}")
+        check(self.seq_len >= 2, "seq_len", "must be >= 2")
+        check(self.max_tiles >= 1, "max_tiles", "must be >= 1")
+        check(self.total_steps >= 1, "total_steps", "must be >= 1")
+        check(self.loss_chunk >= 1, "loss_chunk", "must be >= 1")
+        check(self.max_bad_steps >= 1, "max_bad_steps", "must be >= 1")
+        check(self.packed or self.data is not None or self.synthetic.samples_per_row == 1,
+              "packed", "false needs one sample per row (synthetic.samples_per_row: 1)")
+        check(self.log.profile_start is None or self.log.dir or self.checkpoint.dir,
+              "log.profile_start", "needs log.dir (or checkpoint.dir) to write the trace to")
         if self.data is not None:
-            _check(self.tokenizer is not None, "tokenizer", "required when `data` is set")
+            check(self.tokenizer is not None, "tokenizer", "required when `data` is set")
         if self.stage == 1:
-            _check(not self.freeze_projector, "freeze_projector",
-                   "stage 1 trains only the projector; it cannot be frozen")
-            _check(self.lora.rank == 0, "lora.rank", "stage 1 trains only the projector")
+            check(not self.freeze_projector, "freeze_projector",
+                  "stage 1 trains only the projector; it cannot be frozen")
+            check(self.lora.rank == 0, "lora.rank", "stage 1 trains only the projector")
+
+    @property
+    def model_compute(self) -> ComputeConfig:
+        """`compute` as the trainer builds the model with it: the data pipeline checks the
+        <IMG_CONTEXT> count against the tiles of every batch on the host, so the step skips
+        the in-graph host callback that would sync the device every step."""
+        return self.compute.replace(check_image_tokens=False)
 
     @property
     def micro_batch_size(self) -> int:
@@ -231,17 +212,12 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def build_model_config(cfg: TrainConfig, base: dict | None = None) -> ModelConfig:
-    """The preset (or `base`, a model config dict) plus `model_overrides`, with the
-    training-time knobs of `cfg` applied."""
-    data = configlib.read_yaml(configlib.preset_path(cfg.model)) if base is None else base
-    data = _deep_merge(data, cfg.model_overrides)
-    # The data pipeline checks <IMG_CONTEXT> counts against tiles for every batch on the host,
-    # so the step skips the in-graph host callback that would sync the device each step.
-    data.update(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
-                attention_impl=cfg.attention_impl, scan_layers=cfg.scan_layers,
-                check_image_tokens=False)
-    return model_config_from_dict(data)
+def build_model_config(cfg: TrainConfig, base: ModelConfig | None = None) -> ModelConfig:
+    """The `model` preset (or `base`, e.g. an init_from folder's own config) plus
+    `model_overrides`."""
+    data = (configlib.read_preset("models", cfg.model) if base is None
+            else configlib.to_dict(base))
+    return model_config_from_dict(_deep_merge(data, cfg.model_overrides))
 
 
 def train_config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()
@@ -250,9 +226,10 @@ def train_config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = 
     return configlib.from_dict(TrainConfig, data)
 
 
-def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()
+def load_train_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()
                       ) -> TrainConfig:
-    """A training YAML plus `key=value` overrides; the model config is checked too."""
-    cfg = train_config_from_dict(configlib.read_yaml(path), overrides)
+    """A training preset name (`stage1`, `stage2`, `lora`, `demo`) or YAML path, plus
+    `key=value` overrides (`model=mini-internvl-2b`, ...); the model config is checked too."""
+    cfg = train_config_from_dict(configlib.read_preset("train", name_or_path), overrides)
     build_model_config(cfg)
     return cfg

@@ -16,8 +16,8 @@ counted (this is *model* FLOPs, as in MFU). Per forward pass:
 A training step costs forward + activation gradients + weight gradients, each about one
 forward pass. A frozen part skips its weight gradients, and a frozen part with nothing trainable
 upstream of it and no LoRA adapters inside (a frozen ViT; a frozen LLM after a frozen projector)
-skips activation gradients too. The same formula with every part trained is what
-/work/shared/bench/torch_reference_step.py reports (it leaves out the small patch embedding).
+skips activation gradients too. The same formula with every part trained is what a
+PyTorch reference step count gives (leaving out the small patch embedding).
 """
 
 from __future__ import annotations

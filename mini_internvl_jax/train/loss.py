@@ -4,7 +4,7 @@ For W1 (4 x 4096 tokens, 151,655 classes) full float32 logits would take 10 GB, 
 again for their gradient. Here the sequence is cut into chunks; each chunk's logits are computed,
 reduced to per-token losses and dropped, and recomputed in the backward pass (`jax.checkpoint`).
 
-Labels arrive already shifted (label[t] is the target for the token at t) with -100 = ignore;
+Labels arrive already shifted (label[t] is the target for the token at t) with IGNORE_INDEX;
 the loss is sum(w * ce) / sum(w) with w the packed-sequence loss weights.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-IGNORE_INDEX = -100
+from mini_internvl_jax.batch import IGNORE_INDEX
 
 
 def _chunk_sums(logits_fn, h, labels, weights):

@@ -1,17 +1,19 @@
-"""Run metrics: MFU against a per-chip peak table, a JSONL log and TensorBoard scalars.
-
-TensorBoard events are written by a small built-in writer (TFRecord framing + the two protobuf
-messages scalars need), so logging needs neither TensorFlow nor tensorboardX.
-"""
+"""Run metrics: MFU against a per-chip peak table, a JSONL log, and TensorBoard through
+tensorboardX (scalars every logging step; at the start of a run a few training samples as tile
+images with their decoded text, which is what one looks at first when a run goes wrong)."""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import struct
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mini_internvl_jax.data.tiling import IMAGENET_MEAN, IMAGENET_STD
+from mini_internvl_jax.fileio import write_atomic
+from mini_internvl_jax.train.loss import IGNORE_INDEX
 
 # Dense bf16 TFLOP/s per chip, matched against jax's device_kind (lower case, first hit wins).
 PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -20,6 +22,7 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("gb200", 2250.0), ("b200", 2250.0), ("h200", 989.4), ("h100 pcie", 756.0),
     ("h100", 989.4), ("a100", 312.0), ("l40s", 362.0), ("l4", 121.0),
 )
+SAMPLE_TEXT_CHARS = 2000  # per sample: enough to read a prompt, short enough for the text tab
 
 
 def peak_tflops(device_kind: str) -> float | None:
@@ -38,94 +41,112 @@ def mfu(flops_per_step: float, step_seconds: float, num_chips: int,
 
 
 # ----------------------------------------------------------------------------------------------
-# TensorBoard event files
+# training samples as TensorBoard sees them
 
-def _crc32c_table() -> list[int]:
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
+def tiles_to_images(pixel_values: np.ndarray) -> np.ndarray:
+    """Normalised tiles [N, 3, H, W] -> displayable float images in [0, 1] (undoes ImageNet
+    mean/std normalisation)."""
+    mean = np.asarray(IMAGENET_MEAN, np.float32).reshape(3, 1, 1)
+    std = np.asarray(IMAGENET_STD, np.float32).reshape(3, 1, 1)
+    return np.clip(np.asarray(pixel_values, np.float32) * std + mean, 0.0, 1.0)
 
 
-_TABLE = _crc32c_table()
+def _collapse_image_tokens(ids: list[int], image_token_id: int) -> list[int | str]:
+    """Runs of <IMG_CONTEXT> ids become one '<IMG_CONTEXT>xN' marker (a tile is hundreds)."""
+    out: list[int | str] = []
+    run = 0
+    for t in ids + [None]:
+        if t == image_token_id:
+            run += 1
+            continue
+        if run:
+            out.append(f"<IMG_CONTEXT>x{run}")
+            run = 0
+        if t is not None:
+            out.append(t)
+    return out
 
 
-def crc32c(data: bytes) -> int:
-    c = 0xFFFFFFFF
-    for byte in data:
-        c = _TABLE[(c ^ byte) & 0xFF] ^ (c >> 8)
-    return c ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    c = crc32c(data)
-    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
+def _decode_collapsed(ids: list[int], image_token_id: int,
+                      decode: Callable[[list[int]], str]) -> str:
+    parts: list[str] = []
+    pending: list[int] = []
+    for item in _collapse_image_tokens(ids, image_token_id) + ["<end>"]:
+        if isinstance(item, str):
+            if pending:
+                parts.append(decode(pending))
+                pending = []
+            if item != "<end>":
+                parts.append(item)
         else:
-            out.append(byte)
-            return bytes(out)
+            pending.append(item)
+    return "".join(parts)
 
 
-def _field_bytes(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+def describe_samples(batch: dict[str, np.ndarray], *, decode: Callable[[list[int]], str],
+                     image_token_id: int, num_image_tokens: int, max_samples: int = 4
+                     ) -> tuple[list[str], np.ndarray]:
+    """The first `max_samples` packed samples of a host micro-batch ([B, S] / [T, ...] arrays):
+    a markdown text per sample (its input and its supervised targets, decoded) and the sample's
+    tiles as images [N, 3, H, W] in [0, 1]. Tiles are matched to samples by order, as the model
+    splices them: each tile fills `num_image_tokens` <IMG_CONTEXT> positions."""
+    texts: list[str] = []
+    tile_ids: list[int] = []
+    next_tile = 0
+    for r in range(batch["input_ids"].shape[0]):
+        ids, labels, seg = (np.asarray(batch[k][r]) for k in ("input_ids", "labels",
+                                                               "segment_ids"))
+        for s in dict.fromkeys(int(x) for x in seg if x != 0):
+            where = seg == s
+            sample_ids = [int(x) for x in ids[where]]
+            n_tiles = sample_ids.count(image_token_id) // num_image_tokens
+            first = next_tile
+            next_tile += n_tiles
+            if len(texts) >= max_samples:
+                continue
+            tile_ids.extend(range(first, first + n_tiles))
+            targets = [int(x) for x in labels[where] if x != IGNORE_INDEX]
+            text = _decode_collapsed(sample_ids, image_token_id, decode)[:SAMPLE_TEXT_CHARS]
+            target = decode(targets)[:SAMPLE_TEXT_CHARS]
+            where_tiles = f"tiles {first}-{first + n_tiles - 1}" if n_tiles else "no tiles"
+            texts.append(f"**sample {len(texts)}** (row {r}, segment {s}, {where_tiles}, "
+                         f"{len(sample_ids)} tokens, {len(targets)} supervised)\n\n"
+                         + _code_block(text) + "\n\nsupervised targets:\n\n"
+                         + _code_block(target))
+    flags = np.asarray(batch["image_flags"])
+    keep = [t for t in tile_ids if t < flags.shape[0] and flags[t]]
+    pixels = np.asarray(batch["pixel_values"])
+    images = tiles_to_images(pixels[keep]) if keep else np.zeros((0, *pixels.shape[1:]),
+                                                                 np.float32)
+    return texts, images
 
 
-def _event(wall_time: float, step: int | None = None, *, file_version: str | None = None,
-           scalars: dict[str, float] | None = None) -> bytes:
-    """Serialised tensorflow.Event: wall_time=1 (double), step=2, file_version=3, summary=5."""
-    msg = _varint(1 << 3 | 1) + struct.pack("<d", wall_time)
-    if step is not None:
-        msg += _varint(2 << 3) + _varint(step)
-    if file_version is not None:
-        msg += _field_bytes(3, file_version.encode())
-    if scalars:
-        values = b"".join(  # Summary.Value: tag=1, simple_value=2 (float)
-            _field_bytes(1, _field_bytes(1, tag.encode()) + _varint(2 << 3 | 5)
-                         + struct.pack("<f", float(v)))
-            for tag, v in scalars.items())
-        msg += _field_bytes(5, values)
-    return msg
+def _code_block(text: str) -> str:
+    """Markdown preformatted text (TensorBoard renders text summaries as markdown)."""
+    return "\n".join("    " + line for line in (text or "(empty)").splitlines())
 
 
-def tfrecord(data: bytes) -> bytes:
-    header = struct.pack("<Q", len(data))
-    return (header + struct.pack("<I", _masked_crc(header)) + data
-            + struct.pack("<I", _masked_crc(data)))
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A markdown table for TensorBoard's text tab; `|` and newlines inside cells are escaped."""
+    def cell(v: Any) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
+    return "\n".join(lines)
 
 
-class TensorBoardWriter:
-    def __init__(self, log_dir: str | Path):
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-        self.path = Path(log_dir) / name
-        self._fh = open(self.path, "ab")  # noqa: SIM115 - kept open for the whole run
-        self._fh.write(tfrecord(_event(time.time(), file_version="brain.Event:2")))
-        self._fh.flush()
+def open_tensorboard(log_dir: str | Path, purge_step: int | None = None) -> Any:
+    """A tensorboardX SummaryWriter. Imported here: tensorboardX imports torch whenever torch is
+    installed (seconds at start-up), which a run without TensorBoard should not pay."""
+    from tensorboardX import SummaryWriter
 
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        self._fh.write(tfrecord(_event(time.time(), step, scalars=values)))
-        self._fh.flush()
-
-    def close(self) -> None:
-        self._fh.close()
+    return SummaryWriter(logdir=str(log_dir), flush_secs=10, purge_step=purge_step)
 
 
 def drop_rows_after(path: Path, step: int) -> int:
     """Removes rows logged after `step` (by a run that was killed and is resumed from `step`,
     so those steps run again); returns how many. Rewritten atomically."""
-    from mini_internvl_jax.fileio import write_atomic
-
     if not path.exists():
         return 0
     lines = path.read_text().splitlines(keepends=True)
@@ -144,10 +165,11 @@ def drop_rows_after(path: Path, step: int) -> int:
 
 
 class MetricsLog:
-    """metrics.jsonl (one object per logged step) and, optionally, TensorBoard scalars.
+    """metrics.jsonl (one object per logged step) and, optionally, TensorBoard events.
 
-    `start_step`: the step the run resumes from; rows after it are dropped, so re-done steps
-    are never recorded twice."""
+    `start_step`: the step the run resumes from; rows after it are dropped from metrics.jsonl
+    and TensorBoard hides the earlier run's events after it (tensorboardX's `purge_step`), so
+    re-done steps are never recorded twice."""
 
     def __init__(self, log_dir: str | Path | None, *, tensorboard: bool, start_step: int = 0):
         self.jsonl = None
@@ -156,17 +178,27 @@ class MetricsLog:
             return
         Path(log_dir).mkdir(parents=True, exist_ok=True)
         drop_rows_after(Path(log_dir) / "metrics.jsonl", start_step)
-        self.jsonl = open(Path(log_dir) / "metrics.jsonl", "a")  # noqa: SIM115
+        self.jsonl = (Path(log_dir) / "metrics.jsonl").open("a")
         if tensorboard:
-            self.tb = TensorBoardWriter(log_dir)
+            self.tb = open_tensorboard(log_dir, purge_step=start_step + 1 if start_step else None)
 
     def write(self, step: int, values: dict) -> None:
         if self.jsonl is not None:
             self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
             self.jsonl.flush()
         if self.tb is not None:
-            self.tb.scalars(step, {k: v for k, v in values.items()
-                                   if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, step)
+
+    def samples(self, step: int, texts: list[str], images: np.ndarray) -> None:
+        """Training samples: their tiles (one image grid) and decoded text (one text entry)."""
+        if self.tb is None:
+            return
+        if len(images):
+            self.tb.add_images("samples/tiles", images, step, dataformats="NCHW")
+        self.tb.add_text("samples/text", "\n\n---\n\n".join(texts), step)
+        self.tb.flush()
 
     def close(self) -> None:
         if self.jsonl is not None:

@@ -10,10 +10,13 @@ import time
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
+from mini_internvl_jax.batch import STATS_PREFIX
+from mini_internvl_jax.data.tokenizer import load_tokenizer
 from mini_internvl_jax.train import flops
 from mini_internvl_jax.train.config import TrainConfig
-from mini_internvl_jax.train.metrics import MetricsLog, mfu, peak_tflops
+from mini_internvl_jax.train.metrics import MetricsLog, describe_samples, mfu, peak_tflops
 
 
 def adapter_parts(cfg: TrainConfig) -> frozenset[str]:
@@ -29,6 +32,7 @@ class Reporter:
         self.log = MetricsLog(log_dir if self.primary else None, tensorboard=cfg.log.tensorboard,
                               start_step=start)
         self.cfg = cfg
+        self.model_cfg = model_cfg
         self.flops_fn = lambda real_tiles: flops.step_flops(
             model_cfg, batch=cfg.batch_size, seq_len=cfg.seq_len, tiles=real_tiles,
             trainable=frozenset(flops.PARTS) - cfg.frozen_components,
@@ -37,8 +41,6 @@ class Reporter:
         self.peak = cfg.log.peak_tflops or peak_tflops(jax.devices()[0].device_kind)
         self.bar = None
         if self.primary and cfg.log.progress_bar:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=cfg.total_steps, initial=start, unit="step",
                             dynamic_ncols=True)
         self.window: list[dict] = []
@@ -81,8 +83,8 @@ class Reporter:
             if m is not None:
                 out["mfu"] = m
             for k in w[0]:
-                if k.startswith("stats_"):
-                    out["data_" + k[len("stats_"):]] = sum(h[k] for h in w)
+                if k.startswith(STATS_PREFIX):
+                    out["data_" + k[len(STATS_PREFIX):]] = sum(h[k] for h in w)
         if not self.first_step_logged:
             out["first_step_time"] = self.first_step_time
             self.first_step_logged = True
@@ -97,6 +99,21 @@ class Reporter:
         elif self.primary:
             print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in out.items()),
                   flush=True)
+
+    def log_samples(self, step: int, host_batch: dict[str, np.ndarray]) -> None:
+        """A few samples of the run's first micro-batch (tiles + decoded text) to TensorBoard."""
+        if self.log.tb is None:
+            return
+        if self.cfg.tokenizer is not None:
+            decode = load_tokenizer(self.cfg.tokenizer).decode
+        else:  # synthetic data without a tokenizer: show the ids
+            def decode(ids):
+                return " ".join(map(str, ids))
+        texts, images = describe_samples(
+            {k: v[0] for k, v in host_batch.items()}, decode=decode,
+            image_token_id=self.model_cfg.image_token_id,
+            num_image_tokens=self.model_cfg.num_image_tokens)
+        self.log.samples(step, texts, images)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -12,13 +12,14 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from mini_internvl_jax.batch import BATCH_DTYPES, batch_shardings
 from mini_internvl_jax.config import ModelConfig
 from mini_internvl_jax.configlib import ConfigError
 from mini_internvl_jax.models import InternVLModel
+from mini_internvl_jax.models.lora import apply_lora
 from mini_internvl_jax.sharding import create_sharded_model
+from mini_internvl_jax.train.batches import global_shapes
 from mini_internvl_jax.train.config import TrainConfig, build_model_config
-from mini_internvl_jax.train.data import BATCH_DTYPES, global_shapes
-from mini_internvl_jax.train.lora import apply_lora
 from mini_internvl_jax.train.optim import make_optimizer, make_schedule
 from mini_internvl_jax.train.state import (
     TrainState,
@@ -29,7 +30,7 @@ from mini_internvl_jax.train.state import (
     train_state_shardings,
     tree_shardings,
 )
-from mini_internvl_jax.train.step import batch_shardings, jit_step, make_step_fn
+from mini_internvl_jax.train.step import jit_step, make_step_fn
 
 
 @dataclass
@@ -57,7 +58,7 @@ class Setup:
 
 def model_factory(model_cfg: ModelConfig, cfg: TrainConfig):
     def make():
-        model = InternVLModel(model_cfg, rngs=nnx.Rngs(cfg.seed))
+        model = InternVLModel(model_cfg, cfg.model_compute, rngs=nnx.Rngs(cfg.seed))
         apply_lora(model, cfg.lora, nnx.Rngs(cfg.seed + 1))
         return model
 

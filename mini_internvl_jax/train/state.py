@@ -17,8 +17,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mini_internvl_jax.models.lora import LoRAParam
 from mini_internvl_jax.sharding import logical_to_spec, param_names
-from mini_internvl_jax.train.lora import LoRAParam
 
 
 @jax.tree_util.register_dataclass

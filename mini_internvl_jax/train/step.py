@@ -17,13 +17,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mini_internvl_jax.sharding import logical_to_spec
-from mini_internvl_jax.train import lora
-from mini_internvl_jax.train.loss import IGNORE_INDEX, cross_entropy_sums
+from mini_internvl_jax.batch import IGNORE_INDEX
+from mini_internvl_jax.models import lora
+from mini_internvl_jax.train.loss import cross_entropy_sums
 from mini_internvl_jax.train.state import TrainState
-
-BATCH_KEYS = ("input_ids", "labels", "loss_weights", "positions", "segment_ids",
-              "pixel_values", "image_flags")
 
 
 def _add(a, b):
@@ -37,10 +34,10 @@ def make_step_fn(graphdef, tx: optax.GradientTransformation, schedule: optax.Sch
 
     def loss_fn(params, frozen, rest, micro, total_w, key):
         model = nnx.merge(graphdef, params, frozen, rest)
-        hidden, _ = model.hidden_states(
+        hidden = model.hidden_states(
             micro["input_ids"], micro["pixel_values"], micro["image_flags"],
             micro["positions"], micro["segment_ids"] if packed else None,
-            dropout_key=key if drop_path else None)
+            dropout_key=key if drop_path else None).hidden
         ce, w, correct = cross_entropy_sums(hidden, micro["labels"], micro["loss_weights"],
                                             model.llm.logits, chunk=loss_chunk)
         return ce / total_w, (ce, w, correct)
@@ -102,16 +99,6 @@ def make_step_fn(graphdef, tx: optax.GradientTransformation, schedule: optax.Sch
         return new_state, metrics
 
     return step
-
-
-def batch_shardings(mesh, batch_shapes: dict):
-    """Micro-batch rows and tiles over (data, fsdp); the leading micro-batch axis unsharded."""
-    out = {}
-    for k, shape in batch_shapes.items():
-        lead = "tiles" if k in ("pixel_values", "image_flags") else "batch"
-        spec = logical_to_spec((None, lead) + (None,) * (len(shape) - 2), shape, mesh)
-        out[k] = NamedSharding(mesh, spec)
-    return out
 
 
 def jit_step(step_fn, mesh, state_sh, frozen_sh, rest_sh, batch_sh):

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 
 import jax
+from jax.experimental import multihost_utils
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -96,6 +97,7 @@ class StopGuard:
                 if self._acknowledged.is_set():
                     deadline = None
                     continue
+                assert first is not None  # a deadline runs only after the first signal
                 self._say(f"no step boundary within {self.grace_s:g} s of "
                           f"{signal.Signals(first).name}: exiting now without saving (last "
                           f"checkpoint: {self._last_checkpoint()})")
@@ -115,8 +117,6 @@ class StopGuard:
 
     def should_stop(self, step: int) -> bool:
         if self._multi:
-            from jax.experimental import multihost_utils
-
             try:
                 return multihost_utils.reached_preemption_sync_point(step)
             except RuntimeError:  # preemption service not running

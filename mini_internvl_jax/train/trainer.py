@@ -17,20 +17,23 @@ import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grain
 import jax
 import numpy as np
 from flax import nnx
 
+from mini_internvl_jax import configlib, fileio
+from mini_internvl_jax.batch import to_global
 from mini_internvl_jax.configlib import ConfigError
 from mini_internvl_jax.sharding import make_mesh
 from mini_internvl_jax.train import setup as setup_lib
+from mini_internvl_jax.train.batches import make_iterator, next_step_batch
 from mini_internvl_jax.train.checkpoint import Checkpointer, CheckpointError
 from mini_internvl_jax.train.checkpoint import run_meta as _run_meta
 from mini_internvl_jax.train.config import TrainConfig
-from mini_internvl_jax.train.data import make_iterator, next_step_batch, to_global
-from mini_internvl_jax.train.init import load_initial_params, model_config
+from mini_internvl_jax.train.init_from import load_initial_params, model_config
 from mini_internvl_jax.train.report import Reporter
 from mini_internvl_jax.train.state import TrainState, abstract_like, split_params
 from mini_internvl_jax.train.stopping import StopGuard
@@ -131,7 +134,7 @@ def _guarded(cfg_dict: dict, meta: dict) -> dict:
         if key == "data_fingerprint":
             out[key] = meta.get(key)
             continue
-        v = cfg_dict
+        v: Any = cfg_dict
         for part in key.split("."):
             v = v.get(part) if isinstance(v, dict) else None
         out[key] = v
@@ -140,8 +143,6 @@ def _guarded(cfg_dict: dict, meta: dict) -> dict:
 
 def config_changes(cfg: TrainConfig, model_cfg, meta: dict) -> list[str]:
     """`key: old -> new` for each guarded setting that differs from the checkpoint's run."""
-    from mini_internvl_jax import configlib
-
     if "train_config" not in meta:
         return []
     old = _guarded(meta["train_config"], meta)
@@ -168,6 +169,9 @@ def run(cfg: TrainConfig, *, devices=None, stop_after: int | None = None,
     iterator = make_iterator(cfg, model_cfg)
     if cfg.data is not None:
         iterator = FirstBatchReady(iterator)
+    for folder in (cfg.checkpoint.dir, cfg.log.dir):  # before the model is built
+        if folder is not None:
+            fileio.check_creatable(folder)
     s = setup_lib.build(cfg, mesh, model_cfg, init_params=init)
     state, frozen, rest = s.state, s.frozen, s.rest
     ckpt = None
@@ -258,6 +262,8 @@ def run(cfg: TrainConfig, *, devices=None, stop_after: int | None = None,
                         if host["bad_steps"] == 0:
                             save(step - 1)
                     break
+                if step == start + 1:
+                    reporter.log_samples(step, host_batch)
                 extra = {"data_digest": _digest(host_batch),
                          "real_tiles": int(host_batch["image_flags"].sum()) * jax.process_count(),
                          **stats}
@@ -294,7 +300,7 @@ def run(cfg: TrainConfig, *, devices=None, stop_after: int | None = None,
         reporter.close()
         if ckpt is not None:
             ckpt.close()
-    if primary and result.stopped == "data_exhausted":
+    if primary and result.stopped == "data_exhausted" and cfg.data is not None:
         print(f"the data ran out (data.num_epochs: {cfg.data.num_epochs}) before step "
               f"{result.final_step + 1} of {cfg.total_steps}; final checkpoint: {saved()}",
               flush=True)

@@ -1,0 +1,1 @@
+"""Shared test helpers: reference models and checkpoints built independently of the package."""

@@ -11,18 +11,19 @@ from pathlib import Path
 import yaml
 
 CLIS = {
-    "train": "mini_internvl_jax.train.cli",
-    "convert": "mini_internvl_jax.convert.cli",
-    "export": "mini_internvl_jax.train.export",
-    "demo": "mini_internvl_jax.data.demo",
-    "evaluate": "mini_internvl_jax.evaluate",
-    "chat": "mini_internvl_jax.chat",
+    "train": "mini_internvl_jax.cli.train",
+    "convert": "mini_internvl_jax.cli.convert",
+    "export": "mini_internvl_jax.cli.export",
+    "demo": "mini_internvl_jax.cli.demo_data",
+    "evaluate": "mini_internvl_jax.cli.evaluate",
+    "chat": "mini_internvl_jax.cli.chat",
 }
 
 TRAIN = {
     "model": "tiny-qwen2", "batch_size": 8, "seq_len": 32, "max_tiles": 16, "total_steps": 2,
-    "synthetic": {"tiles_per_sample": 1, "samples_per_row": 2}, "dtype": "float32",
-    "remat": "none", "loss_chunk": 8, "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
+    "synthetic": {"tiles_per_sample": 1, "samples_per_row": 2},
+    "compute": {"dtype": "float32", "remat": "none"}, "loss_chunk": 8,
+    "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
     "log": {"progress_bar": False, "tensorboard": False},
 }
 
@@ -85,7 +86,7 @@ def build_fixtures(root: Path) -> dict[str, str]:
     from mini_internvl_jax.convert.importer import convert_hf_to_orbax
     from mini_internvl_jax.data.demo import write_demo
     from mini_internvl_jax.train.checkpoint import Checkpointer
-    from tests.test_convert_helpers import native_model, save_state, write_original
+    from tests.helpers.checkpoints import native_model, save_state, write_original
 
     write_demo(root / "demo", num_stage1=16, num_stage2=16)
     model, hf_cfg = native_model("qwen2")

@@ -8,7 +8,8 @@ import threading
 
 import jax
 
-from mini_internvl_jax.train import cli, trainer
+from mini_internvl_jax.cli import train as cli
+from mini_internvl_jax.train import trainer
 
 
 def main() -> int:

@@ -1,7 +1,7 @@
 """Chat with a converted Mini-InternVL checkpoint; answers stream as they are generated.
 
-  python -m mini_internvl_jax.chat --checkpoint DIR --image a.jpg "What is in the image?"
-  python -m mini_internvl_jax.chat --checkpoint DIR --image a.jpg        # interactive
+  mivl-chat --checkpoint DIR --image a.jpg "What is in the image?"
+  mivl-chat --checkpoint DIR --image a.jpg        # interactive
 
 Interactive commands: /image PATH (add an image to the next question), /reset, /exit.
 """
@@ -11,16 +11,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mini_internvl_jax.failures import user_error
-from mini_internvl_jax.infer.chat import ChatSession
+from mini_internvl_jax.data.errors import SkipSample
+from mini_internvl_jax.data.processing import decode_rgb, open_image
+from mini_internvl_jax.errors import UserError, user_error
 from mini_internvl_jax.infer.runtime import add_model_args, load_runtime
 from mini_internvl_jax.infer.sampling import SamplingConfig
+from mini_internvl_jax.infer.session import ChatSession
 
 HELP = "commands: /image PATH, /reset, /exit (or end of input)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mini_internvl_jax.chat",
+    p = argparse.ArgumentParser(prog="mivl-chat",
                                 description=__doc__.split("\n")[0])
     add_model_args(p)
     p.add_argument("--image", action="append", default=[], metavar="PATH",
@@ -77,9 +79,8 @@ def _interactive(session: ChatSession) -> None:
 
 
 def _check_image(path: str) -> None:
-    from mini_internvl_jax.data.errors import SkipSample
-    from mini_internvl_jax.data.processing import decode_rgb, open_image
-
+    """Decodes an --image before the model is loaded: a bad path fails in a second, not after
+    minutes of loading."""
     try:
         decode_rgb(open_image(path), path)
     except SkipSample as e:
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.image:  # before the model is loaded
             _check_image(path)
         runtime = load_runtime(args, default_max_num=12)
-    except (ValueError, FileNotFoundError) as e:
+    except (UserError, ValueError, OSError) as e:
         print(f"error: {user_error(e) or e}", file=sys.stderr)
         return 2
     session = ChatSession(runtime, sampling, args.max_new_tokens or 1024, args.seed)

@@ -1,6 +1,6 @@
 """Evaluate a checkpoint on ChartQA, MMBench-style multiple choice or VQA (JSONL in).
 
-  python -m mini_internvl_jax.evaluate --checkpoint DIR --task chartqa --data test.jsonl
+  mivl-eval --checkpoint DIR --task chartqa --data test.jsonl
 
 Writes one prediction record per request (JSONL) and the overall scores (JSON), and prints the
 scores. Input format and prompts: `mini_internvl_jax/infer/evaluation.py`; scoring rules:
@@ -15,14 +15,17 @@ import sys
 import time
 from pathlib import Path
 
-from mini_internvl_jax.failures import user_error
+from mini_internvl_jax.errors import UserError, user_error
 from mini_internvl_jax.infer import evaluation
 from mini_internvl_jax.infer.generate import GenerationConfig
 from mini_internvl_jax.infer.runtime import Runtime, add_model_args, load_runtime
+from mini_internvl_jax.train.metrics import markdown_table, open_tensorboard
+
+TABLE_ROWS = 50  # predictions shown in TensorBoard's text tab (all of them are in --out)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mini_internvl_jax.evaluate",
+    p = argparse.ArgumentParser(prog="mivl-eval",
                                 description=__doc__.split("\n")[0])
     add_model_args(p)
     p.add_argument("--task", required=True, choices=evaluation.TASKS)
@@ -36,7 +39,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-circular", dest="circular", action="store_false",
                    help="mmbench: ask each question once instead of once per rotation")
     p.add_argument("--limit", type=int, default=None, help="first N items only")
+    p.add_argument("--tensorboard", metavar="DIR",
+                   help="also write the scores (scalars and a table) and the first "
+                        f"{TABLE_ROWS} predictions (a table) as TensorBoard events into DIR")
+    p.add_argument("--tensorboard-step", type=int, default=0, metavar="N",
+                   help="step to log at, e.g. the checkpoint's training step (default 0)")
     return p
+
+
+def log_to_tensorboard(log_dir: str, task: str, summary: dict, records: list[dict],
+                       step: int) -> None:
+    """Scores as scalars `eval/TASK/NAME` plus markdown tables of scores and predictions."""
+    scores = {k: v for k, v in summary.items()
+              if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tb = open_tensorboard(log_dir)
+    try:
+        for k, v in scores.items():
+            tb.add_scalar(f"eval/{task}/{k}", v, step)
+        tb.add_text(f"eval/{task}/scores", markdown_table(["metric", "value"],
+                                                          [[k, v] for k, v in scores.items()]),
+                    step)
+        if records:
+            header = list(records[0])
+            rows = [[r.get(k, "") for k in header] for r in records[:TABLE_ROWS]]
+            tb.add_text(f"eval/{task}/predictions", markdown_table(header, rows), step)
+    finally:
+        tb.close()
 
 
 def make_answer_fn(rt: Runtime, max_new_tokens: int, batch_size: int):
@@ -73,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             requests = [r for r in requests if r.item_id in keep]
         evaluation.check_images(requests)
         rt = load_runtime(args, default_max_num=6)
-    except (ValueError, FileNotFoundError) as e:
+    except (UserError, ValueError, OSError) as e:
         print(f"error: {user_error(e) or e}", file=sys.stderr)
         return 2
     answer = make_answer_fn(rt, args.max_new_tokens or 100, args.batch_size)
@@ -98,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"error: {user_error(e) or e}", file=sys.stderr)
         return 2
+    if args.tensorboard:
+        log_to_tensorboard(args.tensorboard, args.task, summary, records, args.tensorboard_step)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -1,9 +1,12 @@
-"""How the command-line tools fail on ordinary mistakes: one line on stderr, no traceback.
+"""How the package fails on ordinary mistakes: one line on stderr, no traceback.
 
-`user_error(e)` turns the exceptions a user can cause (a bad config or data file, an existing
-output, a full or read-only disk, a damaged checkpoint) into that line, or returns None for a
-real bug, which keeps its traceback. Disk problems name the path and say "no space left" or
-"not writable", also when Orbax / TensorStore report them inside their own error text.
+`UserError` is the common root of the errors a user can fix (a bad config or data file, an
+unusable checkpoint, a weights folder that cannot be converted); each layer subclasses it for its
+own domain, so the commands recognise every one of them without importing the layers above.
+`user_error(e)` turns those, an existing output, a missing input and a full or read-only disk into
+that line, or returns None for a real bug, which keeps its traceback. Disk problems name the path
+and say "no space left" or "not writable", also when Orbax / TensorStore report them inside their
+own error text.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import errno
 import re
 import sys
-from collections.abc import Callable
 
 # Exit code of a refused command (bad input, existing output, unusable checkpoint, full disk).
 EXIT_USER_ERROR = 2
@@ -20,6 +22,10 @@ _NO_SPACE = re.compile(r"no space left on device|ENOSPC|disk quota exceeded", re
 _NOT_WRITABLE = re.compile(r"read-only file system|permission denied|EROFS|EACCES",
                            re.IGNORECASE)
 _PATH_IN_TEXT = re.compile(r"(?:local file|file|path|directory)\s+\"?'?(/[^\"' :,]+)")
+
+
+class UserError(Exception):
+    """A mistake the user can fix; the message names the file or field and what was expected."""
 
 
 def _first_line(text: str, limit: int = 400) -> str:
@@ -47,22 +53,12 @@ def disk_error(e: BaseException, where: str | None = None) -> str | None:
 
 def user_error(e: BaseException) -> str | None:
     """The one-line message for a mistake the user can fix, or None for a bug."""
-    from mini_internvl_jax.configlib import ConfigError
-
     for cause in (e, e.__cause__, e.__context__):
         if cause is not None and (line := disk_error(cause)):
             return line
-    if isinstance(e, ConfigError | FileExistsError | FileNotFoundError | NotADirectoryError
+    if isinstance(e, UserError | FileExistsError | FileNotFoundError | NotADirectoryError
                   | IsADirectoryError | PermissionError):
         return _first_line(str(e))
-    for module, name in (("mini_internvl_jax.data.errors", "DataError"),
-                         ("mini_internvl_jax.convert.errors", "ConversionError"),
-                         ("mini_internvl_jax.train.checkpoint", "CheckpointError"),
-                         ("mini_internvl_jax.train.init", "InitError"),
-                         ("mini_internvl_jax.infer.evaluation", "EvalDataError")):
-        cls = getattr(sys.modules.get(module), name, None)
-        if cls is not None and isinstance(e, cls):
-            return _first_line(str(e))
     return None
 
 
@@ -80,20 +76,5 @@ def silence_abandoned_reads() -> None:
             return
         previous(unraisable)
 
-    hook._drops_closed_loop = True
+    hook._drops_closed_loop = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
-
-
-def run_cli(main: Callable[[], int | None]) -> int:
-    """Calls `main`; a user error becomes `error: ...` on stderr and exit code 2, Ctrl-C 130."""
-    try:
-        return int(main() or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs right here
-        line = user_error(e)
-        if line is None:
-            raise
-        print(f"error: {line}", file=sys.stderr)
-        return EXIT_USER_ERROR

@@ -1,5 +1,8 @@
 """LoRA adapters on the model's Dense layers, and merging them back for export.
 
+A model-layer transform (not a training detail): loading or exporting a LoRA run's weights
+needs it without the trainer.
+
 A targeted `Dense` is swapped for a `LoRADense` that keeps the very same `kernel`/`bias`
 variables (so parameter paths, the converter's rules and the sharding names are unchanged) and
 adds `lora_a` [in..., r] and `lora_b` [r, out...]: y = x W + b + scale * drop(x) A B. B starts at
@@ -10,13 +13,37 @@ with the same leading layer axis.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mini_internvl_jax.configlib import check
 from mini_internvl_jax.models.layers import Dense
-from mini_internvl_jax.train.config import LoRAConfig
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters on linear layers; rank 0 = off. Base weights under LoRA are frozen."""
+
+    rank: int = 0
+    alpha: float | None = None  # None = 2 * rank (InternVL's scripts)
+    dropout: float = 0.0
+    # Attribute names of our Dense layers (see models/llm.py and models/vision.py).
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                "down_proj")
+    vision: bool = False
+    vision_targets: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
+
+    def __post_init__(self):
+        check(self.rank >= 0, "lora.rank", "must be >= 0")
+        check(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+        check(self.alpha is None or self.alpha > 0, "lora.alpha", "must be positive")
+
+    @property
+    def scale(self) -> float:
+        return (2.0 * self.rank if self.alpha is None else self.alpha) / max(self.rank, 1)
 
 
 class LoRAParam(nnx.Param):

@@ -1,25 +1,35 @@
-"""`convert_weights.py`: Hugging Face PyTorch checkpoints <-> converted Orbax folders."""
+"""`mivl-convert`: Hugging Face PyTorch checkpoints <-> converted Orbax folders."""
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import sys
+from typing import Any
 
-from mini_internvl_jax.failures import user_error
+# Conversion is pure host work: keep JAX off accelerators (and quiet) unless asked otherwise.
+# Set before the imports below bring in jax.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from tqdm import tqdm  # noqa: E402
+
+from mini_internvl_jax.convert.exporter import export_to_hf  # noqa: E402
+from mini_internvl_jax.convert.importer import convert_hf_to_orbax  # noqa: E402
+from mini_internvl_jax.errors import user_error  # noqa: E402
 
 EPILOG = """examples:
-  python convert_weights.py --from-hf InternVL2-1B --to internvl2-1b-jax
-  python convert_weights.py --from-hf InternVL2-2B --to out --dtype float32 --scan-layers
-  python convert_weights.py --from-orbax internvl2-1b-jax --to-hf InternVL2-1B-ft
-  python convert_weights.py --from-orbax run/params --model-config mini-internvl-1b \\
+  mivl-convert --from-hf InternVL2-1B --to internvl2-1b-jax
+  mivl-convert --from-hf InternVL2-2B --to out --dtype float32 --scan-layers
+  mivl-convert --from-orbax internvl2-1b-jax --to-hf InternVL2-1B-ft
+  mivl-convert --from-orbax run/params --model-config mini-internvl-1b \\
       --to-hf out --layout native --max-shard-size 2GB
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="convert_weights.py", epilog=EPILOG,
+        prog="mivl-convert", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Convert InternVL2 / Mini-InternVL checkpoints between Hugging Face "
                     "(safetensors or pytorch_model.bin; original or transformers-native layout) "
@@ -61,12 +71,10 @@ class _Progress:
 
     def __init__(self, disable: bool):
         self.disable = disable
-        self.bar = None
+        self.bar: Any = None  # tqdm
 
     def __call__(self, name: str, index: int, total: int) -> None:
         if self.bar is None:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, unit="tensor", file=sys.stderr, disable=self.disable,
                             dynamic_ncols=True)
         self.bar.update(1)
@@ -101,8 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     progress = _Progress(disable=args.quiet)
     try:
         if args.from_hf:
-            from mini_internvl_jax.convert.importer import convert_hf_to_orbax
-
             stats = convert_hf_to_orbax(args.from_hf, args.to, dtype=args.dtype,
                                         scan_layers=args.scan_layers, strict=args.strict,
                                         overrides=args.override, overwrite=args.overwrite,
@@ -112,8 +118,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"ignored unexpected tensor {name!r}", file=sys.stderr)
             print(stats.summary("converted") + f" -> {args.to}")
         else:
-            from mini_internvl_jax.convert.exporter import export_to_hf
-
             stats = export_to_hf(args.from_orbax, args.to_hf, layout=args.layout,
                                  dtype=args.dtype, max_shard_size=args.max_shard_size,
                                  model_config=args.model_config, overwrite=args.overwrite,
@@ -128,3 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {line}", file=sys.stderr)
         return 1
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

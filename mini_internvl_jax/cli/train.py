@@ -1,4 +1,4 @@
-"""`python train.py --config CONFIG.yaml [key=value ...] [--aot-tpu TOPOLOGY]`.
+"""`mivl-train --config PRESET_OR_YAML [key=value ...] [--aot-tpu TOPOLOGY]`.
 
 Exit codes: 0 finished (total_steps reached, or a finite dataset ran out: final checkpoint
 saved); 2 a config, data or checkpoint problem (one line on stderr); 3 training diverged;
@@ -13,15 +13,19 @@ import argparse
 import signal
 import sys
 
+import jax
+
 from mini_internvl_jax.configlib import ConfigError
-from mini_internvl_jax.failures import EXIT_USER_ERROR, user_error
+from mini_internvl_jax.errors import EXIT_USER_ERROR, user_error
+from mini_internvl_jax.train.aot import compile_for_topology, format_report
 from mini_internvl_jax.train.cluster import multihost_reason
+from mini_internvl_jax.train.config import load_train_config
+from mini_internvl_jax.train.stopping import exit_code
+from mini_internvl_jax.train.trainer import TrainingDivergedError, run
 
 
-def maybe_initialize_distributed(mode: str, args) -> None:
+def maybe_initialize_distributed(mode: str, args: argparse.Namespace) -> None:
     """jax.distributed.initialize() for multi-host runs; must run before any JAX computation."""
-    import jax
-
     if args.coordinator:
         jax.distributed.initialize(coordinator_address=args.coordinator,
                                    num_processes=args.num_processes, process_id=args.process_id)
@@ -29,9 +33,12 @@ def maybe_initialize_distributed(mode: str, args) -> None:
         jax.distributed.initialize()
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="train.py", description=__doc__)
-    p.add_argument("--config", required=True, help="training YAML (configs/stage*-*.yaml, ...)")
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mivl-train", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True,
+                   help="training preset name (demo, stage1, stage2, lora, ...) or a YAML path")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-5")
     p.add_argument("--aot-tpu", metavar="TOPOLOGY",
                    help="compile the training step for a TPU topology (e.g. v5e:2x2) on this "
@@ -45,28 +52,21 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from mini_internvl_jax.train.config import load_train_config
-
     try:
         cfg = load_train_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     if args.aot_tpu:
-        from mini_internvl_jax.train.aot import compile_for_topology, format_report
-
         try:
             print(format_report(compile_for_topology(cfg, args.aot_tpu)))
         except (ConfigError, RuntimeError) as e:
             print(f"AOT compile failed: {e}", file=sys.stderr)
-            return 2
+            return EXIT_USER_ERROR
         return 0
     maybe_initialize_distributed(cfg.distributed, args)
-    from mini_internvl_jax.train.stopping import exit_code
-    from mini_internvl_jax.train.trainer import TrainingDivergedError, run
-
     try:
         result = run(cfg, allow_config_change=args.allow_config_change)
     except KeyboardInterrupt:  # Ctrl-C before the step loop: nothing to save yet
@@ -88,3 +88,7 @@ def main(argv=None) -> int:
               flush=True)
         return exit_code(signum)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Where training batches come from, and how per-host numpy batches become global arrays.
+"""Where training batches come from: the Grain pipeline or synthetic rows, stacked per step.
 
 `SyntheticBatches` draws random batches in the training-batch contract (benchmarks, AOT, tests).
 Row k of the stream (counting rows of all hosts, batch after batch) is generated from
@@ -15,9 +15,10 @@ import json
 import jax
 import numpy as np
 
+from mini_internvl_jax import batch as contract
+from mini_internvl_jax.batch import BATCH_KEYS, IGNORE_INDEX, STATS_PREFIX
 from mini_internvl_jax.config import ModelConfig
 from mini_internvl_jax.train.config import TrainConfig
-from mini_internvl_jax.train.step import BATCH_KEYS
 
 
 class SyntheticBatches:
@@ -53,7 +54,7 @@ class SyntheticBatches:
         rng = np.random.default_rng([self.seed, row])
         s, n_img = self.seq_len, self.num_image_tokens
         ids = np.zeros(s, np.int32)
-        labels = np.full(s, -100, np.int32)
+        labels = np.full(s, IGNORE_INDEX, np.int32)
         seg = np.zeros(s, np.int32)
         pos = np.zeros(s, np.int32)
         per_sample = s // self.samples_per_row
@@ -68,7 +69,7 @@ class SyntheticBatches:
             ids[lo:lo + length] = text
             seg[lo:lo + length] = k + 1
             pos[lo:lo + length] = np.arange(length)
-            target = np.where(text[1:] == self.image_token_id, -100, text[1:])
+            target = np.where(text[1:] == self.image_token_id, IGNORE_INDEX, text[1:])
             labels[lo:lo + length - 1] = target
         pixels = np.zeros((self.slots, 3, self.image_size, self.image_size), np.float32)
         flags = np.zeros(self.slots, np.int32)
@@ -84,7 +85,7 @@ class SyntheticBatches:
         self.index += 1
         ids, labels, pos, seg, pixels, flags = (np.stack(x) for x in zip(*rows, strict=True))
         return {"input_ids": ids, "labels": labels,
-                "loss_weights": (labels != -100).astype(np.float32), "positions": pos,
+                "loss_weights": (labels != IGNORE_INDEX).astype(np.float32), "positions": pos,
                 "segment_ids": seg, "pixel_values": pixels.reshape((-1,) + pixels.shape[2:]),
                 "image_flags": flags.reshape(-1)}
 
@@ -122,6 +123,7 @@ def make_iterator(cfg: TrainConfig, model_cfg: ModelConfig):
                                 tiles_per_sample=cfg.synthetic.tiles_per_sample,
                                 samples_per_row=cfg.synthetic.samples_per_row,
                                 min_fill=cfg.synthetic.min_fill, **common)
+    # Lazy: the pipeline imports grain, which synthetic runs (benchmarks, AOT) do not need.
     from mini_internvl_jax.data.pipeline import build_train_iterator
 
     data_cfg = cfg.data if cfg.packed else dataclasses.replace(cfg.data, max_samples_per_row=1)
@@ -134,26 +136,13 @@ def next_step_batch(iterator, grad_accum: int) -> tuple[dict[str, np.ndarray], d
     pipeline's `stats_*` counters summed over them."""
     micro = [next(iterator) for _ in range(grad_accum)]
     stats = {k: int(sum(np.asarray(m[k]).sum() for m in micro))
-             for k in micro[0] if k.startswith("stats_")}
+             for k in micro[0] if k.startswith(STATS_PREFIX)}
     return {k: np.stack([np.asarray(m[k]) for m in micro]) for k in BATCH_KEYS}, stats
 
 
-def to_global(batch: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.Array]:
-    """Per-host arrays -> global arrays (hosts' rows and tiles concatenated in process order)."""
-    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
-
-
 def global_shapes(cfg: TrainConfig, model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Global shapes of one step's batch (all hosts, all micro-batches)."""
-    a, b, s, t = cfg.optim.grad_accum, cfg.micro_batch_size, cfg.seq_len, cfg.max_tiles
-    px = model_cfg.vision.image_size
-    shapes = {k: (a, b, s) for k in ("input_ids", "labels", "loss_weights", "positions",
-                                    "segment_ids")}
-    shapes["pixel_values"] = (a, t, model_cfg.vision.num_channels, px, px)
-    shapes["image_flags"] = (a, t)
-    return shapes
-
-
-BATCH_DTYPES = {"input_ids": np.int32, "labels": np.int32, "loss_weights": np.float32,
-                "positions": np.int32, "segment_ids": np.int32, "pixel_values": np.float32,
-                "image_flags": np.int32}
+    """Global shapes of one step's batch for this run (see `batch.global_shapes`)."""
+    return contract.global_shapes(grad_accum=cfg.optim.grad_accum, rows=cfg.micro_batch_size,
+                                  seq_len=cfg.seq_len, tiles=cfg.max_tiles,
+                                  image_size=model_cfg.vision.image_size,
+                                  channels=model_cfg.vision.num_channels)

@@ -1,8 +1,8 @@
 """Tiny InternVL checkpoints on disk, in both layouts, built from transformers models.
 
 The original (remote-code) names, the fused ViT qkv and the InternLM2 `wqkv` packing are written
-out here from the facts tables (§4.1, §4.2), independently of mini_internvl_jax.convert.mapping,
-so the converter is checked against a second reading of the spec.
+out here from InternVL's published modelling code, independently of
+mini_internvl_jax.convert.mapping, so the converter is checked against a second reading of it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tests import hf_reference as ref
+from tests.helpers import hf_reference as ref
 
 ARCH = {"qwen2": "Qwen2ForCausalLM", "internlm2": "InternLM2ForCausalLM",
         "phi3": "Phi3ForCausalLM"}
@@ -32,7 +32,7 @@ def native_model(family: str):
 
 
 def pack_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """Rows per KV head h: [q_(h*g) .. q_(h*g+g-1), k_h, v_h] (facts §4.1), head by head."""
+    """Rows per KV head h: [q_(h*g) .. q_(h*g+g-1), k_h, v_h], head by head (InternLM2's layout)."""
     heads = q.shape[0] // (k.shape[0] // kv_heads)
     hd = k.shape[0] // kv_heads
     g = heads // kv_heads
@@ -47,7 +47,7 @@ def pack_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_heads: int) 
 
 
 def original_state_dict(native_sd: dict, family: str, kv_heads: int) -> dict:
-    """transformers-native names -> InternVL remote-code names (facts §4.2)."""
+    """transformers-native names -> InternVL remote-code names (InternVL's checkpoints)."""
     out = {}
     sd = {k: v.detach().clone() for k, v in native_sd.items()}
     vt = "model.vision_tower."

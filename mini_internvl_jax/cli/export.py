@@ -1,0 +1,40 @@
+"""`mivl-export RUN_DIR OUT_DIR`: a training run's checkpoint (LoRA merged) as a converted folder.
+
+OUT_DIR gets the converter's layout (model_config.json + params/ + tokenizer files), so chat,
+evaluate and `mivl-convert --from-orbax OUT_DIR --to-hf ...` read it like any converted folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mini_internvl_jax.errors import EXIT_USER_ERROR, user_error
+from mini_internvl_jax.train.export import export_checkpoint
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mivl-export", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="checkpoint.dir of a training run")
+    p.add_argument("out_dir")
+    p.add_argument("--step", type=int, help="default: the latest step")
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        if Path(a.out_dir).exists() and not a.overwrite:  # before the model is read
+            raise FileExistsError(f"{a.out_dir} already exists; choose a new path or pass "
+                                  "--overwrite")
+        out = export_checkpoint(a.run_dir, a.out_dir, step=a.step, overwrite=a.overwrite)
+    except Exception as e:  # noqa: BLE001 - user errors become one line, bugs re-raise
+        line = user_error(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Bundled presets (package data): `models/` model presets, `train/` training presets."""

@@ -1,0 +1,124 @@
+"""One resolver for every folder a model can come from: a training run's checkpoint folder, a
+converted folder (convert_weights.py, or an exported run) and a Hugging Face InternVL folder.
+
+`open_source(path)` reads only configs and headers and says what the folder is, its model
+config and how its weights are stored; `Source.load(compute, mesh=...)` builds the model. The
+trainer's `init_from`, chat, evaluation and export all go through it, so a folder that works for
+one works for all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, cast
+
+from jax.sharding import Mesh
+
+from mini_internvl_jax.config import ComputeConfig, Dtype, ModelConfig
+from mini_internvl_jax.convert.errors import CheckpointReadError
+from mini_internvl_jax.convert.importer import HFSource, open_hf, resolve_dtype
+from mini_internvl_jax.convert.load import load_converted, load_hf, stored_compute
+from mini_internvl_jax.convert.orbax_io import PARAMS_DIR, is_converted_folder, read_converted
+from mini_internvl_jax.convert.run_folder import (
+    RunFolder,
+    is_training_checkpoint,
+    read_run,
+    restore_model,
+)
+from mini_internvl_jax.data.tokenizer import find_tokenizer
+from mini_internvl_jax.models import InternVLModel
+
+SourceKind = Literal["training_run", "converted", "hf"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """A folder holding a model, opened (configs and headers read, no weights yet)."""
+
+    kind: SourceKind
+    path: Path
+    model_config: ModelConfig
+    # How the weights are stored (dtype, layer stacking); what `load()` runs without a compute.
+    compute: ComputeConfig
+    layout: str | None              # HF layout of the original checkpoint, when known
+    # A folder holding tokenizer files, if one was found (a run's: its `tokenizer` folder).
+    tokenizer_dir: Path | None
+    strict: bool = True             # hf: unexpected tensors are an error
+    _hf: HFSource | None = field(default=None, repr=False, compare=False)
+    _run: RunFolder | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def template(self) -> str:
+        """Conversation template name (data/templates)."""
+        return self.model_config.template
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model_config.image_token_id
+
+    def load(self, compute: ComputeConfig | None = None, *, mesh: Mesh | None = None
+             ) -> InternVLModel:
+        """The model under `compute` (None: `self.compute`), its parameters placed on `mesh`'s
+        shardings (or the first device). A training run's LoRA adapters come merged."""
+        compute = self.compute if compute is None else compute
+        if self.kind == "training_run":
+            assert self._run is not None
+            return restore_model(self._run, compute, mesh=mesh)
+        if self.kind == "converted":
+            return load_converted(self.path, compute, mesh=mesh)
+        assert self._hf is not None
+        return load_hf(self._hf, compute, mesh=mesh, strict=self.strict)
+
+
+def _tokenizer_dir(folder: Path | None) -> Path | None:
+    return folder if folder is not None and find_tokenizer(folder) is not None else None
+
+
+def open_source(path: str | Path, *, step: int | None = None,
+                overrides: list[str] | tuple[str, ...] = (), strict: bool = True) -> Source:
+    """What `path` is and holds. `step` picks a training run's step (default: the latest);
+    `overrides` (`key=value`) and `strict` apply to Hugging Face folders, as in
+    convert_weights.py."""
+    p = Path(path)
+    if "://" not in str(path) and not p.exists():
+        raise CheckpointReadError(f"{path} does not exist")
+    if is_training_checkpoint(str(path)):
+        run = read_run(str(path), step)
+        tok = Path(run.tokenizer) if run.tokenizer and Path(run.tokenizer).is_dir() else None
+        stored = run.compute.replace(remat="none", check_image_tokens=True)
+        return Source("training_run", p, run.model_config, stored, None, tok, _run=run)
+    if is_converted_folder(p):
+        cfg, conversion = read_converted(p)
+        return Source("converted", p, cfg, stored_compute(p), conversion.get("layout"),
+                      _tokenizer_dir(p))
+    if (p / "config.json").is_file():
+        src = open_hf(p, overrides)
+        dtype = cast(Dtype, resolve_dtype(None, src.reader))
+        return Source("hf", p, src.info.config, ComputeConfig(dtype=dtype, param_dtype=dtype),
+                      src.info.layout, _tokenizer_dir(p), strict, _hf=src)
+    raise CheckpointReadError(
+        f"{path} is neither a training run's checkpoint folder (step folders), a converted "
+        f"folder (model_config.json + {PARAMS_DIR}/) nor a Hugging Face folder (config.json + "
+        "weights)")
+
+
+def load_pretrained_with_info(path: str | Path, compute: ComputeConfig | None = None, *,
+                              mesh: Mesh | None = None, strict: bool = True,
+                              overrides: list[str] | tuple[str, ...] = ()
+                              ) -> tuple[InternVLModel, Source]:
+    """(model, Source) from any folder `open_source` knows; `compute` None keeps how the
+    weights are stored (their dtype, stacked or per-layer)."""
+    source = open_source(path, overrides=overrides, strict=strict)
+    return source.load(compute, mesh=mesh), source
+
+
+def load_pretrained(path: str | Path, compute: ComputeConfig | None = None, *,
+                    mesh: Mesh | None = None, **kwargs) -> InternVLModel:
+    """InternVLModel from a training run, converted or Hugging Face folder; see
+    load_pretrained_with_info."""
+    return load_pretrained_with_info(path, compute, mesh=mesh, **kwargs)[0]
+
+
+__all__ = ["Source", "SourceKind", "load_pretrained", "load_pretrained_with_info",
+           "open_source"]
