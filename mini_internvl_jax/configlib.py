@@ -17,6 +17,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from mini_internvl_jax.errors import UserError
+
 T = TypeVar("T")
 
 # Presets ship inside the package (package data), so a non-editable install finds them too.
@@ -24,7 +26,7 @@ PRESET_PACKAGE = "mini_internvl_jax.configs"
 PresetKind = Literal["models", "train"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value or key that cannot be used; the message names the field."""
 
 
@@ -165,7 +167,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({problem})") from None
     return key.split("."), value
 
 
@@ -186,11 +189,30 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently, so a stray second `lr:` would win without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _parse_yaml(text: str, where: str) -> dict:
+    """Both preset files and user files go through here, so both refuse duplicate keys."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {where} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {where} is not valid YAML{line}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {where} must hold a mapping at the top level")
     return data

@@ -1,18 +1,75 @@
 """Temp-then-rename writes: an error or crash never leaves a partial file or folder in place.
 
-Temporaries are hidden siblings of the target (`.NAME.tmp-*`), so the final rename stays on one
-file system and is atomic.
+Temporaries are hidden siblings of the target (`.NAME.tmp-HOST-PID-TAG`), so the final rename
+stays on one file system and is atomic. A run killed mid-write (kill -9, OOM) leaves its
+temporary folder behind; the next `atomic_folder` into the same destination removes those whose
+process is gone (and says so on stderr), so repeated kills never fill the disk.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+# Temporaries named before owners were recorded count as stale once untouched this long.
+_UNOWNED_STALE_S = 600
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _is_stale(tmp: Path, prefix: str) -> bool:
+    parts = tmp.name[len(prefix):].split("-")
+    if len(parts) >= 3 and parts[-2].isdigit():
+        host, pid = "-".join(parts[:-2]), int(parts[-2])
+        return host == socket.gethostname() and not _alive(pid)
+    try:
+        return time.time() - tmp.stat().st_mtime > _UNOWNED_STALE_S
+    except OSError:
+        return False
+
+
+def _size(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, f)).st_size
+    return total
+
+
+def remove_stale_temporaries(out: str | os.PathLike) -> list[Path]:
+    """Removes `.OUT.tmp-*` folders next to `out` left by killed runs; returns them."""
+    out = Path(out).absolute()
+    prefix = f".{out.name}.tmp-"
+    if not out.parent.is_dir():
+        return []
+    stale = [p for p in out.parent.iterdir()
+             if p.name.startswith(prefix) and p.is_dir() and _is_stale(p, prefix)]
+    if stale:
+        size = sum(_size(p) for p in stale)
+        for p in stale:
+            shutil.rmtree(p, ignore_errors=True)
+        print(f"removed {len(stale)} stale temporary folder(s) ({size / 1e9:.2f} GB) left next "
+              f"to {out} by interrupted runs: {', '.join(p.name for p in stale)}",
+              file=sys.stderr, flush=True)
+    return stale
 
 
 @contextlib.contextmanager
@@ -27,8 +84,9 @@ def atomic_folder(out: str | os.PathLike, *, overwrite: bool = False) -> Iterato
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists")
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     tag = uuid.uuid4().hex[:8]
-    tmp = out.parent / f".{out.name}.tmp-{tag}"
+    tmp = out.parent / f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}-{tag}"
     tmp.mkdir()
     try:
         yield tmp
@@ -71,3 +129,21 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
             tmp.write_bytes(data)
         else:
             tmp.write_text(data, encoding="utf-8")
+
+
+def check_creatable(folder: str | os.PathLike) -> None:
+    """Raises NotADirectoryError / PermissionError naming `folder` when it cannot be created (or
+    written) there, without creating anything: checked before minutes of model building that
+    would end in the first write. URLs (`gs://...`) are left to their own library."""
+    if "://" in str(folder):
+        return
+    path = Path(folder).absolute()
+    for existing in (path, *path.parents):
+        if not existing.exists():
+            continue
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file, not a folder",
+                                     str(folder))
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "Permission denied", str(folder))
+        return

@@ -15,7 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mini_internvl_jax.data.errors import SkipSample
+from mini_internvl_jax.data.processing import decode_rgb, open_image
 from mini_internvl_jax.data.video import DEFAULT_NUM_FRAMES
+from mini_internvl_jax.errors import UserError, user_error
 from mini_internvl_jax.infer.runtime import add_model_args, load_runtime
 from mini_internvl_jax.infer.sampling import SamplingConfig
 from mini_internvl_jax.infer.session import ChatSession
@@ -92,21 +95,36 @@ def _interactive(session: ChatSession, num_frames: int) -> None:
             print(f"\nerror: {e}", file=sys.stderr)
 
 
+def _check_image(path: str) -> None:
+    """Decodes an --image before the model is loaded: a bad path fails in a second, not after
+    minutes of loading."""
+    try:
+        decode_rgb(open_image(path), path)
+    except SkipSample as e:
+        raise ValueError(f"--image {e.detail}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.num_frames < 1:
             raise ValueError(f"--num-frames must be >= 1, got {args.num_frames}")
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+        for path in args.image:  # before the model is loaded
+            _check_image(path)
         runtime = load_runtime(args, default_max_num=12)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, ValueError, OSError) as e:
+        print(f"error: {user_error(e) or e}", file=sys.stderr)
         return 2
     session = ChatSession(runtime, sampling, args.max_new_tokens or 1024, args.seed)
-    for path in args.image:
-        session.add_image(path)
-    if args.video:
-        session.add_video(args.video, args.num_frames)
+    try:
+        for path in args.image:
+            session.add_image(path)
+        if args.video:
+            session.add_video(args.video, args.num_frames)
+    except (ValueError, OSError) as e:
+        print(f"error: {user_error(e) or e}", file=sys.stderr)
+        return 2
     if args.question is None:
         _interactive(session, args.num_frames)
         return 0

@@ -14,10 +14,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from tqdm import tqdm  # noqa: E402
 
-from mini_internvl_jax.configlib import ConfigError  # noqa: E402
-from mini_internvl_jax.convert.errors import ConversionError  # noqa: E402
 from mini_internvl_jax.convert.exporter import export_to_hf  # noqa: E402
 from mini_internvl_jax.convert.importer import convert_hf_to_orbax  # noqa: E402
+from mini_internvl_jax.errors import user_error  # noqa: E402
 
 EPILOG = """examples:
   mivl-convert --from-hf InternVL2-1B --to internvl2-1b-jax
@@ -125,9 +124,12 @@ def main(argv: list[str] | None = None) -> int:
                                  on_tensor=progress)
             progress.close()
             print(stats.summary("exported") + f" -> {args.to_hf}")
-    except (ConversionError, ConfigError) as e:
+    except Exception as e:  # noqa: BLE001 - user errors become one line, bugs re-raise
         progress.close()
-        print(f"error: {e}", file=sys.stderr)
+        line = user_error(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         return 1
     return 0
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from mini_internvl_jax.data.demo import write_demo
+from mini_internvl_jax.errors import EXIT_USER_ERROR, user_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,12 +17,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-stage2", type=int, default=160)
     p.add_argument("--force", action="store_true", help="replace an earlier demo folder")
     args = p.parse_args(argv)
+    for name in ("num_stage1", "num_stage2"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
     try:
         m = write_demo(args.out_dir, seed=args.seed, num_stage1=args.num_stage1,
                        num_stage2=args.num_stage2, force=args.force)
-    except FileExistsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - user errors become one line, bugs re-raise
+        line = user_error(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return EXIT_USER_ERROR
     print(f"wrote {args.out_dir}: {m['stage1']['samples']} stage-1 and "
           f"{m['stage2']['samples']} stage-2 samples, {m['images']} images, tokenizers "
           f"{sorted(m['tokenizers'])}")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from mini_internvl_jax.errors import UserError, user_error
 from mini_internvl_jax.infer import eval_runner
 from mini_internvl_jax.infer.generate import GenerationConfig
 from mini_internvl_jax.infer.runtime import Runtime, add_model_args, load_runtime
@@ -135,12 +136,16 @@ def main(argv: list[str] | None = None) -> int:
                                          progress=bar.update)
             done = eval_runner.load_predictions(preds_path, task, items)
         records, summary = eval_runner.score_all(task, items, done)
-    except (ValueError, FileNotFoundError) as e:  # EvalDataError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, ValueError, OSError) as e:  # EvalDataError is a ValueError
+        print(f"error: {user_error(e) or e}", file=sys.stderr)
         return 2
     summary.update(checkpoint=str(args.checkpoint), data=str(args.data),
                    predictions=str(preds_path))
-    eval_runner.write_results(out, summary, records)
+    try:
+        eval_runner.write_results(out, summary, records)
+    except OSError as e:
+        print(f"error: {user_error(e) or e}", file=sys.stderr)
+        return 2
     if args.tensorboard:
         log_to_tensorboard(args.tensorboard, summary, items, records, args.tensorboard_step)
     print(eval_runner.format_table(summary))

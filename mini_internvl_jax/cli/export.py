@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from mini_internvl_jax.train.checkpoint import CheckpointError
+from mini_internvl_jax.errors import EXIT_USER_ERROR, user_error
 from mini_internvl_jax.train.export import export_checkpoint
 
 
@@ -21,10 +22,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
     try:
+        if Path(a.out_dir).exists() and not a.overwrite:  # before the model is read
+            raise FileExistsError(f"{a.out_dir} already exists; choose a new path or pass "
+                                  "--overwrite")
         out = export_checkpoint(a.run_dir, a.out_dir, step=a.step, overwrite=a.overwrite)
-    except (CheckpointError, ValueError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - user errors become one line, bugs re-raise
+        line = user_error(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return EXIT_USER_ERROR
     print(f"wrote {out}")
     return 0
 

@@ -1,28 +1,27 @@
-"""`mivl-train --config PRESET_OR_YAML [key=value ...] [--aot-tpu TOPOLOGY]`."""
+"""`mivl-train --config PRESET_OR_YAML [key=value ...] [--aot-tpu TOPOLOGY]`.
+
+Exit codes: 0 finished (total_steps reached, or a finite dataset ran out: final checkpoint
+saved); 2 a config, data or checkpoint problem (one line on stderr); 3 training diverged;
+143 / 130 stopped by SIGTERM / Ctrl-C (checkpoint saved at the step boundary, or, after a
+second signal or `checkpoint.stop_grace_s` without a step boundary, the process ends without
+saving and the last checkpoint stays).
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
+import signal
 import sys
 
 import jax
 
 from mini_internvl_jax.configlib import ConfigError
-from mini_internvl_jax.data.errors import DataError
+from mini_internvl_jax.errors import EXIT_USER_ERROR, user_error
 from mini_internvl_jax.train.aot import compile_for_topology, format_report
-from mini_internvl_jax.train.checkpoint import CheckpointError
+from mini_internvl_jax.train.cluster import multihost_reason
 from mini_internvl_jax.train.config import load_train_config
-from mini_internvl_jax.train.init_from import InitError
+from mini_internvl_jax.train.stopping import exit_code
 from mini_internvl_jax.train.trainer import TrainingDivergedError, run
-
-_CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "MEGASCALE_COORDINATOR_ADDRESS")
-
-
-def _cluster_detected() -> bool:
-    if any(k in os.environ for k in _CLUSTER_ENV):
-        return True
-    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")  # a multi-host TPU slice
 
 
 def maybe_initialize_distributed(mode: str, args: argparse.Namespace) -> None:
@@ -30,12 +29,14 @@ def maybe_initialize_distributed(mode: str, args: argparse.Namespace) -> None:
     if args.coordinator:
         jax.distributed.initialize(coordinator_address=args.coordinator,
                                    num_processes=args.num_processes, process_id=args.process_id)
-    elif mode == "on" or (mode == "auto" and _cluster_detected()):
+    elif mode == "on" or (mode == "auto" and multihost_reason() is not None):
         jax.distributed.initialize()
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mivl-train", description=__doc__)
+    p = argparse.ArgumentParser(prog="mivl-train", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True,
                    help="training preset name (demo, stage1, stage2, lora, ...) or a YAML path")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-5")
@@ -45,6 +46,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--coordinator", help="host:port of process 0 (manual multi-process start)")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though optim.lr, batch_size or the dataset differ from the "
+                        "checkpoint's run (the change is printed and recorded)")
     return p.parse_args(argv)
 
 
@@ -54,26 +58,35 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_train_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     if args.aot_tpu:
         try:
             print(format_report(compile_for_topology(cfg, args.aot_tpu)))
         except (ConfigError, RuntimeError) as e:
             print(f"AOT compile failed: {e}", file=sys.stderr)
-            return 2
+            return EXIT_USER_ERROR
         return 0
     maybe_initialize_distributed(cfg.distributed, args)
     try:
-        result = run(cfg)
+        result = run(cfg, allow_config_change=args.allow_config_change)
+    except KeyboardInterrupt:  # Ctrl-C before the step loop: nothing to save yet
+        print("interrupted before training started; nothing saved", file=sys.stderr)
+        return exit_code(signal.SIGINT)
     except TrainingDivergedError as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 3
-    except (ConfigError, CheckpointError, InitError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - user errors become one line, bugs re-raise
+        line = user_error(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return EXIT_USER_ERROR
     if result.stopped == "preempted":
         saved = "checkpoint saved" if cfg.checkpoint.dir else "no checkpoint.dir: nothing saved"
-        print(f"stopped by SIGTERM at step {result.final_step}; {saved}", flush=True)
+        signum = result.stop_signal or signal.SIGTERM
+        print(f"stopped by {signal.Signals(signum).name} at step {result.final_step}; {saved}",
+              flush=True)
+        return exit_code(signum)
     return 0
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mini_internvl_jax.errors import UserError
 
-class ConversionError(ValueError):
+
+class ConversionError(UserError, ValueError):
     """Base class: a checkpoint or folder that cannot be converted as asked."""
 
 

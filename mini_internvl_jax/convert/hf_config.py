@@ -290,7 +290,11 @@ def model_config_from_hf(hf: dict, shape_of: Callable[[str], tuple | None], fold
         raise UnknownArchitectureError(
             f"{where}: chat template {data.get('template')!r} is not supported; supported: "
             f"{list(TEMPLATE_NAMES)} (override with template=NAME)")
-    if data.get("image_token_id") is None or not 0 <= data["image_token_id"] < embed[0]:
+    token = data.get("image_token_id")
+    if token is not None and (isinstance(token, bool) or not isinstance(token, int)):
+        raise ConversionError(f"image_token_id {token!r} ({token_source}) is not an integer "
+                              f"token id in [0, {embed[0]})")
+    if token is None or not 0 <= token < embed[0]:
         found = (f"{token_source} gives {data.get('image_token_id')}" if token_source else
                  "no tokenizer file names it and the family has no default")
         raise ConversionError(

@@ -26,6 +26,7 @@ from mini_internvl_jax.convert.errors import (
     check_output,
     name_list,
 )
+from mini_internvl_jax.convert.finite import NonFiniteWeightsError, count_nonfinite, describe
 from mini_internvl_jax.convert.hf_config import (
     HFModelInfo,
     detect_layout,
@@ -153,8 +154,13 @@ def hf_to_arrays(src: HFSource, *, dtype: str, scan: bool = False, strict: bool 
         return sum(math.prod(src.reader.shape(n)) * src.reader.dtype(n).itemsize
                    for n in rule.sources)
 
+    nonfinite: list[tuple[str, int, int]] = []
+
     def read(name: str) -> np.ndarray:
         array = src.reader.read(name)
+        nan, inf = count_nonfinite(array)
+        if nan or inf:
+            nonfinite.append((name, nan, inf))
         stats.tensors += 1
         stats.parameters += array.size
         stats.bytes += array.nbytes
@@ -163,6 +169,8 @@ def hf_to_arrays(src: HFSource, *, dtype: str, scan: bool = False, strict: bool 
         return array
 
     out = fill_from_rules(sorted(rules, key=nbytes, reverse=True), read, specs, scan=scan)
+    if nonfinite:
+        raise NonFiniteWeightsError(describe(sorted(nonfinite), src.reader.description))
     stats.seconds = time.perf_counter() - start
     return out, stats
 

@@ -17,6 +17,7 @@ import jax
 from jax.sharding import Mesh
 
 from mini_internvl_jax.config import DTYPES, ComputeConfig, Dtype
+from mini_internvl_jax.convert.finite import check_finite_arrays
 from mini_internvl_jax.convert.importer import HFSource, hf_to_arrays
 from mini_internvl_jax.convert.orbax_io import (
     PARAMS_DIR,
@@ -82,6 +83,7 @@ def load_converted(path: Path, compute: ComputeConfig, *, mesh: Mesh | None = No
                        compute.scan_layers)
         check_against_specs({p: a.shape for p, a in host.items()}, specs, str(params_dir))
         arrays = _place(host, where)
+    check_finite_arrays(arrays, str(params_dir))
     return build_model(graphdef, state, arrays)
 
 

@@ -20,6 +20,7 @@ from mini_internvl_jax import configlib
 from mini_internvl_jax.config import ModelConfig, model_config_from_dict, split_legacy_compute
 from mini_internvl_jax.convert.errors import CheckpointReadError
 from mini_internvl_jax.convert.params import flatten, nest
+from mini_internvl_jax.errors import silence_abandoned_reads
 
 PARAMS_DIR = "params"
 MODEL_CONFIG = "model_config.json"
@@ -74,12 +75,17 @@ def _metadata_tree(path: Path) -> dict:
     try:
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
             meta = ckptr.metadata(path)
+            tree = getattr(meta, "item_metadata", meta)
+            tree = getattr(tree, "tree", tree)
+            if not isinstance(tree, dict):
+                raise CheckpointReadError(f"{path} does not hold a tree of named arrays (a "
+                                          "damaged or incomplete checkpoint?)")
+    except CheckpointReadError:
+        silence_abandoned_reads()
+        raise
     except Exception as e:  # orbax/tensorstore raise many types for missing or corrupt data
+        silence_abandoned_reads()
         raise CheckpointReadError(f"cannot read the Orbax checkpoint {path}: {e}") from None
-    tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
-    if not isinstance(tree, dict):
-        raise CheckpointReadError(f"{path} does not hold a tree of named arrays")
     return tree
 
 
@@ -98,6 +104,7 @@ def restore_numpy(path: Path, dtype=None, only: list[tuple] | None = None
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
             return flatten(ckptr.restore(path, args=restore))
     except Exception as e:
+        silence_abandoned_reads()
         raise CheckpointReadError(f"cannot restore the Orbax checkpoint {path}: {e}") from None
 
 
@@ -142,6 +149,7 @@ def restore_placed(path: Path, specs: dict[tuple, jax.ShapeDtypeStruct]) -> dict
         with ocp.StandardCheckpointer() as ckptr:
             tree = ckptr.restore(path, nest(specs))
     except Exception as e:
+        silence_abandoned_reads()
         raise CheckpointReadError(f"cannot restore the Orbax checkpoint {path}: {e}") from None
     return flatten(tree)
 

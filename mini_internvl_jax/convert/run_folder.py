@@ -25,13 +25,25 @@ from mini_internvl_jax.config import (
     model_config_from_dict,
     split_legacy_compute,
 )
+from mini_internvl_jax.errors import UserError, silence_abandoned_reads
 from mini_internvl_jax.models import InternVLModel
 from mini_internvl_jax.models.lora import LoRAConfig, apply_lora, merge_lora
 from mini_internvl_jax.sharding import make_mesh, state_shardings
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint folder that cannot be used; the message names it."""
+
+
+# Errors a damaged step folder raises while restoring (TensorStore reports corrupt or truncated
+# files as ValueError; missing ones as FileNotFoundError / OSError).
+RESTORE_ERRORS = (ValueError, KeyError, TypeError, OSError, RuntimeError)
+
+
+def first_line(e: BaseException | None, limit: int = 300) -> str:
+    """TensorStore errors carry a multi-kilobyte spec; the first part says what went wrong."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def absolute_path(directory: str) -> epath.Path:
@@ -52,6 +64,12 @@ def read_meta(directory: str, step: int | None = None) -> tuple[int, dict]:
         if step is None:
             raise CheckpointError(f"{path} holds no training checkpoint (no step folders)")
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except CheckpointError:
+        raise
+    except RESTORE_ERRORS as e:
+        silence_abandoned_reads()
+        raise CheckpointError(f"{path} step {step}: unreadable run metadata "
+                              f"({first_line(e)})") from e
     finally:
         mngr.close()
     return step, meta
@@ -133,9 +151,11 @@ def restore_model(run: RunFolder, compute: ComputeConfig | None = None, *, mesh=
     try:
         params = mngr.restore(run.step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(target)))["params"]
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-        raise CheckpointError(f"{path / str(run.step)}: its parameters do not match its own "
-                              f"metadata: {e}") from e
+    except RESTORE_ERRORS as e:
+        silence_abandoned_reads()
+        raise CheckpointError(f"{path / str(run.step)}: its parameters cannot be restored "
+                              f"(damaged, or not matching its own metadata): {first_line(e)}"
+                              ) from e
     finally:
         mngr.close()
     rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), rest)

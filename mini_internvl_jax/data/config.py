@@ -80,6 +80,9 @@ class DataConfig:
     # after `bad_check_min_samples` records.
     max_bad_fraction: float = 0.01
     bad_check_min_samples: int = 200
+    # Records rejected in a row (dropped or bad, no sample placed in between) after which the
+    # run stops: nothing fits the batch geometry. A whole epoch of this shard also counts.
+    max_consecutive_skips: int = 10000
 
     def __post_init__(self):
         check(bool(self.meta_path), "data.meta_path", "must name the meta JSON file")
@@ -105,6 +108,7 @@ class DataConfig:
         check(self.batch_prefetch >= 0, "data.batch_prefetch", "must be >= 0")
         check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1]")
         check(self.bad_check_min_samples >= 1, "data.bad_check_min_samples", "must be >= 1")
+        check(self.max_consecutive_skips >= 1, "data.max_consecutive_skips", "must be >= 1")
 
 
 def data_config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> DataConfig:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mini_internvl_jax.errors import UserError
+
 # Reasons a record is rejected as bad input (counted towards `max_bad_fraction`).
 BAD_REASONS = (
     "malformed_json",
@@ -24,7 +26,7 @@ BAD_REASONS = (
 DROP_REASONS = ("too_long", "too_many_tiles", "no_targets")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data problem that must stop the run; the message names the file or setting."""
 
 

@@ -10,6 +10,11 @@ Samples that fit nowhere wait (up to `lookahead` of them) while later samples ke
 the batch; waiting samples go first into the next batch. The iterator state is the parent
 state before the oldest waiting sample plus the offsets of the samples after it that were
 already used, so a restore replays exactly the same batches.
+
+A run of rejected records (dropped as too long, too many tiles, nothing supervised, or bad)
+with no sample placed in between is bounded: once it covers a whole epoch of this shard (or
+`max_consecutive_skips` records) no sample can ever fit, and the iterator raises a DataError
+with the counts by reason instead of spinning forever.
 """
 
 from __future__ import annotations
@@ -144,9 +149,12 @@ class PackIterator(grain.DatasetIterator):
     plus which later samples were already used (see the module docstring)."""
 
     def __init__(self, parent: grain.DatasetIterator, geom: BatchGeometry, *, lookahead: int,
-                 max_bad_fraction: float, bad_check_min_samples: int):
+                 max_bad_fraction: float, bad_check_min_samples: int,
+                 max_consecutive_skips: int = 1000):
         super().__init__(parent)
         self._geom = geom
+        self._max_run = max_consecutive_skips
+        self._run: collections.Counter = collections.Counter()  # rejections since a sample
         self._lookahead = lookahead
         self._max_bad = max_bad_fraction
         self._bad_min = bad_check_min_samples
@@ -164,6 +172,14 @@ class PackIterator(grain.DatasetIterator):
         level = logging.WARNING if kind == "bad" else logging.INFO
         log.log(level, "skipping %s sample %s:%d (%s): %s", kind, x.source, x.line, x.reason,
                 x.detail)
+        self._run[x.reason] += 1
+        if self._run.total() >= self._max_run:
+            g = self._geom
+            rejected = ", ".join(f"{k}: {v}" for k, v in self._run.most_common())
+            raise DataError(
+                f"no record fits the batch: the last {self._run.total()} records in a row were "
+                f"all rejected ({rejected}; last: {x.source}:{x.line} {x.detail}); raise seq_len "
+                f"({g.seq_len}) or max_tiles ({g.max_tiles}), or lower data.max_dynamic_patch")
         total = self._counts["samples"] + self._counts["dropped"] + self._counts["bad"]
         if total >= self._bad_min and self._counts["bad"] > self._max_bad * total:
             reasons = {k.split("/", 1)[1]: v for k, v in sorted(self._counts.items())
@@ -200,6 +216,7 @@ class PackIterator(grain.DatasetIterator):
                     self._used.add(seq)
                     continue
                 w = _Waiting(seq, state, x)
+                self._run.clear()
             if builder.add(w.sample):
                 self._used.add(w.seq)
             elif builder.num_samples == 0:
@@ -240,6 +257,7 @@ class PackIterator(grain.DatasetIterator):
         self._used = set(state["used_after"])
         self._exhausted = False
         self._counts = collections.Counter(state["stats"])
+        self._run.clear()
         self._reported = collections.Counter(state["stats"])
 
 
@@ -248,11 +266,13 @@ class PackIterDataset(grain.IterDataset):
     `BatchBuilder.build`; map them through `finalize_batch`)."""
 
     def __init__(self, parent: grain.IterDataset, geom: BatchGeometry, *, lookahead: int,
-                 max_bad_fraction: float, bad_check_min_samples: int):
+                 max_bad_fraction: float, bad_check_min_samples: int,
+                 max_consecutive_skips: int = 1000):
         super().__init__(parent)
         self._geom = geom
         self._kw = dict(lookahead=lookahead, max_bad_fraction=max_bad_fraction,
-                        bad_check_min_samples=bad_check_min_samples)
+                        bad_check_min_samples=bad_check_min_samples,
+                        max_consecutive_skips=max_consecutive_skips)
 
     def __iter__(self) -> PackIterator:
         return PackIterator(self._parent.__iter__(), self._geom, **self._kw)

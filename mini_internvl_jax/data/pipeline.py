@@ -58,6 +58,10 @@ class EpochPlan(grain.MapDataset):
         self._epochs = num_epochs
         self._perm = grain.MapDataset.range(total).shuffle(seed % 2**32) if shuffle else None
 
+    @property
+    def records_per_epoch(self) -> int:
+        return self._per_epoch
+
     def __len__(self) -> int:
         return sys.maxsize if self._epochs is None else self._per_epoch * self._epochs
 
@@ -114,7 +118,9 @@ def build_train_dataset(data_cfg: DataConfig, *, tokenizer: Tokenizer | str,
                          max_samples_per_row=data_cfg.max_samples_per_row)
     ds = PackIterDataset(ds, geom, lookahead=data_cfg.pack_lookahead,
                          max_bad_fraction=data_cfg.max_bad_fraction,
-                         bad_check_min_samples=data_cfg.bad_check_min_samples)
+                         bad_check_min_samples=data_cfg.bad_check_min_samples,
+                         max_consecutive_skips=min(data_cfg.max_consecutive_skips,
+                                                   plan.records_per_epoch))
     if data_cfg.num_workers > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=data_cfg.num_workers,

@@ -107,9 +107,15 @@ def read_meta(meta_path: str | os.PathLike) -> list[DatasetSpec]:
         if mdp is not None and (isinstance(mdp, bool) or not isinstance(mdp, int) or mdp < 1):
             raise DataError(f"{where}: max_dynamic_patch must be a positive integer, got {mdp!r}")
         root = _resolve(base, entry["root"]) if entry.get("root") else str(base)
-        ann = entry.get("annotation", [])
-        ann = [ann] if isinstance(ann, str) else list(ann)
         fmt = entry.get("format")
+        if fmt != "tfds" and not entry.get("annotation"):
+            raise DataError(f"{where}: missing \"annotation\" (the dataset's .jsonl or "
+                            ".array_record file, relative to the meta file)")
+        ann = entry.get("annotation", [])
+        if not isinstance(ann, str | list) or not all(isinstance(a, str) for a in ann):
+            raise DataError(f"{where}: \"annotation\" must be a file name or a list of them, "
+                            f"got {ann!r}")
+        ann = [ann] if isinstance(ann, str) else list(ann)
         if fmt is None:
             if ann and all(a.endswith(".jsonl") for a in ann):
                 fmt = "jsonl"

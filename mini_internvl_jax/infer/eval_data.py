@@ -22,8 +22,10 @@ import json
 import sys
 from pathlib import Path
 
+from mini_internvl_jax.errors import UserError
 
-class EvalDataError(ValueError):
+
+class EvalDataError(UserError, ValueError):
     """A malformed evaluation file; the message names the file, row and field."""
 
 

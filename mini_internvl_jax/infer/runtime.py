@@ -52,9 +52,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num", type=int, default=None, metavar="N",
                    help="tile budget before the thumbnail (dynamic tiling): one image gets up "
                         "to N tiles, k images max(1, N // k) each, as InternVL")
-    p.add_argument("--max-new-tokens", type=int, default=None,
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="default: 1024 for chat, the task's own for evaluation")
     p.add_argument("--system", default=None, help="system message (default: InternVL's)")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: 0 would otherwise read as "unset" and silently become the default."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a training run, and stopping cleanly on SIGTERM / preemption.
+"""Orbax checkpoints of a training run.
 
 A step folder holds four items: `params` (every parameter, frozen and LoRA included, so a
 checkpoint alone is a complete model), `train` (optimizer state, step, RNG, bad-step counters),
@@ -11,16 +11,20 @@ the current mesh's shardings, so a run saved on 8 devices resumes on 4.
 from __future__ import annotations
 
 import json
-import signal
-import threading
+import time
 
 import grain
 import jax
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
 from mini_internvl_jax import configlib
-from mini_internvl_jax.convert.run_folder import CheckpointError, absolute_path
+from mini_internvl_jax.convert.run_folder import (
+    RESTORE_ERRORS,
+    CheckpointError,
+    absolute_path,
+    first_line,
+)
+from mini_internvl_jax.errors import silence_abandoned_reads
 
 
 class _IteratorSnapshot:
@@ -60,12 +64,47 @@ class Checkpointer:
             args["data"] = grain.checkpoint.CheckpointRestore(iterator)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**args))
-        except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+        except RESTORE_ERRORS as e:
+            silence_abandoned_reads()
             raise CheckpointError(
-                f"checkpoint {self.directory / str(step)} does not match this run (different "
-                f"model, LoRA or trainable parameters, or a different host count?): {e}. To "
-                f"start a new run from its weights, use init_from instead of resuming.") from e
+                f"checkpoint {self.directory / str(step)} cannot be restored into this run "
+                f"(damaged, or a different model, LoRA, trainable parameters or host count?): "
+                f"{first_line(e)}. To start a new run from its weights, use init_from instead "
+                f"of resuming.") from e
         return {k: out[k] for k in args}
+
+    def restore_newest_intact(self, *, params, train=None, iterator=None
+                              ) -> tuple[int, dict, str | None]:
+        """(step, restored items, note) for the newest step that restores.
+
+        A step folder that fails to restore while an older one succeeds is damaged (a disk
+        error, a file truncated by hand): it is renamed `STEP.corrupt-TIME` (Orbax ignores
+        it, and the run can save that step again) and `note` says which step was used and why.
+        If no step restores, the newest step's error is raised: then the run itself does not
+        match (a different model or host count), not the files.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        errors: list[tuple[int, CheckpointError]] = []
+        for step in steps:
+            try:
+                out = self.restore(step, params=params, train=train, iterator=iterator)
+            except CheckpointError as e:
+                errors.append((step, e))
+                continue
+            note = None
+            if errors:
+                moved = []
+                for bad, _ in errors:
+                    target = self.directory / f"{bad}.corrupt-{int(time.time())}"
+                    (self.directory / str(bad)).rename(target)
+                    moved.append(str(target))
+                self.manager.reload()
+                bad, error = errors[0]
+                note = (f"checkpoint step {bad} in {self.directory} is unreadable "
+                        f"({first_line(error.__cause__)}); resuming from step {step}, the newest "
+                        f"intact one. Moved aside: {', '.join(moved)}")
+            return step, out, note
+        raise errors[0][1]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -79,34 +118,3 @@ def run_meta(cfg, model_cfg, step: int) -> dict:
     """What a step folder records about its run (convert/run_folder.py reads it back)."""
     return {"train_config": configlib.to_dict(cfg), "model_config": configlib.to_dict(model_cfg),
             "step": step, "process_count": jax.process_count()}
-
-
-class PreemptionGuard:
-    """Turns SIGTERM into a request to save and stop at the next step boundary.
-
-    With several processes the decision must be the same everywhere; JAX's preemption sync
-    point (set up by jax.distributed) provides it. A single process uses its own signal flag.
-    """
-
-    def __init__(self):
-        self._flag = threading.Event()
-        self._previous = None
-        self._multi = jax.process_count() > 1
-
-    def __enter__(self):
-        if not self._multi and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-        return False
-
-    def should_stop(self, step: int) -> bool:
-        if self._multi:
-            try:
-                return multihost_utils.reached_preemption_sync_point(step)
-            except RuntimeError:  # preemption service not running
-                return False
-        return self._flag.is_set()

@@ -71,10 +71,14 @@ class CheckpointConfig:
     keep: int = 3
     async_save: bool = True
     resume: bool = True  # continue from the latest checkpoint in `dir` when there is one
+    # After SIGTERM / Ctrl-C, seconds to reach a step boundary (and save) before the process
+    # exits without saving: a stalled data pipeline must not keep a preempted job alive.
+    stop_grace_s: float = 120.0
 
     def __post_init__(self):
         check(self.every >= 1, "checkpoint.every", "must be >= 1")
         check(self.keep >= 1, "checkpoint.keep", "must be >= 1")
+        check(self.stop_grace_s > 0, "checkpoint.stop_grace_s", "must be positive")
 
 
 @dataclass(frozen=True)

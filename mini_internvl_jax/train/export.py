@@ -21,6 +21,7 @@ from mini_internvl_jax.convert.orbax_io import (
     write_model_config,
 )
 from mini_internvl_jax.convert.resolve import open_source
+from mini_internvl_jax.convert.run_folder import CheckpointError
 from mini_internvl_jax.fileio import atomic_folder
 
 
@@ -30,8 +31,8 @@ def export_checkpoint(run_dir: str, out_dir: str, *, step: int | None = None,
     architecture-only model config and its parameters (LoRA merged) as the run stored them."""
     source = open_source(run_dir, step=step)
     if source.kind != "training_run":
-        raise ValueError(f"{run_dir} is not a training run's checkpoint folder (it is a "
-                         f"{source.kind} folder)")
+        raise CheckpointError(f"{run_dir} is not a training run's checkpoint folder (it is a "
+                              f"{source.kind} folder)")
     model = source.load()
     flat = {tuple(p): np.asarray(jax.device_get(v.get_value()))
             for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}

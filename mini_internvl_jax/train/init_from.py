@@ -17,11 +17,12 @@ from mini_internvl_jax.config import ModelConfig
 from mini_internvl_jax.convert.errors import CheckpointReadError
 from mini_internvl_jax.convert.resolve import Source, open_source
 from mini_internvl_jax.convert.run_folder import CheckpointError
+from mini_internvl_jax.errors import UserError
 from mini_internvl_jax.models.lora import LoRAParam
 from mini_internvl_jax.train.config import TrainConfig, build_model_config
 
 
-class InitError(ValueError):
+class InitError(UserError, ValueError):
     """`init_from` names something that cannot initialise this model; the message says why."""
 
 

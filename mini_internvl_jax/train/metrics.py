@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from mini_internvl_jax.data.tiling import IMAGENET_MEAN, IMAGENET_STD
+from mini_internvl_jax.fileio import write_atomic
 from mini_internvl_jax.train.loss import IGNORE_INDEX
 
 # Dense bf16 TFLOP/s per chip, matched against jax's device_kind (lower case, first hit wins).
@@ -135,26 +136,51 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def open_tensorboard(log_dir: str | Path) -> Any:
+def open_tensorboard(log_dir: str | Path, purge_step: int | None = None) -> Any:
     """A tensorboardX SummaryWriter. Imported here: tensorboardX imports torch whenever torch is
     installed (seconds at start-up), which a run without TensorBoard should not pay."""
     from tensorboardX import SummaryWriter
 
-    return SummaryWriter(logdir=str(log_dir), flush_secs=10)
+    return SummaryWriter(logdir=str(log_dir), flush_secs=10, purge_step=purge_step)
+
+
+def drop_rows_after(path: Path, step: int) -> int:
+    """Removes rows logged after `step` (by a run that was killed and is resumed from `step`,
+    so those steps run again); returns how many. Rewritten atomically."""
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            row_step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):  # a line cut short by a kill
+            continue
+        if isinstance(row_step, int) and row_step > step:
+            continue
+        keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+        write_atomic(path, "".join(keep))
+    return len(lines) - len(keep)
 
 
 class MetricsLog:
-    """metrics.jsonl (one object per logged step) and, optionally, TensorBoard events."""
+    """metrics.jsonl (one object per logged step) and, optionally, TensorBoard events.
 
-    def __init__(self, log_dir: str | Path | None, *, tensorboard: bool):
+    `start_step`: the step the run resumes from; rows after it are dropped from metrics.jsonl
+    and TensorBoard hides the earlier run's events after it (tensorboardX's `purge_step`), so
+    re-done steps are never recorded twice."""
+
+    def __init__(self, log_dir: str | Path | None, *, tensorboard: bool, start_step: int = 0):
         self.jsonl = None
         self.tb = None
         if log_dir is None:
             return
         Path(log_dir).mkdir(parents=True, exist_ok=True)
+        drop_rows_after(Path(log_dir) / "metrics.jsonl", start_step)
         self.jsonl = (Path(log_dir) / "metrics.jsonl").open("a")
         if tensorboard:
-            self.tb = open_tensorboard(log_dir)
+            self.tb = open_tensorboard(log_dir, purge_step=start_step + 1 if start_step else None)
 
     def write(self, step: int, values: dict) -> None:
         if self.jsonl is not None:

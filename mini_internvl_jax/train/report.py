@@ -29,7 +29,8 @@ class Reporter:
     def __init__(self, cfg: TrainConfig, model_cfg, start: int, n_devices: int):
         self.primary = jax.process_index() == 0
         log_dir = cfg.log.dir or cfg.checkpoint.dir
-        self.log = MetricsLog(log_dir if self.primary else None, tensorboard=cfg.log.tensorboard)
+        self.log = MetricsLog(log_dir if self.primary else None, tensorboard=cfg.log.tensorboard,
+                              start_step=start)
         self.cfg = cfg
         self.model_cfg = model_cfg
         self.flops_fn = lambda real_tiles: flops.step_flops(

@@ -2,31 +2,44 @@
 
 Metrics are read one step late (the host never waits for the step it just dispatched), except at
 checkpoint steps, where the step's finiteness must be known before saving.
+
+Resuming picks the newest step folder that restores (a damaged newest one is moved aside and
+named), and refuses a changed learning rate, batch size or dataset unless the caller allows it.
+The run also ends cleanly (final checkpoint, `stopped="data_exhausted"`) when a finite dataset
+(`data.num_epochs`) runs out, and on SIGTERM / Ctrl-C (see `stopping`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import sys
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import grain
 import jax
 import numpy as np
 from flax import nnx
 
+from mini_internvl_jax import configlib, fileio
 from mini_internvl_jax.batch import to_global
+from mini_internvl_jax.configlib import ConfigError
 from mini_internvl_jax.sharding import make_mesh
 from mini_internvl_jax.train import setup as setup_lib
 from mini_internvl_jax.train.batches import make_iterator, next_step_batch
-from mini_internvl_jax.train.checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    PreemptionGuard,
-    run_meta,
-)
+from mini_internvl_jax.train.checkpoint import Checkpointer, CheckpointError
+from mini_internvl_jax.train.checkpoint import run_meta as _run_meta
 from mini_internvl_jax.train.config import TrainConfig
 from mini_internvl_jax.train.init_from import load_initial_params, model_config
 from mini_internvl_jax.train.report import Reporter
 from mini_internvl_jax.train.state import TrainState, abstract_like, split_params
+from mini_internvl_jax.train.stopping import StopGuard
+
+# What a resumed run may not change silently: the optimizer trajectory and the data stream.
+GUARDED_KEYS = ("optim.lr", "batch_size", "data.meta_path", "data_fingerprint")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -37,7 +50,8 @@ class TrainingDivergedError(RuntimeError):
 class RunResult:
     history: list[dict] = field(default_factory=list)  # one entry per step run here
     final_step: int = 0
-    stopped: str = "done"  # done | preempted | stop_after
+    stopped: str = "done"  # done | preempted | data_exhausted | stop_after
+    stop_signal: int | None = None  # the signal that stopped a preempted run (single process)
     state: TrainState | None = None
     frozen: nnx.State | None = None
 
@@ -57,34 +71,145 @@ def _digest(batch: dict) -> int:
                       + np.ascontiguousarray(batch["labels"]).tobytes())
 
 
-def run(cfg: TrainConfig, *, devices=None, stop_after: int | None = None) -> RunResult:
-    """Trains until `cfg.total_steps` (or SIGTERM, or `stop_after` steps, which simulates a kill:
-    no extra checkpoint is written)."""
+class FirstBatchReady:
+    """Wraps the data iterator after pulling its first batch, before the model is built.
+
+    A dataset in which nothing fits, or an empty one, then fails in seconds rather than after
+    model initialisation and compilation; the first batch is handed out unchanged afterwards.
+    Iterator state (Grain's checkpoint protocol: JSON bytes) is the position before it until
+    it is consumed; restoring a position drops it.
+    """
+
+    def __init__(self, inner):
+        self._inner = inner
+        self._grain = isinstance(inner, grain.DatasetIterator)
+        self._state_before = inner.get_state()
+        try:
+            self._first, self._error = next(inner), None
+        except StopIteration as e:
+            self._first, self._error = None, e
+        self._pending = True
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._pending:
+            self._pending = False
+            if self._error is not None:
+                raise StopIteration
+            return self._first
+        return next(self._inner)
+
+    def get_state(self) -> bytes:
+        state = self._state_before if self._pending else self._inner.get_state()
+        return state if isinstance(state, bytes) else json.dumps(state).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self._pending = False
+        self._inner.set_state(json.loads(state) if self._grain else state)
+
+    def start_prefetch(self) -> None:
+        if hasattr(self._inner, "start_prefetch"):
+            self._inner.start_prefetch()
+
+
+def data_fingerprint(cfg: TrainConfig) -> str | None:
+    """sha256 of the data meta file, so a dataset edited in place counts as changed."""
+    if cfg.data is None:
+        return None
+    try:
+        return hashlib.sha256(Path(cfg.data.meta_path).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return None
+
+
+def run_meta(cfg: TrainConfig, model_cfg, step: int) -> dict:
+    return {**_run_meta(cfg, model_cfg, step), "data_fingerprint": data_fingerprint(cfg)}
+
+
+def _guarded(cfg_dict: dict, meta: dict) -> dict:
+    out = {}
+    for key in GUARDED_KEYS:
+        if key == "data_fingerprint":
+            out[key] = meta.get(key)
+            continue
+        v: Any = cfg_dict
+        for part in key.split("."):
+            v = v.get(part) if isinstance(v, dict) else None
+        out[key] = v
+    return out
+
+
+def config_changes(cfg: TrainConfig, model_cfg, meta: dict) -> list[str]:
+    """`key: old -> new` for each guarded setting that differs from the checkpoint's run."""
+    if "train_config" not in meta:
+        return []
+    old = _guarded(meta["train_config"], meta)
+    new = _guarded(configlib.to_dict(cfg), run_meta(cfg, model_cfg, 0))
+    return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in GUARDED_KEYS
+            if old[k] != new[k] and not (k == "data_fingerprint" and None in (old[k], new[k]))]
+
+
+def run(cfg: TrainConfig, *, devices=None, stop_after: int | None = None,
+        allow_config_change: bool = False) -> RunResult:
+    """Trains until `cfg.total_steps` (or SIGTERM / SIGINT, or the end of a finite dataset, or
+    `stop_after` steps, which simulates a kill: no extra checkpoint is written).
+
+    `allow_config_change` lets a resumed run use a learning rate, batch size or dataset other
+    than the checkpoint's (the change is printed and recorded in the next checkpoints' meta).
+    """
     model_cfg = model_config(cfg)
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
+    try:
+        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
+    except ValueError as e:  # sizes that do not match the devices: a config mistake
+        raise ConfigError(f"mesh: {e}") from None
     setup_lib.check_batch_fits_mesh(cfg, mesh)
     init = None if cfg.init_from is None else (lambda m: load_initial_params(m, cfg, mesh))
+    iterator = make_iterator(cfg, model_cfg)
+    if cfg.data is not None:
+        iterator = FirstBatchReady(iterator)
+    for folder in (cfg.checkpoint.dir, cfg.log.dir):  # before the model is built
+        if folder is not None:
+            fileio.check_creatable(folder)
     s = setup_lib.build(cfg, mesh, model_cfg, init_params=init)
     state, frozen, rest = s.state, s.frozen, s.rest
-    iterator = make_iterator(cfg, model_cfg)
     ckpt = None
     if cfg.checkpoint.dir is not None:
         ckpt = Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep,
                             async_save=cfg.checkpoint.async_save)
     start = 0
+    allowed_changes: list[str] = []
     if ckpt is not None and not cfg.checkpoint.resume and ckpt.latest_step() is not None:
         ckpt.close()
         raise CheckpointError(f"checkpoint.dir {cfg.checkpoint.dir} already holds step "
                               f"{ckpt.latest_step()} and checkpoint.resume is false; use a new "
                               "directory (or resume: true)")
     if ckpt is not None and cfg.checkpoint.resume and ckpt.latest_step() is not None:
-        start = ckpt.latest_step()
         params = nnx.merge_state(state.params, frozen)
         abs_params = abstract_like(params, jax.tree.map(lambda x: x.sharding, params))
         train = {"opt_state": state.opt_state, **_scalars(state)}
         abs_train = abstract_like(train, jax.tree.map(lambda x: x.sharding, train))
         _delete((params, train))
-        out = ckpt.restore(start, params=abs_params, train=abs_train, iterator=iterator)
+        try:
+            start, out, note = ckpt.restore_newest_intact(params=abs_params, train=abs_train,
+                                                          iterator=iterator)
+        except CheckpointError:
+            ckpt.close()
+            raise
+        if note and jax.process_index() == 0:
+            print(f"warning: {note}", file=sys.stderr, flush=True)
+        changes = config_changes(cfg, model_cfg, out["meta"])
+        if changes and not allow_config_change:
+            ckpt.close()
+            raise CheckpointError(
+                f"{cfg.checkpoint.dir} step {start} was trained with other settings ("
+                + "; ".join(changes) + "); resuming would silently change the run. Restore "
+                "them, use a new checkpoint.dir, or pass --allow-config-change")
+        if changes and jax.process_index() == 0:
+            print("resuming with changed settings (--allow-config-change): " + "; ".join(changes),
+                  file=sys.stderr, flush=True)
+        allowed_changes = changes
         trainable, frozen = split_params(out["params"], cfg.frozen_components)[:2]
         t = out["train"]
         state = TrainState(params=trainable, opt_state=t["opt_state"], step=t["step"],
@@ -115,17 +240,28 @@ def run(cfg: TrainConfig, *, devices=None, stop_after: int | None = None) -> Run
             return
         ckpt.save(step, params=nnx.merge_state(state.params, frozen),
                   train={"opt_state": state.opt_state, **_scalars(state)}, iterator=iterator,
-                  meta=run_meta(cfg, model_cfg, step))
+                  meta={**run_meta(cfg, model_cfg, step),
+                        **({"resumed_with_changes": allowed_changes} if allowed_changes else {})})
         last_saved = step
 
     profiling = False
+    saved = lambda: f"step {last_saved} in {cfg.checkpoint.dir}" if ckpt else "none"
     try:
-        with PreemptionGuard() as guard:
+        with StopGuard(cfg.checkpoint.stop_grace_s, saved) as guard:
             for step in range(start + 1, cfg.total_steps + 1):
                 if cfg.log.profile_start == step and primary:
                     jax.profiler.start_trace(cfg.log.dir or cfg.checkpoint.dir)
                     profiling = True
-                host_batch, stats = next_step_batch(iterator, cfg.optim.grad_accum)
+                try:
+                    host_batch, stats = next_step_batch(iterator, cfg.optim.grad_accum)
+                except StopIteration:  # a finite dataset (data.num_epochs) ran out
+                    result.stopped = "data_exhausted"
+                    if pending is not None:
+                        host = collect()
+                        pending = None
+                        if host["bad_steps"] == 0:
+                            save(step - 1)
+                    break
                 if step == start + 1:
                     reporter.log_samples(step, host_batch)
                 extra = {"data_digest": _digest(host_batch),
@@ -151,6 +287,7 @@ def run(cfg: TrainConfig, *, devices=None, stop_after: int | None = None) -> Run
                 result.final_step = step
                 if preempted:
                     result.stopped = "preempted"
+                    result.stop_signal = guard.signum
                     break
                 if stop_after is not None and step - start >= stop_after:
                     result.stopped = "stop_after"
@@ -163,6 +300,10 @@ def run(cfg: TrainConfig, *, devices=None, stop_after: int | None = None) -> Run
         reporter.close()
         if ckpt is not None:
             ckpt.close()
+    if primary and result.stopped == "data_exhausted" and cfg.data is not None:
+        print(f"the data ran out (data.num_epochs: {cfg.data.num_epochs}) before step "
+              f"{result.final_step + 1} of {cfg.total_steps}; final checkpoint: {saved()}",
+              flush=True)
     if primary and result.history:
         where = f"; checkpoint step {last_saved} in {cfg.checkpoint.dir}" if ckpt else ""
         print(f"{result.stopped}: steps {result.history[0]['step']}-{result.final_step}, loss "
