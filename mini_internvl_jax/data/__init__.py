@@ -2,7 +2,9 @@
 
 Modules, in pipeline order: `sources` (meta JSON + JSONL, ArrayRecord, TFDS), `tiling`,
 `tokenizer`, `templates`, `processing` (record -> sample; inference prompts), `packing`,
-`pipeline` (the Grain iterator), `config` (`DataConfig`) and `demo` (synthetic data).
+`pipeline` (the Grain iterator), `config` (`DataConfig`) and `demo` (synthetic data); beside
+the pipeline, `shards` (JSONL + images -> ArrayRecord shards) and `validate` (what a run would
+reject).
 """
 
 import importlib
