@@ -1,6 +1,7 @@
-"""Run metrics: MFU against a per-chip peak table, a JSONL log, and TensorBoard through
+"""Run metrics: MFU against a per-chip peak table, a JSONL log, TensorBoard through
 tensorboardX (scalars every logging step; at the start of a run a few training samples as tile
-images with their decoded text, which is what one looks at first when a run goes wrong)."""
+images with their decoded text, which is what one looks at first when a run goes wrong) and,
+optionally, Weights & Biases (the same scalars, plus the run config)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from mini_internvl_jax.data.tiling import IMAGENET_MEAN, IMAGENET_STD
+from mini_internvl_jax.train.config import WandbConfig
 from mini_internvl_jax.train.loss import IGNORE_INDEX
 
 # Dense bf16 TFLOP/s per chip, matched against jax's device_kind (lower case, first hit wins).
@@ -143,27 +145,49 @@ def open_tensorboard(log_dir: str | Path) -> Any:
     return SummaryWriter(logdir=str(log_dir), flush_secs=10)
 
 
-class MetricsLog:
-    """metrics.jsonl (one object per logged step) and, optionally, TensorBoard events."""
+def open_wandb(cfg: WandbConfig, log_dir: str | Path | None, run_config: dict) -> Any:
+    """A wandb run that records `run_config`; its files go under `log_dir` (wandb's default
+    folder without one). Imported here: wandb is an optional dependency."""
+    try:
+        import wandb
+    except ImportError:
+        raise RuntimeError("log.wandb is set but the wandb package is not installed "
+                           "(pip install wandb)") from None
+    return wandb.init(project=cfg.project, name=cfg.name, entity=cfg.entity, mode=cfg.mode,
+                      dir=None if log_dir is None else str(log_dir), config=run_config)
 
-    def __init__(self, log_dir: str | Path | None, *, tensorboard: bool):
+
+def _scalars(values: dict) -> dict:
+    return {k: v for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class MetricsLog:
+    """metrics.jsonl (one object per logged step) and, optionally, TensorBoard events and a
+    Weights & Biases run (`wandb`, recording `run_config`)."""
+
+    def __init__(self, log_dir: str | Path | None, *, tensorboard: bool,
+                 wandb: WandbConfig | None = None, run_config: dict | None = None):
         self.jsonl = None
         self.tb = None
-        if log_dir is None:
-            return
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
-        self.jsonl = (Path(log_dir) / "metrics.jsonl").open("a")
-        if tensorboard:
-            self.tb = open_tensorboard(log_dir)
+        self.wandb = None
+        if log_dir is not None:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            self.jsonl = (Path(log_dir) / "metrics.jsonl").open("a")
+            if tensorboard:
+                self.tb = open_tensorboard(log_dir)
+        if wandb is not None:
+            self.wandb = open_wandb(wandb, log_dir, run_config or {})
 
     def write(self, step: int, values: dict) -> None:
         if self.jsonl is not None:
             self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
             self.jsonl.flush()
         if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(k, v, step)
+            for k, v in _scalars(values).items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(_scalars(values), step=step)
 
     def samples(self, step: int, texts: list[str], images: np.ndarray) -> None:
         """Training samples: their tiles (one image grid) and decoded text (one text entry)."""
@@ -179,3 +203,5 @@ class MetricsLog:
             self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,57 @@
+"""Reads an offline Weights & Biases run without the package under test: the `.wandb` file is a
+LevelDB-style log (32 KiB blocks; records framed by CRC, length and type) of
+`wandb_internal_pb2.Record` protobufs (unlike LevelDB, the CRC is plain zlib CRC-32 of type and
+body). wandb 0.31 ships no Python reader for it any more."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+from wandb.proto import wandb_internal_pb2 as pb
+
+_BLOCK = 32768
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def read_records(path: Path) -> list[pb.Record]:
+    data = Path(path).read_bytes()
+    ident, magic, version = struct.unpack_from("<4sHB", data, 0)
+    assert (ident, magic, version) == (b":W&B", 0xBEE1, 0), "not a wandb run file"
+    pos, records, pending = 7, [], b""
+    while pos + 7 <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < 7:  # block trailer
+            pos += left
+            continue
+        crc, length, kind = struct.unpack_from("<IHB", data, pos)
+        if kind == 0 and length == 0:  # zero padding to the end of the block
+            pos += left
+            continue
+        body = data[pos + 7:pos + 7 + length]
+        assert crc == zlib.crc32(bytes([kind]) + body), f"bad CRC at byte {pos}"
+        pos += 7 + length
+        pending += body
+        if kind in (_FULL, _LAST):
+            records.append(pb.Record.FromString(pending))
+            pending = b""
+    return records
+
+
+def read_run(wandb_dir: Path) -> tuple[dict, list[dict]]:
+    """(config, history rows) of the one run under `wandb_dir` (the `wandb/` folder)."""
+    [run_file] = sorted(Path(wandb_dir).glob("*run-*/run-*.wandb"))
+    config: dict = {}
+    history: list[dict] = []
+    for r in read_records(run_file):
+        kind = r.WhichOneof("record_type")
+        if kind == "run":
+            config.update({u.key: json.loads(u.value_json) for u in r.run.config.update})
+        elif kind == "config":
+            config.update({u.key: json.loads(u.value_json) for u in r.config.update})
+        elif kind == "history":
+            history.append({".".join(i.nested_key) or i.key: json.loads(i.value_json)
+                            for i in r.history.item})
+    return config, history
