@@ -6,13 +6,17 @@ optionally, Weights & Biases (the same scalars, plus the run config)."""
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from mini_internvl_jax.data.tiling import IMAGENET_MEAN, IMAGENET_STD
+from mini_internvl_jax.fileio import is_remote, upload_file
 from mini_internvl_jax.train.config import WandbConfig
 from mini_internvl_jax.train.loss import IGNORE_INDEX
 
@@ -23,6 +27,7 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("gb200", 2250.0), ("b200", 2250.0), ("h200", 989.4), ("h100 pcie", 756.0),
     ("h100", 989.4), ("a100", 312.0), ("l40s", 362.0), ("l4", 121.0),
 )
+METRICS_FILE = "metrics.jsonl"
 SAMPLE_TEXT_CHARS = 2000  # per sample: enough to read a prompt, short enough for the text tab
 
 
@@ -164,20 +169,46 @@ def _scalars(values: dict) -> dict:
 
 class MetricsLog:
     """metrics.jsonl (one object per logged step) and, optionally, TensorBoard events and a
-    Weights & Biases run (`wandb`, recording `run_config`)."""
+    Weights & Biases run (`wandb`, recording `run_config`).
+
+    A `log_dir` on an object store (`gs://...`), where files cannot be appended to, is mirrored:
+    everything is written to a local folder whose files are uploaded after each write (an
+    existing metrics.jsonl is fetched first, so a resumed run appends to it), and the whole
+    folder, wandb's offline files included, once more on `close`.
+    """
 
     def __init__(self, log_dir: str | Path | None, *, tensorboard: bool,
                  wandb: WandbConfig | None = None, run_config: dict | None = None):
         self.jsonl = None
         self.tb = None
         self.wandb = None
+        self.remote: epath.Path | None = None
+        local = None
         if log_dir is not None:
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            self.jsonl = (Path(log_dir) / "metrics.jsonl").open("a")
+            if is_remote(log_dir):
+                self.remote = epath.Path(log_dir)
+                local = Path(tempfile.mkdtemp(prefix="mivl-log-"))
+                if (self.remote / METRICS_FILE).exists():
+                    (local / METRICS_FILE).write_bytes((self.remote / METRICS_FILE).read_bytes())
+            else:
+                local = Path(log_dir)
+                local.mkdir(parents=True, exist_ok=True)
+            self.jsonl = (local / METRICS_FILE).open("a")
             if tensorboard:
-                self.tb = open_tensorboard(log_dir)
+                self.tb = open_tensorboard(local)
+        self.local = local
         if wandb is not None:
-            self.wandb = open_wandb(wandb, log_dir, run_config or {})
+            self.wandb = open_wandb(wandb, local, run_config or {})
+
+    def _sync(self, everything: bool = False) -> None:
+        """Uploads the local mirror of a remote log_dir (top-level files, or all)."""
+        if self.remote is None or self.local is None:
+            return
+        for f in sorted(self.local.rglob("*") if everything else self.local.iterdir()):
+            if f.is_file():
+                dest = self.remote / f.relative_to(self.local).as_posix()
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                upload_file(f, dest)
 
     def write(self, step: int, values: dict) -> None:
         if self.jsonl is not None:
@@ -188,6 +219,10 @@ class MetricsLog:
                 self.tb.add_scalar(k, v, step)
         if self.wandb is not None:
             self.wandb.log(_scalars(values), step=step)
+        if self.remote is not None:
+            if self.tb is not None:
+                self.tb.flush()
+            self._sync()
 
     def samples(self, step: int, texts: list[str], images: np.ndarray) -> None:
         """Training samples: their tiles (one image grid) and decoded text (one text entry)."""
@@ -197,6 +232,7 @@ class MetricsLog:
             self.tb.add_images("samples/tiles", images, step, dataformats="NCHW")
         self.tb.add_text("samples/text", "\n\n---\n\n".join(texts), step)
         self.tb.flush()
+        self._sync()
 
     def close(self) -> None:
         if self.jsonl is not None:
@@ -205,3 +241,6 @@ class MetricsLog:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+        if self.remote is not None and self.local is not None:
+            self._sync(everything=True)
+            shutil.rmtree(self.local, ignore_errors=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -40,12 +41,28 @@ def read_records(path: Path) -> list[pb.Record]:
     return records
 
 
-def read_run(wandb_dir: Path) -> tuple[dict, list[dict]]:
-    """(config, history rows) of the one run under `wandb_dir` (the `wandb/` folder)."""
-    [run_file] = sorted(Path(wandb_dir).glob("*run-*/run-*.wandb"))
+def _finished_records(wandb_dir: Path, timeout_s: float) -> list[pb.Record]:
+    """The records of the one offline run, once its `exit` record is on disk (wandb's service
+    process writes the file asynchronously, so it can trail `run.finish()`)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        [run_file] = sorted(Path(wandb_dir).glob("offline-run-*/run-*.wandb"))
+        try:
+            records = read_records(run_file)
+        except (AssertionError, struct.error):  # a record still being written
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{run_file} has no exit record after {timeout_s} s")
+        time.sleep(0.2)
+
+
+def read_run(wandb_dir: Path, timeout_s: float = 30.0) -> tuple[dict, list[dict]]:
+    """(config, history rows) of the one offline run under `wandb_dir` (the `wandb/` folder)."""
     config: dict = {}
     history: list[dict] = []
-    for r in read_records(run_file):
+    for r in _finished_records(wandb_dir, timeout_s):
         kind = r.WhichOneof("record_type")
         if kind == "run":
             config.update({u.key: json.loads(u.value_json) for u in r.run.config.update})
