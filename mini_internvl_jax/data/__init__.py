@@ -3,7 +3,8 @@
 Modules, in pipeline order: `sources` (meta JSON + JSONL, ArrayRecord, TFDS), `tiling`,
 `tokenizer`, `templates`, `media` + `video` (several images, video frames), `processing`
 (record -> sample; inference prompts), `packing`, `pipeline` (the Grain iterator), `config`
-(`DataConfig`) and `demo` (synthetic data).
+(`DataConfig`) and `demo` (synthetic data); beside the pipeline, `shards` (JSONL + images ->
+ArrayRecord shards) and `validate` (what a run would reject).
 """
 
 import importlib

@@ -153,8 +153,10 @@ def read_meta(meta_path: str | os.PathLike) -> list[DatasetSpec]:
     return specs
 
 
-def _record_from_json(item: Any, root: str, name: str, line: int,
-                      blobs: list[bytes] | None = None) -> Record:
+def record_from_json(item: Any, root: str, name: str, line: int,
+                     blobs: list[bytes] | None = None) -> Record:
+    """A JSONL object (or a decoded ArrayRecord record with its image `blobs`) as a `Record`,
+    image paths resolved against `root`; a `SkipSample` when its structure is wrong."""
     if not isinstance(item, dict):
         raise SkipSample("malformed_json", f"line is {type(item).__name__}, not an object")
     video = item.get("video")
@@ -216,6 +218,10 @@ class RecordSource(abc.ABC):
         """1-based position of a record in its file, for logs."""
         return index + 1
 
+    def where(self, index: int) -> str:
+        """Where a record is stored, for reports: `file:line` or `file record n`."""
+        return f"dataset {self.name!r} record {index + 1}"
+
 
 class JsonlSource(RecordSource):
     """InternVL JSONL with a byte-offset index built once; blank lines are not records."""
@@ -272,6 +278,9 @@ class JsonlSource(RecordSource):
     def line_of(self, index: int) -> int:
         return int(self._lines[index])
 
+    def where(self, index: int) -> str:
+        return f"{self._path}:{self.line_of(index)}"
+
     def read(self, index: int) -> Record:
         f = getattr(self._local, "f", None)
         if f is None:
@@ -283,7 +292,7 @@ class JsonlSource(RecordSource):
             item = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SkipSample("malformed_json", f"invalid JSON: {e}") from None
-        return _record_from_json(item, self.spec.root, self.name, line)
+        return record_from_json(item, self.spec.root, self.name, line)
 
 
 def encode_record(item: dict, images: Sequence[bytes] = ()) -> bytes:
@@ -295,6 +304,14 @@ def encode_record(item: dict, images: Sequence[bytes] = ()) -> bytes:
     sizes = b"".join(struct.pack("<Q", len(b)) for b in images)
     return _RECORD_MAGIC + struct.pack("<II", len(js), len(images)) + sizes + js + b"".join(
         images)
+
+
+def encoded_size(item: dict, image_sizes: Sequence[int] = ()) -> int:
+    """len(encode_record(item, images)) from the images' sizes alone."""
+    js = len(json.dumps(item, ensure_ascii=False).encode())
+    if not image_sizes:
+        return js
+    return len(_RECORD_MAGIC) + 8 + 8 * len(image_sizes) + js + sum(image_sizes)
 
 
 def decode_record(data: bytes) -> tuple[Any, list[bytes] | None]:
@@ -330,23 +347,49 @@ def write_array_record(path: str | os.PathLike, records: Iterable[bytes]) -> int
     return n
 
 
+def count_array_records(path: str | os.PathLike) -> int:
+    """Records in one ArrayRecord file (read from its footer)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(str(path))
+    try:
+        return int(reader.num_records())
+    finally:
+        reader.close()
+
+
 class ArrayRecordSource(RecordSource):
+    """Records of one or more ArrayRecord files (`encode_record`), read in file order."""
+
     def __init__(self, spec: DatasetSpec):
         import grain
 
         self.spec = spec
         self.name = spec.name
-        self._src = grain.sources.ArrayRecordDataSource(list(spec.annotation))
+        try:
+            self._src = grain.sources.ArrayRecordDataSource(list(spec.annotation))
+        except (RuntimeError, OSError, ValueError) as e:  # truncated or overwritten files
+            raise DataError(f"dataset {spec.name!r}: cannot open ArrayRecord file(s) "
+                            f"{list(spec.annotation)}: {e}") from None
+        self._ends: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self._src)
+
+    def where(self, index: int) -> str:
+        if self._ends is None:
+            self._ends = np.cumsum([count_array_records(f) for f in self.spec.annotation]
+                                   ).tolist()
+        k = int(np.searchsorted(self._ends, index, side="right"))
+        start = self._ends[k - 1] if k else 0
+        return f"{self.spec.annotation[k]} record {index - start + 1}"
 
     def read(self, index: int) -> Record:
         try:
             item, blobs = decode_record(self._src[index])
         except (ValueError, struct.error, UnicodeDecodeError) as e:
             raise SkipSample("malformed_json", f"invalid record: {e}") from None
-        return _record_from_json(item, self.spec.root, self.name, index + 1, blobs)
+        return record_from_json(item, self.spec.root, self.name, index + 1, blobs)
 
 
 def _text(v) -> str:

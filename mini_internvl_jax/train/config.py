@@ -82,11 +82,28 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases run (needs the `wandb` package; `pip install .[wandb]`)."""
+
+    project: str
+    name: str | None = None  # None = a name wandb makes up
+    entity: str | None = None  # None = the account's default
+    # None = wandb's own choice (WANDB_MODE, else online); offline keeps the run under log.dir
+    # for a later `wandb sync` (pod hosts often have no route out).
+    mode: Literal["online", "offline", "disabled"] | None = None
+
+    def __post_init__(self):
+        check(bool(self.project), "log.wandb.project", "must name the wandb project")
+
+
+@dataclass(frozen=True)
 class LogConfig:
     every: int = 10
     # metrics.jsonl and TensorBoard events; None = checkpoint.dir, or no files without one.
     dir: str | None = None
     tensorboard: bool = True
+    # Also log the scalars and the run config to Weights & Biases (process 0 only).
+    wandb: WandbConfig | None = None
     progress_bar: bool = True
     # jax.profiler trace of steps [profile_start, profile_start + profile_steps) into dir.
     profile_start: int | None = None

@@ -8,10 +8,9 @@ Face format. Adapters are folded into their kernels: W + scale * A @ B.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from mini_internvl_jax.convert.orbax_io import (
@@ -26,7 +25,7 @@ from mini_internvl_jax.fileio import atomic_folder
 
 
 def export_checkpoint(run_dir: str, out_dir: str, *, step: int | None = None,
-                      overwrite: bool = False) -> Path:
+                      overwrite: bool = False) -> epath.Path:
     """Writes the converted folder `out_dir` (atomically) from a run's checkpoint: its
     architecture-only model config and its parameters (LoRA merged) as the run stored them."""
     source = open_source(run_dir, step=step)
@@ -41,5 +40,5 @@ def export_checkpoint(run_dir: str, out_dir: str, *, step: int | None = None,
         write_model_config(tmp, source.model_config)
         if source.tokenizer_dir is not None:
             copy_side_files(source.tokenizer_dir, tmp)
-    return Path(out_dir)
+    return epath.Path(out_dir)  # a gs:// folder keeps its scheme
 

@@ -1,19 +1,24 @@
-"""Run metrics: MFU against a per-chip peak table, a JSONL log, and TensorBoard through
+"""Run metrics: MFU against a per-chip peak table, a JSONL log, TensorBoard through
 tensorboardX (scalars every logging step; at the start of a run a few training samples as tile
-images with their decoded text, which is what one looks at first when a run goes wrong)."""
+images with their decoded text, which is what one looks at first when a run goes wrong) and,
+optionally, Weights & Biases (the same scalars, plus the run config)."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
+from mini_internvl_jax.batch import IGNORE_INDEX
 from mini_internvl_jax.data.tiling import IMAGENET_MEAN, IMAGENET_STD
-from mini_internvl_jax.fileio import write_atomic
-from mini_internvl_jax.train.loss import IGNORE_INDEX
+from mini_internvl_jax.fileio import is_remote, upload_file, write_atomic
+from mini_internvl_jax.train.config import WandbConfig
 
 # Dense bf16 TFLOP/s per chip, matched against jax's device_kind (lower case, first hit wins).
 PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -22,6 +27,7 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("gb200", 2250.0), ("b200", 2250.0), ("h200", 989.4), ("h100 pcie", 756.0),
     ("h100", 989.4), ("a100", 312.0), ("l40s", 362.0), ("l4", 121.0),
 )
+METRICS_FILE = "metrics.jsonl"
 SAMPLE_TEXT_CHARS = 2000  # per sample: enough to read a prompt, short enough for the text tab
 
 
@@ -164,32 +170,85 @@ def drop_rows_after(path: Path, step: int) -> int:
     return len(lines) - len(keep)
 
 
+def open_wandb(cfg: WandbConfig, log_dir: str | Path | None, run_config: dict) -> Any:
+    """A wandb run that records `run_config`; its files go under `log_dir` (wandb's default
+    folder without one). Imported here: wandb is an optional dependency."""
+    try:
+        import wandb
+    except ImportError:
+        raise RuntimeError("log.wandb is set but the wandb package is not installed "
+                           "(pip install wandb)") from None
+    return wandb.init(project=cfg.project, name=cfg.name, entity=cfg.entity, mode=cfg.mode,
+                      dir=None if log_dir is None else str(log_dir), config=run_config)
+
+
+def _scalars(values: dict) -> dict:
+    return {k: v for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 class MetricsLog:
-    """metrics.jsonl (one object per logged step) and, optionally, TensorBoard events.
+    """metrics.jsonl (one object per logged step) and, optionally, TensorBoard events and a
+    Weights & Biases run (`wandb`, recording `run_config`).
 
     `start_step`: the step the run resumes from; rows after it are dropped from metrics.jsonl
     and TensorBoard hides the earlier run's events after it (tensorboardX's `purge_step`), so
-    re-done steps are never recorded twice."""
+    re-done steps are never recorded twice.
 
-    def __init__(self, log_dir: str | Path | None, *, tensorboard: bool, start_step: int = 0):
+    A `log_dir` on an object store (`gs://...`), where files cannot be appended to, is mirrored:
+    everything is written to a local folder whose files are uploaded after each write (an
+    existing metrics.jsonl is fetched first, so a resumed run appends to it), and the whole
+    folder, wandb's offline files included, once more on `close`.
+    """
+
+    def __init__(self, log_dir: str | Path | None, *, tensorboard: bool, start_step: int = 0,
+                 wandb: WandbConfig | None = None, run_config: dict | None = None):
         self.jsonl = None
         self.tb = None
-        if log_dir is None:
+        self.wandb = None
+        self.remote: epath.Path | None = None
+        local = None
+        if log_dir is not None:
+            if is_remote(log_dir):
+                self.remote = epath.Path(log_dir)
+                local = Path(tempfile.mkdtemp(prefix="mivl-log-"))
+                if (self.remote / METRICS_FILE).exists():
+                    (local / METRICS_FILE).write_bytes((self.remote / METRICS_FILE).read_bytes())
+            else:
+                local = Path(log_dir)
+                local.mkdir(parents=True, exist_ok=True)
+            drop_rows_after(local / METRICS_FILE, start_step)
+            self.jsonl = (local / METRICS_FILE).open("a")
+            if tensorboard:
+                self.tb = open_tensorboard(local,
+                                           purge_step=start_step + 1 if start_step else None)
+        self.local = local
+        if wandb is not None:
+            self.wandb = open_wandb(wandb, local, run_config or {})
+
+    def _sync(self, everything: bool = False) -> None:
+        """Uploads the local mirror of a remote log_dir (top-level files, or all)."""
+        if self.remote is None or self.local is None:
             return
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
-        drop_rows_after(Path(log_dir) / "metrics.jsonl", start_step)
-        self.jsonl = (Path(log_dir) / "metrics.jsonl").open("a")
-        if tensorboard:
-            self.tb = open_tensorboard(log_dir, purge_step=start_step + 1 if start_step else None)
+        for f in sorted(self.local.rglob("*") if everything else self.local.iterdir()):
+            if f.is_file():
+                dest = self.remote / f.relative_to(self.local).as_posix()
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                upload_file(f, dest)
 
     def write(self, step: int, values: dict) -> None:
         if self.jsonl is not None:
             self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
             self.jsonl.flush()
         if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(k, v, step)
+            for k, v in _scalars(values).items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(_scalars(values), step=step)
+        if self.remote is not None:
+            if self.tb is not None:
+                self.tb.flush()
+            self._sync()
 
     def samples(self, step: int, texts: list[str], images: np.ndarray) -> None:
         """Training samples: their tiles (one image grid) and decoded text (one text entry)."""
@@ -199,9 +258,15 @@ class MetricsLog:
             self.tb.add_images("samples/tiles", images, step, dataformats="NCHW")
         self.tb.add_text("samples/text", "\n\n---\n\n".join(texts), step)
         self.tb.flush()
+        self._sync()
 
     def close(self) -> None:
         if self.jsonl is not None:
             self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.remote is not None and self.local is not None:
+            self._sync(everything=True)
+            shutil.rmtree(self.local, ignore_errors=True)

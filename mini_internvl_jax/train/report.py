@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from mini_internvl_jax import configlib
 from mini_internvl_jax.batch import STATS_PREFIX
 from mini_internvl_jax.data.tokenizer import load_tokenizer
 from mini_internvl_jax.train import flops
@@ -29,8 +30,10 @@ class Reporter:
     def __init__(self, cfg: TrainConfig, model_cfg, start: int, n_devices: int):
         self.primary = jax.process_index() == 0
         log_dir = cfg.log.dir or cfg.checkpoint.dir
-        self.log = MetricsLog(log_dir if self.primary else None, tensorboard=cfg.log.tensorboard,
-                              start_step=start)
+        self.log = MetricsLog(
+            log_dir if self.primary else None, tensorboard=cfg.log.tensorboard,
+            start_step=start, wandb=cfg.log.wandb if self.primary else None,
+            run_config={**configlib.to_dict(cfg), "resolved_model": configlib.to_dict(model_cfg)})
         self.cfg = cfg
         self.model_cfg = model_cfg
         self.flops_fn = lambda real_tiles: flops.step_flops(

@@ -1,0 +1,41 @@
+"""`mivl-build-shards META_JSON OUT_DIR`: InternVL JSONL datasets + images -> ArrayRecord shards
+with the images embedded, a manifest (counts, bytes, sha256) and a meta JSON to train on."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mini_internvl_jax.data.errors import DataError
+from mini_internvl_jax.data.shards import DEFAULT_SHARD_BYTES, META, build_shards
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mivl-build-shards", description=__doc__.split("\n")[0])
+    p.add_argument("meta", help="InternVL meta JSON naming JSONL datasets")
+    p.add_argument("out_dir", help="folder to create (built under a temporary name)")
+    p.add_argument("--shard-mb", type=float, default=DEFAULT_SHARD_BYTES / 2**20,
+                   help="target shard size in MiB (shards of a dataset come out equal in size)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out records that cannot be embedded (listed in the manifest) "
+                        "instead of stopping")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    try:
+        m = build_shards(args.meta, args.out_dir, shard_bytes=max(1, int(args.shard_mb * 2**20)),
+                         skip_bad=args.skip_bad, overwrite=args.overwrite,
+                         progress=not args.no_progress)
+    except (DataError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name, d in m["datasets"].items():
+        skipped = f", {len(d['skipped'])} skipped" if d["skipped"] else ""
+        print(f"{name}: {d['records']} records in {len(d['shards'])} shard(s), "
+              f"{d['bytes'] / 2**20:.1f} MiB{skipped}")
+    print(f"wrote {args.out_dir}: train with data.meta_path={args.out_dir}/{META}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
