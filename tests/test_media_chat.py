@@ -88,7 +88,7 @@ def test_chat_cli_video_and_images(assets, monkeypatch, capsys):
     assert "--num-frames must be >= 1" in capsys.readouterr().err
 
 
-def test_evaluate_cli_reads_multi_image_and_video_rows(assets, tmp_path):
+def test_evaluate_cli_reads_multi_image_and_video_rows(assets, tmp_path, capsys):
     root, _ = assets
     data = tmp_path / "v.jsonl"
     rows = [{"id": "two", "image": [str(root / "a.png"), str(root / "b.png")],
@@ -96,12 +96,20 @@ def test_evaluate_cli_reads_multi_image_and_video_rows(assets, tmp_path):
             {"id": "vid", "video": str(root / "clip.mp4"), "num_frames": 3,
              "question": "Moving?", "answer": "yes"}]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = tmp_path / "p.jsonl"
+    out = tmp_path / "r.json"
     assert evaluate.main(["--checkpoint", str(root / "ckpt"), "--task", "vqa", "--data",
                           str(data), "--out", str(out), "--max-new-tokens", "2"]) == 0
-    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["two", "vid"]
+    preds = [json.loads(x) for x in (tmp_path / "r.predictions.jsonl").read_text().splitlines()]
+    assert [p["id"] for p in preds] == ["two", "vid"]
+    assert [p["media"] for p in preds] == [["a.png", "b.png"], ["video clip.mp4 x3"]]
+    assert all(isinstance(p["prediction"], str) for p in preds)
+    res = json.loads(out.read_text())
+    assert res["num_items"] == 2 and [r["id"] for r in res["items"]] == ["two", "vid"]
+    capsys.readouterr()
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"video": "x.mp4", "num_frames": 0, "question": "Q",
                                "answer": "a"}) + "\n")
     assert evaluate.main(["--checkpoint", str(root / "ckpt"), "--task", "vqa", "--data",
-                          str(bad)]) == 2
+                          str(bad), "--out", str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:1: field 'num_frames' must be a positive integer" in err

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="benchmark file (.jsonl, .json, .tsv, .parquet) or a folder of "
                         "parquet shards")
     p.add_argument("--image-root", metavar="DIR",
-                   help="folder image paths are relative to (default: the data file's)")
+                   help="folder image and video paths are relative to (default: the data "
+                        "file's)")
     p.add_argument("--out", metavar="FILE.json",
                    help="results JSON (default: DATA_STEM.TASK.json in the current folder); "
                         "predictions go next to it as FILE.predictions.jsonl")

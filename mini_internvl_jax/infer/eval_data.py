@@ -1,15 +1,19 @@
 """Benchmark files as rows: JSONL / JSON, TSV (VLMEvalKit) and parquet (as published on HF).
 
   * `.jsonl` (one object a line) or `.json` (a list of objects): images are paths relative to
-    `--image-root` (default: the data file's folder), a list of paths, or absent;
-  * `.tsv` (VLMEvalKit's files): a header row; `image` holds base64-encoded image bytes (or,
-    when short, the `index` of the row whose image it shares, as VLMEvalKit dedups images),
-    `image_path` a path; list-valued cells (answers) are Python literals such as "['a', 'b']";
+    `--image-root` (default: the data file's folder), a list of paths, or absent; where the
+    task takes videos, `video` is a path (same root) and `num_frames` its frame count;
+  * `.tsv` (VLMEvalKit's files): a header row; `image` holds base64-encoded image bytes, a
+    Python-literal list of them (multi-image rows), or, when short, the `index` of the row
+    whose image it shares (VLMEvalKit dedups images); `image_path` a path; list-valued cells
+    (answers) are Python literals such as "['a', 'b']";
   * `.parquet`, or a folder of `*.parquet` shards (Hugging Face datasets' published form):
     image cells are {"bytes", "path"} structs. pyarrow is needed only for these.
 
 Rows come back as (where, dict) with `where` = "FILE:LINE" for error messages; images as a
-tuple of paths (str) or encoded bytes, which `prepare_chat_inputs` opens either way.
+tuple of paths (str) or encoded bytes, a video as a one-element tuple holding a `VideoRef`;
+`prepare_chat_inputs` opens either and puts the placeholder lines (`Image-1: <image>`...,
+`Frame1: <image>`...) in front of the question.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import sys
 from pathlib import Path
 
+from mini_internvl_jax.data.video import DEFAULT_NUM_FRAMES, VideoRef
 from mini_internvl_jax.errors import UserError
 
 
@@ -88,12 +93,17 @@ def _read_tsv(path: Path) -> list[tuple[str, dict]]:
         img = r.get("image")
         if img is not None and len(img) <= 64 and img in by_index:
             r["image"] = by_index[img]  # VLMEvalKit stores a shared image once
-        if r.get("image"):
-            r["image"] = _b64(r["image"], where)
+        cell = r.get("image")
+        if cell and cell.lstrip().startswith("["):  # several images (base64 never starts so)
+            r["image"] = [_b64(c, where) for c in as_list(cell, where, "image")]
+        elif cell:
+            r["image"] = _b64(cell, where)
     return rows
 
 
-def _b64(text: str, where: str) -> bytes:
+def _b64(text, where: str) -> bytes:
+    if not isinstance(text, str):
+        raise EvalDataError(f"{where}: column 'image' holds {text!r}, not base64 image data")
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
@@ -130,22 +140,58 @@ def as_list(value, where: str, name: str) -> list:
     return [value]
 
 
-def image_refs(row: dict, root: Path, where: str, *, required: bool) -> tuple:
+def image_refs(row: dict, root: Path, where: str, *, required: bool,
+               videos: bool = False) -> tuple:
     """The row's images in order as paths or encoded bytes: the first of `decoded_image`
-    (MathVista), `image`, `image_path`, then `image_1` ... `image_N` (MMMU)."""
+    (MathVista), `image`, `image_path`, then `image_1` ... `image_N` (MMMU).
+
+    With `videos` (tasks whose prompts suit a clip), a row may instead hold `video` (path,
+    bytes or parquet struct) and optional `num_frames` (default 8): one `VideoRef`. Tasks
+    without it reject a `video` field rather than silently answer without the clip.
+    """
     first = next((k for k in ("decoded_image", "image", "image_path")
                   if row.get(k) not in (None, "")), None)
     keys = [first] if first else []
     keys += sorted((k for k in row if k.startswith("image_") and k[6:].isdigit()
                     and row[k] not in (None, "")), key=lambda k: int(k[6:]))
-    refs = [_one_ref(one, root, where, k) for k in keys
-            for one in (row[k] if isinstance(row[k], list) else [row[k]])]
+    if row.get("video") not in (None, ""):
+        if not videos:
+            raise EvalDataError(f"{where}: this task takes images only, not field 'video' "
+                                "(video rows: --task vqa)")
+        if keys:
+            raise EvalDataError(f"{where}: fields 'video' and {keys[0]!r} are exclusive (a row "
+                                "holds images or one video)")
+        source = _one_ref(row["video"], root, where, "video", "a video")
+        return (VideoRef(source, _num_frames(row.get("num_frames"), where)),)
+    if row.get("num_frames") not in (None, ""):
+        raise EvalDataError(f"{where}: field 'num_frames' is given without a 'video'")
+    refs = []
+    for k in keys:
+        if not isinstance(row[k], list):
+            refs.append(_one_ref(row[k], root, where, k, "an image"))
+        elif not row[k]:
+            raise EvalDataError(f"{where}: field {k!r} is an empty list; expected image paths")
+        else:
+            refs += [_one_ref(v, root, where, f"{k}[{i}]", "an image")
+                     for i, v in enumerate(row[k])]
     if required and not refs:
         raise EvalDataError(f"{where}: no image (fields 'image', 'image_path' or 'image_1'...)")
     return tuple(refs)
 
 
-def _one_ref(v, root: Path, where: str, key: str):
+def _num_frames(value, where: str) -> int:
+    """A positive int; TSV cells hold it as digits."""
+    if value in (None, ""):
+        return DEFAULT_NUM_FRAMES
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise EvalDataError(f"{where}: field 'num_frames' must be a positive integer (frames "
+                            f"sampled from the video), got {value!r}")
+    return value
+
+
+def _one_ref(v, root: Path, where: str, key: str, kind: str):
     if isinstance(v, bytes):
         return v
     if isinstance(v, dict):  # HF parquet image struct
@@ -155,5 +201,6 @@ def _one_ref(v, root: Path, where: str, key: str):
             return str(root / v["path"])
     if isinstance(v, str) and v:
         return str(root / v)
-    raise EvalDataError(f"{where}: field {key!r} must be an image path, bytes or an "
-                        f"{{'bytes', 'path'}} struct, got {type(v).__name__}")
+    got = "an empty string" if v == "" else type(v).__name__
+    raise EvalDataError(f"{where}: field {key!r} must be {kind} path, bytes or a "
+                        f"{{'bytes', 'path'}} struct, got {got}")

@@ -3,24 +3,31 @@
 Predictions go to `RESULTS.predictions.jsonl` next to the results JSON, one line per item,
 flushed and fsynced after every batch. A rerun with the same `--out` reads that file, skips
 the items it holds and generates only the rest; a torn last line (a crash mid-write) is
-dropped, anything else unexpected (an id the data does not have, a different prompt or task)
-is an error rather than a silent overwrite, so finished work is never discarded. Scores are
-recomputed from all predictions at the end, so a rerun with every item done only rescores.
+dropped, anything else unexpected (an id the data does not have, a different prompt, task or
+media: image names, embedded images by hash, videos and their frame counts) is an error rather
+than a silent overwrite, so finished work is never discarded. Scores are recomputed from all
+predictions at the end, so a rerun with every item done only rescores.
 
-Every pending item's images are opened and decoded before the model is loaded, so a bad file
-fails the run at once instead of hours in. Batches are padded to a multiple of the mesh's
-data x fsdp size; the generator shards batch rows over those axes.
+Every pending item's images are opened and decoded (a video: its first frame) before the model
+is loaded, so a bad file fails the run at once instead of hours in. Items with several images or
+a video need nothing else here: `prepare_chat_inputs` prompts them `Image-1: <image>`... /
+`Frame1: <image>`... and shares the tile budget, as in chat. Batches are padded to a multiple
+of the mesh's data x fsdp size; the generator shards batch rows over those axes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mini_internvl_jax.data.errors import SkipSample
+from mini_internvl_jax.data.media import num_placeholders
 from mini_internvl_jax.data.processing import decode_rgb, open_image
+from mini_internvl_jax.data.templates import IMAGE_PLACEHOLDER
+from mini_internvl_jax.data.video import VideoRef, read_frames
 from mini_internvl_jax.fileio import write_atomic
 from mini_internvl_jax.infer.eval_data import EvalDataError, read_rows
 from mini_internvl_jax.infer.scorers.tasks import Item, Task
@@ -42,10 +49,20 @@ def build_items(task: Task, data: str | Path, *, image_root: str | Path | None =
                 raise EvalDataError(f"{where}: duplicate id {item.id!r} (first at "
                                     f"{seen[item.id]})")
             seen[item.id] = where
+            _check_placeholders(item, where)
             items.append(item)
     if not items:
         raise EvalDataError(f"{data}: no {task.name} items")
     return items
+
+
+def _check_placeholders(item: Item, where: str) -> None:
+    """A question with its own `<image>`s needs one per image and video frame (none: the
+    placeholder lines are added); caught here, not after the model has loaded."""
+    n, need = item.prompt.count(IMAGE_PLACEHOLDER), num_placeholders(item.images)
+    if n and n != need:
+        raise EvalDataError(f"{where}: the question holds {n} {IMAGE_PLACEHOLDER} placeholder(s) "
+                            f"for {need} (one per image and per video frame)")
 
 
 def predictions_path(results: str | Path) -> Path:
@@ -78,23 +95,43 @@ def load_predictions(path: Path, task: Task, items: Sequence[Item]) -> dict[str,
         if rec.get("prompt") != by_id[rid].prompt:
             raise EvalDataError(f"{path}:{n}: item {rid!r} was generated with a different "
                                 "prompt; use another --out")
+        if "media" in rec and rec["media"] != media(by_id[rid]):  # older records lack it
+            raise EvalDataError(f"{path}:{n}: item {rid!r} was generated with other images or "
+                                f"video frames ({rec['media']}); use another --out")
         done[rid] = pred
     return done
 
 
+def media(item: Item) -> list[str]:
+    """What the model sees besides the prompt, as recorded with a prediction: file names (not
+    whole paths, so a moved `--image-root` still resumes), embedded data by hash, and each
+    video's frame count."""
+    out = []
+    for ref in item.images:
+        src = ref.source if isinstance(ref, VideoRef) else ref
+        name = ("sha1:" + hashlib.sha1(src).hexdigest() if isinstance(src, bytes)
+                else os.path.basename(str(src)))
+        out.append(f"video {name} x{ref.num_frames}" if isinstance(ref, VideoRef) else name)
+    return out
+
+
 def check_images(items: Sequence[Item]) -> None:
-    """Opens and decodes every image of `items`; one error lists the first bad ones."""
+    """Opens and decodes every image of `items` and the first frame of every video; one error
+    lists the first bad ones."""
     bad = []
     for it in items:
         for ref in it.images:
             try:
-                decode_rgb(open_image(ref))
-            except (SkipSample, ValueError) as e:
+                if isinstance(ref, VideoRef):
+                    read_frames(ref.source, lambda n, fps: [0])
+                else:
+                    decode_rgb(open_image(ref))
+            except (SkipSample, ValueError) as e:  # VideoError is a ValueError
                 bad.append(f"item {it.id!r}: {e}")
                 break
     if bad:
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-        raise EvalDataError(f"{len(bad)} item(s) have unreadable images{more}: "
+        raise EvalDataError(f"{len(bad)} item(s) have unreadable images or videos{more}: "
                             + "; ".join(bad[:5]))
 
 
@@ -110,7 +147,8 @@ def generate_all(task: Task, pending: Sequence[Item], path: Path,
             if len(preds) != len(batch):
                 raise RuntimeError(f"{len(preds)} predictions for {len(batch)} items")
             f.write("".join(json.dumps({"id": it.id, "task": task.name, "prompt": it.prompt,
-                                        "prediction": p}, ensure_ascii=False) + "\n"
+                                        "media": media(it), "prediction": p},
+                                       ensure_ascii=False) + "\n"
                             for it, p in zip(batch, preds, strict=True)))
             f.flush()
             os.fsync(f.fileno())

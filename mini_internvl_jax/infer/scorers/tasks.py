@@ -15,6 +15,10 @@ Prompts (InternVL's `eval/` scripts unless noted):
 `max_new_tokens` follows the same scripts (10 for TextVQA / AI2D, 20 for MME, 100 for the
 rest) except MathVista (512 here, room for short reasoning; InternVL allows more).
 
+Every task reads several images a row (an `image` list, MMMU's `image_1`...; prompted
+`Image-1: <image>`..., tile budget shared); only generic VQA reads `video` rows (`Frame1:
+<image>`...), the other benchmarks being image benchmarks.
+
 Scores are in percent (ANLS and accuracies x 100), MME and OCRBench in their points, as the
 Mini-InternVL model cards print them.
 """
@@ -223,7 +227,7 @@ def _vqa_build(row, where, root, settings):
     q = _text(row, ("question",), where)
     ref = {"answers": _answers(row, where), "category": _category(row, ("category",))}
     return [Item(_id(row, where), f"{q} {SHORT}",
-                 image_refs(row, root, where, required=False), ref)]
+                 image_refs(row, root, where, required=False, videos=True), ref)]
 
 
 def _vqa_score(ref, pred):
@@ -478,7 +482,8 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("chartqa", "relaxed accuracy", 100, f"{_JSONL} ({_VQA_FIELDS}; optional split), TSV, "
          "parquet (HuggingFaceM4/ChartQA)", _short_build(("split", "type", "category")),
          _chartqa_score, _chartqa_summary, "relaxed_accuracy"),
-    Task("vqa", "VQA accuracy / exact match", 100, f"{_JSONL} ({_VQA_FIELDS}; image optional)",
+    Task("vqa", "VQA accuracy / exact match", 100, f"{_JSONL} ({_VQA_FIELDS}; image optional, "
+         "a list of images, or video + num_frames)",
          _vqa_build, _vqa_score, _vqa_summary, "vqa_accuracy"),
     Task("ocrbench", "OCRBench score (of 1000)", 100, f"{_JSONL} (question, answer list, "
          "category, image), TSV (VLMEvalKit OCRBench.tsv), parquet (echo840/OCRBench)",
