@@ -251,11 +251,14 @@ class PackIterDataset(grain.IterDataset):
                  max_bad_fraction: float, bad_check_min_samples: int):
         super().__init__(parent)
         self._geom = geom
-        self._kw = dict(lookahead=lookahead, max_bad_fraction=max_bad_fraction,
-                        bad_check_min_samples=bad_check_min_samples)
+        self._lookahead = lookahead
+        self._max_bad_fraction = max_bad_fraction
+        self._bad_check_min_samples = bad_check_min_samples
 
     def __iter__(self) -> PackIterator:
-        return PackIterator(self._parent.__iter__(), self._geom, **self._kw)
+        return PackIterator(self._parent.__iter__(), self._geom, lookahead=self._lookahead,
+                            max_bad_fraction=self._max_bad_fraction,
+                            bad_check_min_samples=self._bad_check_min_samples)
 
     def __str__(self) -> str:
         return f"PackIterDataset({self._geom})"

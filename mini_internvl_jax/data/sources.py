@@ -150,6 +150,7 @@ def _record_from_json(item: Any, root: str, name: str, line: int,
         raise SkipSample("malformed_json", f"line is {type(item).__name__}, not an object")
     if "video" in item and item["video"]:
         raise SkipSample("malformed_json", "video samples are not supported")
+    images: list[str | bytes]
     if blobs:
         images = list(blobs)
     else:

@@ -43,6 +43,8 @@ class RunResult:
 
     def params(self) -> nnx.State:
         """Every parameter (trainable and frozen) after the last step."""
+        if self.state is None or self.frozen is None:
+            raise ValueError("this RunResult holds no training state (run() fills it in)")
         return nnx.merge_state(self.state.params, self.frozen)
 
 
@@ -72,13 +74,14 @@ def run(cfg: TrainConfig, *, devices=None, stop_after: int | None = None) -> Run
         ckpt = Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep,
                             async_save=cfg.checkpoint.async_save)
     start = 0
-    if ckpt is not None and not cfg.checkpoint.resume and ckpt.latest_step() is not None:
-        ckpt.close()
-        raise CheckpointError(f"checkpoint.dir {cfg.checkpoint.dir} already holds step "
-                              f"{ckpt.latest_step()} and checkpoint.resume is false; use a new "
-                              "directory (or resume: true)")
-    if ckpt is not None and cfg.checkpoint.resume and ckpt.latest_step() is not None:
-        start = ckpt.latest_step()
+    latest = None if ckpt is None else ckpt.latest_step()
+    if ckpt is not None and latest is not None:
+        if not cfg.checkpoint.resume:
+            ckpt.close()
+            raise CheckpointError(f"checkpoint.dir {cfg.checkpoint.dir} already holds step "
+                                  f"{latest} and checkpoint.resume is false; use a new "
+                                  "directory (or resume: true)")
+        start = latest
         params = nnx.merge_state(state.params, frozen)
         abs_params = abstract_like(params, jax.tree.map(lambda x: x.sharding, params))
         train = {"opt_state": state.opt_state, **_scalars(state)}
@@ -118,13 +121,15 @@ def run(cfg: TrainConfig, *, devices=None, stop_after: int | None = None) -> Run
                   meta=run_meta(cfg, model_cfg, step))
         last_saved = step
 
-    profiling = False
+    profile_last: int | None = None  # the last step a running trace covers
     try:
         with PreemptionGuard() as guard:
             for step in range(start + 1, cfg.total_steps + 1):
                 if cfg.log.profile_start == step and primary:
-                    jax.profiler.start_trace(cfg.log.dir or cfg.checkpoint.dir)
-                    profiling = True
+                    trace_dir = cfg.log.dir or cfg.checkpoint.dir
+                    assert trace_dir is not None, "TrainConfig checks profile_start has a dir"
+                    jax.profiler.start_trace(trace_dir)
+                    profile_last = step + cfg.log.profile_steps - 1
                 host_batch, stats = next_step_batch(iterator, cfg.optim.grad_accum)
                 if step == start + 1:
                     reporter.log_samples(step, host_batch)
@@ -137,10 +142,10 @@ def run(cfg: TrainConfig, *, devices=None, stop_after: int | None = None) -> Run
                 if pending is not None:
                     collect()
                 pending = (step, metrics, extra)
-                if profiling and step == cfg.log.profile_start + cfg.log.profile_steps - 1:
+                if step == profile_last:
                     jax.block_until_ready(state)
                     jax.profiler.stop_trace()
-                    profiling = False
+                    profile_last = None
                 preempted = guard.should_stop(step)
                 if ckpt is not None and (step % cfg.checkpoint.every == 0 or preempted
                                          or step == cfg.total_steps):
@@ -158,7 +163,7 @@ def run(cfg: TrainConfig, *, devices=None, stop_after: int | None = None) -> Run
             if pending is not None:
                 collect()
     finally:
-        if profiling:
+        if profile_last is not None:
             jax.profiler.stop_trace()
         reporter.close()
         if ckpt is not None:
