@@ -20,6 +20,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,7 +78,8 @@ def sha256(path: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", default="/tmp/mini_internvl_convert_bench",
+    p.add_argument("--workdir",
+                   default=str(Path(tempfile.gettempdir()) / "mini_internvl_convert_bench"),
                    help="holds the generated checkpoint (reused) and the outputs")
     p.add_argument("--preset", default="mini-internvl-1b")
     p.add_argument("--json", help="results file (default: WORKDIR/convert_benchmark.json)")

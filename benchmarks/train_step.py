@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TORCH_REF = ROOT / ".devrun" / "torch_reference_step.py"
 
 
 def parse_args(argv=None):
@@ -47,8 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--profile", help="write a jax.profiler trace of 2 timed steps here")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--torch-ref", default=str(DEFAULT_TORCH_REF),
-                   help="path of torch_reference_step.py")
+    p.add_argument("--torch-ref", help="PyTorch reference step script (transformers InternVL, "
+                   "same workload flags; not shipped with the repository)")
     p.add_argument("--torch", default="compile",
                    help="comma list of eager|compile, or none (skip the PyTorch reference)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per system")
@@ -174,6 +173,8 @@ def _subprocess(cmd: list[str], timeout: int, label: str, xla_flags: str = "") -
 
 def run_torch(a, mode: str) -> dict:
     label = "transformers InternVL" + (" + torch.compile" if mode == "compile" else " (eager)")
+    if a.torch_ref is None:
+        return {"system": label, "error": "no --torch-ref script given (or pass --torch none)"}
     if not Path(a.torch_ref).is_file():
         return {"system": label, "error": f"reference script {a.torch_ref} not found"}
     cmd = [sys.executable, a.torch_ref, "--size", a.size, "--batch", str(a.batch), "--seq",

@@ -45,7 +45,7 @@ STATS_PREFIX = "stats_"
 class Field:
     """dtype, logical axes per dim after the leading grad-accum axis, and meaning."""
 
-    dtype: type
+    dtype: type[np.generic]  # the numpy scalar type (np.int32, np.float32)
     axes: tuple[str, ...]  # logical names; those without a sharding rule stay replicated
     doc: str
 
@@ -62,7 +62,7 @@ FIELDS: dict[str, Field] = {
     "image_flags": Field(np.int32, ("tiles",), "1 real tile, 0 padding"),
 }
 BATCH_KEYS: tuple[str, ...] = tuple(FIELDS)
-BATCH_DTYPES: dict[str, type] = {k: f.dtype for k, f in FIELDS.items()}
+BATCH_DTYPES: dict[str, type[np.generic]] = {k: f.dtype for k, f in FIELDS.items()}
 
 
 class Batch(TypedDict):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, TypeGuard, get_args
 
 from mini_internvl_jax import configlib
 from mini_internvl_jax.configlib import check, check_choices
@@ -30,6 +30,11 @@ FAMILIES: tuple[str, ...] = get_args(Family)
 TEMPLATE_NAMES: tuple[str, ...] = get_args(TemplateName)
 REMAT_POLICIES: tuple[str, ...] = get_args(RematPolicy)
 ATTENTION_IMPLS: tuple[str, ...] = get_args(AttentionImpl)
+
+
+def is_dtype(name: object) -> TypeGuard[Dtype]:
+    """Whether `name` is one of DTYPES; narrows a checked string to `Dtype`."""
+    return name in DTYPES
 
 
 @dataclass(frozen=True)
@@ -148,14 +153,22 @@ class LLMConfig:
                   f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
                   " (set head_dim explicitly if that is intended)")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-        check(self.head_dim % 2 == 0, f"{w}.head_dim", "must be even for rotary embeddings")
+        check(self.head_size % 2 == 0, f"{w}.head_dim", "must be even for rotary embeddings")
         rs = self.rope_scaling
         if rs is not None and rs.type == "longrope":
             for name in ("short_factor", "long_factor"):
                 lst = getattr(rs, name)
-                check(lst is None or len(lst) == self.head_dim // 2, f"{w}.rope_scaling.{name}",
-                      f"needs head_dim // 2 = {self.head_dim // 2} values, got "
+                check(lst is None or len(lst) == self.head_size // 2,
+                      f"{w}.rope_scaling.{name}",
+                      f"needs head_dim // 2 = {self.head_size // 2} values, got "
                       f"{None if lst is None else len(lst)}")
+
+    @property
+    def head_size(self) -> int:
+        """`head_dim` as an int: a config left without one gets hidden_size // num_heads when it
+        is built, so model code never handles None."""
+        assert self.head_dim is not None, "LLMConfig.__post_init__ fills in head_dim"
+        return self.head_dim
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,16 @@ import importlib.resources
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import yaml
 
 from mini_internvl_jax.errors import UserError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 # Presets ship inside the package (package data), so a non-editable install finds them too.
 PRESET_PACKAGE = "mini_internvl_jax.configs"
@@ -65,7 +68,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if allows_none:
             return None
         raise ConfigError(f"{path}: None is not allowed (expected {getattr(tp, '__name__', tp)})")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):

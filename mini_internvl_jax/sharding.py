@@ -86,14 +86,14 @@ def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int] | N
     rules = dict(LOGICAL_RULES if rules is None else rules)
     sizes = _mesh_axis_sizes(mesh) if mesh is not None else None
     used: set[str] = set()
-    out = []
+    out: list[str | tuple[str, ...] | None] = []
     for i, name in enumerate(names):
         target = rules.get(name) if name is not None else None
         if target is None:
             out.append(None)
             continue
         axes = (target,) if isinstance(target, str) else tuple(target)
-        kept = []
+        kept: list[str] = []
         for ax in axes:
             if ax in used:
                 continue

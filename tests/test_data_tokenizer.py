@@ -25,7 +25,7 @@ from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 from mini_internvl_jax.convert.hf_config import image_token_id_from_tokenizer
 from mini_internvl_jax.data import TokenizerError, load_tokenizer
 from mini_internvl_jax.data.demo import _train_hf_bpe
-from mini_internvl_jax.data.tokenizer import IMG_CONTEXT, find_tokenizer
+from mini_internvl_jax.data.tokenizer import IMG_CONTEXT, find_tokenizer, read_added_tokens
 
 CORPUS = ["hello world, this is a test of the tokenizer. A red circle is small.\n"
           "New line here.  two  spaces\tand a tab. It is 42."] * 40
@@ -269,6 +269,13 @@ def test_missing_merges_is_a_clear_error(qwen2_files, tmp_path):
         load_tokenizer(half)
     with pytest.raises(TokenizerError, match="needs merges.txt"):
         load_tokenizer(half / "vocab.json")
+
+
+def test_added_token_without_content_is_a_clear_error(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"added_tokens_decoder": {"7": {"content": "<a>"}, "8": {"lstrip": False}}}))
+    with pytest.raises(TokenizerError, match=r"added_tokens_decoder\['8'\] has no content"):
+        read_added_tokens(tmp_path)
 
 
 def test_image_context_id_is_read_as_transformers_reads_it(tmp_path, llama_model):

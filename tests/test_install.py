@@ -1,16 +1,26 @@
-"""A non-editable install works: a wheel built from the checkout, installed into a fresh venv
-(with this environment's packages for the dependencies), runs the demo from a folder outside the
-repository: `mivl-demo-data`, then `mivl-train --config demo` with the preset read as package
-data."""
+"""A non-editable install works. The default test builds the wheel (seconds, offline) and checks
+what it holds against the checkout: every preset as package data, the console scripts of
+pyproject.toml, and presets readable through importlib.resources from the unpacked wheel. The
+slow test installs that wheel into a fresh venv (with this environment's packages for the
+dependencies) and runs the demo from a folder outside the repository: `mivl-demo-data`, then
+`mivl-train --config demo` with the preset read as package data."""
 
+import ast
+import configparser
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tomllib
+import zipfile
 from pathlib import Path
 
+import pytest
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = "mini_internvl_jax"
 
 
 def _run(cmd, cwd, env=None, timeout=300):
@@ -19,31 +29,86 @@ def _run(cmd, cwd, env=None, timeout=300):
     return p
 
 
-def test_wheel_in_fresh_venv_runs_the_demo(tmp_path):
+def _clean_env(**extra) -> dict[str, str]:
+    """This environment without PYTHONPATH, so nothing finds the checkout by accident."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
     # Build from a copy so the checkout gets no build/ or egg-info folders.
-    src = tmp_path / "src"
-    shutil.copytree(ROOT / "mini_internvl_jax", src / "mini_internvl_jax",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    shutil.copytree(ROOT / PACKAGE, src / PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    wheels = tmp_path / "wheels"
+    out = tmp / "wheels"
     _run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation",
-          "-q", "-w", str(wheels)], cwd=src)
-    [wheel] = wheels.glob("*.whl")
+          "--no-index", "-q", "-w", str(out)], cwd=src)
+    [built] = out.glob("*.whl")
+    return built
+
+
+def test_wheel_holds_presets_entry_points_and_readable_package_data(wheel, tmp_path):
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        [entry_points] = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        ep_text = zf.read(entry_points).decode()
+        zf.extractall(tmp_path / "unpacked")
+
+    presets = sorted(p.relative_to(ROOT).as_posix()
+                     for p in (ROOT / PACKAGE / "configs").rglob("*.yaml"))
+    assert {"models", "train"} <= {Path(p).parent.name for p in presets}, presets
+    missing = [p for p in presets if p not in names]
+    assert not missing, f"presets missing from the wheel: {missing}"
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert "mivl-train" in scripts
+    parser = configparser.ConfigParser()
+    parser.optionxform = str  # keep the script names as written
+    parser.read_string(ep_text)
+    assert dict(parser["console_scripts"]) == scripts
+    for target in scripts.values():  # each target is a top-level function of a shipped module
+        module, func = target.split(":")
+        path = module.replace(".", "/") + ".py"
+        assert path in names, f"{target}: {path} is not in the wheel"
+        tree = ast.parse((tmp_path / "unpacked" / path).read_text())
+        assert func in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, target
+
+    # The unpacked wheel alone (run from elsewhere, no checkout on the path) reads a preset.
+    code = ("import json, mini_internvl_jax\n"
+            "from mini_internvl_jax import configlib\n"
+            "print(json.dumps([mini_internvl_jax.__file__, configlib.preset_names('train'),"
+            " configlib.read_preset('train', 'demo')]))")
+    away = tmp_path / "elsewhere"
+    away.mkdir()
+    p = _run([sys.executable, "-c", code], away,
+             _clean_env(PYTHONPATH=str(tmp_path / "unpacked")))
+    where, train_presets, demo = json.loads(p.stdout)
+    assert Path(where).is_relative_to(tmp_path / "unpacked"), where
+    assert sorted(train_presets) == sorted(
+        Path(p).stem for p in presets if Path(p).parent.name == "train")
+    assert demo == yaml.safe_load((ROOT / PACKAGE / "configs/train/demo.yaml").read_text())
+
+
+@pytest.mark.slow
+def test_wheel_in_fresh_venv_runs_the_demo(wheel, tmp_path):
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], cwd=tmp_path)
     bin_dir = venv / "bin"
-    _run([str(bin_dir / "python"), "-m", "pip", "install", "--no-deps", "-q", str(wheel)],
-         cwd=tmp_path)
+    _run([str(bin_dir / "python"), "-m", "pip", "install", "--no-deps", "--no-index", "-q",
+          str(wheel)], cwd=tmp_path)
 
     work = tmp_path / "elsewhere"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}")
+    env = _clean_env(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                     PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
     where = _run([str(bin_dir / "python"), "-c",
                   "import mini_internvl_jax; print(mini_internvl_jax.__file__)"], work, env)
     assert Path(where.stdout.strip()).is_relative_to(venv), where.stdout  # not the checkout
+    assert "--config" in _run(["mivl-train", "--help"], work, env).stdout
     _run(["mivl-demo-data", "demo_data", "--num-stage1", "8", "--num-stage2", "16"], work, env)
     _run(["mivl-train", "--config", "demo", "total_steps=2", "batch_size=2", "max_tiles=16",
           "checkpoint.dir=run", "checkpoint.every=2", "log.every=1",

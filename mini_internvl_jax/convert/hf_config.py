@@ -300,6 +300,7 @@ def model_config_from_hf(hf: dict, shape_of: Callable[[str], tuple | None], fold
         raise ConversionError(
             f"cannot place {IMG_CONTEXT} in the vocabulary of {embed[0]} tokens of {folder}: "
             f"{found}; add the tokenizer files or override image_token_id=ID")
+    assert token_source is not None, "an image_token_id without a source fails the check above"
     return HFModelInfo(model_config_from_dict(data), layout, template_source, token_source)
 
 
@@ -345,11 +346,8 @@ def _llm_common(cfg: ModelConfig) -> dict:
 def _rope_fields(cfg: ModelConfig, layout: str, base_llm: dict) -> dict:
     llm = cfg.llm
     rs = llm.rope_scaling
-    if rs is None:
-        scaling = None
-    elif rs.type == "dynamic":
-        scaling = {"type": "dynamic", "factor": rs.factor}
-    else:
+    longrope: dict[str, object] = {}  # LongRoPE's factor lists, written by both layouts
+    if rs is not None and rs.type == "longrope":
         if rs.short_factor is None or rs.long_factor is None:
             raise ConversionError(
                 f"model config {cfg.name!r} has LongRoPE scaling without short_factor/"
@@ -357,18 +355,25 @@ def _rope_fields(cfg: ModelConfig, layout: str, base_llm: dict) -> dict:
                 "placeholder factors would change the model: pass the model_config.json of the "
                 "converted folder these parameters came from (--model-config "
                 "CONVERTED/model_config.json), which holds the checkpoint's lists")
-        scaling = {"short_factor": list(rs.short_factor), "long_factor": list(rs.long_factor)}
+        longrope = {"short_factor": list(rs.short_factor), "long_factor": list(rs.long_factor)}
     if layout == "original":
-        if rs is not None and rs.type == "longrope":
+        scaling: dict[str, object] | None
+        if rs is None:
+            scaling = None
+        elif rs.type == "dynamic":
+            scaling = {"type": "dynamic", "factor": rs.factor}
+        else:
             old = (base_llm.get("rope_scaling") or {}).get("type")
             # InternVL's vendored Phi3Config accepts exactly {type, short_factor, long_factor}.
-            scaling = {"type": old if old in ("su", "longrope") else "su", **scaling}
+            scaling = {"type": old if old in ("su", "longrope") else "su", **longrope}
         return {"rope_theta": llm.rope_theta, "rope_scaling": scaling}
-    params = {"rope_type": "default" if rs is None else rs.type, "rope_theta": llm.rope_theta}
+    params: dict[str, object] = {"rope_type": "default" if rs is None else rs.type,
+                                 "rope_theta": llm.rope_theta}
     if rs is not None and rs.type == "dynamic":
         params["factor"] = rs.factor
     elif rs is not None:
-        params.update(scaling, original_max_position_embeddings=rs.original_max_position_embeddings)
+        params.update(longrope,
+                      original_max_position_embeddings=rs.original_max_position_embeddings)
     return {"rope_parameters": params}
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 import mini_internvl_jax
-from mini_internvl_jax.config import DTYPES
+from mini_internvl_jax.config import DTYPES, Dtype, is_dtype
 from mini_internvl_jax.convert.apply import fill_from_rules
 from mini_internvl_jax.convert.errors import (
     CheckpointMismatchError,
@@ -95,19 +95,19 @@ def open_hf(folder: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
 
 def source_dtypes(reader: CheckpointReader) -> tuple[str, dict[str, str]]:
     """(dtype of most bytes, {tensor: dtype} for the tensors that differ from it)."""
-    weights = Counter()
+    weights: Counter[str] = Counter()
     for name in reader.names:
         weights[reader.dtype(name).name] += math.prod(reader.shape(name))
     main = weights.most_common(1)[0][0] if weights else "float32"
     return main, {n: reader.dtype(n).name for n in reader.names if reader.dtype(n).name != main}
 
 
-def resolve_dtype(dtype: str | None, reader: CheckpointReader) -> str:
+def resolve_dtype(dtype: str | None, reader: CheckpointReader) -> Dtype:
     """`auto`/None keeps the checkpoint's own floating dtype."""
     if dtype in (None, "auto"):
         main, _ = source_dtypes(reader)
-        return main if main in DTYPES else "float32"
-    if dtype not in DTYPES:
+        return main if is_dtype(main) else "float32"
+    if not is_dtype(dtype):
         raise ConversionError(f"dtype {dtype!r} is not one of {('auto',) + DTYPES}")
     return dtype
 
@@ -134,7 +134,7 @@ def check_tensors(reader: CheckpointReader, rules: list[Rule], strict: bool) -> 
     return unexpected
 
 
-def hf_to_arrays(src: HFSource, *, dtype: str, scan: bool = False, strict: bool = True,
+def hf_to_arrays(src: HFSource, *, dtype: Dtype, scan: bool = False, strict: bool = True,
                  on_tensor: OnTensor | None = None
                  ) -> tuple[dict[tuple, np.ndarray], ConversionStats]:
     """Our parameters as host arrays of `dtype`, read tensor by tensor from `src`."""

@@ -181,7 +181,7 @@ def projector_rules(cfg: ModelConfig, layout: str) -> list[Rule]:
 
 
 def _internlm2_wqkv(cfg: LLMConfig):
-    d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size
     g = h // kv
 
     def to_jax(a):
@@ -216,7 +216,7 @@ def _fused_rows(d: int, parts: list[tuple[int, tuple[int, ...]]]):
 def llm_rules(cfg: LLMConfig, *, body: str, head: str, internlm2_names: bool | None = None
               ) -> list[Rule]:
     """`body` prefixes the decoder (`language_model.model.`), `head` is the lm_head tensor stem."""
-    d, h, kv, hd, i_dim, v = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+    d, h, kv, hd, i_dim, v = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size,
                               cfg.intermediate_size, cfg.vocab_size)
     ilm = cfg.family == "internlm2" if internlm2_names is None else internlm2_names
     rules = [

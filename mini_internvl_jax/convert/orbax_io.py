@@ -126,7 +126,8 @@ class BatchedParams:
 
     def get(self, p: tuple) -> np.ndarray:
         if p not in self.loaded:
-            batch, size = [], 0
+            batch: list[tuple] = []
+            size = 0
             for q in self.order[self.position[p]:]:
                 if batch and size + self._nbytes(q) > self.batch_bytes:
                     break

@@ -9,6 +9,7 @@ an array; the nested form (plain dicts) is what Orbax stores, so a trainer can r
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -78,8 +79,9 @@ def nest(flat: Mapping[ParamPath, object]) -> dict:
     return out
 
 
-def flatten(tree: dict, prefix: ParamPath = ()) -> dict[ParamPath, object]:
-    """Inverse of `nest`; digit-string keys (how Orbax stores list indices) become ints."""
+def flatten(tree: dict, prefix: ParamPath = ()) -> dict[ParamPath, Any]:
+    """Inverse of `nest`; digit-string keys (how Orbax stores list indices) become ints.
+    The leaves are whatever the (untyped) tree holds: arrays, metadata, restore args."""
     out: dict = {}
     for key, value in tree.items():
         key = int(key) if isinstance(key, str) and key.isdigit() else key

@@ -143,7 +143,9 @@ def restore_model(run: RunFolder, compute: ComputeConfig | None = None, *, mesh=
         return model
 
     with nnx.use_eager_sharding(False):
-        graphdef, params, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
+        # flax types a split by 2+ filters as variadic; two filters give exactly three parts.
+        graphdef, params, rest = nnx.split(  # type: ignore[misc]
+            nnx.eval_shape(make), nnx.Param, ...)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           params, state_shardings(params, mesh))
     path = absolute_path(run.path)

@@ -270,12 +270,16 @@ class PackIterDataset(grain.IterDataset):
                  max_consecutive_skips: int = 1000):
         super().__init__(parent)
         self._geom = geom
-        self._kw = dict(lookahead=lookahead, max_bad_fraction=max_bad_fraction,
-                        bad_check_min_samples=bad_check_min_samples,
-                        max_consecutive_skips=max_consecutive_skips)
+        self._lookahead = lookahead
+        self._max_bad_fraction = max_bad_fraction
+        self._bad_check_min_samples = bad_check_min_samples
+        self._max_consecutive_skips = max_consecutive_skips
 
     def __iter__(self) -> PackIterator:
-        return PackIterator(self._parent.__iter__(), self._geom, **self._kw)
+        return PackIterator(self._parent.__iter__(), self._geom, lookahead=self._lookahead,
+                            max_bad_fraction=self._max_bad_fraction,
+                            bad_check_min_samples=self._bad_check_min_samples,
+                            max_consecutive_skips=self._max_consecutive_skips)
 
     def __str__(self) -> str:
         return f"PackIterDataset({self._geom})"

@@ -28,6 +28,7 @@ import sys
 import grain
 import jax
 
+from mini_internvl_jax.config import TemplateName
 from mini_internvl_jax.data.config import DataConfig
 from mini_internvl_jax.data.errors import DataError
 from mini_internvl_jax.data.packing import BatchGeometry, PackIterDataset, finalize_batch
@@ -82,7 +83,7 @@ def build_train_dataset(data_cfg: DataConfig, *, tokenizer: Tokenizer | str,
                         num_image_tokens: int, image_size: int, seq_len: int, batch_size: int,
                         max_tiles: int, seed: int, shard_index: int | None = None,
                         shard_count: int | None = None,
-                        template: str | None = None) -> grain.IterDataset:
+                        template: TemplateName | None = None) -> grain.IterDataset:
     """The batch-producing IterDataset; see `build_train_iterator`."""
     if data_cfg.template is None:
         if template is None:
@@ -136,7 +137,7 @@ def build_train_iterator(data_cfg: DataConfig, *, tokenizer: Tokenizer | str,
                          num_image_tokens: int, image_size: int, seq_len: int, batch_size: int,
                          max_tiles: int, seed: int, shard_index: int | None = None,
                          shard_count: int | None = None,
-                         template: str | None = None) -> grain.DatasetIterator:
+                         template: TemplateName | None = None) -> grain.DatasetIterator:
     """Iterator of packed batches (see the module docstring) for this process's shard.
 
     `batch_size` is rows per process; `max_tiles` the tile buffer per batch. Shards default

@@ -20,7 +20,7 @@ from PIL import Image
 from mini_internvl_jax.batch import IGNORE_INDEX
 from mini_internvl_jax.data import tiling
 from mini_internvl_jax.data.config import DataConfig
-from mini_internvl_jax.data.errors import Skipped, SkipSample
+from mini_internvl_jax.data.errors import DataError, Skipped, SkipSample
 from mini_internvl_jax.data.media import (
     VIDEO_PLACEHOLDER,
     expand_video_placeholder,
@@ -220,6 +220,9 @@ class SampleProcessor:
         self.cfg = cfg
         self.mixture = mixture
         self.tokenizer = tokenizer
+        if cfg.template is None:
+            raise DataError("data.template is unset: name a chat template (build_train_dataset "
+                            "fills in the model's)")
         self.template = get_template(cfg.template)
         tokenizer.require(self.template.special_tokens + (IMG_START, IMG_END, IMG_CONTEXT),
                           f"template {cfg.template!r} with images")

@@ -162,6 +162,7 @@ def record_from_json(item: Any, root: str, name: str, line: int,
     video = item.get("video")
     if video not in (None, ""):
         return _video_record(item, video, root, name, line, blobs)
+    images: list[str | bytes]
     if blobs:
         images = list(blobs)
     else:

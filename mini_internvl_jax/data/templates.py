@@ -12,6 +12,7 @@ because all three are special tokens, and saves tokenizing ~1,500 tokens per sam
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,13 +44,15 @@ class ChatTemplate:
     system_message: str = DEFAULT_SYSTEM_MESSAGE
 
 
-_MPT_IM = dict(system_template="<|im_start|>system\n{system_message}",
-               user_role="<|im_start|>user\n", assistant_role="<|im_start|>assistant\n",
-               sep="<|im_end|>", special_tokens=("<|im_start|>", "<|im_end|>"))
+_HERMES_2 = ChatTemplate(
+    name="Hermes-2", system_template="<|im_start|>system\n{system_message}",
+    user_role="<|im_start|>user\n", assistant_role="<|im_start|>assistant\n",
+    sep="<|im_end|>", special_tokens=("<|im_start|>", "<|im_end|>"))
 
 TEMPLATES: dict[str, ChatTemplate] = {
-    "Hermes-2": ChatTemplate(name="Hermes-2", **_MPT_IM),
-    "internlm2-chat": ChatTemplate(name="internlm2-chat", strip_messages=True, **_MPT_IM),
+    "Hermes-2": _HERMES_2,
+    # The same ChatML markup; only the message stripping differs.
+    "internlm2-chat": dataclasses.replace(_HERMES_2, name="internlm2-chat", strip_messages=True),
     "phi3-chat": ChatTemplate(
         name="phi3-chat", system_template="<|system|>\n{system_message}",
         user_role="<|user|>\n", assistant_role="<|assistant|>\n", sep="<|end|>",
@@ -137,6 +140,7 @@ def encode_chat(tokenizer: Tokenizer, template: ChatTemplate,
     trained: list[bool] = []
     spans: list[tuple[int, int]] = []
     if tokenizer.add_bos:
+        assert tokenizer.bos_id is not None, "a tokenizer with add_bos has a BOS id (load checks)"
         ids.append(tokenizer.bos_id)
         trained.append(False)
     run_text: list[str] = []

@@ -20,6 +20,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 from etils import epath
@@ -84,7 +85,11 @@ def read_added_tokens(folder: str | epath.PathLike) -> dict[str, AddedToken]:
     by_id: dict[int, tuple[str, AddedToken]] = {}
     if "added_tokens_decoder" in cfg:
         for tid, spec in (cfg["added_tokens_decoder"] or {}).items():
-            by_id[int(tid)] = (_token_text(spec), _added_token(spec, int(tid), cfg_file.name))
+            text = _token_text(spec)
+            if text is None:
+                raise TokenizerError(f"{cfg_file}: added_tokens_decoder[{tid!r}] has no "
+                                     "content (expected a string or {\"content\": ...})")
+            by_id[int(tid)] = (text, _added_token(spec, int(tid), cfg_file.name))
     else:
         f = folder / "added_tokens.json"
         if f.exists():
@@ -159,13 +164,14 @@ class Tokenizer(abc.ABC):
 
     def require(self, tokens: Sequence[str], needed_for: str) -> dict[str, int]:
         """Ids of all `tokens`; one error listing every missing token."""
-        missing = [t for t in tokens if self.find_token(t) is None]
+        found = {t: self.find_token(t) for t in tokens}
+        missing = [t for t, tid in found.items() if tid is None]
         if missing:
             raise TokenizerError(
                 f"tokenizer {self.path or self.kind} lacks special token(s) {missing} needed for "
                 f"{needed_for}; add them as special tokens (added_tokens.json) or pick the "
                 "matching template")
-        return {t: self.find_token(t) for t in tokens}
+        return {t: tid for t, tid in found.items() if tid is not None}
 
     def special_token_ids(self) -> dict[str, int]:
         """Every InternVL or template special token this vocabulary has."""
@@ -181,7 +187,8 @@ def _without_dummy_prefix(model_proto: bytes) -> bytes:
     """The model with `add_dummy_prefix` off, as LlamaTokenizer(legacy=False) loads it."""
     from sentencepiece import sentencepiece_model_pb2
 
-    model = sentencepiece_model_pb2.ModelProto.FromString(model_proto)
+    # The generated protobuf module ships no stubs for its message classes.
+    model = sentencepiece_model_pb2.ModelProto.FromString(model_proto)  # type: ignore[attr-defined]
     model.normalizer_spec.add_dummy_prefix = False
     return model.SerializeToString()
 
@@ -479,6 +486,17 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
+class _TokenizerArgs(TypedDict):
+    """Constructor arguments both tokenizer kinds take, as `load_tokenizer` reads them."""
+
+    path: str
+    added_tokens: dict[str, AddedToken]
+    add_bos: bool | None
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+
+
 def find_tokenizer(folder: str | epath.PathLike, kind: str | None = None) -> epath.Path | None:
     """The file `load_tokenizer` reads in `folder`, or None: tokenizer.model (sentencepiece),
     else tokenizer.json, else vocab.json when merges.txt is next to it (Qwen2's slow tokenizer).
@@ -528,9 +546,9 @@ def load_tokenizer(path: str | epath.PathLike, kind: str | None = None, *,
     if (folder / "tokenizer_config.json").exists():
         cfg = _read_json(folder / "tokenizer_config.json")
     named = {key: _token_text(cfg.get(key)) for key in NAMED_SPECIAL_KEYS}
-    kwargs = dict(path=str(p), added_tokens=read_added_tokens(folder),
-                  add_bos=cfg.get("add_bos_token"), bos_token=named["bos_token"],
-                  eos_token=named["eos_token"], pad_token=named["pad_token"])
+    kwargs = _TokenizerArgs(path=str(p), added_tokens=read_added_tokens(folder),
+                            add_bos=cfg.get("add_bos_token"), bos_token=named["bos_token"],
+                            eos_token=named["eos_token"], pad_token=named["pad_token"])
     if not sentencepiece:
         if model.name == "vocab.json":
             if not (folder / "merges.txt").is_file():

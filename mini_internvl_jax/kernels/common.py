@@ -9,6 +9,8 @@ are skipped. The ranges come from per-block segment-id min/max, which is exact f
 
 from __future__ import annotations
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,8 +91,10 @@ def block_ranges(q_seg, kv_seg, *, q_len: int, kv_len: int, bq: int, bk: int, ca
     kj = np.arange(nk)[None, :]
     q_first, q_last = qi * bq, np.minimum((qi + 1) * bq, q_len) - 1
     k_first, k_last = kj * bk, np.minimum((kj + 1) * bk, kv_len) - 1
-    visible = np.ones((nq, nk), bool)
-    full = ((qi + 1) * bq <= q_len) & ((kj + 1) * bk <= kv_len)
+    # numpy tables without segments, jax arrays (traced) with them.
+    visible: np.ndarray | jax.Array = np.ones((nq, nk), bool)
+    full: np.ndarray | jax.Array = ((qi + 1) * bq <= q_len) & ((kj + 1) * bk <= kv_len)
+    xp: types.ModuleType
     if causal:
         visible = k_first <= q_last
         full = full & (k_last <= q_first)

@@ -25,8 +25,6 @@ from jax.experimental.pallas import triton as plgpu
 
 from mini_internvl_jax.kernels import common
 
-# jax 0.10 names it CompilerParams; older releases used TritonCompilerParams.
-_CompilerParams = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
 LOG2E = math.log2(math.e)
 NT = (((1,), (1,)), ((), ()))  # a @ b.T
 NN = (((1,), (0,)), ((), ()))
@@ -198,7 +196,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, tab_ref, qseg_ref, kseg_ref, o_ref, lse_ref
 def _specs_common(cfg: _Cfg, tab, qseg, kseg, ids):
     """BlockSpecs and operands for the range table and the segment ids."""
     tb = tab.shape[0]
-    specs = [pl.BlockSpec((None, *tab.shape[1:]),
+    # A None spec stands for a None operand (no segment ids): pallas_call skips both.
+    specs: list[pl.BlockSpec | None] = [pl.BlockSpec((None, *tab.shape[1:]),
                           lambda *g: (ids(*g)[2] if tb > 1 else 0, 0, 0))]
     args = [tab]
     if cfg.has_seg:
@@ -228,7 +227,7 @@ def _fwd(cfg: _Cfg, q, k, v, tab, qseg, kseg):
         out_specs=[q_spec, row_spec],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((b, h, cfg.padded_len), jnp.float32)],
-        compiler_params=_CompilerParams(num_warps=cfg.blocks.num_warps,
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.blocks.num_warps,
                                         num_stages=cfg.blocks.num_stages),
         interpret=cfg.interpret,
         name="flash_fwd",
@@ -294,7 +293,7 @@ def _dq(cfg: _Cfg, q, k, v, do, out, lse, tab, qseg, kseg):
         out_specs=[q_spec, row_spec],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((b, h, cfg.padded_len), jnp.float32)],
-        compiler_params=_CompilerParams(num_warps=cfg.blocks.num_warps_bwd,
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.blocks.num_warps_bwd,
                                         num_stages=cfg.blocks.num_stages_bwd),
         interpret=cfg.interpret,
         name="flash_bwd_dq",
@@ -379,7 +378,7 @@ def _dkv(cfg: _Cfg, q, k, v, do, lse, di, tab, qseg, kseg):
         out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                    jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=_CompilerParams(num_warps=cfg.blocks.num_warps_bwd,
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.blocks.num_warps_bwd,
                                         num_stages=cfg.blocks.num_stages_bwd),
         interpret=cfg.interpret,
         name="flash_bwd_dkv",

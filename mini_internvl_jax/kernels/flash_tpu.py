@@ -178,9 +178,10 @@ def _fwd(cfg: _Cfg, tab, qt, kt, vt, qseg_col, kseg_row):
         lo, up, _, _ = _ranges(t, bi, i, nq, tab_b)
         return bi, 0, _clamp(j, lo, up)
 
-    in_specs = [pl.BlockSpec((None, None, bq, d), q_map),
-                pl.BlockSpec((None, None, bk, d), kv_map),
-                pl.BlockSpec((None, None, bk, d), kv_map)]
+    in_specs: list[pl.BlockSpec | None] = [
+        pl.BlockSpec((None, None, bq, d), q_map),
+        pl.BlockSpec((None, None, bk, d), kv_map),
+        pl.BlockSpec((None, None, bk, d), kv_map)]
     args = [qt, kt, vt]
     if cfg.has_seg:
         in_specs += [pl.BlockSpec((None, bq, LANES), lambda bi, hi, i, j, t: (bi, i, 0)),
@@ -274,12 +275,13 @@ def _dq(cfg: _Cfg, tab, qt, kt, vt, dot_, lse, di, qseg_col, kseg_row):
         lo, up, _, _ = _ranges(t, bi, i, nq, tab_b)
         return bi, 0, _clamp(j, lo, up)
 
-    in_specs = [pl.BlockSpec((None, None, bq, d), q_map),
-                pl.BlockSpec((None, None, bk, d), kv_map),
-                pl.BlockSpec((None, None, bk, d), kv_map),
-                pl.BlockSpec((None, None, bq, d), q_map),
-                pl.BlockSpec((None, None, 1, bq), row_map),
-                pl.BlockSpec((None, None, 1, bq), row_map)]
+    in_specs: list[pl.BlockSpec | None] = [
+        pl.BlockSpec((None, None, bq, d), q_map),
+        pl.BlockSpec((None, None, bk, d), kv_map),
+        pl.BlockSpec((None, None, bk, d), kv_map),
+        pl.BlockSpec((None, None, bq, d), q_map),
+        pl.BlockSpec((None, None, 1, bq), row_map),
+        pl.BlockSpec((None, None, 1, bq), row_map)]
     args = [qt, kt, vt, dot_, lse, di]
     if cfg.has_seg:
         in_specs += [pl.BlockSpec((None, bq, LANES), lambda bi, hi, i, j, t: (bi, i, 0)),
@@ -370,12 +372,13 @@ def _dkv(cfg: _Cfg, tab, qt, kt, vt, dot_, lse, di, qseg_row, kseg_col):
     def row_map(bi, kh, j, gi, i, t):
         return bi, kh * g + gi, 0, q_i(bi, j, i, t)
 
-    in_specs = [pl.BlockSpec((None, None, bq, d), q_map),
-                pl.BlockSpec((None, None, bk, d), kv_map),
-                pl.BlockSpec((None, None, bk, d), kv_map),
-                pl.BlockSpec((None, None, bq, d), q_map),
-                pl.BlockSpec((None, None, 1, bq), row_map),
-                pl.BlockSpec((None, None, 1, bq), row_map)]
+    in_specs: list[pl.BlockSpec | None] = [
+        pl.BlockSpec((None, None, bq, d), q_map),
+        pl.BlockSpec((None, None, bk, d), kv_map),
+        pl.BlockSpec((None, None, bk, d), kv_map),
+        pl.BlockSpec((None, None, bq, d), q_map),
+        pl.BlockSpec((None, None, 1, bq), row_map),
+        pl.BlockSpec((None, None, 1, bq), row_map)]
     args = [qt, kt, vt, dot_, lse, di]
     if cfg.has_seg:
         in_specs += [pl.BlockSpec((None, SUBLANES, bq),
@@ -431,11 +434,11 @@ def _to_kernel_layout(cfg: _Cfg, x):
 
 
 def _tables(cfg: _Cfg, q_seg, kv_seg):
-    kw = dict(q_len=cfg.seq_len, kv_len=cfg.seq_len, causal=cfg.causal)
-    fwd = common.block_ranges(q_seg, kv_seg, bq=cfg.fwd[0], bk=cfg.fwd[1], **kw)
-    dq = common.block_ranges(q_seg, kv_seg, bq=cfg.dq[0], bk=cfg.dq[1], **kw)
-    dkv = common.block_ranges(q_seg, kv_seg, bq=cfg.dkv[0], bk=cfg.dkv[1], by_kv=True, **kw)
-    return fwd, dq, dkv
+    def ranges(blocks: tuple[int, int], by_kv: bool = False):
+        return common.block_ranges(q_seg, kv_seg, q_len=cfg.seq_len, kv_len=cfg.seq_len,
+                                   bq=blocks[0], bk=blocks[1], causal=cfg.causal, by_kv=by_kv)
+
+    return ranges(cfg.fwd), ranges(cfg.dq), ranges(cfg.dkv, by_kv=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -487,6 +490,6 @@ def flash_attention(q, k, v, *, causal: bool, segment_ids=None, kv_segment_ids=N
     has_seg = segment_ids is not None
     cfg = _Cfg(causal=causal, scale=float(d**-0.5 if scale is None else scale), seq_len=s,
                padded_len=common.round_up(s, max(blocks)), groups=h // kvh, has_seg=has_seg,
-               interpret=interpret, fwd=tuple(blocks[0:2]), dkv=tuple(blocks[2:4]),
-               dq=tuple(blocks[4:6]))
+               interpret=interpret, fwd=(blocks[0], blocks[1]), dkv=(blocks[2], blocks[3]),
+               dq=(blocks[4], blocks[5]))
     return _flash(cfg, q, k, v, segment_ids, kv_segment_ids)

@@ -47,7 +47,7 @@ class DecoderLayer(nnx.Module):
                  rngs: nnx.Rngs):
         self.cfg = cfg
         self.attention_impl = attention_impl
-        d, h, kv, hd, i = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+        d, h, kv, hd, i = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size,
                            cfg.intermediate_size)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.input_norm = RMSNorm(d, cfg.rms_norm_eps, ("norm",), param_dtype=param_dtype,
@@ -150,7 +150,7 @@ class Decoder(nnx.Module):
         """An empty cache of `max_len` slots (compute dtype unless `dtype` is given)."""
         cfg = self.cfg
         dtype = self.dtype if dtype is None else dtype
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_size)
         return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                        segment_ids=jnp.zeros((batch, max_len), jnp.int32),
                        index=jnp.zeros((), jnp.int32))

@@ -21,7 +21,7 @@ def _base_exponents(dim: int) -> jax.Array:
 
 def inverse_frequencies(cfg: LLMConfig, seq_len: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(inv_freq [head_dim/2], cos/sin scale) for a batch whose longest position is seq_len-1."""
-    dim = cfg.head_dim
+    dim = cfg.head_size
     theta = jnp.float32(cfg.rope_theta)
     rs = cfg.rope_scaling
     if rs is None:
@@ -34,6 +34,7 @@ def inverse_frequencies(cfg: LLMConfig, seq_len: jax.Array) -> tuple[jax.Array, 
         return 1.0 / base ** _base_exponents(dim), jnp.float32(1.0)
     if rs.type == "longrope":
         orig = rs.original_max_position_embeddings
+        assert orig is not None, "RopeScaling requires it for longrope"
         ones = (1.0,) * (dim // 2)
         short = jnp.asarray(rs.short_factor or ones, jnp.float32)
         long = jnp.asarray(rs.long_factor or ones, jnp.float32)

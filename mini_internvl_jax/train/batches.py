@@ -18,6 +18,7 @@ import numpy as np
 from mini_internvl_jax import batch as contract
 from mini_internvl_jax.batch import BATCH_KEYS, IGNORE_INDEX, STATS_PREFIX
 from mini_internvl_jax.config import ModelConfig
+from mini_internvl_jax.data.pipeline import build_train_iterator
 from mini_internvl_jax.train.config import TrainConfig
 
 
@@ -123,9 +124,7 @@ def make_iterator(cfg: TrainConfig, model_cfg: ModelConfig):
                                 tiles_per_sample=cfg.synthetic.tiles_per_sample,
                                 samples_per_row=cfg.synthetic.samples_per_row,
                                 min_fill=cfg.synthetic.min_fill, **common)
-    # Lazy: the pipeline imports grain, which synthetic runs (benchmarks, AOT) do not need.
-    from mini_internvl_jax.data.pipeline import build_train_iterator
-
+    assert cfg.tokenizer is not None, "TrainConfig requires a tokenizer when data is set"
     data_cfg = cfg.data if cfg.packed else dataclasses.replace(cfg.data, max_samples_per_row=1)
     return build_train_iterator(data_cfg, tokenizer=cfg.tokenizer,
                                 template=model_cfg.template, **common)

@@ -35,8 +35,8 @@ def forward_flops(cfg: ModelConfig, *, batch: int, seq_len: int, tiles: int) -> 
     vit_tile = (2 * g * g * (v.num_channels * p * p) * d
                 + cfg.num_vision_layers_used * (2 * n * (4 * d * d + 2 * d * f) + 4 * n * n * d))
     llm = cfg.llm
-    h, q = llm.hidden_size, llm.num_heads * llm.head_dim
-    kv = llm.num_kv_heads * llm.head_dim
+    h, q = llm.hidden_size, llm.num_heads * llm.head_size
+    kv = llm.num_kv_heads * llm.head_size
     m = cfg.num_image_tokens
     proj_tile = 2 * m * (cfg.projector_in_dim * h + h * h)
     per_token = (llm.num_layers * (2 * (h * q + 2 * h * kv + q * h + 3 * h * llm.intermediate_size)

@@ -9,7 +9,7 @@ moments are sharded exactly like their parameters.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -20,16 +20,20 @@ from jax.sharding import PartitionSpec as P
 from mini_internvl_jax.models.lora import LoRAParam
 from mini_internvl_jax.sharding import logical_to_spec, param_names
 
+# What a TrainState's scalar leaves hold: arrays (the state itself), ShapeDtypeStructs (its
+# abstract form) or NamedShardings (where each leaf lives) -- one tree structure for all three.
+Leaf = TypeVar("Leaf", jax.Array, jax.ShapeDtypeStruct, NamedSharding)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class TrainState:
+class TrainState(Generic[Leaf]):
     params: nnx.State      # trainable parameters (master precision)
     opt_state: Any
-    step: jax.Array        # int32: steps taken, skipped ones included
-    rng: jax.Array         # uint32 key data; step keys are fold_in(rng, step)
-    bad_steps: jax.Array   # int32: consecutive non-finite steps
-    skipped: jax.Array     # int32: non-finite steps in total
+    step: Leaf             # int32: steps taken, skipped ones included
+    rng: Leaf              # uint32 key data; step keys are fold_in(rng, step)
+    bad_steps: Leaf        # int32: consecutive non-finite steps
+    skipped: Leaf          # int32: non-finite steps in total
 
 
 def trainable_filter(frozen_components: frozenset[str]):
@@ -63,7 +67,7 @@ def tree_shardings(tree, mesh: Mesh):
     return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def train_state_shardings(params, opt_state, mesh: Mesh) -> TrainState:
+def train_state_shardings(params, opt_state, mesh: Mesh) -> TrainState[NamedSharding]:
     rep = NamedSharding(mesh, P())
     return TrainState(params=tree_shardings(params, mesh),
                       opt_state=tree_shardings(opt_state, mesh), step=rep, rng=rep,
@@ -76,7 +80,7 @@ def abstract_like(tree, shardings):
                         tree, shardings)
 
 
-def init_train_state(params: nnx.State, tx, mesh: Mesh, seed: int) -> TrainState:
+def init_train_state(params: nnx.State, tx, mesh: Mesh, seed: int) -> TrainState[jax.Array]:
     """Fresh optimizer state, created directly in its sharded place."""
     abstract_opt = jax.eval_shape(tx.init, params)
     opt_sh = tree_shardings(abstract_opt, mesh)
@@ -90,7 +94,7 @@ def init_train_state(params: nnx.State, tx, mesh: Mesh, seed: int) -> TrainState
                       skipped=jax.device_put(jnp.zeros((), jnp.int32), rep))
 
 
-def abstract_train_state(params, tx, seed: int = 0) -> TrainState:
+def abstract_train_state(params, tx, seed: int = 0) -> TrainState[jax.ShapeDtypeStruct]:
     """Shapes and dtypes of a TrainState for abstract (or concrete) parameters."""
     key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32))
     scalar = jax.ShapeDtypeStruct((), jnp.int32)

@@ -57,6 +57,8 @@ class RunResult:
 
     def params(self) -> nnx.State:
         """Every parameter (trainable and frozen) after the last step."""
+        if self.state is None or self.frozen is None:
+            raise ValueError("this RunResult holds no training state (run() fills it in)")
         return nnx.merge_state(self.state.params, self.frozen)
 
 
@@ -244,14 +246,16 @@ def run(cfg: TrainConfig, *, devices=None, stop_after: int | None = None,
                         **({"resumed_with_changes": allowed_changes} if allowed_changes else {})})
         last_saved = step
 
-    profiling = False
+    profile_last: int | None = None  # the last step a running trace covers
     saved = lambda: f"step {last_saved} in {cfg.checkpoint.dir}" if ckpt else "none"
     try:
         with StopGuard(cfg.checkpoint.stop_grace_s, saved) as guard:
             for step in range(start + 1, cfg.total_steps + 1):
                 if cfg.log.profile_start == step and primary:
-                    jax.profiler.start_trace(cfg.log.dir or cfg.checkpoint.dir)
-                    profiling = True
+                    trace_dir = cfg.log.dir or cfg.checkpoint.dir
+                    assert trace_dir is not None, "TrainConfig checks profile_start has a dir"
+                    jax.profiler.start_trace(trace_dir)
+                    profile_last = step + cfg.log.profile_steps - 1
                 try:
                     host_batch, stats = next_step_batch(iterator, cfg.optim.grad_accum)
                 except StopIteration:  # a finite dataset (data.num_epochs) ran out
@@ -273,10 +277,10 @@ def run(cfg: TrainConfig, *, devices=None, stop_after: int | None = None,
                 if pending is not None:
                     collect()
                 pending = (step, metrics, extra)
-                if profiling and step == cfg.log.profile_start + cfg.log.profile_steps - 1:
+                if step == profile_last:
                     jax.block_until_ready(state)
                     jax.profiler.stop_trace()
-                    profiling = False
+                    profile_last = None
                 preempted = guard.should_stop(step)
                 if ckpt is not None and (step % cfg.checkpoint.every == 0 or preempted
                                          or step == cfg.total_steps):
@@ -295,7 +299,7 @@ def run(cfg: TrainConfig, *, devices=None, stop_after: int | None = None,
             if pending is not None:
                 collect()
     finally:
-        if profiling:
+        if profile_last is not None:
             jax.profiler.stop_trace()
         reporter.close()
         if ckpt is not None:
