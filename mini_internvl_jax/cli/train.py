@@ -1,4 +1,4 @@
-"""`mivl-train --config PRESET_OR_YAML [key=value ...] [--aot-tpu TOPOLOGY]`."""
+"""`mivl-train --config PRESET_OR_YAML [key=value ...] [--aot-tpu TOPOLOGY [--num-slices N]]`."""
 
 from __future__ import annotations
 
@@ -42,6 +42,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--aot-tpu", metavar="TOPOLOGY",
                    help="compile the training step for a TPU topology (e.g. v5e:2x2) on this "
                         "machine and print its memory and FLOPs; nothing runs")
+    p.add_argument("--num-slices", type=int, default=1, metavar="N",
+                   help="with --aot-tpu: compile for N such slices joined by DCN (mesh.dcn, "
+                        "default data parallel over the slices) and print the bytes of "
+                        "collectives that cross slices")
     p.add_argument("--coordinator", help="host:port of process 0 (manual multi-process start)")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
@@ -57,11 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.aot_tpu:
         try:
-            print(format_report(compile_for_topology(cfg, args.aot_tpu)))
+            print(format_report(compile_for_topology(cfg, args.aot_tpu, args.num_slices)))
         except (ConfigError, RuntimeError) as e:
             print(f"AOT compile failed: {e}", file=sys.stderr)
             return 2
         return 0
+    if args.num_slices != 1:
+        print("--num-slices only applies with --aot-tpu (a real run finds its slices from "
+              "the devices; set mesh.dcn)", file=sys.stderr)
+        return 2
     maybe_initialize_distributed(cfg.distributed, args)
     try:
         result = run(cfg)

@@ -44,6 +44,8 @@ class Reporter:
                             dynamic_ncols=True)
         self.window: list[dict] = []
         self.first_step_time: float | None = None
+        self.time_to_first_step: float | None = None
+        self.cache_hits: int | None = None
         self.first_step_logged = False
         self.first_loss: float | None = None
         self.last_loss: float | None = None
@@ -86,6 +88,9 @@ class Reporter:
                     out["data_" + k[len(STATS_PREFIX):]] = sum(h[k] for h in w)
         if not self.first_step_logged:
             out["first_step_time"] = self.first_step_time
+            if self.time_to_first_step is not None:
+                out["time_to_first_step"] = self.time_to_first_step
+                out["compile_cache_hits"] = self.cache_hits
             self.first_step_logged = True
         self.log.write(step, out)
         if self.bar is not None:
@@ -98,6 +103,16 @@ class Reporter:
         elif self.primary:
             print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in out.items()),
                   flush=True)
+
+    def first_step_ready(self, seconds: float, cache) -> None:
+        """What a (re)start cost: from entering the trainer to the first step's results."""
+        self.time_to_first_step, self.cache_hits = seconds, cache.hits
+        if self.primary:
+            msg = f"time to first step {seconds:.1f} s ({cache.describe()})"
+            if self.bar is not None:
+                self.bar.write(msg)
+            else:
+                print(msg, flush=True)
 
     def log_samples(self, step: int, host_batch: dict[str, np.ndarray]) -> None:
         """A few samples of the run's first micro-batch (tiles + decoded text) to TensorBoard."""

@@ -6,6 +6,7 @@ checkpoint steps, where the step's finiteness must be known before saving.
 
 from __future__ import annotations
 
+import time
 import zlib
 from dataclasses import dataclass, field
 
@@ -14,7 +15,6 @@ import numpy as np
 from flax import nnx
 
 from mini_internvl_jax.batch import to_global
-from mini_internvl_jax.sharding import make_mesh
 from mini_internvl_jax.train import setup as setup_lib
 from mini_internvl_jax.train.batches import make_iterator, next_step_batch
 from mini_internvl_jax.train.checkpoint import (
@@ -23,6 +23,7 @@ from mini_internvl_jax.train.checkpoint import (
     PreemptionGuard,
     run_meta,
 )
+from mini_internvl_jax.train.compile_cache import CacheStats, cache_dir, persistent_cache
 from mini_internvl_jax.train.config import TrainConfig
 from mini_internvl_jax.train.init_from import load_initial_params, model_config
 from mini_internvl_jax.train.report import Reporter
@@ -60,8 +61,14 @@ def _digest(batch: dict) -> int:
 def run(cfg: TrainConfig, *, devices=None, stop_after: int | None = None) -> RunResult:
     """Trains until `cfg.total_steps` (or SIGTERM, or `stop_after` steps, which simulates a kill:
     no extra checkpoint is written)."""
+    with persistent_cache(cache_dir(cfg)) as cache:
+        return _run(cfg, devices, stop_after, cache)
+
+
+def _run(cfg: TrainConfig, devices, stop_after: int | None, cache: CacheStats) -> RunResult:
+    started = time.perf_counter()
     model_cfg = model_config(cfg)
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
+    mesh = cfg.mesh.build(devices)
     setup_lib.check_batch_fits_mesh(cfg, mesh)
     init = None if cfg.init_from is None else (lambda m: load_initial_params(m, cfg, mesh))
     s = setup_lib.build(cfg, mesh, model_cfg, init_params=init)
@@ -134,6 +141,9 @@ def run(cfg: TrainConfig, *, devices=None, stop_after: int | None = None) -> Run
                 batch = to_global(host_batch, s.batch_sh)
                 with jax.set_mesh(mesh):
                     state, metrics = s.step_fn(state, frozen, rest, batch)
+                if step == start + 1:  # restart cost: setup + compile (or cache) + 1 step
+                    jax.block_until_ready(metrics)
+                    reporter.first_step_ready(time.perf_counter() - started, cache)
                 if pending is not None:
                     collect()
                 pending = (step, metrics, extra)
