@@ -116,16 +116,23 @@ HLO = "\n".join([
     "  ROOT %t = (s32[], f32[16]{0}) tuple(%i, %ar)",
     "}",
     "",
+    "%body2 (p: (s32[], f32[16])) -> (s32[], f32[16]) {",
+    "  %ar = f32[4]{0} all-reduce(%x), channel_id=5, replica_groups={{0,1,2,3,4,5,6,7}}",
+    "}",
+    "",
     "%cond (p: (s32[], f32[16])) -> pred[] {",
-    "  ROOT %c = pred[] compare(%a, %b), direction=LT",
+    "  %n = s32[]{:T(128)} constant(3)",
+    "  ROOT %c = pred[] compare(%i, %n), direction=LT",
     "}",
     "",
     "ENTRY %main (a: bf16[4,8]) -> f32[16] {",
     "  %ag = bf16[16,8]{1,0} all-gather(%a), replica_groups={{0,1,2,3},{4,5,6,7}},"
     " dimensions={0}",
     "  %rs = bf16[2,8]{1,0} reduce-scatter(%b), replica_groups=[4,2]<=[8], dimensions={0}",
-    "  %w = (s32[], f32[16]) while(%i), condition=%cond, body=%body,"
-    ' backend_config={"known_trip_count":{"n":"3"}}',
+    # TPU executables keep no known_trip_count: the bound comes from the condition
+    "  %w = (s32[], f32[16]) while(%i), condition=%cond, body=%body, metadata={}",
+    "  %w2 = (s32[], f32[16]) while(%i), condition=%cond, body=%body2,"
+    ' backend_config={"known_trip_count":{"n":"5"}}',
     "  %cp = (bf16[4,8]{1,0}, bf16[4,8]{1,0}, u32[], u32[]) collective-permute-start(%a),"
     " channel_id=4, source_target_pairs={{0,4},{4,0}}",
     "  ROOT %r = f32[16]{0} get-tuple-element(%w), index=1",
@@ -139,9 +146,10 @@ def test_collective_traffic_by_hand():
     # within a slice: all-gather output 16*8*2 = 256 B; reduce-scatter input 2*8*2 * group 2
     # = 64 B (groups {0,1},{2,3},.. stay in a slice)
     assert r["ici_collective_bytes"] == 256 + 64
-    # across: the loop's all-reduce (groups {0,4},{1,5},..) 16*4 B x 3 trips; the permute 64 B
-    assert r["dcn_bytes_by_op"] == {"all-reduce": 3 * 64, "collective-permute": 64}
-    assert r["dcn_collective_bytes"] == 3 * 64 + 64 and r["dcn_collective_ops"] == 2
+    # across: the first loop's all-reduce (groups {0,4},{1,5},..) 16*4 B x 3 trips, the second
+    # loop's over all 8 devices 4*4 B x 5 trips; the permute 64 B
+    assert r["dcn_bytes_by_op"] == {"all-reduce": 3 * 64 + 5 * 16, "collective-permute": 64}
+    assert r["dcn_collective_bytes"] == 3 * 64 + 5 * 16 + 64 and r["dcn_collective_ops"] == 3
 
 
 def test_per_slice_program_counts_megascale_sends_as_dcn():

@@ -228,21 +228,34 @@ def _computations(hlo: str) -> tuple[str, dict[str, list[str]]]:
     return entry, comps
 
 
+def _trip_count(line: str, comps: dict[str, list[str]]) -> int:
+    """Iterations of a while loop: XLA's known_trip_count, else (TPU executables drop it) the
+    bound of a `counter < N` condition, as jax's scans and fori_loops count from 0."""
+    trip = _TRIP_RE.search(line)
+    if trip:
+        return int(trip.group(1))
+    cond = re.search(r"condition=%?([\w.\-]+)", line)
+    body = comps.get(cond.group(1), []) if cond else []
+    bounds = [int(n) for b in body for n in re.findall(r"s32\[\]\S* constant\((\d+)\)", b)]
+    if len(bounds) == 1 and any("direction=LT" in b for b in body):
+        return bounds[0]
+    return 1
+
+
 def _execution_counts(entry: str, comps: dict[str, list[str]]) -> dict[str, int]:
-    """How often each computation runs per call of `entry` (while bodies x known trip count)."""
+    """How often each computation runs per call of `entry` (while bodies x trip count)."""
     counts: dict[str, int] = {}
 
     def visit(name: str, times: int) -> None:
         counts[name] = counts.get(name, 0) + times
         for line in comps.get(name, ()):
-            trip = _TRIP_RE.search(line)
-            is_loop = " while(" in line
+            trips = _trip_count(line, comps) if " while(" in line else 1
             callees = _CALLEE_RE.findall(line)
             for group in _CALLEE_LIST_RE.findall(line):
                 callees += [c.strip().lstrip("%") for c in group.split(",") if c.strip()]
             for callee in callees:
                 if callee in comps:
-                    visit(callee, times * (int(trip.group(1)) if is_loop and trip else 1))
+                    visit(callee, times * trips)
 
     visit(entry, 1)
     return counts
@@ -287,13 +300,14 @@ def collective_traffic(hlo: str, slice_of: list[int]) -> dict:
     counts = _execution_counts(entry, comps)
     head = re.search(r"num_partitions=(\d+)", hlo.split("\n", 1)[0])
     per_slice_program = head is not None and int(head.group(1)) < len(slice_of)
-    out = {"ici_collective_bytes": 0, "dcn_collective_bytes": 0, "dcn_collective_ops": 0,
-           "dcn_bytes_by_op": {}}
+    ici = 0
+    dcn: dict[str, int] = {}  # kind -> bytes
+    dcn_ops = 0
 
     def add_dcn(kind: str, size: int) -> None:
-        out["dcn_collective_bytes"] += size
-        out["dcn_collective_ops"] += 1
-        out["dcn_bytes_by_op"][kind] = out["dcn_bytes_by_op"].get(kind, 0) + size
+        nonlocal dcn_ops
+        dcn_ops += 1
+        dcn[kind] = dcn.get(kind, 0) + size
 
     for name, lines in comps.items():
         times = counts.get(name, 0)
@@ -317,5 +331,6 @@ def collective_traffic(hlo: str, slice_of: list[int]) -> dict:
                                              for g in groups):
                 add_dcn(op, size)
             else:
-                out["ici_collective_bytes"] += size
-    return out
+                ici += size
+    return {"ici_collective_bytes": ici, "dcn_collective_bytes": sum(dcn.values()),
+            "dcn_collective_ops": dcn_ops, "dcn_bytes_by_op": dcn}

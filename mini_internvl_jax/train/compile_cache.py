@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
@@ -24,14 +25,18 @@ _SETTINGS = {"jax_persistent_cache_min_compile_time_secs": 0.0,
              "jax_persistent_cache_min_entry_size_bytes": 0}
 
 
+def _setting(name: str) -> Any:
+    return getattr(jax.config, name)
+
+
 def cache_dir(cfg: TrainConfig) -> str | None:
     """`compile_cache_dir`; "auto" = a cache JAX is already set to use (JAX_COMPILATION_CACHE_DIR,
     shared by many runs), else `compile_cache` in the run folder (checkpoint.dir, else
     log.dir), none without one; None = off."""
     if cfg.compile_cache_dir != "auto":
         return cfg.compile_cache_dir
-    if jax.config.jax_compilation_cache_dir:
-        return jax.config.jax_compilation_cache_dir
+    if _setting("jax_compilation_cache_dir"):
+        return _setting("jax_compilation_cache_dir")
     run_dir = cfg.checkpoint.dir or cfg.log.dir
     if run_dir is None:
         return None
@@ -59,7 +64,7 @@ def persistent_cache(path: str | None) -> Iterator[CacheStats]:
         yield stats
         return
     names = ["jax_compilation_cache_dir", *_SETTINGS]
-    old = {name: getattr(jax.config, name) for name in names}
+    old = {name: _setting(name) for name in names}
 
     def listen(event: str, **_kwargs) -> None:
         if event == _HIT:
