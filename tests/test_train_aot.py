@@ -71,10 +71,11 @@ def test_two_slice_step_compiles_from_the_command_line(tmp_path, capsys, monkeyp
     total = _param_bytes_by_hand(train_config_from_dict(cfg))
     per_chip = r["trainable_gib"] * 2**30
     assert total / 4 <= per_chip < total / 2  # FSDP over the 4 chips of one slice
-    # The gradients are summed over the two slices: at least each chip's float32 gradient
-    # shard crosses DCN, at most the whole gradient (plus a little: metrics, data statistics).
+    # The gradients are summed over the two slices, once per step with one micro-batch: at
+    # least each chip's gradient shard in bfloat16 crosses DCN, at most the whole float32
+    # gradient (plus a little: metrics, data statistics).
     reduced = r["dcn_bytes_by_op"]["dcn-all_reduce"]
-    assert per_chip <= reduced <= total + 2**16, r
+    assert per_chip / 2 <= reduced <= total + 2**16, r
     assert r["ici_collective_bytes"] > per_chip
 
 
