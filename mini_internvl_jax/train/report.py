@@ -15,6 +15,7 @@ from tqdm import tqdm
 from mini_internvl_jax.batch import STATS_PREFIX
 from mini_internvl_jax.data.tokenizer import load_tokenizer
 from mini_internvl_jax.train import flops
+from mini_internvl_jax.train.compile_cache import CacheStats
 from mini_internvl_jax.train.config import TrainConfig
 from mini_internvl_jax.train.metrics import MetricsLog, describe_samples, mfu, peak_tflops
 
@@ -104,7 +105,7 @@ class Reporter:
             print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in out.items()),
                   flush=True)
 
-    def first_step_ready(self, seconds: float, cache) -> None:
+    def first_step_ready(self, seconds: float, cache: CacheStats) -> None:
         """What a (re)start cost: from entering the trainer to the first step's results."""
         self.time_to_first_step, self.cache_hits = seconds, cache.hits
         if self.primary:
