@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -48,28 +49,76 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("proj_out", "tensor"),
 )
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
-    """Mesh over `devices` (default: all devices of all hosts); one size may be -1 = the rest."""
-    devices_arg_is_default = devices is None
-    devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, tensor]
+def resolve_sizes(sizes: Sequence[int], n_devices: int, what: str = "mesh") -> tuple[int, ...]:
+    """Axis sizes with the one allowed -1 filled in so that they multiply to `n_devices`."""
+    sizes = list(sizes)
 
     def describe() -> str:
         return ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes, strict=True))
 
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh sizes ({describe()}) must be positive, with at most one -1")
+        raise ValueError(f"{what} sizes ({describe()}) must be positive, with at most one -1")
     if -1 in sizes:
         known = math.prod(s for s in sizes if s != -1)
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot be split into mesh ({describe()})")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh ({describe()}) needs {math.prod(sizes)} devices, "
-                         f"{len(devices)} are available")
+        if n_devices % known:
+            raise ValueError(f"{n_devices} devices cannot be split into {what} ({describe()})")
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise ValueError(f"{what} ({describe()}) needs {math.prod(sizes)} devices, "
+                         f"{n_devices} are available")
+    return tuple(sizes)
+
+
+def hybrid_device_grid(devices: Sequence, ici: Sequence[int], dcn: Sequence[int]) -> np.ndarray:
+    """Devices laid out as `ici * dcn` (per axis), each axis slice-major: index `i` of an axis of
+    size ici*dcn lies in slice `i // ici`, so only the DCN factor of an axis crosses slices.
+
+    Slices are the granules where devices know their `slice_index` (TPU multislice); elsewhere
+    (GPU or CPU clusters) each process is one granule.
+    """
+    by_process = not hasattr(devices[0], "slice_index")
+    return mesh_utils.create_hybrid_device_mesh(list(ici), list(dcn), list(devices),
+                                                process_is_granule=by_process)
+
+
+def count_slices(devices: Sequence) -> int:
+    """Slices (TPU multislice) or, where devices carry no slice_index, processes."""
+    key = "slice_index" if hasattr(devices[0], "slice_index") else "process_index"
+    return len({getattr(d, key) for d in devices})
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None, *,
+              dcn: Sequence[int] = (1, 1, 1)) -> Mesh:
+    """Mesh over `devices` (default: all devices of all hosts); one size may be -1 = the rest.
+
+    `dcn` (data, fsdp, tensor) > 1 spans several slices: `data, fsdp, tensor` are then sizes
+    within one slice, and each mesh axis is dcn x per-slice long (one axis name, so the logical
+    rules table serves single- and multi-slice meshes alike).
+    """
+    devices_arg_is_default = devices is None
+    devices = list(jax.devices() if devices is None else devices)
+    dcn = tuple(dcn)
+    if len(dcn) != len(MESH_AXES) or any(d < 1 for d in dcn):
+        raise ValueError(f"mesh dcn sizes {dcn} must be {len(MESH_AXES)} positive ints "
+                         f"({', '.join(MESH_AXES)})")
+    slices = math.prod(dcn)
+    if slices > 1:
+        found = count_slices(devices)
+        if found != slices:
+            raise ValueError(
+                f"mesh.dcn ({', '.join(f'{a}={d}' for a, d in zip(MESH_AXES, dcn, strict=True))})"
+                f" needs devices in {slices} slices, found {found} "
+                f"({len(devices)} {devices[0].platform} devices); set mesh.dcn to the number of "
+                "slices (all 1 for a single slice)")
+        if len(devices) % slices:
+            raise ValueError(f"{len(devices)} devices do not split evenly into {slices} slices")
+        ici = resolve_sizes([data, fsdp, tensor], len(devices) // slices, "per-slice mesh")
+        grid = hybrid_device_grid(devices, ici, dcn)
+        return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    sizes = resolve_sizes([data, fsdp, tensor], len(devices))
     if devices_arg_is_default:
         # jax.make_mesh orders devices along the physical interconnect (TPU torus).
-        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+        return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES,
                 axis_types=(AxisType.Auto,) * 3)
 

@@ -1,4 +1,4 @@
-"""`mivl-train --config PRESET_OR_YAML [key=value ...] [--aot-tpu TOPOLOGY]`.
+"""`mivl-train --config PRESET_OR_YAML [key=value ...] [--aot-tpu TOPOLOGY [--num-slices N]]`.
 
 Exit codes: 0 finished (total_steps reached, or a finite dataset ran out: final checkpoint
 saved); 2 a config, data or checkpoint problem (one line on stderr); 3 training diverged;
@@ -43,6 +43,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--aot-tpu", metavar="TOPOLOGY",
                    help="compile the training step for a TPU topology (e.g. v5e:2x2) on this "
                         "machine and print its memory and FLOPs; nothing runs")
+    p.add_argument("--num-slices", type=int, default=1, metavar="N",
+                   help="with --aot-tpu: compile for N such slices joined by DCN (mesh.dcn, "
+                        "default data parallel over the slices) and print the bytes of "
+                        "collectives that cross slices")
     p.add_argument("--coordinator", help="host:port of process 0 (manual multi-process start)")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
@@ -61,11 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     if args.aot_tpu:
         try:
-            print(format_report(compile_for_topology(cfg, args.aot_tpu)))
+            print(format_report(compile_for_topology(cfg, args.aot_tpu, args.num_slices)))
         except (ConfigError, RuntimeError) as e:
             print(f"AOT compile failed: {e}", file=sys.stderr)
             return EXIT_USER_ERROR
         return 0
+    if args.num_slices != 1:
+        print("--num-slices only applies with --aot-tpu (a real run finds its slices from "
+              "the devices; set mesh.dcn)", file=sys.stderr)
+        return EXIT_USER_ERROR
     maybe_initialize_distributed(cfg.distributed, args)
     try:
         result = run(cfg, allow_config_change=args.allow_config_change)

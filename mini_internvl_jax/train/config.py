@@ -18,15 +18,47 @@ from mini_internvl_jax.config import ComputeConfig, ModelConfig, model_config_fr
 from mini_internvl_jax.configlib import check
 from mini_internvl_jax.data.config import DataConfig
 from mini_internvl_jax.models.lora import LoRAConfig
+from mini_internvl_jax.sharding import make_mesh
+
+
+@dataclass(frozen=True)
+class DcnConfig:
+    """How many slices each mesh axis spans (multislice over the data-centre network)."""
+
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        check(self.data >= 1, "mesh.dcn.data", "must be >= 1 (number of slices; no -1)")
+        check(self.fsdp >= 1, "mesh.dcn.fsdp", "must be >= 1 (number of slices; no -1)")
+        check(self.tensor == 1, "mesh.dcn.tensor",
+              "must be 1: tensor parallelism needs ICI bandwidth and stays inside a slice; "
+              "spread slices over mesh.dcn.data (or mesh.dcn.fsdp)")
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        return (self.data, self.fsdp, self.tensor)
+
+    @property
+    def slices(self) -> int:
+        return self.data * self.fsdp * self.tensor
 
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """Axis sizes over all devices of all hosts; one may be -1 (= the rest)."""
+    """Axis sizes within one slice (all devices when there is one slice); one may be -1 (= the
+    rest). `dcn` multiplies `data`/`fsdp` across slices: mesh `{data: 1, fsdp: -1, dcn: {data:
+    2}}` on two v5e-16 slices is data 2 (one per slice) x fsdp 16 (inside each slice)."""
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    dcn: DcnConfig = field(default_factory=DcnConfig)
+
+    def build(self, devices=None):
+        """The jax Mesh over `devices` (default: all devices of all hosts)."""
+        return make_mesh(self.data, self.fsdp, self.tensor, devices, dcn=self.dcn.sizes)
 
 
 @dataclass(frozen=True)
@@ -176,6 +208,10 @@ class TrainConfig:
     max_bad_steps: int = 5
     # Initialise jax.distributed: auto = when a cluster environment is detected.
     distributed: Literal["auto", "on", "off"] = "auto"
+    # JAX persistent compilation cache (a restart reuses the compiled step): "auto" = JAX's own
+    # setting if any (JAX_COMPILATION_CACHE_DIR), else the run folder's compile_cache/
+    # (checkpoint.dir, else log.dir); a path; null = off.
+    compile_cache_dir: str | None = "auto"
 
     def __post_init__(self):
         check(self.batch_size >= 1, "batch_size", "must be >= 1")

@@ -16,6 +16,7 @@ from mini_internvl_jax import configlib
 from mini_internvl_jax.batch import STATS_PREFIX
 from mini_internvl_jax.data.tokenizer import load_tokenizer
 from mini_internvl_jax.train import flops
+from mini_internvl_jax.train.compile_cache import CacheStats
 from mini_internvl_jax.train.config import TrainConfig
 from mini_internvl_jax.train.metrics import MetricsLog, describe_samples, mfu, peak_tflops
 
@@ -48,6 +49,8 @@ class Reporter:
                             dynamic_ncols=True)
         self.window: list[dict] = []
         self.first_step_time: float | None = None
+        self.time_to_first_step: float | None = None
+        self.cache_hits: int | None = None
         self.first_step_logged = False
         self.first_loss: float | None = None
         self.last_loss: float | None = None
@@ -90,6 +93,9 @@ class Reporter:
                     out["data_" + k[len(STATS_PREFIX):]] = sum(h[k] for h in w)
         if not self.first_step_logged:
             out["first_step_time"] = self.first_step_time
+            if self.time_to_first_step is not None:
+                out["time_to_first_step"] = self.time_to_first_step
+                out["compile_cache_hits"] = self.cache_hits
             self.first_step_logged = True
         self.log.write(step, out)
         if self.bar is not None:
@@ -102,6 +108,16 @@ class Reporter:
         elif self.primary:
             print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in out.items()),
                   flush=True)
+
+    def first_step_ready(self, seconds: float, cache: CacheStats) -> None:
+        """What a (re)start cost: from entering the trainer to the first step's results."""
+        self.time_to_first_step, self.cache_hits = seconds, cache.hits
+        if self.primary:
+            msg = f"time to first step {seconds:.1f} s ({cache.describe()})"
+            if self.bar is not None:
+                self.bar.write(msg)
+            else:
+                print(msg, flush=True)
 
     def log_samples(self, step: int, host_batch: dict[str, np.ndarray]) -> None:
         """A few samples of the run's first micro-batch (tiles + decoded text) to TensorBoard."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +28,11 @@ from flax import nnx
 from mini_internvl_jax import configlib, fileio
 from mini_internvl_jax.batch import to_global
 from mini_internvl_jax.configlib import ConfigError
-from mini_internvl_jax.sharding import make_mesh
 from mini_internvl_jax.train import setup as setup_lib
 from mini_internvl_jax.train.batches import make_iterator, next_step_batch
 from mini_internvl_jax.train.checkpoint import Checkpointer, CheckpointError
 from mini_internvl_jax.train.checkpoint import run_meta as _run_meta
+from mini_internvl_jax.train.compile_cache import CacheStats, cache_dir, persistent_cache
 from mini_internvl_jax.train.config import TrainConfig
 from mini_internvl_jax.train.init_from import load_initial_params, model_config
 from mini_internvl_jax.train.report import Reporter
@@ -161,9 +162,16 @@ def run(cfg: TrainConfig, *, devices=None, stop_after: int | None = None,
     `allow_config_change` lets a resumed run use a learning rate, batch size or dataset other
     than the checkpoint's (the change is printed and recorded in the next checkpoints' meta).
     """
+    with persistent_cache(cache_dir(cfg)) as cache:
+        return _run(cfg, devices, stop_after, allow_config_change, cache)
+
+
+def _run(cfg: TrainConfig, devices, stop_after: int | None, allow_config_change: bool,
+         cache: CacheStats) -> RunResult:
+    started = time.perf_counter()
     model_cfg = model_config(cfg)
     try:
-        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
+        mesh = cfg.mesh.build(devices)
     except ValueError as e:  # sizes that do not match the devices: a config mistake
         raise ConfigError(f"mesh: {e}") from None
     setup_lib.check_batch_fits_mesh(cfg, mesh)
@@ -274,6 +282,9 @@ def run(cfg: TrainConfig, *, devices=None, stop_after: int | None = None,
                 batch = to_global(host_batch, s.batch_sh)
                 with jax.set_mesh(mesh):
                     state, metrics = s.step_fn(state, frozen, rest, batch)
+                if step == start + 1:  # restart cost: setup + compile (or cache) + 1 step
+                    jax.block_until_ready(metrics)
+                    reporter.first_step_ready(time.perf_counter() - started, cache)
                 if pending is not None:
                     collect()
                 pending = (step, metrics, extra)
