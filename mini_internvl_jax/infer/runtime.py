@@ -35,7 +35,7 @@ def parse_mesh(spec: str | None):
     devices = jax.devices()
     if n > len(devices):
         raise ValueError(f"--mesh {spec!r} needs {n} devices, {len(devices)} are available")
-    return make_mesh(**sizes, devices=devices[:n])
+    return make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"], devices=devices[:n])
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
