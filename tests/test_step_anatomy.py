@@ -13,7 +13,14 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mini_internvl_jax.train.hlo_anatomy import analyze, nbytes, parse_module, trip_count
+from mini_internvl_jax.train.hlo_anatomy import (
+    _walk,
+    analyze,
+    nbytes,
+    parse_module,
+    scattering_all_reduces,
+    trip_count,
+)
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
@@ -217,11 +224,29 @@ def test_tpu_batched_matmuls_and_weight_converts_in_a_scan():
     assert a.flops == 6 * 2 * 16 * 512 * 512
 
 
-def test_step_anatomy_script_on_the_tiny_model(tmp_path):
+def _script():
     path = Path(__file__).parents[1] / "benchmarks" / "step_anatomy.py"
     spec = importlib.util.spec_from_file_location("step_anatomy", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install 'jax[tpu]')")
+def test_tiny_step_on_tpu_reduces_the_head_gradient_once(tmp_path):
+    """tiny-qwen2 (tied head, float32 [64, 512]) with 64 positions in 4 loss chunks, FSDP over
+    v5e:2x2: the head gradient is reduce-scattered once per step, not once per chunk."""
+    assert _script().main(["--tiny", "--topology", "v5e:2x2", "--loss-chunk", "16",
+                           "--dump-hlo", str(tmp_path)]) == 0
+    comps = parse_module((tmp_path / "step_tiny-qwen2.hlo.txt").read_text())
+    runs = _walk(comps)[0]
+    head = [runs[c] for c, i in scattering_all_reduces(comps)
+            if comps[c].by_name()[i].shape.startswith("f32[64,512]")]
+    assert head == [1.0]
+
+
+def test_step_anatomy_script_on_the_tiny_model(tmp_path):
+    mod = _script()
     out = tmp_path / "anatomy.json"
     assert mod.main(["--tiny", "--topology", "cpu", "--chips", "2", "--attention", "xla",
                      "--json", str(out)]) == 0

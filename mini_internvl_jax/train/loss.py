@@ -16,6 +16,7 @@ the loss is sum(w * ce) / sum(w) with w the packed-sequence loss weights.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
 
 import jax
@@ -51,7 +52,7 @@ def _chunk(h, head, labels, weights, dtype, with_grads: bool, head_grad=None):
     return sums, dh.astype(h.dtype), dhead
 
 
-def _shard_partials(hc, dlogits):
+def _shard_partials(hc, dlogits) -> tuple[Callable, NamedSharding, int] | None:
     """(per-shard head-gradient function, its output sharding, the number of batch shards)
     under a mesh whose batch axes split the tokens, else None.
 
@@ -90,33 +91,31 @@ def _scan_chunks(hidden, head, labels, weights, chunk: int, dtype, with_grads: b
     def split(x):  # [B, n*c, ...] -> [n, B, c, ...]
         return jnp.moveaxis(x.reshape((b, n, chunk) + x.shape[2:]), 1, 0)
 
-    v = head.shape[-1]
-    partials = _shard_partials(jax.ShapeDtypeStruct((b, chunk, d), dtype),
-                               jax.ShapeDtypeStruct((b, chunk, v), dtype)) if with_grads else None
+    head_grad, dhead0 = None, None
+    if with_grads:
+        dhead0 = jnp.zeros(head.shape, jnp.float32)
+        partials = _shard_partials(jax.ShapeDtypeStruct((b, chunk, d), dtype),
+                                   jax.ShapeDtypeStruct((b, chunk, head.shape[-1]), dtype))
+        if partials is not None:
+            head_grad, sharding, shards = partials
+            dhead0 = jax.lax.with_sharding_constraint(
+                jnp.zeros((shards,) + head.shape, jnp.float32), sharding)
 
     def body(carry, xs):
         sums, dhead = carry
-        part, dh, dhead_c = _chunk(*xs[:1], head_c, *xs[1:], dtype, with_grads,
-                                   None if partials is None else partials[0])
+        part, dh, dhead_c = _chunk(*xs[:1], head_c, *xs[1:], dtype, with_grads, head_grad)
         sums = tuple(a + c for a, c in zip(sums, part, strict=True))
         if with_grads:
             dhead = dhead + dhead_c
         return (sums, dhead), dh
 
     zero = jnp.zeros((), jnp.float32)
-    dhead0 = None
-    if with_grads and partials is None:
-        dhead0 = jnp.zeros(head.shape, jnp.float32)
-    elif with_grads:
-        _, sharding, shards = partials
-        dhead0 = jax.lax.with_sharding_constraint(
-            jnp.zeros((shards,) + head.shape, jnp.float32), sharding)
     (sums, dhead), dh = jax.lax.scan(body, ((zero, zero, zero), dhead0),
                                      (split(hidden), split(labels), split(weights)))
     if with_grads:
         dh = jnp.moveaxis(dh, 0, 1).reshape(b, n * chunk, d)[:, :s]
-        if partials is not None:
-            dhead = jnp.sum(dhead, axis=0)
+    if head_grad is not None and dhead is not None:
+        dhead = jnp.sum(dhead, axis=0)  # the one reduction over the batch shards
     return sums, dh, dhead
 
 
