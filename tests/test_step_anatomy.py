@@ -13,7 +13,14 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mini_internvl_jax.train.hlo_anatomy import analyze, nbytes, parse_module, trip_count
+from mini_internvl_jax.train.hlo_anatomy import (
+    _walk,
+    analyze,
+    nbytes,
+    parse_module,
+    scattering_all_reduces,
+    trip_count,
+)
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
@@ -95,6 +102,94 @@ def test_trip_count_from_a_fused_condition_and_byte_sizes():
     assert nbytes("(bf16[2,3]{1,0:T(8,128)(2,1)}, s32[], pred[4])") == 12 + 4 + 4
 
 
+HLO_WITH_REDUCE_SCATTER_FUSIONS = """
+HloModule m
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%all-reduce-scatter (in: f32[64,16]) -> f32[16,16] {
+  %in = f32[64,16]{1,0} parameter(0)
+  %ar = f32[64,16]{1,0} all-reduce(%in), channel_id=1, replica_groups={{0,1,2,3}}, to_apply=%add
+  %pid = u32[] partition-id()
+  %c16 = u32[] constant(16)
+  %off = u32[] multiply(%pid, %c16)
+  %z = u32[] constant(0)
+  ROOT %ds = f32[16,16]{1,0} dynamic-slice(%ar, %off, %z), dynamic_slice_sizes={16,16}
+}
+
+%all-reduce-scatter.2 (p0: f32[32,8], p1: f32[8,4]) -> (f32[8,8], f32[2,4]) {
+  %p0 = f32[32,8]{1,0} parameter(0)
+  %p1 = f32[8,4]{1,0} parameter(1)
+  %ar2 = (f32[32,8]{1,0}, f32[8,4]{1,0}) all-reduce(%p0, %p1), channel_id=2, to_apply=%add
+  %g0 = f32[32,8]{1,0} get-tuple-element(%ar2), index=0
+  %g1 = f32[8,4]{1,0} get-tuple-element(%ar2), index=1
+  %pid2 = u32[] partition-id()
+  %c8 = u32[] constant(8)
+  %c2 = u32[] constant(2)
+  %o8 = u32[] multiply(%pid2, %c8)
+  %o2 = u32[] multiply(%pid2, %c2)
+  %z2 = u32[] constant(0)
+  %d0 = f32[8,8]{1,0} dynamic-slice(%g0, %o8, %z2), dynamic_slice_sizes={8,8}
+  %d1 = f32[2,4]{1,0} dynamic-slice(%g1, %o2, %z2), dynamic_slice_sizes={2,4}
+  ROOT %t = (f32[8,8]{1,0}, f32[2,4]{1,0}) tuple(%d0, %d1)
+}
+
+ENTRY %main (x: f32[64,16], y: f32[32,8], w: f32[8,4], v: f32[8,16]) -> f32[2,16] {
+  %x = f32[64,16]{1,0} parameter(0)
+  %y = f32[32,8]{1,0} parameter(1)
+  %w = f32[8,4]{1,0} parameter(2)
+  %v = f32[8,16]{1,0} parameter(3)
+  %f1 = f32[16,16]{1,0} fusion(%x), kind=kCustom, calls=%all-reduce-scatter
+  %f2 = (f32[8,8]{1,0}, f32[2,4]{1,0}) fusion(%y, %w), kind=kCustom, calls=%all-reduce-scatter.2
+  %ar3 = f32[8,16]{1,0} all-reduce(%v), channel_id=3, replica_groups={{0,1,2,3}}, to_apply=%add
+  %pid3 = u32[] partition-id()
+  %c2b = u32[] constant(2)
+  %o3 = u32[] multiply(%pid3, %c2b)
+  %z3 = u32[] constant(0)
+  ROOT %d3 = f32[2,16]{1,0} dynamic-slice(%ar3, %o3, %z3), dynamic_slice_sizes={2,16}
+}
+"""
+
+
+def test_tpu_reduce_scatter_fusions_count_as_reduce_scatter():
+    """TPU emits a reduce-scatter as a custom fusion that all-reduces and keeps its slice (one
+    array or a tuple); an all-reduce sliced afterwards by an ordinary kernel moves the whole
+    buffer and stays an all-reduce."""
+    a = analyze(HLO_WITH_REDUCE_SCATTER_FUSIONS)
+    assert a.collectives == {
+        "reduce-scatter": {"count": 2.0, "bytes": 4 * (64 * 16 + 32 * 8 + 8 * 4), "ops": 2},
+        "all-reduce": {"count": 1.0, "bytes": 4 * 8 * 16, "ops": 1}}
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install 'jax[tpu]')")
+def test_tpu_fsdp_weight_gradient_is_reduce_scattered():
+    """The gradient of an FSDP-sharded weight over a batch-sharded input: each chip needs only
+    its shard of the sum, and XLA:TPU reduce-scatters the bfloat16 partial gradients (one
+    collective over the whole [1024, 512] buffer); asked for a replicated gradient, it
+    all-reduces it instead."""
+    from jax.sharding import Mesh
+
+    from mini_internvl_jax.train.aot import topology_devices
+
+    mesh = Mesh(np.array(topology_devices("v5e:2x2")), ("x",))
+
+    def loss(w, x):
+        return jnp.sum(jnp.tanh(x @ w.astype(jnp.bfloat16)).astype(jnp.float32))
+
+    fsdp = NamedSharding(mesh, P("x"))
+    w = jax.ShapeDtypeStruct((1024, 512), jnp.float32, sharding=fsdp)
+    x = jax.ShapeDtypeStruct((64, 1024), jnp.bfloat16, sharding=fsdp)
+    grad_bytes = 1024 * 512 * 2
+    for out, kind in ((fsdp, "reduce-scatter"), (NamedSharding(mesh, P()), "all-reduce")):
+        c = analyze(jax.jit(jax.grad(loss), out_shardings=out).lower(w, x).compile().as_text())
+        reductions = {k: v for k, v in c.collectives.items() if k != "all-gather"}
+        assert reductions == {kind: {"count": 1.0, "bytes": grad_bytes, "ops": 1}}, kind
+
+
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install 'jax[tpu]')")
 def test_tpu_batched_matmuls_and_weight_converts_in_a_scan():
     """TPU writes batched matmuls as dilated convolutions: only real taps may count. A float32
@@ -129,11 +224,29 @@ def test_tpu_batched_matmuls_and_weight_converts_in_a_scan():
     assert a.flops == 6 * 2 * 16 * 512 * 512
 
 
-def test_step_anatomy_script_on_the_tiny_model(tmp_path):
+def _script():
     path = Path(__file__).parents[1] / "benchmarks" / "step_anatomy.py"
     spec = importlib.util.spec_from_file_location("step_anatomy", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install 'jax[tpu]')")
+def test_tiny_step_on_tpu_reduces_the_head_gradient_once(tmp_path):
+    """tiny-qwen2 (tied head, float32 [64, 512]) with 64 positions in 4 loss chunks, FSDP over
+    v5e:2x2: the head gradient is reduce-scattered once per step, not once per chunk."""
+    assert _script().main(["--tiny", "--topology", "v5e:2x2", "--loss-chunk", "16",
+                           "--dump-hlo", str(tmp_path)]) == 0
+    comps = parse_module((tmp_path / "step_tiny-qwen2.hlo.txt").read_text())
+    runs = _walk(comps)[0]
+    head = [runs[c] for c, i in scattering_all_reduces(comps)
+            if comps[c].by_name()[i].shape.startswith("f32[64,512]")]
+    assert head == [1.0]
+
+
+def test_step_anatomy_script_on_the_tiny_model(tmp_path):
+    mod = _script()
     out = tmp_path / "anatomy.json"
     assert mod.main(["--tiny", "--topology", "cpu", "--chips", "2", "--attention", "xla",
                      "--json", str(out)]) == 0

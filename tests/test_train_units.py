@@ -6,10 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mini_internvl_jax import ComputeConfig, load_model_config
 from mini_internvl_jax.configlib import ConfigError
 from mini_internvl_jax.models import InternVLModel
+from mini_internvl_jax.sharding import make_mesh
 from mini_internvl_jax.train import flops, metrics
 from mini_internvl_jax.train.config import OptimConfig, load_train_config, train_config_from_dict
 from mini_internvl_jax.train.loss import cross_entropy_sums
@@ -66,6 +69,32 @@ def test_chunked_cross_entropy_gradients_match_dense():
 
     gd = jax.grad(dense, argnums=(0, 1))(jnp.asarray(hidden), jnp.asarray(head))
     gc = jax.grad(chunked, argnums=(0, 1))(jnp.asarray(hidden), jnp.asarray(head))
+    for a, b in zip(gd, gc, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sizes", [(2, 2, 2), (1, 4, 1)])
+def test_chunked_cross_entropy_gradients_under_a_mesh_match_dense(sizes):
+    """Under a mesh the head gradient is summed per batch shard through the chunk loop and
+    reduced once after it; it must still be the dense gradient (and tensor-split vocab)."""
+    hidden, head, labels, weights = _problem(b=4, s=13, v=38)
+    mesh = make_mesh(*sizes, devices=jax.devices()[:8 if sizes[0] == 2 else 4])
+
+    def dense(h, w):
+        logp = jax.nn.log_softmax(h @ w, axis=-1)
+        keep = labels != -100
+        tgt = jnp.take_along_axis(logp, jnp.where(keep, labels, 0)[..., None], -1)[..., 0]
+        return -jnp.sum(jnp.where(keep, weights, 0.0) * tgt)
+
+    def chunked(h, w):
+        return cross_entropy_sums(h, jnp.asarray(labels), jnp.asarray(weights), w, chunk=4)[0]
+
+    gd = jax.grad(dense, argnums=(0, 1))(jnp.asarray(hidden), jnp.asarray(head))
+    batch = NamedSharding(mesh, P(("data", "fsdp")))
+    with jax.set_mesh(mesh):
+        args = (jax.device_put(hidden, batch),
+                jax.device_put(head, NamedSharding(mesh, P("fsdp", "tensor"))))
+        gc = jax.jit(jax.grad(chunked, argnums=(0, 1)))(*args)
     for a, b in zip(gd, gc, strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
 

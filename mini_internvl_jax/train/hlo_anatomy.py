@@ -17,7 +17,9 @@ Conventions, chosen to match XLA's HloCostAnalysis where it matters:
     stacked weight reads one layer, not all of them.
   * collectives: all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute (and
     their -start forms), deduplicated by channel id (TPU clones one collective into its async
-    start/done pieces); bytes are the full (gathered / pre-scatter) buffer.
+    start/done pieces); bytes are the full (gathered / pre-scatter) buffer. TPU writes a
+    reduce-scatter as a custom fusion around an `all-reduce` whose result the fusion only
+    slices (`all-reduce-scatter`); that all-reduce is counted as the reduce-scatter it is.
 """
 
 from __future__ import annotations
@@ -460,6 +462,44 @@ def _shape_key(shape: str) -> tuple[int, ...] | None:
     return squeezed(a[0][1]) if len(a) == 1 else None
 
 
+def _through(ins: Instr | None, by_name: dict[str, Instr], views) -> Instr | None:
+    """`ins`, or what it is a view of (following the first operand through `views` ops)."""
+    while ins is not None and ins.opcode in views and ins.operands:
+        ins = by_name.get(ins.operands[0])
+    return ins
+
+
+def scattering_all_reduces(comps: dict[str, Computation]) -> set[tuple[str, str]]:
+    """(computation, instruction) of every all-reduce that is a reduce-scatter: the all-reduce
+    of a custom fusion (TPU's reduce-scatter emitter) whose outputs (its root, or the elements
+    of a root tuple) all dynamic-slice its result, so each chip keeps only its own shard. An
+    all-reduce whose result an ordinary kernel slices stays an all-reduce: the chips exchange
+    the whole buffer."""
+    fused = {callee for c in comps.values() for i in c.instrs
+             if i.opcode == "fusion" and "kind=kCustom" in i.attrs
+             for key, callee in i.callees() if key == "calls"}
+    out = set()
+    for name in fused & comps.keys():
+        by_name = comps[name].by_name()
+        root = next((i for i in comps[name].instrs if i.root), None)
+        if root is None:
+            continue
+        outs = [by_name.get(o) for o in root.operands] if root.opcode == "tuple" else [root]
+        sources = set()
+        for o in outs:
+            o = _through(o, by_name, ("bitcast", "copy", "reshape"))
+            if o is None or o.opcode != "dynamic-slice" or not o.operands:
+                break
+            src = _through(by_name.get(o.operands[0]), by_name, ("bitcast", "get-tuple-element"))
+            if src is None or src.opcode not in ("all-reduce", "all-reduce-start"):
+                break
+            sources.add(src.name)
+        else:
+            if len(sources) == 1:
+                out.add((name, sources.pop()))
+    return out
+
+
 def analyze(text: str, weight_shapes: set | frozenset = frozenset()) -> Anatomy:
     """The anatomy of one compiled module (its `as_text()`). `weight_shapes`: shapes of the
     weights as a loop sees them (a layer's slice, whole or sharded; see `merged_forms`);
@@ -485,6 +525,7 @@ def analyze(text: str, weight_shapes: set | frozenset = frozenset()) -> Anatomy:
     convert_sources: dict[str, float] = defaultdict(float)
     by_dtype: dict[str, float] = defaultdict(float)
     shapes_of = {n: {i.name: i.shape for i in c.instrs} for n, c in comps.items()}
+    scattering = scattering_all_reduces(comps)
     for name, c in comps.items():
         n = runs.get(name, 0.0)
         if not n:
@@ -495,6 +536,8 @@ def analyze(text: str, weight_shapes: set | frozenset = frozenset()) -> Anatomy:
                                 for d, _ in arrays(shapes_of[name].get(o, ""))[:1]})
                 by_dtype["x".join(kinds)] += n * dot_flops(ins, shapes_of[name])
             kind = COLLECTIVES.get(ins.opcode)
+            if kind == "all-reduce" and (name, ins.name) in scattering:
+                kind = "reduce-scatter"
             if kind is not None:
                 size = max(nbytes(ins.shape) if not ins.opcode.endswith("-start") else 0.0,
                            sum(nbytes(shapes_of[name].get(o, "")) for o in ins.operands))
