@@ -226,6 +226,7 @@ def test_mmbench_summary_per_category():
     ("IT IS a DOG", "B"),                  # text match is case-insensitive
     ("A or B", None),                      # two letters
     ("an animal", None),                   # no letter, no option text
+    ("a cat or a dog", None),              # two option texts
     ("", None),
     ("E", None),                           # not an option
 ])
