@@ -146,7 +146,7 @@ def test_metrics_and_tensorboard_logs_on_the_store(gcs, tmp_path):
     assert [json.loads(x)["loss"] for x in first.splitlines()] == [2.0]
     log.write(20, {"loss": 1.0})
     log.close()
-    again = MetricsLog("gs://bucket/run/logs", tensorboard=False)  # a resumed run appends
+    again = MetricsLog("gs://bucket/run/logs", tensorboard=False, start_step=20)  # resumed
     again.write(30, {"loss": 0.5})
     again.close()
     object_store.download("gs://bucket/run/logs", tmp_path / "logs")

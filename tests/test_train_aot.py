@@ -86,6 +86,7 @@ def test_unknown_topology_is_a_clear_error():
         topology_devices("v99x:1x1")
 
 
+@pytest.mark.slow  # ~4 min; the tiny and two-slice compiles above run the same code path
 def test_w1_step_compiles_for_v5e_2x2_with_fsdp():
     from mini_internvl_jax.train.aot import compile_for_topology
 
