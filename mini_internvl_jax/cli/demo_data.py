@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from mini_internvl_jax.data.demo import write_demo
-from mini_internvl_jax.errors import EXIT_USER_ERROR, user_error
+from mini_internvl_jax.errors import report_user_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,12 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         m = write_demo(args.out_dir, seed=args.seed, num_stage1=args.num_stage1,
                        num_stage2=args.num_stage2, force=args.force)
-    except Exception as e:  # noqa: BLE001 - user errors become one line, bugs re-raise
-        line = user_error(e)
-        if line is None:
-            raise
-        print(f"error: {line}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    except Exception as e:  # noqa: BLE001 - bugs are re-raised there
+        return report_user_error(e)
     print(f"wrote {args.out_dir}: {m['stage1']['samples']} stage-1 and "
           f"{m['stage2']['samples']} stage-2 samples, {m['images']} images, tokenizers "
           f"{sorted(m['tokenizers'])}")

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mini_internvl_jax.errors import EXIT_USER_ERROR, user_error
+from mini_internvl_jax.errors import report_user_error
 from mini_internvl_jax.train.export import export_checkpoint
 
 
@@ -26,12 +26,8 @@ def main(argv: list[str] | None = None) -> int:
             raise FileExistsError(f"{a.out_dir} already exists; choose a new path or pass "
                                   "--overwrite")
         out = export_checkpoint(a.run_dir, a.out_dir, step=a.step, overwrite=a.overwrite)
-    except Exception as e:  # noqa: BLE001 - user errors become one line, bugs re-raise
-        line = user_error(e)
-        if line is None:
-            raise
-        print(f"error: {line}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    except Exception as e:  # noqa: BLE001 - bugs are re-raised there
+        return report_user_error(e)
     print(f"wrote {out}")
     return 0
 

@@ -16,7 +16,7 @@ import sys
 import jax
 
 from mini_internvl_jax.configlib import ConfigError
-from mini_internvl_jax.errors import EXIT_USER_ERROR, user_error
+from mini_internvl_jax.errors import EXIT_USER_ERROR, report_user_error
 from mini_internvl_jax.train.aot import compile_for_topology, format_report
 from mini_internvl_jax.train.cluster import multihost_reason
 from mini_internvl_jax.train.config import load_train_config
@@ -83,12 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDivergedError as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 3
-    except Exception as e:  # noqa: BLE001 - user errors become one line, bugs re-raise
-        line = user_error(e)
-        if line is None:
-            raise
-        print(f"error: {line}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    except Exception as e:  # noqa: BLE001 - bugs are re-raised there
+        return report_user_error(e)
     if result.stopped == "preempted":
         saved = "checkpoint saved" if cfg.checkpoint.dir else "no checkpoint.dir: nothing saved"
         signum = result.stop_signal or signal.SIGTERM
