@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import yaml
 
 from mini_internvl_jax.train.compile_cache import cache_dir
@@ -56,7 +57,14 @@ def test_cache_dir_setting():
     def cfg(**over):
         return train_config_from_dict({"model": "tiny-qwen2", **over})
 
-    assert cache_dir(cfg(checkpoint={"dir": "gs://b/run"})) == "gs://b/run/compile_cache"
-    assert cache_dir(cfg(log={"dir": "/x/logs/"})) == "/x/logs/compile_cache"
-    assert cache_dir(cfg(checkpoint={"dir": "/x"}, compile_cache_dir=None)) is None
-    assert cache_dir(cfg(checkpoint={"dir": "/x"}, compile_cache_dir="/c")) == "/c"
+    shared = jax.config.jax_compilation_cache_dir  # the test session's own cache (conftest)
+    jax.config.update("jax_compilation_cache_dir", "/shared/cache")
+    try:  # "auto" defers to a cache JAX is already set to use
+        assert cache_dir(cfg(checkpoint={"dir": "/x"})) == "/shared/cache"
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert cache_dir(cfg(checkpoint={"dir": "gs://b/run"})) == "gs://b/run/compile_cache"
+        assert cache_dir(cfg(log={"dir": "/x/logs/"})) == "/x/logs/compile_cache"
+        assert cache_dir(cfg(checkpoint={"dir": "/x"}, compile_cache_dir=None)) is None
+        assert cache_dir(cfg(checkpoint={"dir": "/x"}, compile_cache_dir="/c")) == "/c"
+    finally:
+        jax.config.update("jax_compilation_cache_dir", shared)

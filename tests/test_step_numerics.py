@@ -9,6 +9,7 @@ CPU with matmul precision "highest". Any later change of the step must reproduce
 
 import jax
 import numpy as np
+import pytest
 
 from mini_internvl_jax.train.step import jit_step, make_step_fn
 from tests.helpers.five_steps import five_step_losses, tiny_setup
@@ -23,6 +24,8 @@ def test_first_five_float32_losses_match_the_previous_implementation():
     assert len(set(losses)) == 5  # the steps really train on different batches
 
 
+@pytest.mark.slow  # two bf16 steps compiled twice; the cast-once step itself runs in every
+# training test and its TPU compile in test_step_anatomy's tiny-step tests
 def test_casting_kernels_once_per_step_changes_no_bfloat16_number():
     """The step casts Dense kernels to bfloat16 once, before the layer loops; the layers used
     to cast them at every use. Both must give the same parameters after two bf16 steps."""
