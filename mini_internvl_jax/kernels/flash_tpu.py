@@ -254,6 +254,17 @@ def _dq_kernel(tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, 
         dq_ref[...] = (acc_sc[...] * cfg.scale).astype(dq_ref.dtype)
 
 
+def _backward_in_specs(bq: int, bk: int, d: int, q_map, kv_map, row_map
+                       ) -> list[pl.BlockSpec | None]:
+    """Blocks of (q, k, v, dO, lse, delta), the inputs both backward kernels read."""
+    return [pl.BlockSpec((None, None, bq, d), q_map),
+            pl.BlockSpec((None, None, bk, d), kv_map),
+            pl.BlockSpec((None, None, bk, d), kv_map),
+            pl.BlockSpec((None, None, bq, d), q_map),
+            pl.BlockSpec((None, None, 1, bq), row_map),
+            pl.BlockSpec((None, None, 1, bq), row_map)]
+
+
 def _dq(cfg: _Cfg, tab, qt, kt, vt, dot_, lse, di, qseg_col, kseg_row):
     b, h, sp, d = qt.shape
     bq, bk = cfg.dq
@@ -275,13 +286,7 @@ def _dq(cfg: _Cfg, tab, qt, kt, vt, dot_, lse, di, qseg_col, kseg_row):
         lo, up, _, _ = _ranges(t, bi, i, nq, tab_b)
         return bi, 0, _clamp(j, lo, up)
 
-    in_specs: list[pl.BlockSpec | None] = [
-        pl.BlockSpec((None, None, bq, d), q_map),
-        pl.BlockSpec((None, None, bk, d), kv_map),
-        pl.BlockSpec((None, None, bk, d), kv_map),
-        pl.BlockSpec((None, None, bq, d), q_map),
-        pl.BlockSpec((None, None, 1, bq), row_map),
-        pl.BlockSpec((None, None, 1, bq), row_map)]
+    in_specs = _backward_in_specs(bq, bk, d, q_map, kv_map, row_map)
     args = [qt, kt, vt, dot_, lse, di]
     if cfg.has_seg:
         in_specs += [pl.BlockSpec((None, bq, LANES), lambda bi, hi, i, j, t: (bi, i, 0)),
@@ -372,13 +377,7 @@ def _dkv(cfg: _Cfg, tab, qt, kt, vt, dot_, lse, di, qseg_row, kseg_col):
     def row_map(bi, kh, j, gi, i, t):
         return bi, kh * g + gi, 0, q_i(bi, j, i, t)
 
-    in_specs: list[pl.BlockSpec | None] = [
-        pl.BlockSpec((None, None, bq, d), q_map),
-        pl.BlockSpec((None, None, bk, d), kv_map),
-        pl.BlockSpec((None, None, bk, d), kv_map),
-        pl.BlockSpec((None, None, bq, d), q_map),
-        pl.BlockSpec((None, None, 1, bq), row_map),
-        pl.BlockSpec((None, None, 1, bq), row_map)]
+    in_specs = _backward_in_specs(bq, bk, d, q_map, kv_map, row_map)
     args = [qt, kt, vt, dot_, lse, di]
     if cfg.has_seg:
         in_specs += [pl.BlockSpec((None, SUBLANES, bq),
