@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import yaml
+from etils import epath
 
 from mini_internvl_jax.errors import UserError
 
@@ -222,10 +223,10 @@ def _parse_yaml(text: str, where: str) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
+    file = epath.Path(path)  # local or on a store
+    if not file.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    return _parse_yaml(path.read_text(), str(path))
+    return _parse_yaml(file.read_text(), str(path))
 
 
 def preset_names(kind: PresetKind) -> list[str]:
@@ -236,9 +237,8 @@ def preset_names(kind: PresetKind) -> list[str]:
 
 def read_preset(kind: PresetKind, name_or_path: str | Path) -> dict:
     """A bundled preset of `kind` by name (`mini-internvl-1b`, `stage2`), or a YAML file path."""
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml"):
-        return read_yaml(p)
+    if Path(name_or_path).suffix in (".yaml", ".yml"):
+        return read_yaml(name_or_path)
     resource = importlib.resources.files(PRESET_PACKAGE).joinpath(kind, f"{name_or_path}.yaml")
     if not resource.is_file():
         label = "model" if kind == "models" else "training"

@@ -10,10 +10,17 @@ staged in a local temporary folder (so every writer, orbax and safetensors inclu
 local files), uploaded, and then marked complete by a last, empty `COMMIT_MARKER` object; a
 folder without it is an interrupted write (`is_committed`). One object's upload is atomic
 already, so a single file is staged locally and uploaded in one piece.
+
+Reading a folder from a store (`local_copy`) copies it to a local temporary folder first:
+safetensors and torch read local files, and one copy per process serves every later reader. A
+folder whose upload began (`UPLOAD_MARKER`, the first object written) but never got its commit
+marker is refused (`check_complete`); a folder copied up by another tool has neither marker and
+is read as it is.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import os
@@ -24,9 +31,12 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from etils import epath
+
+from mini_internvl_jax.errors import UserError
 
 # Temporaries named before owners were recorded count as stale once untouched this long.
 _UNOWNED_STALE_S = 600
@@ -81,7 +91,13 @@ def remove_stale_temporaries(out: str | os.PathLike) -> list[Path]:
 
 
 COMMIT_MARKER = ".mivl_committed"
+UPLOAD_MARKER = ".mivl_uploading"
 _COPY_CHUNK = 1 << 24
+_COPY_THREADS = 8
+
+
+class IncompleteFolderError(UserError, OSError):
+    """A folder on a store whose upload was cut off; the message names it."""
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -96,10 +112,71 @@ def is_committed(folder: str | os.PathLike) -> bool:
     return Path(folder).is_dir()
 
 
+def check_complete(folder: str | os.PathLike) -> None:
+    """Raises IncompleteFolderError for a folder on a store that `atomic_folder` began to upload
+    and never committed (local folders are complete by construction)."""
+    if not is_remote(folder):
+        return
+    root = epath.Path(folder)
+    if (root / UPLOAD_MARKER).exists() and not (root / COMMIT_MARKER).exists():
+        raise IncompleteFolderError(
+            f"{folder} is incomplete: its upload was cut off ({UPLOAD_MARKER} without "
+            f"{COMMIT_MARKER}); write it again")
+
+
 def upload_file(src: str | os.PathLike, dest: str | os.PathLike) -> None:
     """Copies a local file to any epath destination (one object on a store), streaming."""
     with Path(src).open("rb") as fin, epath.Path(dest).open("wb") as fout:
         shutil.copyfileobj(fin, fout, _COPY_CHUNK)
+
+
+def download_file(src: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Copies any epath file (an object on a store) to a local file, streaming."""
+    with epath.Path(src).open("rb") as fin, Path(dest).open("wb") as fout:
+        shutil.copyfileobj(fin, fout, _COPY_CHUNK)
+
+
+def _remote_files(root: epath.Path, under: str = "") -> Iterator[tuple[str, epath.Path]]:
+    """(relative name, path) of every file below `root` (epath refuses `**` on stores)."""
+    for child in sorted((root / under).iterdir() if under else root.iterdir(), key=str):
+        rel = f"{under}/{child.name}" if under else child.name
+        if child.is_dir():
+            yield from _remote_files(root, rel)
+        else:
+            yield rel, child
+
+
+_local_copies: dict[tuple, Path] = {}
+
+
+def local_copy(folder: str | os.PathLike, only: tuple[str, ...] = ()) -> Path:
+    """`folder` itself when local; for a store, a local copy of it (of its subfolders `only`,
+    when given) in a temporary folder removed when the process exits. The copy keeps the
+    folder's name (readers take the model name from it). Within a process a folder is copied
+    once while its file names and sizes stay the same."""
+    if not is_remote(folder):
+        return Path(folder)
+    uri = os.fspath(folder).rstrip("/")
+    check_complete(uri)
+    root = epath.Path(uri)
+    if not root.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no such folder on the store", uri)
+    files = [(rel, p, p.stat().length) for part in (only or ("",))
+             for rel, p in _remote_files(root, part) if rel not in (COMMIT_MARKER, UPLOAD_MARKER)]
+    key = (uri, tuple((rel, size) for rel, _, size in files))
+    if key in _local_copies:
+        return _local_copies[key]
+    parent = Path(tempfile.mkdtemp(prefix="mivl-copy-"))
+    atexit.register(shutil.rmtree, parent, True)
+    local = parent / root.name
+    print(f"copying {uri} ({len(files)} files, {sum(f[2] for f in files) / 1e9:.2f} GB) to "
+          f"{local}", file=sys.stderr, flush=True)
+    for rel, _, _ in files:
+        (local / rel).parent.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(_COPY_THREADS) as pool:
+        list(pool.map(lambda f: download_file(f[1], local / f[0]), files))
+    _local_copies[key] = local
+    return local
 
 
 @contextlib.contextmanager
@@ -112,6 +189,7 @@ def _staged_folder(out: epath.Path, overwrite: bool) -> Iterator[Path]:
         if out.exists():
             out.rmtree()
         out.mkdir(parents=True, exist_ok=True)
+        (out / UPLOAD_MARKER).write_bytes(b"")
         for f in sorted(tmp.rglob("*")):
             dest = out / f.relative_to(tmp).as_posix()
             if f.is_dir():
@@ -119,6 +197,7 @@ def _staged_folder(out: epath.Path, overwrite: bool) -> Iterator[Path]:
             else:
                 upload_file(f, dest)
         (out / COMMIT_MARKER).write_bytes(b"")
+        (out / UPLOAD_MARKER).unlink()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

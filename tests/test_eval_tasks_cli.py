@@ -396,6 +396,12 @@ def test_bad_inputs_fail_before_generation_and_keep_finished_work(assets, tmp_pa
     assert run(ckpt, "pope", data, tmp_path / "y.json") == 2
     assert "pope.jsonl:1: answer must be yes / no" in capsys.readouterr().err
 
+    # evaluation files stay local (a store cannot append); said before anything is read
+    assert run(ckpt, "pope", data, "gs://bucket/r.json") == 2
+    assert "--out gs://bucket/r.json: evaluation reads and writes local files" in \
+        capsys.readouterr().err
+    assert counter.calls == 0
+
 
 @pytest.mark.parametrize("task,row,message", [
     ("docvqa", {"image": "x.png"}, "missing field 'question'"),

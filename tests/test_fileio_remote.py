@@ -1,21 +1,34 @@
 """Paths on an object store (an offline in-memory `gs://`, tests/helpers/object_store.py): staged
-folder writes committed by a last marker, converted/exported model folders, shards, and training
-data + tokenizer read from it. Each result is checked against the same work done on local disk."""
+folder writes committed by a last marker, converted/exported model folders written to it, model
+folders of every kind (Hugging Face, converted, a training run) and training data + tokenizer read
+from it. Each result is checked against the same work done on local disk."""
 
+import dataclasses
 import json
 import tempfile
 
+import jax
 import numpy as np
 import pytest
 from etils import epath
+from flax import nnx
 
 from mini_internvl_jax import fileio, load_pretrained
+from mini_internvl_jax.configlib import read_preset
+from mini_internvl_jax.convert.errors import CheckpointReadError
 from mini_internvl_jax.convert.exporter import export_to_hf
 from mini_internvl_jax.convert.importer import convert_hf_to_orbax
+from mini_internvl_jax.convert.resolve import open_source
 from mini_internvl_jax.data import DataConfig, build_train_iterator
 from mini_internvl_jax.data.demo import write_demo
+from mini_internvl_jax.data.errors import DataError
 from mini_internvl_jax.data.shards import build_shards, verify_shards
+from mini_internvl_jax.data.sources import read_meta
+from mini_internvl_jax.train.checkpoint import Checkpointer, run_meta
+from mini_internvl_jax.train.config import train_config_from_dict
+from mini_internvl_jax.train.init_from import InitError, model_config
 from mini_internvl_jax.train.metrics import MetricsLog
+from mini_internvl_jax.train.trainer import data_fingerprint
 from tests.helpers import object_store
 from tests.helpers.checkpoints import native_model, read_tensors, write_original
 from tests.helpers.events import values
@@ -69,7 +82,12 @@ def test_staged_folder_is_committed_last_and_never_half_replaced(gcs, tmp_path, 
             (tmp / f"{k}.txt").write_text(str(k))
     assert epath.Path("gs://bucket/cut/0.txt").exists()
     assert not fileio.is_committed("gs://bucket/cut")
+    with pytest.raises(fileio.IncompleteFolderError, match="gs://bucket/cut .*cut off"):
+        fileio.check_complete("gs://bucket/cut")
     monkeypatch.setattr(fileio, "upload_file", real)
+    fileio.check_complete(out)  # committed
+    object_store.upload(tmp_path, "gs://bucket/copied")  # by another tool: no markers at all
+    fileio.check_complete("gs://bucket/copied")
 
     fileio.write_atomic("gs://bucket/reports/score.json", '{"acc": 1}')
     assert epath.Path("gs://bucket/reports/score.json").read_text() == '{"acc": 1}'
@@ -101,10 +119,81 @@ def test_converted_and_exported_folders_written_to_the_store(gcs, tmp_path):
 
 
 def _params(model):
-    from flax import nnx
-
     return [(".".join(map(str, p)), np.asarray(v.get_value()))
             for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+
+
+def _assert_same_params(model, want):
+    got = dict(_params(model))
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+
+
+def test_model_folders_of_every_kind_read_from_the_store(gcs, tmp_path, monkeypatch, capsys):
+    model, hf_cfg = native_model("qwen2")
+    write_original(tmp_path / "hf", model, hf_cfg, "qwen2")
+    local = load_pretrained(tmp_path / "hf")
+    want = dict(_params(local))
+    object_store.upload(tmp_path / "hf", "gs://bucket/hf")
+
+    # Converter input and output on the store; then each folder read back from there.
+    convert_hf_to_orbax("gs://bucket/hf", "gs://bucket/conv")
+    info = json.loads(epath.Path("gs://bucket/conv/conversion.json").read_text())
+    assert info["source"] == "gs://bucket/hf" and info["source_checkpoint"].startswith("gs://")
+    convert_hf_to_orbax(tmp_path / "hf", tmp_path / "conv")
+    object_store.upload(tmp_path / "conv", "gs://bucket/copied")  # gcloud storage cp: no marker
+    for uri in ("gs://bucket/hf", "gs://bucket/conv", "gs://bucket/copied"):
+        _assert_same_params(load_pretrained(uri), want)
+    assert open_source("gs://bucket/conv").model_config.name == "hf"  # the folder's own name
+    assert capsys.readouterr().err.count("copying gs://bucket/hf ") == 1  # once per process
+    export_to_hf("gs://bucket/conv", tmp_path / "hf-again")
+    expected, exported = read_tensors(tmp_path / "hf"), read_tensors(tmp_path / "hf-again")
+    assert exported.keys() == expected.keys()
+    for k in expected:
+        np.testing.assert_array_equal(exported[k], expected[k], err_msg=k)
+
+    # A conversion whose upload was cut off is refused by every reader, naming it.
+    real, calls = fileio.upload_file, []
+
+    def flaky(src, dest):
+        calls.append(dest)
+        if len(calls) == 3:
+            raise OSError("connection reset")
+        real(src, dest)
+
+    monkeypatch.setattr(fileio, "upload_file", flaky)
+    with pytest.raises(OSError, match="reset"):
+        convert_hf_to_orbax("gs://bucket/hf", "gs://bucket/cut")
+    monkeypatch.setattr(fileio, "upload_file", real)
+    with pytest.raises(CheckpointReadError, match="gs://bucket/cut is incomplete"):
+        load_pretrained("gs://bucket/cut")
+    with pytest.raises(CheckpointReadError, match="gs://bucket/cut is incomplete"):
+        export_to_hf("gs://bucket/cut", tmp_path / "never")
+    with pytest.raises(CheckpointReadError, match="does not exist"):
+        load_pretrained("gs://bucket/nothing-here")
+
+    # A training run on the store. Orbax writes commit_success.txt last into each step folder
+    # (on GCS that is what tells a finished save); step 5 (other weights) lost it, as a save
+    # cut off by a preemption would, so the latest readable step is 3.
+    cfg = train_config_from_dict({"init_from": "gs://bucket/run",
+                                  "compute": {"dtype": "float32", "scan_layers": False}})
+    params = nnx.state(local, nnx.Param)
+    ckpt = Checkpointer(str(tmp_path / "run"), keep=2, async_save=False)
+    for step, tree in ((3, params), (5, jax.tree.map(lambda x: x + 1, params))):
+        ckpt.save(step, params=tree, train={"step": np.int32(step)}, iterator=None,
+                  meta=run_meta(cfg, local.cfg, step))
+    ckpt.close()
+    object_store.upload(tmp_path / "run", "gs://bucket/run")
+    epath.Path("gs://bucket/run/5/commit_success.txt").unlink()
+    source = open_source("gs://bucket/run")
+    assert source.kind == "training_run" and source.model_config == local.cfg
+    _assert_same_params(source.load(), want)
+    assert model_config(cfg).llm == local.cfg.llm  # init_from resolves the run on the store
+    with pytest.raises(CheckpointReadError, match=r"no finished step 5 \(finished: \[3\]\)"):
+        open_source("gs://bucket/run", step=5)
+    with pytest.raises(InitError, match="init_from gs://bucket/cut: .*incomplete"):
+        model_config(dataclasses.replace(cfg, init_from="gs://bucket/cut"))
 
 
 def test_training_data_tokenizer_and_shards_on_the_store(gcs, tmp_path):
@@ -123,6 +212,13 @@ def test_training_data_tokenizer_and_shards_on_the_store(gcs, tmp_path):
     for a, b in zip(batches(str(demo)), batches("gs://bucket/demo"), strict=True):
         for k in a:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    fingerprints = [data_fingerprint(train_config_from_dict(
+        {"data": {"meta_path": f"{root}/stage2_meta.json"}, "tokenizer": f"{root}/tokenizers"}))
+        for root in (demo, "gs://bucket/demo")]
+    assert fingerprints[0] is not None and fingerprints[0] == fingerprints[1]
+    epath.Path("gs://bucket/cfg/run.yaml").write_text("total_steps: 7\nmodel: mini-internvl-2b\n")
+    assert read_preset("train", "gs://bucket/cfg/run.yaml") == {"total_steps": 7,
+                                                              "model": "mini-internvl-2b"}
 
     local = build_shards(demo / "stage2_meta.json", tmp_path / "shards", progress=False)
     remote = build_shards("gs://bucket/demo/stage2_meta.json", "gs://bucket/shards",
@@ -136,6 +232,14 @@ def test_training_data_tokenizer_and_shards_on_the_store(gcs, tmp_path):
                ).write_bytes(b"x")
     with pytest.raises(Exception, match="demo_qa-00000"):
         verify_shards("gs://bucket/shards", progress=False)
+
+    # Shards whose upload was cut off before its commit marker are refused, not half-read.
+    epath.Path("gs://bucket/shards", fileio.UPLOAD_MARKER).write_bytes(b"")
+    epath.Path("gs://bucket/shards", fileio.COMMIT_MARKER).unlink()
+    for read in (lambda: read_meta("gs://bucket/shards/meta.json"),
+                 lambda: verify_shards("gs://bucket/shards", progress=False)):
+        with pytest.raises(DataError, match="gs://bucket/shards is incomplete"):
+            read()
 
 
 def test_metrics_and_tensorboard_logs_on_the_store(gcs, tmp_path):

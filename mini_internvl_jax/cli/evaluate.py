@@ -21,6 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mini_internvl_jax.errors import UserError, user_error
+from mini_internvl_jax.fileio import is_remote
 from mini_internvl_jax.infer import eval_runner
 from mini_internvl_jax.infer.generate import GenerationConfig
 from mini_internvl_jax.infer.runtime import Runtime, add_model_args, load_runtime
@@ -117,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --batch-size must be >= 1", file=sys.stderr)
         return 2
     task = TASKS[args.task]
+    for flag, value in (("--data", args.data), ("--image-root", args.image_root),
+                        ("--out", args.out)):
+        if value is not None and is_remote(value):
+            print(f"error: {flag} {value}: evaluation reads and writes local files (its "
+                  "predictions file is appended to after every batch); copy them from or to "
+                  "the store around the run (--checkpoint and --tokenizer may be gs:// URIs)",
+                  file=sys.stderr)
+            return 2
     out = Path(args.out or f"{Path(args.data).stem}.{task.name}.json")
     preds_path = eval_runner.predictions_path(out)
     try:

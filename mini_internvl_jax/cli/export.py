@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+
+from etils import epath
 
 from mini_internvl_jax.errors import report_user_error
 from mini_internvl_jax.train.export import export_checkpoint
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
     try:
-        if Path(a.out_dir).exists() and not a.overwrite:  # before the model is read
+        if epath.Path(a.out_dir).exists() and not a.overwrite:  # before the model is read
             raise FileExistsError(f"{a.out_dir} already exists; choose a new path or pass "
                                   "--overwrite")
         out = export_checkpoint(a.run_dir, a.out_dir, step=a.step, overwrite=a.overwrite)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+
+from etils import epath
 
 from mini_internvl_jax.errors import UserError
 
@@ -30,11 +32,12 @@ def name_list(names, limit: int = 8) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """Fails early, before any work, if `out` exists and may not be replaced."""
-    out = Path(out)
-    if out.exists() and not overwrite:
+def check_output(out: str | os.PathLike, overwrite: bool) -> None:
+    """Fails early, before any work, if `out` (local or on a store) exists and may not be
+    replaced."""
+    path = epath.Path(out)
+    if path.exists() and not overwrite:
         raise ConversionError(f"output folder {out} already exists; choose a new path or pass "
                               "--overwrite")
-    if out.exists() and not out.is_dir():
+    if path.exists() and not path.is_dir():
         raise ConversionError(f"output path {out} exists and is not a folder")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from mini_internvl_jax.config import DTYPES, ModelConfig, load_model_config
 from mini_internvl_jax.convert.errors import (
@@ -46,7 +47,7 @@ from mini_internvl_jax.convert.params import (
     param_specs,
     stacks_of,
 )
-from mini_internvl_jax.fileio import atomic_folder
+from mini_internvl_jax.fileio import IncompleteFolderError, atomic_folder, local_copy
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +96,13 @@ def export_to_hf(src_dir: str | Path, out_dir: str | Path, *, layout: str = "ori
     start = time.perf_counter()
     if layout not in LAYOUTS:
         raise ConversionError(f"layout {layout!r} is not one of {LAYOUTS}")
-    check_output(Path(out_dir), overwrite)
-    src_dir = Path(src_dir)
-    if not src_dir.is_dir():
+    check_output(out_dir, overwrite)
+    if not epath.Path(src_dir).is_dir():
         raise CheckpointReadError(f"Orbax folder {src_dir} does not exist")
+    try:
+        src_dir = local_copy(src_dir)
+    except IncompleteFolderError as e:
+        raise CheckpointReadError(str(e)) from None
     max_bytes = parse_size(max_shard_size)
     cfg, info, params_dir = _source(src_dir, model_config)
     meta = params_metadata(params_dir)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 import mini_internvl_jax
 from mini_internvl_jax.config import DTYPES, Dtype, is_dtype
@@ -48,7 +49,7 @@ from mini_internvl_jax.convert.orbax_io import (
     write_model_config,
 )
 from mini_internvl_jax.convert.params import param_specs, path_str
-from mini_internvl_jax.fileio import atomic_folder
+from mini_internvl_jax.fileio import IncompleteFolderError, atomic_folder, is_remote, local_copy
 
 # Buffers some PyTorch checkpoints carry that are recomputed, never learned.
 IGNORABLE_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -188,8 +189,13 @@ def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, dtype: str |
                         on_tensor: OnTensor | None = None) -> ConversionStats:
     """Writes `out_dir` = params/ + model_config.json + conversion.json + tokenizer files."""
     start = time.perf_counter()
-    check_output(Path(out_dir), overwrite)
-    src = open_hf(hf_dir, overrides)
+    check_output(out_dir, overwrite)
+    if is_remote(hf_dir) and not epath.Path(hf_dir).is_dir():
+        raise CheckpointReadError(f"Hugging Face folder {hf_dir} does not exist")
+    try:
+        src = open_hf(local_copy(hf_dir), overrides)
+    except IncompleteFolderError as e:
+        raise CheckpointReadError(str(e)) from None
     dtype = resolve_dtype(dtype, src.reader)
     main_dtype, other_dtypes = source_dtypes(src.reader)
     with atomic_folder(out_dir, overwrite=overwrite) as tmp:
@@ -203,8 +209,8 @@ def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, dtype: str |
         write_json(tmp / CONVERSION_INFO, {
             "format_version": 1,
             "converter": f"mini_internvl_jax {mini_internvl_jax.__version__}",
-            "source": str(src.folder.resolve()),
-            "source_checkpoint": src.reader.description,
+            "source": str(hf_dir) if is_remote(hf_dir) else str(src.folder.resolve()),
+            "source_checkpoint": src.reader.description.replace(str(src.folder), str(hf_dir)),
             "layout": info.layout,
             "native_saved_names": _saved_names(src.reader),
             "template": info.config.template, "template_source": info.template_source,

@@ -9,12 +9,13 @@ compressed bytes of every array at once (+0.75x the checkpoint on InternVL2-1B, 
 from __future__ import annotations
 
 import json
-import shutil
+import os
 from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from mini_internvl_jax import configlib
 from mini_internvl_jax.config import ModelConfig, model_config_from_dict, split_legacy_compute
@@ -33,16 +34,17 @@ SIDE_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
               "chat_template.json", "chat_template.jinja")
 
 
-def side_files(folder: Path) -> list[Path]:
-    folder = Path(folder)
-    return [folder / n for n in SIDE_FILES if (folder / n).is_file()] + \
-        sorted(p for p in folder.glob("*.py") if p.is_file())
+def side_files(folder: str | os.PathLike) -> list[epath.Path]:
+    """The tokenizer / chat / remote-code files in `folder` (local or on a store)."""
+    root = epath.Path(folder)
+    return [root / n for n in SIDE_FILES if (root / n).is_file()] + \
+        sorted((p for p in root.glob("*.py") if p.is_file()), key=str)
 
 
-def copy_side_files(src: Path, dst: Path) -> list[str]:
+def copy_side_files(src: str | os.PathLike, dst: Path) -> list[str]:
     copied = []
     for f in side_files(src):
-        shutil.copy2(f, Path(dst) / f.name)
+        (Path(dst) / f.name).write_bytes(f.read_bytes())
         copied.append(f.name)
     return copied
 

@@ -5,6 +5,10 @@ converted folder (convert_weights.py, or an exported run) and a Hugging Face Int
 config and how its weights are stored; `Source.load(compute, mesh=...)` builds the model. The
 trainer's `init_from`, chat, evaluation and export all go through it, so a folder that works for
 one works for all.
+
+A folder on an object store (`gs://...`) is copied to a local temporary folder first
+(`fileio.local_copy`; of a training run only the chosen step, the latest whose save finished)
+and read from there, so every reader below works on local files.
 """
 
 from __future__ import annotations
@@ -13,15 +17,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, cast
 
+from etils import epath
 from jax.sharding import Mesh
 
+from mini_internvl_jax import fileio
 from mini_internvl_jax.config import ComputeConfig, Dtype, ModelConfig
 from mini_internvl_jax.convert.errors import CheckpointReadError
 from mini_internvl_jax.convert.importer import HFSource, open_hf, resolve_dtype
 from mini_internvl_jax.convert.load import load_converted, load_hf, stored_compute
-from mini_internvl_jax.convert.orbax_io import PARAMS_DIR, is_converted_folder, read_converted
+from mini_internvl_jax.convert.orbax_io import (
+    MODEL_CONFIG,
+    PARAMS_DIR,
+    is_converted_folder,
+    read_converted,
+)
 from mini_internvl_jax.convert.run_folder import (
     RunFolder,
+    finished_steps,
     is_training_checkpoint,
     read_run,
     restore_model,
@@ -37,13 +49,14 @@ class Source:
     """A folder holding a model, opened (configs and headers read, no weights yet)."""
 
     kind: SourceKind
-    path: Path
+    path: Path                      # where it is read from (a local copy of a store's folder)
     model_config: ModelConfig
     # How the weights are stored (dtype, layer stacking); what `load()` runs without a compute.
     compute: ComputeConfig
     layout: str | None              # HF layout of the original checkpoint, when known
-    # A folder holding tokenizer files, if one was found (a run's: its `tokenizer` folder).
-    tokenizer_dir: Path | None
+    # A folder holding tokenizer files, if one was found (a run's: its `tokenizer`, which may be
+    # a store's folder).
+    tokenizer_dir: Path | str | None
     strict: bool = True             # hf: unexpected tensors are an error
     _hf: HFSource | None = field(default=None, repr=False, compare=False)
     _run: RunFolder | None = field(default=None, repr=False, compare=False)
@@ -80,12 +93,15 @@ def open_source(path: str | Path, *, step: int | None = None,
     """What `path` is and holds. `step` picks a training run's step (default: the latest);
     `overrides` (`key=value`) and `strict` apply to Hugging Face folders, as in
     convert_weights.py."""
+    if fileio.is_remote(path):
+        return open_source(_copy_from_store(str(path), step), step=step, overrides=overrides,
+                           strict=strict)
     p = Path(path)
-    if "://" not in str(path) and not p.exists():
+    if not p.exists():
         raise CheckpointReadError(f"{path} does not exist")
     if is_training_checkpoint(str(path)):
         run = read_run(str(path), step)
-        tok = Path(run.tokenizer) if run.tokenizer and Path(run.tokenizer).is_dir() else None
+        tok = run.tokenizer if run.tokenizer and epath.Path(run.tokenizer).is_dir() else None
         stored = run.compute.replace(remat="none", check_image_tokens=True)
         return Source("training_run", p, run.model_config, stored, None, tok, _run=run)
     if is_converted_folder(p):
@@ -97,10 +113,35 @@ def open_source(path: str | Path, *, step: int | None = None,
         dtype = cast(Dtype, resolve_dtype(None, src.reader))
         return Source("hf", p, src.info.config, ComputeConfig(dtype=dtype, param_dtype=dtype),
                       src.info.layout, _tokenizer_dir(p), strict, _hf=src)
-    raise CheckpointReadError(
-        f"{path} is neither a training run's checkpoint folder (step folders), a converted "
-        f"folder (model_config.json + {PARAMS_DIR}/) nor a Hugging Face folder (config.json + "
-        "weights)")
+    raise CheckpointReadError(_NOT_A_MODEL_FOLDER.format(path=path))
+
+
+_NOT_A_MODEL_FOLDER = (
+    "{path} is neither a training run's checkpoint folder (step folders), a converted folder "
+    f"({MODEL_CONFIG} + {PARAMS_DIR}/) nor a Hugging Face folder (config.json + weights)")
+
+
+def _copy_from_store(uri: str, step: int | None) -> Path:
+    """The local copy of a store's model folder: of a run, only the step to read."""
+    root = epath.Path(uri)
+    if not root.is_dir():
+        raise CheckpointReadError(f"{uri} does not exist")
+    try:
+        fileio.check_complete(uri)
+        if is_training_checkpoint(uri):
+            finished = finished_steps(uri)
+            if step is None and not finished:
+                raise CheckpointReadError(f"{uri} holds no finished training checkpoint (no "
+                                          "step folder has Orbax's commit file)")
+            if step is not None and step not in finished:
+                raise CheckpointReadError(f"{uri} has no finished step {step} (finished: "
+                                          f"{finished or 'none'})")
+            return fileio.local_copy(uri, only=(str(step if step is not None else finished[-1]),))
+        if not ((root / MODEL_CONFIG).exists() or (root / "config.json").exists()):
+            raise CheckpointReadError(_NOT_A_MODEL_FOLDER.format(path=uri))
+        return fileio.local_copy(uri)
+    except fileio.IncompleteFolderError as e:
+        raise CheckpointReadError(str(e)) from None
 
 
 def load_pretrained_with_info(path: str | Path, compute: ComputeConfig | None = None, *,

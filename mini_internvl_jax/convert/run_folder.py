@@ -75,6 +75,18 @@ def read_meta(directory: str, step: int | None = None) -> tuple[int, dict]:
     return step, meta
 
 
+# What Orbax writes last into a step folder on a store that cannot rename (GCS); a step folder
+# without it is a save that did not finish.
+ORBAX_COMMIT_FILE = "commit_success.txt"
+
+
+def finished_steps(directory: str) -> list[int]:
+    """The steps of a run on a store whose save finished, listed with epath only: Orbax's own
+    listing of a `gs://` folder needs the google-cloud-storage client."""
+    return sorted(int(p.name) for p in epath.Path(directory).iterdir()
+                  if p.name.isdigit() and (p / ORBAX_COMMIT_FILE).exists())
+
+
 def is_training_checkpoint(directory: str) -> bool:
     path = epath.Path(directory)
     return path.is_dir() and any((p / "meta").exists() for p in path.iterdir()

@@ -41,7 +41,7 @@ from mini_internvl_jax.data.sources import (
     record_from_json,
     write_array_record,
 )
-from mini_internvl_jax.fileio import atomic_folder, is_remote
+from mini_internvl_jax.fileio import IncompleteFolderError, atomic_folder, check_complete, is_remote
 
 MANIFEST = "manifest.json"
 META = "meta.json"
@@ -219,9 +219,12 @@ def read_manifest(path: str | os.PathLike) -> tuple[epath.Path, dict]:
         raise DataError(f"{path}: no {MANIFEST} (expected a folder made by mivl-build-shards "
                         "or its manifest)")
     try:
+        check_complete(found.parent)
         manifest = json.loads(found.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"{found} is not valid JSON: {e}") from None
+    except IncompleteFolderError as e:
+        raise DataError(str(e)) from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise DataError(f"{found}: not a shard manifest (format should be "
                         f"{MANIFEST_FORMAT!r})")

@@ -32,7 +32,7 @@ import numpy as np
 from etils import epath
 
 from mini_internvl_jax.data.errors import DataError, SkipSample
-from mini_internvl_jax.fileio import atomic_file
+from mini_internvl_jax.fileio import IncompleteFolderError, atomic_file, check_complete
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,12 @@ def read_meta(meta_path: str | os.PathLike) -> list[DatasetSpec]:
     if not path.exists():
         raise DataError(f"meta file {path} does not exist")
     try:
+        check_complete(path.parent)  # e.g. shards whose upload was cut off
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"meta file {path} is not valid JSON: {e}") from None
+    except IncompleteFolderError as e:
+        raise DataError(f"meta file {path}: {e}") from None
     if not isinstance(meta, dict) or not meta:
         raise DataError(f"meta file {path} must be a non-empty JSON object "
                         "{dataset_name: {root, annotation, repeat_time, ...}}")

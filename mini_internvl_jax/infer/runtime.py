@@ -7,7 +7,6 @@ import argparse
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import jax
 
@@ -107,7 +106,7 @@ def load_runtime(args: argparse.Namespace, default_max_num: int) -> Runtime:
     if args.dtype is not None:
         compute = compute.replace(dtype=args.dtype, param_dtype=args.dtype)
     model = source.load(compute, mesh=mesh)
-    tok_dir = Path(args.tokenizer) if args.tokenizer else source.tokenizer_dir
+    tok_dir = args.tokenizer or source.tokenizer_dir
     if tok_dir is None:
         raise FileNotFoundError(f"{args.checkpoint} holds no tokenizer (tokenizer.model, "
                                 "tokenizer.json, or vocab.json + merges.txt); pass "

@@ -17,12 +17,12 @@ import sys
 import time
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from mini_internvl_jax import configlib, fileio
@@ -122,7 +122,7 @@ def data_fingerprint(cfg: TrainConfig) -> str | None:
     if cfg.data is None:
         return None
     try:
-        return hashlib.sha256(Path(cfg.data.meta_path).read_bytes()).hexdigest()[:16]
+        return hashlib.sha256(epath.Path(cfg.data.meta_path).read_bytes()).hexdigest()[:16]
     except OSError:
         return None
 
