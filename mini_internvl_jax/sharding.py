@@ -8,8 +8,10 @@ failing, so one table serves every mesh shape.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -123,8 +125,31 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None, *,
                 axis_types=(AxisType.Auto,) * 3)
 
 
+# Mesh axes a `jax.vmap(..., spmd_axis_name=...)` in progress has taken for its mapped
+# dimension; constraints inside it must not name them again.
+_VMAPPED_AXES: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "vmapped_mesh_axes", default=frozenset())
+
+
+@contextlib.contextmanager
+def vmapped_axes(*axes: str) -> Iterator[None]:
+    """While tracing a vmap over mesh `axes`, logical names leave those axes out."""
+    token = _VMAPPED_AXES.set(_VMAPPED_AXES.get() | frozenset(axes))
+    try:
+        yield
+    finally:
+        _VMAPPED_AXES.reset(token)
+
+
+def vmapped_mesh_axes() -> frozenset[str]:
+    """The mesh axes taken by the vmaps being traced (see `vmapped_axes`)."""
+    return _VMAPPED_AXES.get()
+
+
 def _mesh_axis_sizes(mesh) -> dict[str, int]:
-    return dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+    taken = vmapped_mesh_axes()
+    return {a: s for a, s in zip(mesh.axis_names, mesh.axis_sizes, strict=True)
+            if a not in taken}
 
 
 def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int] | None = None,

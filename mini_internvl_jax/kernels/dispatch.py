@@ -31,6 +31,7 @@ from mini_internvl_jax.config import ATTENTION_IMPLS as IMPLS
 from mini_internvl_jax.kernels import flash_gpu, flash_tpu
 from mini_internvl_jax.kernels.common import HEAD_DIMS
 from mini_internvl_jax.kernels.reference import AttentionMask, dot_product_attention
+from mini_internvl_jax.sharding import vmapped_mesh_axes
 
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
@@ -113,9 +114,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, 
 
 
 def _free_axes(mesh) -> dict[str, int]:
-    """Mesh axes of size > 1 that are not already manual."""
-    manual = set(mesh.manual_axes)
-    return {a: s for a, s in mesh.shape.items() if s > 1 and a not in manual}
+    """Mesh axes of size > 1 that are not already manual nor taken by an enclosing vmap (which
+    shards its mapped dimension over them itself)."""
+    taken = set(mesh.manual_axes) | vmapped_mesh_axes()
+    return {a: s for a, s in mesh.shape.items() if s > 1 and a not in taken}
 
 
 def sharded(kernel, q, k, v, segment_ids=None, kv_segment_ids=None, mesh=None):

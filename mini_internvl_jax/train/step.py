@@ -4,6 +4,14 @@ A step takes a batch of `grad_accum` micro-batches (leading axis A), accumulates
 gradients over them with `lax.scan`, and normalises by the loss weights of the whole step, so
 A micro-batches give exactly the gradient of one big batch. A step whose loss or gradient norm
 is not finite leaves parameters and optimizer state untouched and is counted instead.
+
+With data parallelism (mesh axis `data` > 1, e.g. across the slices of a multislice job) and
+several micro-batches, each `data` group accumulates the gradient of its own rows (a vmap over
+the groups with `spmd_axis_name='data'`; FSDP and tensor sharding stay as they are inside) and
+the groups are summed once per step. Left to itself XLA sums the gradient over `data` after
+every micro-batch: A times the bytes, which across slices travel the slow data-centre network.
+(A `shard_map` manual over `data` alone would say the same, but XLA's SPMD partitioner aborts
+on its embedding gather once fsdp and tensor are both > 1.)
 """
 
 from __future__ import annotations
@@ -19,8 +27,11 @@ from jax.sharding import PartitionSpec as P
 
 from mini_internvl_jax.batch import IGNORE_INDEX
 from mini_internvl_jax.models import lora
+from mini_internvl_jax.sharding import vmapped_axes
 from mini_internvl_jax.train.loss import cross_entropy_sums
 from mini_internvl_jax.train.state import TrainState
+
+DATA_AXIS = "data"
 
 
 def _add(a, b):
@@ -50,6 +61,27 @@ def compute_copy(params, dtype):
         and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x, params)
 
 
+def data_groups(batch: dict, rows_axis: int = 1) -> int:
+    """How many `data` groups accumulate their own gradients: the active mesh's `data` size
+    when it divides a micro-batch's rows and tiles, else 1 (XLA's own placement)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    size = dict(mesh.shape).get(DATA_AXIS, 1)
+    divides = all(x.shape[rows_axis] % size == 0 for x in batch.values())
+    return size if size > 1 and divides else 1
+
+
+def _stacked_zeros(params, groups: int):
+    """float32 gradient accumulators; with groups, one per `data` group, kept sharded over
+    `data` so the scan carry never gathers them."""
+    if groups == 1:
+        return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    return jax.tree.map(lambda p: jax.lax.with_sharding_constraint(
+        jnp.zeros((groups, *p.shape), jnp.float32),
+        P(DATA_AXIS, *(P.UNCONSTRAINED,) * p.ndim)), params)
+
+
 def make_step_fn(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                  loss_chunk: int, drop_path: bool, lora_dropout: bool,
                  packed: bool = True, compute_dtype=None) -> Callable:
@@ -76,6 +108,15 @@ def make_step_fn(graphdef, tx: optax.GradientTransformation, schedule: optax.Sch
         grads, aux = grad_fn(params, frozen, rest, micro, total_w, key)
         return jax.tree.map(lambda g: g.astype(jnp.float32), grads), aux
 
+    def grouped_micro_grads(params, frozen, rest, micro, total_w, key):
+        """Per-`data`-group gradient sums, stacked on a leading axis sharded over `data`."""
+        groups = data_groups(micro, rows_axis=0)
+        micro = jax.tree.map(lambda x: x.reshape(groups, -1, *x.shape[1:]), micro)
+        keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(jnp.arange(groups))
+        with vmapped_axes(DATA_AXIS):
+            return jax.vmap(micro_grads, in_axes=(None, None, None, 0, None, 0),
+                            spmd_axis_name=DATA_AXIS)(params, frozen, rest, micro, total_w, keys)
+
     def step(state: TrainState, frozen, rest, batch):
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         weights = jnp.where(batch["labels"] == IGNORE_INDEX, 0.0,
@@ -90,16 +131,21 @@ def make_step_fn(graphdef, tx: optax.GradientTransformation, schedule: optax.Sch
             grads, aux = micro_grads(params, frozen, rest, micro, safe_w,
                                      jax.random.fold_in(step_key, 0))
         else:
+            groups = data_groups(batch)
+            grads_of = micro_grads if groups == 1 else grouped_micro_grads
+
             def body(carry, xs):
                 i, micro = xs
-                g, aux = micro_grads(params, frozen, rest, micro, safe_w,
-                                     jax.random.fold_in(step_key, i))
+                g, aux = grads_of(params, frozen, rest, micro, safe_w,
+                                  jax.random.fold_in(step_key, i))
                 return (_add(carry[0], g), _add(carry[1], aux)), None
 
-            zero_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-            zero = jnp.zeros((), jnp.float32)
-            (grads, aux), _ = jax.lax.scan(body, (zero_g, (zero, zero, zero)),
+            zero = jnp.zeros(() if groups == 1 else (groups,), jnp.float32)
+            (grads, aux), _ = jax.lax.scan(body, (_stacked_zeros(state.params, groups),
+                                                  (zero, zero, zero)),
                                            (jnp.arange(n_micro), batch))
+            if groups > 1:  # the one sum over `data` of this step
+                grads, aux = jax.tree.map(lambda x: jnp.sum(x, axis=0), (grads, aux))
         ce, w, correct = aux
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         loss = ce / safe_w
