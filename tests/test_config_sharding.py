@@ -110,7 +110,9 @@ def test_logical_to_spec_drops_axes_that_do_not_divide():
     assert logical_to_spec(("batch", "length"), (8, 5), mesh) == P(("data", "fsdp"), None)
 
 
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("scan", [
+    # per-layer parameters placed by the same rules: test_generate's sharded generation (slow)
+    pytest.param(False, marks=pytest.mark.slow), True])
 def test_model_built_on_8_device_mesh_is_placed_by_the_rules(scan):
     assert jax.device_count() == 8
     cfg = load_model_config("tiny-qwen2")

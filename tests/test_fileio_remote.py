@@ -68,15 +68,7 @@ def test_staged_folder_is_committed_last_and_never_half_replaced(gcs, tmp_path, 
 
     # An upload cut off half way leaves a folder without the marker: readers can tell.
     real = fileio.upload_file
-    calls = []
-
-    def flaky(src, dest):
-        calls.append(dest)
-        if len(calls) == 2:
-            raise OSError("connection reset")
-        real(src, dest)
-
-    monkeypatch.setattr(fileio, "upload_file", flaky)
+    monkeypatch.setattr(fileio, "upload_file", object_store.failing_at(real, 2))
     with pytest.raises(OSError, match="reset"), fileio.atomic_folder("gs://bucket/cut") as tmp:
         for k in range(3):
             (tmp / f"{k}.txt").write_text(str(k))
@@ -154,15 +146,8 @@ def test_model_folders_of_every_kind_read_from_the_store(gcs, tmp_path, monkeypa
         np.testing.assert_array_equal(exported[k], expected[k], err_msg=k)
 
     # A conversion whose upload was cut off is refused by every reader, naming it.
-    real, calls = fileio.upload_file, []
-
-    def flaky(src, dest):
-        calls.append(dest)
-        if len(calls) == 3:
-            raise OSError("connection reset")
-        real(src, dest)
-
-    monkeypatch.setattr(fileio, "upload_file", flaky)
+    real = fileio.upload_file
+    monkeypatch.setattr(fileio, "upload_file", object_store.failing_at(real, 3))
     with pytest.raises(OSError, match="reset"):
         convert_hf_to_orbax("gs://bucket/hf", "gs://bucket/cut")
     monkeypatch.setattr(fileio, "upload_file", real)

@@ -60,3 +60,16 @@ def local_names(local: Path) -> list[str]:
     return sorted(f.relative_to(local).as_posix() for f in Path(local).rglob("*") if f.is_file())
 
 
+
+
+def failing_at(upload, n: int):
+    """`upload` whose `n`-th call fails as a dropped connection would: an upload cut off."""
+    calls = []
+
+    def flaky(src, dest):
+        calls.append(dest)
+        if len(calls) == n:
+            raise OSError("connection reset")
+        upload(src, dest)
+
+    return flaky
