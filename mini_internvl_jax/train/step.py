@@ -17,6 +17,7 @@ on its embedding gather once fsdp and tensor are both > 1.)
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -61,14 +62,14 @@ def compute_copy(params, dtype):
         and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x, params)
 
 
-def data_groups(batch: dict, rows_axis: int = 1) -> int:
+def data_groups(batch: dict) -> int:
     """How many `data` groups accumulate their own gradients: the active mesh's `data` size
     when it divides a micro-batch's rows and tiles, else 1 (XLA's own placement)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return 1
     size = dict(mesh.shape).get(DATA_AXIS, 1)
-    divides = all(x.shape[rows_axis] % size == 0 for x in batch.values())
+    divides = all(x.shape[1] % size == 0 for x in batch.values())
     return size if size > 1 and divides else 1
 
 
@@ -108,9 +109,8 @@ def make_step_fn(graphdef, tx: optax.GradientTransformation, schedule: optax.Sch
         grads, aux = grad_fn(params, frozen, rest, micro, total_w, key)
         return jax.tree.map(lambda g: g.astype(jnp.float32), grads), aux
 
-    def grouped_micro_grads(params, frozen, rest, micro, total_w, key):
+    def grouped_micro_grads(groups, params, frozen, rest, micro, total_w, key):
         """Per-`data`-group gradient sums, stacked on a leading axis sharded over `data`."""
-        groups = data_groups(micro, rows_axis=0)
         micro = jax.tree.map(lambda x: x.reshape(groups, -1, *x.shape[1:]), micro)
         keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(jnp.arange(groups))
         with vmapped_axes(DATA_AXIS):
@@ -132,7 +132,7 @@ def make_step_fn(graphdef, tx: optax.GradientTransformation, schedule: optax.Sch
                                      jax.random.fold_in(step_key, 0))
         else:
             groups = data_groups(batch)
-            grads_of = micro_grads if groups == 1 else grouped_micro_grads
+            grads_of = micro_grads if groups == 1 else partial(grouped_micro_grads, groups)
 
             def body(carry, xs):
                 i, micro = xs
