@@ -64,10 +64,10 @@ class DecoderLayer(nnx.Module):
         self.o_proj = Dense((h, hd), (d,), ("heads", "head_dim", "embed"), use_bias=False, **kw)
         self.q_norm = self.k_norm = None
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, ("head_dim",), param_dtype=param_dtype,
-                                  rngs=rngs)
-            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, ("head_dim",), param_dtype=param_dtype,
-                                  rngs=rngs)
+            self.q_norm = nnx.data(RMSNorm(hd, cfg.rms_norm_eps, ("head_dim",),
+                                           param_dtype=param_dtype, rngs=rngs))
+            self.k_norm = nnx.data(RMSNorm(hd, cfg.rms_norm_eps, ("head_dim",),
+                                           param_dtype=param_dtype, rngs=rngs))
         self.gate_proj = Dense((d,), (i,), ("embed", "mlp"), use_bias=False, **kw)
         self.up_proj = Dense((d,), (i,), ("embed", "mlp"), use_bias=False, **kw)
         self.down_proj = Dense((i,), (d,), ("mlp", "embed"), use_bias=False, **kw)
