@@ -103,9 +103,18 @@ def test_unexpected_tensor_strict_and_not(tmp_path, source, capsys):
      ["unknown architecture", "'bert'", "internvl_chat", "InternVLForConditionalGeneration"]),
     (lambda c: c["llm_config"].update(rope_scaling={"type": "yarn", "factor": 4.0}),
      ["rope scaling type 'yarn' is not supported"]),
-    (lambda c: c.update(template="internvl2_5"),
-     ["chat template 'internvl2_5' is not supported", "template=NAME"]),
-], ids=["llm", "model", "rope", "template"])
+    (lambda c: c.update(template="vicuna_v1.1"),
+     ["chat template 'vicuna_v1.1' is not supported", "template=NAME"]),
+    # released-config fields this project does not implement, injected one at a time
+    (lambda c: c.update(rope_pos_id_version="v2pe_fix"),
+     ["rope_pos_id_version is 'v2pe_fix'", "not implemented"]),
+    (lambda c: c["llm_config"].update(use_sliding_window=True),
+     ["llm_config.use_sliding_window is True", "not implemented"]),
+    (lambda c: c["llm_config"].update(num_experts=8),
+     ["llm_config.num_experts is 8", "not implemented"]),
+    (lambda c: c.update(system_message="You are a pirate."),
+     ["system_message 'You are a pirate.'", "differs from template 'Hermes-2'"]),
+], ids=["llm", "model", "rope", "template", "v2pe", "sliding", "moe", "system"])
 def test_unknown_architecture(tmp_path, source, edit, patterns):
     hf = _folder(tmp_path, source, config_edit=edit)
     _fails(tmp_path, hf, UnknownArchitectureError, *patterns)

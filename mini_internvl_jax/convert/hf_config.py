@@ -44,8 +44,9 @@ DEFAULT_TEMPLATES = {"qwen2": "Hermes-2", "qwen3": "internvl2_5", "internlm2": "
                      "phi3": "phi3-chat", "llama": "internlm2-chat"}
 # <IMG_CONTEXT> in each family's tokenizer after InternVL's 9 added tokens (<img>, </img>,
 # <IMG_CONTEXT>, <quad>, </quad>, <ref>, </ref>, <box>, </box>). The tokenizer files, when
-# present, win: Qwen2.5/Qwen3 tokenizers (InternVL2.5 and later) place it at 151667.
-DEFAULT_IMAGE_TOKEN_IDS = {"qwen2": 151648, "qwen3": 151667, "internlm2": 92546, "phi3": 32013}
+# present, win (InternVL2.5/3's Qwen2.5 tokenizer, 151665 tokens, places it at 151667). Qwen3's
+# tokenizer has 151669 tokens (ids up to </think> 151668), so InternVL3.5's is 151671.
+DEFAULT_IMAGE_TOKEN_IDS = {"qwen2": 151648, "qwen3": 151671, "internlm2": 92546, "phi3": 32013}
 # Released-config fields that change the model in ways not implemented here: refused by name
 # (with the value they take when they change nothing). V2PE: variable visual position encoding.
 UNSUPPORTED_FIELDS = {
@@ -97,13 +98,14 @@ def detect_layout(hf: dict, where: str) -> str:
         "(vision_config and text_config)")
 
 
-def check_unsupported_fields(d: dict, section: str, where: str) -> None:
+def check_unsupported_fields(d: dict, section: str, prefix: str, where: str = "config.json"
+                             ) -> None:
     """A one-line error for the first field of `section` (a key of UNSUPPORTED_FIELDS; "" is the
-    top level) that is set to something other than its neutral value."""
+    top level) that `d` sets to something other than its neutral value; `prefix` names `d`."""
     for key, neutral in UNSUPPORTED_FIELDS[section].items():
         value = d.get(key, neutral)
         if value is not None and value != neutral:
-            name = f"{section}.{key}" if section else key
+            name = f"{prefix}.{key}" if prefix else key
             raise UnknownArchitectureError(
                 f"{where}: {name} is {value!r}; this field is not implemented here (supported: "
                 f"{neutral!r}), so the model would not match its checkpoint")
@@ -231,12 +233,12 @@ def _rope(d: dict, where: str) -> tuple[float, dict | None]:
 
 def _llm(t: dict, family: str, where: str, vocab: int, tie: bool, qkv_bias: bool) -> dict:
     _check_act(t, where, "silu")
+    check_unsupported_fields(t, "llm_config", where)
     if t.get("use_sliding_window") or (family == "phi3" and t.get("sliding_window") and
                                        t["sliding_window"] < t.get("max_position_embeddings", 0)):
         raise UnknownArchitectureError(f"{where}: sliding-window attention is not implemented")
     if t.get("mlp_bias"):
         raise UnknownArchitectureError(f"{where}: MLP biases are not supported")
-    check_unsupported_fields(t, "llm_config", where)
     if family == "qwen3" and t.get("attention_bias"):
         raise UnknownArchitectureError(f"{where}.attention_bias is true; Qwen3 with q/k/v/o "
                                        "biases is not implemented (released Qwen3: false)")
@@ -276,7 +278,7 @@ def model_config_from_hf(hf: dict, shape_of: Callable[[str], tuple | None], fold
     """ModelConfig from config.json plus the checkpoint's tensor shapes (`shape_of(name)`)."""
     where = str(Path(folder) / "config.json")
     layout = detect_layout(hf, where)
-    check_unsupported_fields(hf, "", where)
+    check_unsupported_fields(hf, "", "", where)
     if layout == "original":
         llm_cfg = hf["llm_config"]
         archs = llm_cfg.get("architectures") or [None]
@@ -322,7 +324,7 @@ def model_config_from_hf(hf: dict, shape_of: Callable[[str], tuple | None], fold
             raise UnknownArchitectureError(f"{where}: vision_feature_select_strategy "
                                            f"{hf['vision_feature_select_strategy']!r} is not "
                                            "supported (InternVL drops the CLS token: 'default')")
-        check_unsupported_fields(hf["vision_config"], "vision_config", where)
+        check_unsupported_fields(hf["vision_config"], "vision_config", "vision_config", where)
         template = template_from_chat_template(folder)
         template_source = "chat template"
     if template is None:
