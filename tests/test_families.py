@@ -14,7 +14,7 @@ import pytest
 import transformers
 
 from mini_internvl_jax.convert.exporter import export_to_hf
-from mini_internvl_jax.convert.importer import convert_hf_to_orbax
+from mini_internvl_jax.convert.importer import convert_hf_to_orbax, open_hf
 from mini_internvl_jax.convert.resolve import load_pretrained_with_info
 from mini_internvl_jax.infer import GenerationConfig, Generator, Prompt
 from tests.helpers import hf_reference as ref
@@ -34,7 +34,8 @@ from tests.test_template_internvl2_5 import RELEASED_CHAT_TEMPLATE
 # tests/test_convert.py covers in both layouts; here they add the internvl2_5 template and a
 # tied head, so they run with the slow tests.
 CASES = [
-    # InternVL3.5-8B's Qwen3-8B is untied; Qwen3-0.6B/1.7B/4B (InternVL3.5-1B/2B/4B) are tied
+    # InternVL3.5-1B..8B ship a separate LM head (their model cards' totals); Qwen3-0.6B/1.7B/4B
+    # themselves tie it, which a model built from them keeps
     pytest.param("qwen3", "qwen3", False, ("original", "native"), True, id="qwen3"),
     pytest.param("qwen3_tied", "qwen3", True, ("original",), False, id="qwen3_tied"),
     # InternVL2.5 / InternVL3 Qwen2.5 decoders (Qwen2 architecture)
@@ -74,6 +75,9 @@ def test_family_converts_runs_and_round_trips(name, family, tie, layouts, greedy
 
         export_to_hf(tmp_path / f"{layout}-orbax", tmp_path / f"{layout}-back", layout=layout)
         _same_tensors(read_tensors(src), read_tensors(tmp_path / f"{layout}-back"))
+        if layout == "original":  # the exported config.json reads back to the same model
+            assert open_hf(tmp_path / "original-back").info.config.replace(name="x") == \
+                ours.cfg.replace(name="x")
         if layout == "native":  # transformers loads the export and computes the same logits
             back = transformers.InternVLForConditionalGeneration.from_pretrained(
                 tmp_path / "native-back", attn_implementation="eager").eval()

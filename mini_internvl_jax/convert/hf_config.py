@@ -49,7 +49,7 @@ DEFAULT_TEMPLATES = {"qwen2": "Hermes-2", "qwen3": "internvl2_5", "internlm2": "
 DEFAULT_IMAGE_TOKEN_IDS = {"qwen2": 151648, "qwen3": 151671, "internlm2": 92546, "phi3": 32013}
 # Released-config fields that change the model in ways not implemented here: refused by name
 # (with the value they take when they change nothing). V2PE: variable visual position encoding.
-UNSUPPORTED_FIELDS = {
+UNSUPPORTED_FIELDS: dict[str, dict[str, object]] = {
     "": {"rope_pos_id_version": "default", "rope_pos_id_stride": None, "use_backbone_lora": 0,
          "use_llm_lora": 0, "pad2square": False},
     "llm_config": {"use_sliding_window": False, "mlp_bias": False,
