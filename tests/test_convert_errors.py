@@ -112,9 +112,12 @@ def test_unexpected_tensor_strict_and_not(tmp_path, source, capsys):
      ["llm_config.use_sliding_window is True", "not implemented"]),
     (lambda c: c["llm_config"].update(num_experts=8),
      ["llm_config.num_experts is 8", "not implemented"]),
+    (lambda c: c["llm_config"].update(layer_types=["full_attention", "sliding_attention"]),
+     ["llm_config.layer_types has ['sliding_attention']"]),
     (lambda c: c.update(system_message="You are a pirate."),
      ["system_message 'You are a pirate.'", "differs from template 'Hermes-2'"]),
-], ids=["llm", "model", "rope", "template", "v2pe", "sliding", "moe", "system"])
+], ids=["llm", "model", "rope", "template", "v2pe", "sliding", "moe", "layer_types",
+        "system"])
 def test_unknown_architecture(tmp_path, source, edit, patterns):
     hf = _folder(tmp_path, source, config_edit=edit)
     _fails(tmp_path, hf, UnknownArchitectureError, *patterns)

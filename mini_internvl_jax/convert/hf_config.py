@@ -234,6 +234,10 @@ def _rope(d: dict, where: str) -> tuple[float, dict | None]:
 def _llm(t: dict, family: str, where: str, vocab: int, tie: bool, qkv_bias: bool) -> dict:
     _check_act(t, where, "silu")
     check_unsupported_fields(t, "llm_config", where)
+    kinds = sorted(set(t.get("layer_types") or ["full_attention"]) - {"full_attention"})
+    if kinds:
+        raise UnknownArchitectureError(f"config.json: {where}.layer_types has {kinds}; only "
+                                       "full attention is implemented")
     if t.get("use_sliding_window") or (family == "phi3" and t.get("sliding_window") and
                                        t["sliding_window"] < t.get("max_position_embeddings", 0)):
         raise UnknownArchitectureError(f"{where}: sliding-window attention is not implemented")
