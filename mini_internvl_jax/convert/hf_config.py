@@ -238,11 +238,9 @@ def _llm(t: dict, family: str, where: str, vocab: int, tie: bool, qkv_bias: bool
     if kinds:
         raise UnknownArchitectureError(f"config.json: {where}.layer_types has {kinds}; only "
                                        "full attention is implemented")
-    if t.get("use_sliding_window") or (family == "phi3" and t.get("sliding_window") and
-                                       t["sliding_window"] < t.get("max_position_embeddings", 0)):
+    if family == "phi3" and t.get("sliding_window") and \
+            t["sliding_window"] < t.get("max_position_embeddings", 0):
         raise UnknownArchitectureError(f"{where}: sliding-window attention is not implemented")
-    if t.get("mlp_bias"):
-        raise UnknownArchitectureError(f"{where}: MLP biases are not supported")
     if family == "qwen3" and t.get("attention_bias"):
         raise UnknownArchitectureError(f"{where}.attention_bias is true; Qwen3 with q/k/v/o "
                                        "biases is not implemented (released Qwen3: false)")
