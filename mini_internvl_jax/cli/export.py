@@ -11,8 +11,8 @@ import sys
 
 from etils import epath
 
+from mini_internvl_jax.checkpoints.export import export_checkpoint
 from mini_internvl_jax.errors import report_user_error
-from mini_internvl_jax.train.export import export_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import jax
 
+from mini_internvl_jax.checkpoints.resolve import open_source
 from mini_internvl_jax.config import DTYPES
-from mini_internvl_jax.convert.resolve import open_source
 from mini_internvl_jax.data.processing import prepare_chat_inputs
 from mini_internvl_jax.data.tokenizer import Tokenizer, load_tokenizer
 from mini_internvl_jax.infer.generate import Generator, Prompt
@@ -98,7 +98,7 @@ class Runtime:
 
 
 def load_runtime(args: argparse.Namespace, default_max_num: int) -> Runtime:
-    """Any folder convert/resolve.py knows (training run, converted, Hugging Face), run in the
+    """Any folder checkpoints/resolve.py knows (training run, converted, Hugging Face), run in the
     dtype it stores unless --dtype says otherwise."""
     mesh = parse_mesh(args.mesh)
     source = open_source(args.checkpoint)
