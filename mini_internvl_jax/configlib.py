@@ -11,8 +11,8 @@ import copy
 import dataclasses
 import importlib.resources
 import types
-from importlib.resources.abc import Traversable
 import typing
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
