@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import transformers
 
+from mini_internvl_jax.checkpoints.resolve import load_pretrained_with_info
 from mini_internvl_jax.convert.exporter import export_to_hf
 from mini_internvl_jax.convert.importer import convert_hf_to_orbax, open_hf
-from mini_internvl_jax.convert.resolve import load_pretrained_with_info
 from mini_internvl_jax.infer import GenerationConfig, Generator, Prompt
 from tests.helpers import hf_reference as ref
 from tests.helpers.checkpoints import (

@@ -1,6 +1,5 @@
 """InternVL glue: pixel shuffle order, the image-token splice, and parameter counts."""
 
-import importlib.resources
 import re
 
 import jax
@@ -142,8 +141,7 @@ def test_new_presets_have_their_stated_parameter_counts():
     """InternVL2.5 / 3 / 3.5 presets: abstract-shape counts equal the exact ViT / MLP / LLM
     counts each YAML states, and round to the model card's total."""
     for preset, card in NEW_PRESETS.items():
-        text = importlib.resources.files(configlib.PRESET_PACKAGE).joinpath(
-            "models", f"{preset}.yaml").read_text()
+        text = configlib.preset_root().joinpath("models", f"{preset}.yaml").read_text()
         m = re.search(r"# parameters: ([\d,]+) = ViT ([\d,]+) \+ MLP ([\d,]+) \+ LLM ([\d,]+)",
                       text)
         assert m, f"{preset}: no '# parameters:' line"
