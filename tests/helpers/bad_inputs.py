@@ -84,7 +84,7 @@ def build_fixtures(root: Path) -> dict[str, str]:
     import torch
 
     from mini_internvl_jax.convert.importer import convert_hf_to_orbax
-    from mini_internvl_jax.data.demo import write_demo
+    from mini_internvl_jax.tools.demo import write_demo
     from mini_internvl_jax.train.checkpoint import Checkpointer
     from tests.helpers.checkpoints import native_model, save_state, write_original
 
