@@ -37,6 +37,12 @@ def _first_line(text: str, limit: int = 400) -> str:
     return line if len(line) <= limit else line[:limit] + " ..."
 
 
+def first_line(e: BaseException | None, limit: int = 300) -> str:
+    """TensorStore errors carry a multi-kilobyte spec; the first part says what went wrong."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def disk_error(e: BaseException, where: str | None = None) -> str | None:
     """The one line for a full or read-only destination, or None if `e` is not one."""
     code = getattr(e, "errno", None)

@@ -49,7 +49,7 @@ LAZY_THIRD_PARTY = {
 }
 # Package imports a function may make itself, and why.
 LAZY_PACKAGE = {
-    (PACKAGE, f"{PACKAGE}.convert.resolve"): "`import mini_internvl_jax` stays free of jax",
+    (PACKAGE, f"{PACKAGE}.checkpoints.resolve"): "`import mini_internvl_jax` stays free of jax",
     (f"{PACKAGE}.data", f"{PACKAGE}.data"): "data/__init__ loads its pipeline modules by name "
                                             "on first use, so grain stays lazy",
 }

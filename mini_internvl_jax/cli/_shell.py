@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import jax
 
 from mini_internvl_jax import configlib
+from mini_internvl_jax.checkpoints.resolve import open_source
 from mini_internvl_jax.config import DTYPES
 from mini_internvl_jax.configlib import ConfigError, check
-from mini_internvl_jax.convert.resolve import open_source
 from mini_internvl_jax.data.tokenizer import load_tokenizer
 from mini_internvl_jax.errors import EXIT_USER_ERROR, UserError, user_error
 from mini_internvl_jax.infer.generate import Generator
@@ -155,7 +155,7 @@ def model_overrides(overrides: Sequence[str]) -> ModelOverrides:
 
 def load_runtime(args: argparse.Namespace, overrides: Sequence[str],
                  default_max_num: int) -> Runtime:
-    """Any folder convert/resolve.py knows (training run, converted, Hugging Face), run in the
+    """Any folder checkpoints/resolve.py knows (training run, converted, Hugging Face), run in the
     dtype it stores unless --dtype says otherwise, on the mesh of the `mesh.*` overrides."""
     mesh = build_mesh(model_overrides(overrides).mesh)
     max_num = default_max_num if args.max_num is None else args.max_num

@@ -11,8 +11,8 @@ import sys
 
 from etils import epath
 
+from mini_internvl_jax.checkpoints.export import export_checkpoint
 from mini_internvl_jax.cli._shell import ExitCode, command, parse_args
-from mini_internvl_jax.train.export import export_checkpoint
 
 
 @command
