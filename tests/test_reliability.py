@@ -29,13 +29,7 @@ from mini_internvl_jax.train.config import train_config_from_dict
 from mini_internvl_jax.train.init_from import model_config
 from mini_internvl_jax.train.metrics import MetricsLog
 from tests.helpers import events
-from tests.test_train_run import (  # noqa: F401 (fixture)
-    BASE,
-    ONE,
-    cache_env,
-    compilation_cache,
-    config,
-)
+from tests.test_train_run import BASE, ONE, compilation_cache, config  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
@@ -82,8 +76,8 @@ def _start_stalled(tmp_path, grace_s, stall_after):
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(cfg))
     p = subprocess.Popen([sys.executable, "-m", "tests.helpers.stalled_train", str(path)],
-                         cwd=ROOT, env={**ENV, **cache_env()}, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in p.stdout], daemon=True).start()
     while "STALLED" not in lines.get(timeout=300):  # start-up (and steps) on a busy machine

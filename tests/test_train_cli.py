@@ -16,7 +16,7 @@ from mini_internvl_jax.checkpoints.run import read_meta
 from mini_internvl_jax.cli.train import main
 from mini_internvl_jax.train import trainer
 from tests.helpers import events
-from tests.test_train_run import BASE, ONE, cache_env, compilation_cache  # noqa: F401 (fixture)
+from tests.test_train_run import BASE, ONE, compilation_cache  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,7 +33,7 @@ def test_demo_loss_falls(tmp_path):
            "total_steps=40", "optim.warmup_steps=5", "checkpoint.dir=run",
            "checkpoint.every=1000", "log.every=10", "log.progress_bar=false"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-           "JAX_PLATFORMS": "cpu", **cache_env()}
+           "JAX_PLATFORMS": "cpu"}
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

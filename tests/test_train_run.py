@@ -51,15 +51,6 @@ def compilation_cache(tmp_path_factory):
         jax.config.update(k, v)
 
 
-def cache_env() -> dict[str, str]:
-    """The session's persistent compile cache (set by `compilation_cache`) for training
-    subprocesses: a step an earlier run compiled (in-process or another subprocess) is read
-    back instead of compiled again."""
-    return {"JAX_COMPILATION_CACHE_DIR": str(jax.config.jax_compilation_cache_dir),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
-
 def config(**over):
     return train_config_from_dict({**BASE, **over})
 
@@ -255,7 +246,7 @@ def test_two_processes_match_one(tmp_path):
     port = portpicker.pick_unused_port()
     out = tmp_path / "out.npz"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu", **cache_env()}
+           "JAX_PLATFORMS": "cpu"}
     cfg = json.dumps({**BASE, "mesh": {"data": 1, "fsdp": 4, "tensor": 2}})
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(port), str(i), cfg, str(out)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
