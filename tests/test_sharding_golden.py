@@ -84,3 +84,13 @@ def test_a_rule_change_breaks_the_dumps():
     assert any(d.startswith("llm.embed_tokens") for d in diff), diff
     assert all("embed" in json.dumps(want[d.split(":")[0]]["names"]) for d in diff), diff
     assert not _diff(want, dump("mini-internvl-1b", "fsdp4"))
+
+
+def test_the_rule_set_is_named_in_the_mesh_config():
+    from mini_internvl_jax.configlib import ConfigError
+    from mini_internvl_jax.train.config import train_config_from_dict
+
+    cfg = train_config_from_dict({"model": "tiny-qwen2"})
+    assert cfg.mesh.rules == "default" and cfg.mesh.rule_table is LOGICAL_RULES
+    with pytest.raises(ConfigError, match="mesh.rules: 'nope' is not one of"):
+        train_config_from_dict({"model": "tiny-qwen2", "mesh": {"rules": "nope"}})
