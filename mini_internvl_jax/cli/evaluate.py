@@ -71,7 +71,8 @@ def make_answer_fn(rt: Runtime, max_new_tokens: int, batch_size: int):
                 raise ValueError(f"item {it.id!r}: {e}") from None
             prompts.append(prompt)
         gen = GenerationConfig(max_new_tokens, stop_token_ids=tuple(stops),
-                               pad_token_id=rt.tokenizer.pad_id)
+                               pad_token_id=rt.tokenizer.pad_id,
+                               vocab_size=rt.tokenizer.vocab_size)
         outs = rt.generator.generate(prompts, gen, batch_size=batch_size)
         return [rt.decode(ids, stops) for ids in outs]
 
