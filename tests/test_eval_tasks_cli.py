@@ -427,6 +427,7 @@ def test_bad_inputs_fail_before_generation_and_keep_finished_work(assets, tmp_pa
                    "answer": "a", "image": "x.png"}, "needs 'choices'"),
 ])
 def test_bad_rows_name_the_file_line_and_field(task, row, message, tmp_path):
+    (tmp_path / "x.png").write_bytes(png_bytes(0))
     path = tmp_path / "d.jsonl"
     write_jsonl(path, [row])
     with pytest.raises(eval_runner.EvalDataError, match=f"d.jsonl:1: .*{message}"):
