@@ -225,3 +225,38 @@ def format_table(summary: dict) -> str:
 def write_results(path: str | Path, summary: dict, records: Sequence[dict]) -> None:
     write_atomic(path, json.dumps({**summary, "items": list(records)}, indent=1,
                                   ensure_ascii=False) + "\n")
+
+
+AnswerFactory = Callable[[Task], tuple[Callable[[Sequence[Item]], list[str]], int]]
+
+
+def evaluate_file(task: Task, data: str | Path, out: str | Path, make_answer: AnswerFactory,
+                  *, image_root: str | Path | None = None, settings: dict | None = None,
+                  limit: int | None = None, skip_missing: bool = False,
+                  meta: dict | None = None,
+                  progress: Callable[[int, int], Callable[[int], object]] | None = None,
+                  ) -> tuple[Benchmark, list[dict], dict]:
+    """One benchmark file end to end: items, resume from OUT's predictions, generation of the
+    rest (`make_answer(task)` -> (answer function, batch size), called only when something is
+    pending, so a finished run needs no model), scores written atomically to `out`. `meta`
+    (e.g. the checkpoint) goes into the summary; `progress(total, done)` returns a callback
+    taking the count of each finished batch."""
+    bench = load_benchmark(task, data, image_root=image_root, settings=settings, limit=limit,
+                           skip_missing=skip_missing)
+    preds_path = predictions_path(out)
+    done = load_predictions(preds_path, task, bench.items)
+    pending = [it for it in bench.items if it.id not in done]
+    check_images(pending)
+    if pending:
+        answer, batch = make_answer(task)
+        tick = progress(len(bench.items), len(bench.items) - len(pending)) if progress else None
+        generate_all(task, pending, preds_path, answer, batch, progress=tick)
+        done = load_predictions(preds_path, task, bench.items)
+    records, summary = score_all(task, bench.items, done)
+    summary.update(meta or {})
+    summary.update(data=str(data), layout=bench.layout, predictions=str(preds_path),
+                   skipped_rows=len(bench.skipped))
+    if bench.skipped:
+        summary["skipped"] = bench.skipped
+    write_results(out, summary, records)
+    return bench, records, summary
