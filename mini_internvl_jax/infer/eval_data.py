@@ -100,6 +100,8 @@ def _read_json(path: Path) -> list[tuple[str, dict]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # JSON lines named .json (POPE's coco_pope_*.json)
+            return _read_jsonl(path)
         raise EvalDataError(f"{path}: not valid JSON ({e})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]  # DocVQA / InfographicVQA annotation files: {"data": [...]}
