@@ -5,6 +5,7 @@ few lines (official script, else VLMEvalKit), independently of the scorer under 
 
 import base64
 import json
+import re
 from collections import defaultdict
 
 import numpy as np
@@ -347,3 +348,201 @@ def test_mmbench_tsv_copies_are_not_rotated_again(tmp_path):
         100 * np.mean([all(v) for v in groups.values()]))
     assert s["metrics"]["num_questions"] == 2
     assert len(load_benchmark(TASKS["mmbench"], path, settings={"circular": False}).items) == 2
+
+
+# ------------------------------------------- the other tasks: one row set, every layout
+# Each case: rows as the layout stores them, predictions by question, and the expected
+# headline from the reference rule written out below.
+
+
+def ref_vqa_soft(pred, answers):  # EvalAI / VLMEvalKit vqa_score on normalised strings
+    return np.mean([min(1, sum(a == pred for j, a in enumerate(answers) if j != i) / 3)
+                    for i in range(len(answers))])
+
+
+def ref_letter(pred, n=4):  # VLMEvalKit can_infer's first step: one option letter as a word
+    letters = set(re.findall(r"\b([A-Z])\b", re.sub(r"[.()\[\],:;!*#{}]", " ", pred)))
+    letters &= set("ABCDEFGHIJ"[:n])
+    return letters.pop() if len(letters) == 1 else None
+
+
+def ref_mme(rows):  # MME calculation.py: per category acc + acc+ (both questions of an image)
+    cats = defaultdict(lambda: defaultdict(list))
+    for cat, img, ok in rows:
+        cats[cat][img].append(ok)
+    return sum(100 * np.mean([o for v in imgs.values() for o in v])
+               + 100 * np.mean([all(v) for v in imgs.values()]) for imgs in cats.values())
+
+
+TEXTVQA = [("What brand?", ["nokia"] * 7 + ["nokla"] * 3, "nokia"),
+           ("What number?", ["12"] * 2 + ["21"] * 8, "12")]
+OCR = [("what is written in the image?", ["Cancer"], "CANCER!", "Regular Text Recognition"),
+       ("what is the total?", ["$12"], "12", "Doc-oriented VQA"),
+       ("Read the formula", ["x ^ 2"], "x^2", "Handwritten Mathematical Expression Recognition")]
+MC = [("Which shape?", ["circle", "square", "star", "line"], "B", "B"),
+      ("Which colour?", ["red", "blue", "green", "grey"], "C", "(C) green"),
+      ("How many?", ["1", "2", "3", "4"], "A", "D")]
+MME = [("Is there a dog? Please answer yes or no.", "Yes", "existence", "e/1.png", "Yes"),
+       ("Is there a cat? Please answer yes or no.", "No", "existence", "e/1.png", "No"),
+       ("Are there two? Please answer yes or no.", "Yes", "count", "c/2.png", "Yes"),
+       ("Are there three? Please answer yes or no.", "No", "count", "c/2.png", "Yes")]
+
+
+def _textvqa(layout, tmp):
+    if layout == "official JSON":
+        for i in range(2):
+            (tmp / f"img{i}.jpg").write_bytes(png_bytes(i))
+        path = tmp / "TextVQA_0.5.1_val.json"
+        path.write_text(json.dumps({"dataset_name": "textvqa", "data": [
+            {"question_id": i, "image_id": f"img{i}", "question": q, "answers": a}
+            for i, (q, a, _) in enumerate(TEXTVQA)]}))
+    elif layout == "Hugging Face parquet":
+        path = tmp / "validation.parquet"
+        write_parquet(path, {"question_id": [0, 1], "question": [t[0] for t in TEXTVQA],
+                             "answers": [t[1] for t in TEXTVQA], "image": [struct(0), struct(1)]})
+    else:
+        path = tmp / "TextVQA_VAL.tsv"
+        write_tsv(path, ["index", "image", "question", "answer"],
+                  [(i, b64(i), q, repr(a)) for i, (q, a, _) in enumerate(TEXTVQA)])
+    return path, {q: p for q, _, p in TEXTVQA}, 100 * np.mean(
+        [ref_vqa_soft(p, a) for _, a, p in TEXTVQA])
+
+
+def _ocrbench(layout, tmp):
+    if layout == "official JSON":
+        (tmp / "IIIT5K").mkdir()
+        for i in range(3):
+            (tmp / "IIIT5K" / f"{i}.jpg").write_bytes(png_bytes(i))
+        path = tmp / "OCRBench.json"
+        path.write_text(json.dumps([{"dataset_name": "IIIT5K", "id": i, "question": q,
+                                     "image_path": f"IIIT5K/{i}.jpg", "answers": a, "type": c}
+                                    for i, (q, a, _, c) in enumerate(OCR)]))
+    elif layout == "Hugging Face parquet":
+        path = tmp / "test.parquet"
+        write_parquet(path, {"question": [o[0] for o in OCR], "answer": [o[1] for o in OCR],
+                             "question_type": [o[3] for o in OCR],
+                             "image": [struct(i) for i in range(3)]})
+    else:
+        path = tmp / "OCRBench.tsv"
+        write_tsv(path, ["index", "image", "question", "answer", "category"],
+                  [(i, b64(i), q, repr(a), c) for i, (q, a, _, c) in enumerate(OCR)])
+
+    def hit(p, answers, cat):  # OCRBench's official rule
+        if cat.startswith("Handwritten Mathematical"):
+            return any(a.strip().replace("\n", " ").replace(" ", "")
+                       in p.strip().replace("\n", " ").replace(" ", "") for a in answers)
+        return any(a.lower().strip().replace("\n", " ") in p.lower().strip().replace("\n", " ")
+                   for a in answers)
+    return path, {q: p for q, _, p, _ in OCR}, sum(hit(p, a, c) for _, a, p, c in OCR)
+
+
+def _mc(task):
+    def build(layout, tmp):
+        if layout == "VLMEvalKit TSV":
+            path = tmp / ("AI2D_TEST.tsv" if task == "ai2d" else "SEEDBench_IMG.tsv")
+            write_tsv(path, ["index", "image", "question", "A", "B", "C", "D", "answer",
+                             "category"],
+                      [(i, b64(i), q, *o, a, "c") for i, (q, o, a, _) in enumerate(MC)])
+        elif layout == "Hugging Face parquet" and task == "ai2d":  # lmms-lab/ai2d
+            path = tmp / "test.parquet"
+            write_parquet(path, {"question": [m[0] for m in MC], "options": [m[1] for m in MC],
+                                 "answer": [str("ABCD".index(m[2])) for m in MC],
+                                 "image": [struct(i) for i in range(3)]})
+        elif layout == "Hugging Face parquet":  # lmms-lab/SEED-Bench: a list of images
+            path = tmp / "test.parquet"
+            cols = {"question_id": ["0", "1", "2"], "question": [m[0] for m in MC],
+                    "answer": [m[2] for m in MC], "question_type_id": [1, 1, 2],
+                    "data_type": ["image"] * 3, "image": [[struct(i)] for i in range(3)]}
+            cols.update({f"choice_{x}": [m[1][j] for m in MC] for j, x in enumerate("abcd")})
+            write_parquet(path, cols)
+        else:  # SEED-Bench.json: {"questions": [...]}, images by data_id; video rows skipped
+            for i in range(3):
+                (tmp / f"{i}.jpg").write_bytes(png_bytes(i))
+            qs = [{"question_id": str(i), "question": q, "answer": a, "question_type_id": 1,
+                   "data_type": "image", "data_id": f"{i}.jpg",
+                   **{f"choice_{x}": o[j] for j, x in enumerate("abcd")}}
+                  for i, (q, o, a, _) in enumerate(MC)]
+            qs.append({**qs[0], "question_id": "v", "data_type": "video", "data_id": "v.mp4"})
+            path = tmp / "SEED-Bench.json"
+            path.write_text(json.dumps({"questions": qs, "question_type": {"Scene": 1}}))
+        return path, {q: p for q, _, _, p in MC}, 100 * np.mean(
+            [ref_letter(p) == a for _, _, a, p in MC])
+    return build
+
+
+def _mme(layout, tmp):
+    if layout == "Hugging Face parquet":
+        path = tmp / "test.parquet"
+        write_parquet(path, {"question_id": [m[3] for m in MME], "question": [m[0] for m in MME],
+                             "answer": [m[1] for m in MME], "category": [m[2] for m in MME],
+                             "image": [struct(int(m[3][2])) for m in MME]})
+    else:
+        path = tmp / "MME.tsv"
+        write_tsv(path, ["index", "image", "question", "answer", "category", "image_path"],
+                  [(i, b64(int(m[3][2])), m[0], m[1], m[2], m[3]) for i, m in enumerate(MME)])
+
+    def parse(p):  # MME's official rule
+        p = p.lower()
+        return p if p in ("yes", "no") else "yes" if "yes" in p[:4] else (
+            "no" if "no" in p[:4] else "other")
+    return path, {m[0]: m[4] for m in MME}, ref_mme(
+        [(c, img, parse(p) == a.lower()) for _, a, c, img, p in MME])
+
+
+def _mmmu(layout, tmp):
+    path = tmp / "validation-00000.parquet"
+    write_parquet(path, {"id": [f"validation_Art_{i}" for i in range(3)],
+                         "question": [f"<image 1> {m[0]}" for m in MC],
+                         "options": [repr(m[1]) for m in MC], "answer": [m[2] for m in MC],
+                         "question_type": ["multiple-choice"] * 3,
+                         "image_1": [struct(i) for i in range(3)]})
+    return path, {q: p for q, _, _, p in MC}, 100 * np.mean(
+        [ref_letter(p) == a for _, _, a, p in MC])
+
+
+def _mathvista(layout, tmp):
+    probs = {"1": {"question": "How many cubes?", "query": "Hint: integer.\nHow many cubes?",
+                   "choices": None, "precision": None, "answer": "5",
+                   "question_type": "free_form", "answer_type": "integer"},
+             "2": {"question": "Which is larger?", "query": "Which is larger?\nChoices:\n"
+                   "(A) left\n(B) right", "choices": ["left", "right"], "precision": None,
+                   "answer": "right", "question_type": "multi_choice", "answer_type": "text"}}
+    preds = {"How many cubes?": "6", "Which is larger?": "right"}
+    if layout == "official JSON":
+        (tmp / "images").mkdir()
+        for pid in probs:
+            (tmp / "images" / f"{pid}.jpg").write_bytes(png_bytes(int(pid)))
+        path = tmp / "testmini.json"
+        path.write_text(json.dumps({pid: {**p, "pid": pid, "image": f"images/{pid}.jpg",
+                                          "metadata": {"task": "math word problem"}}
+                                    for pid, p in probs.items()}))
+    else:
+        path = tmp / "testmini-00000.parquet"
+        cols = {k: [p[k] for p in probs.values()] for k in probs["1"]}
+        cols.update(pid=list(probs), decoded_image=[struct(1), struct(2)],
+                    image=["images/1.jpg", "images/2.jpg"])
+        write_parquet(path, cols)
+    # exact answer for these canned predictions: 6 != 5, "right" == "right"
+    return path, preds, 50.0
+
+
+OTHER = {("textvqa", lay): _textvqa for lay in ("official JSON", "Hugging Face parquet",
+                                                  "VLMEvalKit TSV")}
+OTHER.update({("ocrbench", lay): _ocrbench for lay in ("official JSON", "Hugging Face parquet",
+                                                         "VLMEvalKit TSV")})
+OTHER.update({("ai2d", lay): _mc("ai2d") for lay in ("Hugging Face parquet", "VLMEvalKit TSV")})
+OTHER.update({("seed", lay): _mc("seed") for lay in ("official JSON", "Hugging Face parquet",
+                                                       "VLMEvalKit TSV")})
+OTHER.update({("mme", lay): _mme for lay in ("Hugging Face parquet", "VLMEvalKit TSV")})
+OTHER[("mmmu", "Hugging Face parquet")] = _mmmu
+OTHER.update({("mathvista", lay): _mathvista for lay in ("official JSON",
+                                                         "Hugging Face parquet")})
+
+
+@pytest.mark.parametrize("task,layout", sorted(OTHER))
+def test_other_tasks_in_their_published_layouts(task, layout, tmp_path):
+    path, preds, expected = OTHER[(task, layout)](layout, tmp_path)
+    bench, s = run(task, path, by_question(preds))
+    assert bench.layout == layout
+    assert all(it.images for it in bench.items) and len(bench.items) == len(preds)
+    assert s["metrics"][TASKS[task].headline] == pytest.approx(expected)

@@ -13,10 +13,11 @@
 `layout_of` names which published layout a file is (printed and written with the results).
 
 Image fields, first found: `decoded_image` (MathVista), `image`, `image_path`, the official
-releases' `image_local_name` (InfographicVQA), `imgname` (ChartQA) and `filename`
-(HallusionBench), then `image_1` ... `image_N` (MMMU). A path that does not exist is a
-`MissingImageError` naming the row, the field and the path (`build_items(skip_missing=True)`
-counts and skips such rows instead): a question is never answered without its image.
+releases' `image_local_name` (InfographicVQA), `imgname` (ChartQA), `filename`
+(HallusionBench) and `data_id` (SEED-Bench), then `image_1` ... `image_N` (MMMU). A path that
+does not exist is a `MissingImageError` naming the row, the field and the path
+(`load_benchmark(skip_missing=True)` counts and skips such rows instead): a question is never
+answered without its image.
 
 Rows come back as (where, dict) with `where` = "FILE:LINE" for error messages; images as a
 tuple of paths (str) or encoded bytes, a video as a one-element tuple holding a `VideoRef`;
@@ -46,7 +47,8 @@ class MissingImageError(EvalDataError):
     """A row names an image file that does not exist."""
 
 
-IMAGE_KEYS = ("decoded_image", "image", "image_path", "image_local_name", "imgname", "filename")
+IMAGE_KEYS = ("decoded_image", "image", "image_path", "image_local_name", "imgname", "filename",
+              "data_id")
 
 
 def layout_of(path: str | Path) -> str:
@@ -103,10 +105,17 @@ def _read_json(path: Path) -> list[tuple[str, dict]]:
         if e.msg == "Extra data":  # JSON lines named .json (POPE's coco_pope_*.json)
             return _read_jsonl(path)
         raise EvalDataError(f"{path}: not valid JSON ({e})") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]  # DocVQA / InfographicVQA annotation files: {"data": [...]}
+    if isinstance(data, dict):
+        for key in ("data", "questions"):  # DocVQA / InfoVQA / TextVQA, SEED-Bench
+            if isinstance(data.get(key), list):
+                data = data[key]
+                break
+        else:  # MathVista's testmini.json: {pid: problem}
+            if data and all(isinstance(v, dict) for v in data.values()):
+                data = [{"pid": k, **v} for k, v in data.items()]
     if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
-        raise EvalDataError(f"{path}: expected a list of objects (or {{'data': [...]}})")
+        raise EvalDataError(f"{path}: expected a list of objects, {{'data': [...]}}, "
+                            "{'questions': [...]} or {id: object}")
     return [(f"{path}:item {i}", x) for i, x in enumerate(data)]
 
 

@@ -195,6 +195,11 @@ def _anls_summary(records):
 
 
 def _textvqa_build(row, where, root, settings):
+    """TextVQA rows; the official JSON names its image by `image_id` only (train_images/
+    ID.jpg: --image-root is that folder)."""
+    if not any(row.get(k) not in (None, "") for k in ("image", "image_path")) and row.get(
+            "image_id") not in (None, ""):
+        row = {**row, "image_path": f"{row['image_id']}.jpg"}
     (item,) = _short_build()(row, where, root, settings)
     if len(item.ref["answers"]) < 2:
         raise EvalDataError(f"{where}: TextVQA needs the list of (10) human answers, got "
