@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
+from mini_internvl_jax.checkpoints.resolve import open_source
 from mini_internvl_jax.convert.exporter import export_to_hf
-from mini_internvl_jax.convert.resolve import open_source
 from mini_internvl_jax.data.processing import prepare_chat_inputs
 from mini_internvl_jax.data.tokenizer import load_tokenizer
 from mini_internvl_jax.infer.generate import GenerationConfig, Generator

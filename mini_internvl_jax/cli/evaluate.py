@@ -14,20 +14,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm import tqdm
 
-from mini_internvl_jax.convert.resolve import open_source
-from mini_internvl_jax.errors import UserError, user_error
+from mini_internvl_jax.checkpoints.resolve import open_source
+from mini_internvl_jax.cli._shell import (
+    MESH_HELP,
+    ExitCode,
+    UsageError,
+    add_model_args,
+    add_override_args,
+    command,
+    load_runtime,
+    parse_args,
+)
+from mini_internvl_jax.data.errors import DataError
 from mini_internvl_jax.fileio import is_remote
 from mini_internvl_jax.infer import eval_runner, eval_suite
 from mini_internvl_jax.infer.generate import GenerationConfig
-from mini_internvl_jax.infer.runtime import Runtime, add_model_args, load_runtime
+from mini_internvl_jax.infer.runtime import Runtime
 from mini_internvl_jax.infer.scorers.tasks import TASKS, Item
+from mini_internvl_jax.sharding import batch_shards
 from mini_internvl_jax.train.metrics import markdown_table, open_tensorboard
 
 TABLE_ROWS = 50  # predictions shown in TensorBoard's text tab (all of them are in --out)
@@ -36,6 +46,7 @@ TABLE_ROWS = 50  # predictions shown in TensorBoard's text tab (all of them are 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mivl-eval", description=__doc__.split("\n")[0])
     add_model_args(p)
+    add_override_args(p, MESH_HELP)
     p.add_argument("--task", required=True, choices=sorted(TASKS) + ["all"],
                    help="a benchmark, or all: every benchmark file in --data-dir")
     p.add_argument("--data", metavar="PATH",
@@ -60,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="results JSON (default: DATA_STEM.TASK.json in the current folder); "
                         "predictions go next to it as FILE.predictions.jsonl")
     p.add_argument("--batch-size", type=int, default=8,
-                   help="rows per generation batch (rounded up to a multiple of the mesh's "
-                        "data x fsdp size)")
+                   help="rows per generation batch (rounded up to a multiple of the shards "
+                        "the mesh splits a batch into)")
     p.add_argument("--no-circular", dest="circular", action="store_false",
                    help="mmbench: ask each question once instead of once per rotation")
     p.add_argument("--limit", type=int, default=None, help="first N rows of the data only")
@@ -82,8 +93,8 @@ def make_answer_fn(rt: Runtime, max_new_tokens: int, batch_size: int):
         for it in items:
             try:
                 prompt, stops = rt.prompt(it.images, it.prompt)
-            except ValueError as e:
-                raise ValueError(f"item {it.id!r}: {e}") from None
+            except DataError as e:
+                raise DataError(f"item {it.id!r}: {e}") from None
             prompts.append(prompt)
         gen = GenerationConfig(max_new_tokens, stop_token_ids=tuple(stops),
                                pad_token_id=rt.tokenizer.pad_id,
@@ -92,13 +103,6 @@ def make_answer_fn(rt: Runtime, max_new_tokens: int, batch_size: int):
         return [rt.decode(ids, stops) for ids in outs]
 
     return answer
-
-
-def row_multiple(mesh) -> int:
-    """Batch rows must split evenly over the mesh axes the batch is sharded on."""
-    if mesh is None:
-        return 1
-    return math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
 
 
 def log_to_tensorboard(log_dir: str, summary: dict, items: Sequence[Item],
@@ -139,26 +143,29 @@ def _answer_factory(args, runtime: list):
     """Loads the model on first use (a finished run only rescores) and shares it."""
     def make(task):
         if not runtime:
-            runtime.append(load_runtime(args, default_max_num=6))
+            runtime.append(load_runtime(args, args.overrides, default_max_num=6))
         rt = runtime[0]
-        mult = row_multiple(rt.generator.mesh)
+        mult = batch_shards(rt.generator.mesh)
         batch = -(-args.batch_size // mult) * mult
         return make_answer_fn(rt, args.max_new_tokens or task.max_new_tokens, batch), batch
     return make
 
 
-def _check_local(args) -> str | None:
+def _check_args(args) -> None:
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be >= 1")
     for flag, value in (("--data", args.data), ("--data-dir", args.data_dir),
                         ("--image-root", args.image_root), ("--out", args.out)):
         if value is not None and is_remote(value):
-            return (f"{flag} {value}: evaluation reads and writes local files (its "
-                    "predictions file is appended to after every batch); copy them from or to "
-                    "the store around the run (--checkpoint and --tokenizer may be gs:// URIs)")
+            raise UsageError(f"{flag} {value}: evaluation reads and writes local files (its "
+                             "predictions file is appended to after every batch); copy them "
+                             "from or to the store around the run (--checkpoint and "
+                             "--tokenizer may be gs:// URIs)")
     if args.task == "all" and (args.data_dir is None or args.data is not None):
-        return "--task all takes --data-dir DIR (a folder of benchmark files), not --data"
+        raise UsageError("--task all takes --data-dir DIR (a folder of benchmark files), not "
+                         "--data")
     if args.task != "all" and (args.data is None or args.data_dir is not None):
-        return f"--task {args.task} takes --data FILE (--data-dir is for --task all)"
-    return None
+        raise UsageError(f"--task {args.task} takes --data FILE (--data-dir is for --task all)")
 
 
 def _run_all(args, make, runtime: list) -> int:
@@ -172,7 +179,7 @@ def _run_all(args, make, runtime: list) -> int:
     results = []
     for b in benches:
         out = out_dir / f"{b.path.stem}.{b.task.name}.json"
-        _, records, summary = eval_runner.evaluate_file(
+        _, _, summary = eval_runner.evaluate_file(
             b.task, b.path, out, make, image_root=args.image_root,
             settings={"circular": args.circular}, limit=args.limit,
             skip_missing=args.skip_missing_images, meta={"checkpoint": str(args.checkpoint)},
@@ -189,7 +196,7 @@ def _run_all(args, make, runtime: list) -> int:
         log_suite_to_tensorboard(args.tensorboard, rows, args.tensorboard_step)
     print(f"published numbers: {model or 'none (unknown model; --published NAME)'}")
     print(eval_suite.format_suite_table(rows))
-    return 0
+    return ExitCode.OK
 
 
 def log_suite_to_tensorboard(log_dir: str, rows: list[dict], step: int) -> None:
@@ -210,30 +217,21 @@ def log_suite_to_tensorboard(log_dir: str, rows: list[dict], step: int) -> None:
         tb.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        print("error: --batch-size must be >= 1", file=sys.stderr)
-        return 2
-    problem = _check_local(args)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+@command
+def main(argv: list[str]) -> int:
+    args = parse_args(build_parser(), argv)
+    _check_args(args)
     runtime: list = []
     make = _answer_factory(args, runtime)
-    try:
-        if args.task == "all":
-            return _run_all(args, make, runtime)
-        task = TASKS[args.task]
-        out = Path(args.out or f"{Path(args.data).stem}.{task.name}.json")
-        bench, records, summary = eval_runner.evaluate_file(
-            task, args.data, out, make, image_root=args.image_root,
-            settings={"circular": args.circular}, limit=args.limit,
-            skip_missing=args.skip_missing_images, meta={"checkpoint": str(args.checkpoint)},
-            progress=_progress(task.name))
-    except (UserError, ValueError, OSError) as e:  # EvalDataError is a ValueError
-        print(f"error: {user_error(e) or e}", file=sys.stderr)
-        return 2
+    if args.task == "all":
+        return _run_all(args, make, runtime)
+    task = TASKS[args.task]
+    out = Path(args.out or f"{Path(args.data).stem}.{task.name}.json")
+    bench, records, summary = eval_runner.evaluate_file(
+        task, args.data, out, make, image_root=args.image_root,
+        settings={"circular": args.circular}, limit=args.limit,
+        skip_missing=args.skip_missing_images, meta={"checkpoint": str(args.checkpoint)},
+        progress=_progress(task.name))
     if bench.skipped:
         print(f"note: {len(bench.skipped)} row(s) skipped for a missing image, first: "
               f"{bench.skipped[0]}", file=sys.stderr)
@@ -244,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     print(eval_runner.format_table(summary))
     print(json.dumps({"task": task.name, task.headline: summary["metrics"][task.headline],
                       "results": str(out)}))
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mini_internvl_jax.config import ModelConfig, load_model_config
+from mini_internvl_jax.infer.eval_data import EvalDataError
 from mini_internvl_jax.infer.scorers.tasks import TASKS, Task
 
 FORMATS = (".jsonl", ".json", ".tsv", ".parquet")
@@ -68,7 +69,7 @@ def discover(data_dir: str | Path) -> tuple[list[Benchmark], list[Path]]:
     """(benchmarks found, entries no task claims), in name order."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise FileNotFoundError(f"--data-dir {data_dir} is not a folder")
+        raise EvalDataError(f"--data-dir {data_dir} is not a folder")
     found, ignored = [], []
     for p in sorted(data_dir.iterdir()):
         usable = (p.is_file() and p.suffix.lower() in FORMATS) or (
