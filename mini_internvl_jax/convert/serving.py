@@ -84,16 +84,16 @@ def write_serving_files(folder: Path, cfg: ModelConfig, layout: str) -> None:
     """Adds / completes the serving files in `folder` (an export being written, holding
     config.json and the tokenizer files copied from the source)."""
     folder = Path(folder)
-    try:
-        tok = load_tokenizer(folder)
-    except (TokenizerError, FileNotFoundError, OSError) as e:
-        raise ConversionError(f"{folder}: the export needs the model's tokenizer files (the "
-                              f"converted folder holds none usable: {e})") from None
     if cfg.template not in TEMPLATES:
         raise ConversionError(f"chat template {cfg.template!r} has no serving template; known: "
                               f"{sorted(TEMPLATES)}")
     template = TEMPLATES[cfg.template]
-    stops = list(stop_token_ids(tok, template))
+    try:
+        tok = load_tokenizer(folder)
+        stops = list(stop_token_ids(tok, template))
+    except (TokenizerError, FileNotFoundError, OSError) as e:
+        raise ConversionError(f"{folder}: the serving files need the model's tokenizer, with "
+                              f"the tokens of its {template.name} template: {e}") from None
     ids = {"bos_token_id": tok.bos_id, "eos_token_id": stops[0], "pad_token_id": tok.pad_id}
     gen = {**_read(folder / "generation_config.json"), **ids, "eos_token_id": stops,
            "do_sample": False}
