@@ -488,7 +488,8 @@ def _hallusion_build(row, where, root, settings):
     `index` ("_"-separated, parts 3, 4, 5 as its `Hallusion_rating` reads them)."""
     q = _text(row, ("question",), where)
     cat = str(_get(row, ("category",), where))
-    if row.get("set_id") in (None, "") and row.get("l2-category") not in (None, ""):
+    vlmevalkit = settings.get("layout") == "VLMEvalKit TSV" or row.get("set_id") in (None, "")
+    if vlmevalkit and row.get("l2-category") not in (None, ""):  # its evaluator reads `index`
         parts = str(_get(row, ("index",), where)).split("_")
         if len(parts) < 6:
             raise EvalDataError(f"{where}: field 'index' {row['index']!r} does not hold the "
