@@ -12,13 +12,13 @@ import tokenizers
 import transformers
 
 from mini_internvl_jax.data import load_tokenizer, stop_token_ids
-from mini_internvl_jax.data.demo import _train_hf_bpe
 from mini_internvl_jax.data.media import expand_video_placeholder
 from mini_internvl_jax.data.templates import (
     INTERNVL2_5_SYSTEM_MESSAGE,
     encode_chat,
     get_template,
 )
+from mini_internvl_jax.tools.demo import train_bpe
 
 # The chat template transformers' InternVL converter (convert_internvl_weights_to_hf.py) ships
 # with the InternVL2.5 / InternVL3 `-hf` checkpoints, verbatim.
@@ -84,7 +84,7 @@ def tokenizer_dir(tmp_path_factory):
               "It is small.\n\nVery small. Image-1: Image-2: Compare them. The first is larger.",
               "Frame1: Frame2: What happens? A ball rolls away.\n"] * 20
     folder = tmp_path_factory.mktemp("tok")
-    (folder / "tokenizer.json").write_text(_train_hf_bpe(corpus, SPECIALS))
+    (folder / "tokenizer.json").write_text(train_bpe(corpus, SPECIALS))
     return folder
 
 
