@@ -288,6 +288,8 @@ def _run(cfg: TrainConfig, devices, stop_after: int | None, allow_config_change:
                 if pending is not None:
                     collect()
                 pending = (step, metrics, extra)
+                if ckpt is not None:  # an async save that failed stops the run here
+                    ckpt.raise_if_failed()
                 if step == profile_last:
                     jax.block_until_ready(state)
                     jax.profiler.stop_trace()
