@@ -37,10 +37,17 @@ def _first_line(text: str, limit: int = 400) -> str:
     return line if len(line) <= limit else line[:limit] + " ..."
 
 
-def disk_error(e: BaseException, where: str | None = None) -> str | None:
-    """The one line for a full or read-only destination, or None if `e` is not one."""
+class StorageError(UserError, OSError):
+    """A write that failed on a full, size-limited or read-only disk; names the destination."""
+
+
+def disk_error(e: BaseException, where: str | None = None, *, name_where: bool = False
+               ) -> str | None:
+    """The one line for a full or read-only destination, or None if `e` is not one. The path
+    named is the file the error names, else `where`; with `name_where`, `where` (the output the
+    user asked for, not the temporary file inside it that failed)."""
     code = getattr(e, "errno", None)
-    path = getattr(e, "filename", None) or where
+    path = where if name_where and where else getattr(e, "filename", None) or where
     text = str(e)
     if not path:
         m = _PATH_IN_TEXT.search(text)
@@ -70,12 +77,21 @@ def _chain(e: BaseException) -> list[BaseException]:
     return out
 
 
-def chained_disk_error(e: BaseException, where: str | None = None) -> str | None:
+def chained_disk_error(e: BaseException, where: str | None = None, *, name_where: bool = False
+                       ) -> str | None:
     """`disk_error` of `e` or of any exception in its chain."""
     for cause in _chain(e):
-        if line := disk_error(cause, where):
+        if line := disk_error(cause, where, name_where=name_where):
             return line
     return None
+
+
+def storage_error(e: BaseException, dest: object) -> StorageError | None:
+    """A StorageError naming `dest` if `e` (or its chain) is a disk failure, else None."""
+    if isinstance(e, UserError):
+        return None
+    line = chained_disk_error(e, str(dest), name_where=True)
+    return None if line is None else StorageError(line)
 
 
 def user_error(e: BaseException) -> str | None:

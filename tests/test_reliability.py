@@ -21,6 +21,7 @@ import yaml
 from tensorboardX.proto.event_pb2 import SessionLog
 
 from mini_internvl_jax import fileio
+from mini_internvl_jax.cli import export as export_cli
 from mini_internvl_jax.cli import train as train_cli
 from mini_internvl_jax.convert.run_folder import CheckpointError, read_meta
 from mini_internvl_jax.train import trainer
@@ -382,5 +383,14 @@ def test_a_failed_checkpoint_save_stops_the_run_and_resume_continues(tmp_path, m
         # A sync save fails at step 2; an async one is noticed at the next step boundary.
         assert rows == [1, 2] if not async_save else rows[:2] == [1, 2] and len(rows) <= 3
         r = run_one(checkpoint=ckpt, log=log)
+        if async_save:  # mivl-export of the run onto the same full disk: one line as well
+            capfd.readouterr()
+            with disk.full(16 << 10):
+                code = export_cli.main([str(ckpt_dir), str(disk.path / "export")])
+            err = capfd.readouterr().err
+            assert code == 2 and err.startswith(
+                f"error: {disk.message} writing {disk.path / 'export'}") and \
+                err.count("\n") == 1, err[-3000:]
+            assert not (disk.path / "export").exists() and not list(disk.path.glob(".export*"))
     assert [h["step"] for h in r.history] == [2, 3, 4]
     assert [h["loss"] for h in r.history] == [h["loss"] for h in reference.history[1:]]

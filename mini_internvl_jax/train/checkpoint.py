@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import time
 from collections.abc import Iterator
 
@@ -32,7 +31,12 @@ from mini_internvl_jax.convert.run_folder import (
     absolute_path,
     first_line,
 )
-from mini_internvl_jax.errors import chained_disk_error, quiet_storage_failures, silence_abandoned_reads
+from mini_internvl_jax.errors import (
+    chained_disk_error,
+    quiet_storage_failures,
+    silence_abandoned_reads,
+)
+from mini_internvl_jax.fileio import remove_settled
 
 
 class CheckpointSaveError(CheckpointError):
@@ -53,8 +57,8 @@ class _IteratorSnapshot:
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int, async_save: bool):
         self.directory = absolute_path(directory)
-        # cleanup_tmp_directories: a save cut short (kill, full disk) leaves STEP.orbax-checkpoint-tmp
         quiet_storage_failures()
+        # cleanup_tmp_directories: a save cut short (a kill) leaves STEP.orbax-checkpoint-tmp
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True)
@@ -83,7 +87,7 @@ class Checkpointer:
                 self.manager.close()
             if "://" not in str(self.directory):
                 for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-                    shutil.rmtree(tmp, ignore_errors=True)
+                    remove_settled(tmp)
             last = (f"the last saved step, {self.last_saved}, is intact"
                     if self.last_saved is not None else "no step was saved before")
             raise CheckpointSaveError(f"checkpoint step {step} not saved: {line} ({last})") \
