@@ -87,8 +87,10 @@ def chained_disk_error(e: BaseException, where: str | None = None, *, name_where
 
 
 def storage_error(e: BaseException, dest: object) -> StorageError | None:
-    """A StorageError naming `dest` if `e` (or its chain) is a disk failure, else None."""
-    if isinstance(e, UserError):
+    """A StorageError naming `dest` if `e` (or its chain) is a disk failure, else None (also
+    for other user errors, whose message is theirs). A StorageError of a file inside `dest` is
+    renamed to `dest`: the user named that, not the temporary file inside it."""
+    if isinstance(e, UserError) and not isinstance(e, StorageError):
         return None
     line = chained_disk_error(e, str(dest), name_where=True)
     return None if line is None else StorageError(line)

@@ -319,6 +319,19 @@ def check_creatable(folder: str | os.PathLike) -> None:
         if not existing.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file, not a folder",
                                      str(folder))
+        if os.statvfs(existing).f_flag & os.ST_RDONLY:
+            raise OSError(errno.EROFS, "Read-only file system", str(folder))
         if not os.access(existing, os.W_OK | os.X_OK):
             raise PermissionError(errno.EACCES, "Permission denied", str(folder))
         return
+
+
+def check_writable_file(path: str | os.PathLike) -> None:
+    """`check_creatable` for an output file: also refuses a folder standing at `path`. Checked
+    before the work whose results the file would hold."""
+    if is_remote(path):
+        return
+    if Path(path).is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder; expected a file to write",
+                                str(path))
+    check_creatable(Path(path).absolute().parent)

@@ -9,9 +9,9 @@ import json
 import sys
 
 from mini_internvl_jax.configlib import ConfigError
-from mini_internvl_jax.data.errors import DataError
 from mini_internvl_jax.data.validate import validate_dataset
-from mini_internvl_jax.fileio import write_atomic
+from mini_internvl_jax.errors import report_user_error
+from mini_internvl_jax.fileio import check_writable_file, write_atomic
 from mini_internvl_jax.train.config import build_model_config, load_train_config
 
 
@@ -40,26 +40,33 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.data is None or cfg.tokenizer is None:
         print("config error: the config needs a `data` section and a tokenizer", file=sys.stderr)
         return 2
-    if args.processes < 1 or cfg.max_tiles % args.processes:
+    if args.processes < 1:
+        print(f"error: --processes must be >= 1, got {args.processes}", file=sys.stderr)
+        return 2
+    if cfg.max_tiles % args.processes:
         print(f"error: max_tiles {cfg.max_tiles} is not a multiple of --processes "
               f"{args.processes}", file=sys.stderr)
         return 2
     try:
+        if args.report:  # before the validation whose findings it would hold
+            check_writable_file(args.report)
         report = validate_dataset(
             args.dataset, cfg.data, tokenizer=cfg.tokenizer, template=model_cfg.template,
             image_size=model_cfg.vision.image_size, num_image_tokens=model_cfg.num_image_tokens,
             seq_len=cfg.seq_len, max_tiles=cfg.max_tiles // args.processes,
             progress=not args.no_progress)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - bugs are re-raised there
+        return report_user_error(e)
     for f in report.rejected:
         print(f"REJECT {f}")
     for f in report.truncated:
         print(f"TRUNCATE {f}")
     if args.report:
-        write_atomic(args.report, "".join(
-            json.dumps(dataclasses.asdict(f)) + "\n" for f in report.rejected + report.truncated))
+        try:
+            write_atomic(args.report, "".join(json.dumps(dataclasses.asdict(f)) + "\n"
+                                              for f in report.rejected + report.truncated))
+        except Exception as e:  # noqa: BLE001 - e.g. the disk filled up meanwhile
+            return report_user_error(e)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items()))
     print(f"checked {report.checked} samples: {len(report.rejected)} rejected"
           + (f" ({counts})" if counts else "") + f", {len(report.truncated)} truncated")

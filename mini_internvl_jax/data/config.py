@@ -83,6 +83,11 @@ class DataConfig:
     # Records rejected in a row (dropped or bad, no sample placed in between) after which the
     # run stops: nothing fits the batch geometry. A whole epoch of this shard also counts.
     max_consecutive_skips: int = 10000
+    # Shards of a mivl-build-shards folder are checked against its manifest.json (size,
+    # sha256) before any record is read: "refuse" stops the run naming every shard that
+    # differs, "skip" trains without them (and says how many shards and records it left out),
+    # "unchecked" reads them as they are (hashing costs one read of the data per host).
+    bad_shards: Literal["refuse", "skip", "unchecked"] = "refuse"
 
     def __post_init__(self):
         check(bool(self.meta_path), "data.meta_path", "must name the meta JSON file")

@@ -60,12 +60,8 @@ class LimitedDisk:
             finally:
                 assert _mount("-o", f"remount,size={BIG}", str(self.path))
             return
-        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (headroom, hard))
-        try:
+        with file_size_limit(headroom):
             yield
-        finally:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
     def close(self) -> None:
         if self.kind == "tmpfs":
@@ -105,9 +101,13 @@ def read_only_folder(path: Path) -> Iterator[Path]:
     yield path
 
 
-def limit_file_size(nbytes: int):
-    """A `preexec_fn` for subprocess: `ulimit -f` of nbytes in the child only."""
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE,
-                           (nbytes, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-    return apply
+@contextlib.contextmanager
+def file_size_limit(nbytes: int) -> Iterator[None]:
+    """`ulimit -f` for this process: a write past nbytes fails with EFBIG (Python ignores the
+    SIGXFSZ signal that would otherwise end the process)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
