@@ -96,10 +96,27 @@ def storage_error(e: BaseException, dest: object) -> StorageError | None:
     return None if line is None else StorageError(line)
 
 
+_GCS_MISSING = re.compile(r"gcsfs|google[ .-]cloud[ .-]storage|Google Storage", re.IGNORECASE)
+GCS_EXTRA = "pip install 'mini-internvl-jax[gcs]'"
+
+
+def missing_extra(e: BaseException) -> str | None:
+    """The line for a gs:// path used without the `gcs` extra installed (etils / Orbax raise an
+    ImportError that names gcsfs or google-cloud-storage), or None."""
+    for cause in _chain(e):
+        if isinstance(cause, ImportError) and _GCS_MISSING.search(
+                f"{cause} {getattr(cause, 'name', '') or ''}"):
+            return (f"gs:// paths need the `gcs` extra, which is not installed "
+                    f"({_first_line(str(cause), 120)}): {GCS_EXTRA}")
+    return None
+
+
 def user_error(e: BaseException) -> str | None:
     """The one-line message for a mistake the user can fix, or None for a bug."""
     if isinstance(e, UserError):  # its message is written for the user already
         return _first_line(str(e))
+    if line := missing_extra(e):
+        return line
     if line := chained_disk_error(e):
         return line
     if isinstance(e, UserError | FileExistsError | FileNotFoundError | NotADirectoryError

@@ -17,7 +17,7 @@ import sys
 
 from mini_internvl_jax.data.errors import SkipSample
 from mini_internvl_jax.data.processing import decode_rgb, open_image
-from mini_internvl_jax.data.video import DEFAULT_NUM_FRAMES
+from mini_internvl_jax.data.video import DEFAULT_NUM_FRAMES, MAX_NUM_FRAMES
 from mini_internvl_jax.errors import UserError, user_error
 from mini_internvl_jax.infer.runtime import add_model_args, load_runtime
 from mini_internvl_jax.infer.sampling import SamplingConfig
@@ -107,13 +107,14 @@ def _check_image(path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.num_frames < 1:
-            raise ValueError(f"--num-frames must be >= 1, got {args.num_frames}")
+        if not 1 <= args.num_frames <= MAX_NUM_FRAMES:
+            raise ValueError(f"--num-frames must be from 1 to {MAX_NUM_FRAMES}, got "
+                             f"{args.num_frames}")
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
         for path in args.image:  # before the model is loaded
             _check_image(path)
         runtime = load_runtime(args, default_max_num=12)
-    except (UserError, ValueError, OSError) as e:
+    except (UserError, ValueError, OSError, ImportError) as e:
         print(f"error: {user_error(e) or e}", file=sys.stderr)
         return 2
     session = ChatSession(runtime, sampling, args.max_new_tokens or 1024, args.seed)
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             session.add_image(path)
         if args.video:
             session.add_video(args.video, args.num_frames)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ImportError) as e:
         print(f"error: {user_error(e) or e}", file=sys.stderr)
         return 2
     if args.question is None:

@@ -114,8 +114,12 @@ def log_to_tensorboard(log_dir: str, summary: dict, items: Sequence[Item],
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        print("error: --batch-size must be >= 1", file=sys.stderr)
+    try:  # numbers and the TensorBoard folder before any work whose results they would hold
+        eval_runner.check_eval_args(batch_size=args.batch_size, limit=args.limit,
+                                    tensorboard=args.tensorboard,
+                                    tensorboard_step=args.tensorboard_step)
+    except (UserError, OSError) as e:
+        print(f"error: {user_error(e) or e}", file=sys.stderr)
         return 2
     task = TASKS[args.task]
     for flag, value in (("--data", args.data), ("--image-root", args.image_root),
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                                          progress=bar.update)
             done = eval_runner.load_predictions(preds_path, task, items)
         records, summary = eval_runner.score_all(task, items, done)
-    except (UserError, ValueError, OSError) as e:  # EvalDataError is a ValueError
+    except (UserError, ValueError, OSError, ImportError) as e:  # EvalDataError: ValueError
         print(f"error: {user_error(e) or e}", file=sys.stderr)
         return 2
     summary.update(checkpoint=str(args.checkpoint), data=str(args.data),

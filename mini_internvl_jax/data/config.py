@@ -14,6 +14,11 @@ from mini_internvl_jax import configlib
 from mini_internvl_jax.config import TemplateName
 from mini_internvl_jax.configlib import check
 
+# The most frames one video may ask for (training, chat, evaluation): each frame is a tile of
+# 256 image tokens, so 64 frames are 16k tokens and 64 decoded tiles, at the limit of the
+# models' context and of host memory.
+MAX_NUM_FRAMES = 64
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -94,9 +99,9 @@ class DataConfig:
         check(1 <= self.min_dynamic_patch <= self.max_dynamic_patch, "data.min_dynamic_patch",
               f"need 1 <= min_dynamic_patch ({self.min_dynamic_patch}) <= max_dynamic_patch "
               f"({self.max_dynamic_patch})")
-        check(1 <= self.min_num_frames <= self.max_num_frames, "data.min_num_frames",
-              f"need 1 <= min_num_frames ({self.min_num_frames}) <= max_num_frames "
-              f"({self.max_num_frames})")
+        check(1 <= self.min_num_frames <= self.max_num_frames <= MAX_NUM_FRAMES,
+              "data.min_num_frames", f"need 1 <= min_num_frames ({self.min_num_frames}) <= "
+              f"max_num_frames ({self.max_num_frames}) <= {MAX_NUM_FRAMES}")
         check(1 <= self.jpeg_quality_min <= self.jpeg_quality_max <= 100, "data.jpeg_quality_min",
               "need 1 <= jpeg_quality_min <= jpeg_quality_max <= 100")
         check(self.max_tiles_per_row is None or self.max_tiles_per_row >= 1,

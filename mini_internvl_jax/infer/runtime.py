@@ -85,6 +85,14 @@ class Runtime:
             list(images), question, history, tokenizer=self.tokenizer, template=self.template,
             image_size=cfg.vision.image_size, num_image_tokens=cfg.num_image_tokens,
             max_num=self.max_num, system_message=self.system_message)
+        limit = cfg.llm.max_position_embeddings
+        if len(inputs.input_ids) >= limit:  # positions past it were never trained
+            tiles = len(inputs.pixel_values)
+            raise ValueError(
+                f"the prompt is {len(inputs.input_ids)} tokens ({tiles} image tiles x "
+                f"{cfg.num_image_tokens} tokens), at least the model's {limit} positions "
+                "(llm.max_position_embeddings); use fewer video frames or images, or a smaller "
+                "--max-num")
         px = inputs.pixel_values if len(inputs.pixel_values) else None
         return Prompt(inputs.input_ids, px), inputs.stop_token_ids
 
