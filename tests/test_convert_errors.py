@@ -76,6 +76,16 @@ def test_wrong_shape_names_expected_and_found(tmp_path, source):
            "expected (64, 128)")
 
 
+def test_integer_tensor_is_refused_not_cast(tmp_path, source):
+    def edit(sd):
+        name = sorted(n for n in sd if n.endswith("mlp.down_proj.weight"))[0]
+        sd[name] = sd[name].to(torch.int32)
+        edit.name = name
+
+    hf = _folder(tmp_path, source, edit=edit)
+    _fails(tmp_path, hf, CheckpointMismatchError, f"{edit.name} (int32)", "hold integers")
+
+
 def test_unexpected_tensor_strict_and_not(tmp_path, source, capsys):
     def edit(sd):
         sd["language_model.model.extra_adapter.weight"] = torch.zeros(3)
