@@ -136,6 +136,12 @@ CASES = {
                                            intact=("{tmp}/a_file",)),
     "demo: disk full": Case("demo", ("{tmp}/out",), ("no space left",),
                             setup="write_bytes_disk_full", no_output=("{tmp}/out",)),
+    "train: mesh.tensor=3 with --aot-tpu v5e:2x2": Case(
+        "train", ("--config", "{train_yaml}", "mesh.tensor=3", "--aot-tpu", "v5e:2x2"),
+        ("AOT compile failed: mesh:", "4 chips")),
+    "train: --aot-tpu not a topology": Case(
+        "train", ("--config", "{train_yaml}", "--aot-tpu", "v5e-2x2"),
+        ("'v5e-2x2' is not a TPU topology", "v5e:2x2")),
     "train: gs:// data without the gcs extra": Case(
         "train", ("--config", "{train_yaml}", "data.meta_path=gs://bucket/meta.json",
                   "tokenizer={demo}/tokenizers/qwen2"),

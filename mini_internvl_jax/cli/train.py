@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print(format_report(compile_for_topology(cfg, args.aot_tpu, args.num_slices)))
         except (ConfigError, RuntimeError) as e:
-            print(f"AOT compile failed: {e}", file=sys.stderr)
+            print(f"error: AOT compile failed: {e}", file=sys.stderr)
             return EXIT_USER_ERROR
         return 0
     if args.num_slices != 1:
