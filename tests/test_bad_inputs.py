@@ -117,6 +117,13 @@ CASES = {
         "convert", ("--from-orbax", "{converted}", "--to-hf", "{previous}"),
         ("previous", "--overwrite"), intact=("{previous}",)),
     # --- export of a training run ------------------------------------------------------------
+    "export: run folder without a finished step": Case(
+        "export", ("{tmp}/unsaved_run", "{tmp}/out"),
+        ("unsaved_run is a training run folder with no finished checkpoint step",),
+        no_output=("{tmp}/out",)),
+    "export: --step 999": Case(
+        "export", ("{corrupt_run}", "{tmp}/out", "--step", "999"),
+        ("has no checkpoint step 999; its steps: 1",), no_output=("{tmp}/out",)),
     "export: missing run folder": Case("export", ("{tmp}/nope", "{tmp}/out"), ("nope",),
                                        no_output=("{tmp}/out",)),
     "export: not a run folder": Case("export", ("{converted}", "{tmp}/out"),

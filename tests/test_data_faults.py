@@ -150,3 +150,21 @@ def test_shards_differing_from_their_manifest_are_refused_skipped_or_named(
         next(build_train_iterator(cfg, tokenizer=tok, image_size=56, num_image_tokens=4,
                                   seq_len=256, batch_size=2, max_tiles=64, seed=0,
                                   shard_index=0, shard_count=1))
+
+
+def test_a_dataset_of_only_bad_records_says_so_not_seq_len(demo, tmp_path):
+    """Every image missing: nothing can fit, and the advice is about the data, not the batch
+    geometry (raising seq_len would not help)."""
+    rows = [{"image": f"gone{i}.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]}
+        for i in range(3)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "meta.json").write_text(json.dumps({"d": {"annotation": "d.jsonl"}}))
+    cfg = DataConfig(meta_path=str(tmp_path / "meta.json"), template="Hermes-2")
+    with pytest.raises(DataError) as e:
+        next(build_train_iterator(cfg, tokenizer=str(demo / "tokenizers" / "qwen2"),
+                                  image_size=56, num_image_tokens=4, seq_len=256, batch_size=2,
+                                  max_tiles=64, seed=0, shard_index=0, shard_count=1))
+    assert "missing_image: 3" in str(e.value)
+    assert "the records themselves are unusable" in str(e.value)
+    assert "raise seq_len" not in str(e.value)

@@ -392,5 +392,9 @@ def test_a_failed_checkpoint_save_stops_the_run_and_resume_continues(tmp_path, m
                 f"error: {disk.message} writing {disk.path / 'export'}") and \
                 err.count("\n") == 1, err[-3000:]
             assert not (disk.path / "export").exists() and not list(disk.path.glob(".export*"))
+            capfd.readouterr()  # a run asked for fewer steps than it holds: nothing to do
+            assert run_one(checkpoint=ckpt, log=log, total_steps=2).history == []
+            assert (f"{ckpt_dir} already holds step 4, at or past total_steps (2): nothing to "
+                    "do") in capfd.readouterr().out
     assert [h["step"] for h in r.history] == [2, 3, 4]
     assert [h["loss"] for h in r.history] == [h["loss"] for h in reference.history[1:]]

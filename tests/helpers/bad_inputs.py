@@ -60,6 +60,8 @@ def prepare(tmp: Path) -> None:
     (tmp / "empty_dir").mkdir()
     (tmp / "a_file").write_text("a file, not a folder")
     (tmp / "previous").mkdir()
+    (tmp / "unsaved_run").mkdir()  # a run killed before its first checkpoint
+    (tmp / "unsaved_run" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     (tmp / "previous" / "keep.txt").write_text("earlier output")
     from PIL import Image
 
