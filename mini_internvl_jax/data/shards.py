@@ -266,7 +266,7 @@ def _check_manifest(found: epath.Path, manifest: dict) -> None:
             for field, kind in _SHARD_FIELDS.items():
                 value = shard.get(field) if isinstance(shard, dict) else None
                 if not isinstance(value, kind) or isinstance(value, bool) or (
-                        kind is int and value < 0):
+                        isinstance(value, int) and value < 0):
                     raise DataError(f"{found}: datasets.{name}.shards[{k}].{field} must be "
                                     f"{'a non-negative integer' if kind is int else 'a string'}"
                                     f", got {value!r}")
