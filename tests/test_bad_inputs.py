@@ -93,14 +93,14 @@ CASES = {
         "convert", ("--from-hf", "{hf}", "--to", "{previous}"), ("previous", "--overwrite"),
         intact=("{previous}",)),
     "convert: image_token_id=abc": Case(
-        "convert", ("--from-hf", "{hf}", "--to", "{tmp}/out", "--override",
-                    "image_token_id=abc"), ("image_token_id", "abc", "integer"),
+        "convert", ("--from-hf", "{hf}", "--to", "{tmp}/out", "image_token_id=abc"),
+        ("image_token_id", "abc", "integer"),
         no_output=("{tmp}/out",)),
     "convert: override without =": Case(
-        "convert", ("--from-hf", "{hf}", "--to", "{tmp}/out", "--override", "template"),
+        "convert", ("--from-hf", "{hf}", "--to", "{tmp}/out", "template"),
         ("template", "key=value"), no_output=("{tmp}/out",)),
     "convert: unknown template": Case(
-        "convert", ("--from-hf", "{hf}", "--to", "{tmp}/out", "--override", "template=nope"),
+        "convert", ("--from-hf", "{hf}", "--to", "{tmp}/out", "template=nope"),
         ("template", "nope"), no_output=("{tmp}/out",)),
     "convert: NaN weights": Case("convert", ("--from-hf", "{nan_hf}", "--to", "{tmp}/out"),
                                  ("NaN", "down_proj"), no_output=("{tmp}/out",)),
@@ -145,7 +145,7 @@ CASES = {
                             setup="write_bytes_disk_full", no_output=("{tmp}/out",)),
     "train: mesh.tensor=3 with --aot-tpu v5e:2x2": Case(
         "train", ("--config", "{train_yaml}", "mesh.tensor=3", "--aot-tpu", "v5e:2x2"),
-        ("AOT compile failed: mesh:", "4 chips")),
+        ("mesh:", "--aot-tpu v5e:2x2", "4 chips")),
     "train: --aot-tpu not a topology": Case(
         "train", ("--config", "{train_yaml}", "--aot-tpu", "v5e-2x2"),
         ("'v5e-2x2' is not a TPU topology", "v5e:2x2")),

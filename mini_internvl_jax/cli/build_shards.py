@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mini_internvl_jax.cli._shell import ExitCode, command, parse_args
 from mini_internvl_jax.data.shards import (
     DEFAULT_SHARD_BYTES,
     MAX_SHARD_MB,
@@ -14,10 +15,10 @@ from mini_internvl_jax.data.shards import (
     build_shards,
     shard_bytes_from_mb,
 )
-from mini_internvl_jax.errors import report_user_error
 
 
-def main(argv: list[str] | None = None) -> int:
+@command
+def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mivl-build-shards", description=__doc__.split("\n")[0])
     p.add_argument("meta", help="InternVL meta JSON naming JSONL datasets")
     p.add_argument("out_dir", help="folder to create (built under a temporary name)")
@@ -29,19 +30,16 @@ def main(argv: list[str] | None = None) -> int:
                         "instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
-    try:
-        m = build_shards(args.meta, args.out_dir, shard_bytes=shard_bytes_from_mb(args.shard_mb),
-                         skip_bad=args.skip_bad, overwrite=args.overwrite,
-                         progress=not args.no_progress)
-    except Exception as e:  # noqa: BLE001 - bugs are re-raised there
-        return report_user_error(e)
+    args = parse_args(p, argv)
+    m = build_shards(args.meta, args.out_dir, shard_bytes=shard_bytes_from_mb(args.shard_mb),
+                     skip_bad=args.skip_bad, overwrite=args.overwrite,
+                     progress=not args.no_progress)
     for name, d in m["datasets"].items():
         skipped = f", {len(d['skipped'])} skipped" if d["skipped"] else ""
         print(f"{name}: {d['records']} records in {len(d['shards'])} shard(s), "
               f"{d['bytes'] / 2**20:.1f} MiB{skipped}")
     print(f"wrote {args.out_dir}: train with data.meta_path={args.out_dir}/{META}")
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":
