@@ -189,6 +189,7 @@ def test_nonfinite_weights_are_named_at_conversion_and_at_load(tmp_path, capsys)
     torch = pytest.importorskip("torch")
     from mini_internvl_jax.checkpoints.resolve import load_pretrained
     from mini_internvl_jax.cli import convert as convert_cli
+    from mini_internvl_jax.convert.errors import CheckpointMismatchError
     from mini_internvl_jax.convert.finite import NonFiniteWeightsError
     from mini_internvl_jax.convert.orbax_io import restore_numpy, save_params
     from tests.helpers.checkpoints import leftovers, native_model, save_state, write_original
@@ -219,6 +220,13 @@ def test_nonfinite_weights_are_named_at_conversion_and_at_load(tmp_path, capsys)
     with pytest.raises(NonFiniteWeightsError, match=r"'" + ".".join(map(str, key))
                        + r"' \(1 NaN, 0 Inf\)"):
         load_pretrained(good)
+
+    host[key] = np.ones(host[key].shape, np.int32)  # an integer tensor is refused, not cast
+    shutil.rmtree(good / "params")
+    save_params(good / "params", host)
+    with pytest.raises(CheckpointMismatchError, match=r"hold integers") as e:
+        load_pretrained(good)
+    assert f"{'.'.join(map(str, key))} (int32)" in str(e.value)
     del torch
 
 
