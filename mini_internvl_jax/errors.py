@@ -135,16 +135,6 @@ def user_error(e: BaseException) -> str | None:
     return None
 
 
-def report_user_error(e: BaseException) -> int:
-    """Prints the one `error:` line of a mistake the user can fix and returns the exit code;
-    a bug is re-raised with its traceback. For the commands' `except Exception` clauses."""
-    line = user_error(e)
-    if line is None:
-        raise e
-    print(f"error: {line}", file=sys.stderr)
-    return EXIT_USER_ERROR
-
-
 def _closed_loop(v: object) -> bool:
     return isinstance(v, RuntimeError) and str(v) == "Event loop is closed"
 

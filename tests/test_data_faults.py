@@ -14,8 +14,8 @@ from mini_internvl_jax.cli import build_shards as build_cli
 from mini_internvl_jax.cli import train as train_cli
 from mini_internvl_jax.cli import validate_data as validate_cli
 from mini_internvl_jax.data import DataConfig, DataError, build_train_iterator
-from mini_internvl_jax.data.demo import write_demo
 from mini_internvl_jax.data.shards import build_shards
+from mini_internvl_jax.tools.demo import write_demo
 from tests.helpers.limited_disk import file_size_limit, limited_disk, read_only_folder
 
 

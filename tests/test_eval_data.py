@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-from mini_internvl_jax.data.demo import write_demo
 from mini_internvl_jax.data.processing import prepare_chat_inputs
 from mini_internvl_jax.data.tokenizer import load_tokenizer
 from mini_internvl_jax.data.video import VideoRef
@@ -27,6 +26,7 @@ from mini_internvl_jax.infer.eval_runner import (
     load_predictions,
 )
 from mini_internvl_jax.infer.scorers.tasks import TASKS
+from mini_internvl_jax.tools.demo import write_demo
 from tests.helpers.eval_assets import png_bytes
 from tests.helpers.video import write_video
 

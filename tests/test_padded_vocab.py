@@ -13,13 +13,13 @@ from flax import nnx
 
 from mini_internvl_jax.cli.evaluate import make_answer_fn
 from mini_internvl_jax.config import load_model_config
-from mini_internvl_jax.data.demo import write_demo
 from mini_internvl_jax.data.tokenizer import load_tokenizer
 from mini_internvl_jax.infer.generate import GenerationConfig, Generator
 from mini_internvl_jax.infer.runtime import Runtime, TextStream
 from mini_internvl_jax.infer.scorers.tasks import Item
 from mini_internvl_jax.infer.session import ChatSession
 from mini_internvl_jax.models import InternVLModel
+from mini_internvl_jax.tools.demo import write_demo
 
 PAD = 64  # extra embedding rows beyond the tokenizer's 512
 

@@ -14,8 +14,8 @@ from PIL import Image
 
 from mini_internvl_jax.config import load_model_config
 from mini_internvl_jax.convert.orbax_io import save_params, write_model_config
-from mini_internvl_jax.data.demo import write_demo
 from mini_internvl_jax.models import InternVLModel
+from mini_internvl_jax.tools.demo import write_demo
 
 
 def random_tiny_params(seed: int = 5, std: float = 0.1, preset: str = "tiny-qwen2") -> tuple:
