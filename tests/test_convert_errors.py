@@ -10,7 +10,6 @@ import torch
 from mini_internvl_jax import fileio
 from mini_internvl_jax.cli import convert as cli
 from mini_internvl_jax.config import load_model_config
-from mini_internvl_jax.convert import importer
 from mini_internvl_jax.convert.errors import (
     CheckpointMismatchError,
     CheckpointReadError,
@@ -28,6 +27,7 @@ from tests.helpers.checkpoints import (
     save_state,
     write_original,
 )
+from tests.helpers.limited_disk import limited_disk
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,16 @@ def test_wrong_shape_names_expected_and_found(tmp_path, source):
     hf = _folder(tmp_path, source, edit=edit)
     _fails(tmp_path, hf, CheckpointMismatchError, "'mlp1.1.weight'", "(64, 100)",
            "expected (64, 128)")
+
+
+def test_integer_tensor_is_refused_not_cast(tmp_path, source):
+    def edit(sd):
+        name = sorted(n for n in sd if n.endswith("mlp.down_proj.weight"))[0]
+        sd[name] = sd[name].to(torch.int32)
+        edit.name = name
+
+    hf = _folder(tmp_path, source, edit=edit)
+    _fails(tmp_path, hf, CheckpointMismatchError, f"{edit.name} (int32)", "hold integers")
 
 
 def test_unexpected_tensor_strict_and_not(tmp_path, source, capsys):
@@ -159,28 +169,6 @@ def test_unreadable_files(tmp_path, source, damage, patterns):
     _fails(tmp_path, hf, CheckpointReadError, *patterns)
 
 
-def test_failure_while_writing_leaves_nothing(tmp_path, source, monkeypatch):
-    hf = _folder(tmp_path, source)
-
-    def broken_save(path, flat):
-        path.mkdir()
-        (path / "partial").write_text("half written")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(importer, "save_params", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        convert_hf_to_orbax(hf, tmp_path / "out")
-    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
-
-    # --overwrite: the old folder survives a failed run untouched
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("old")
-    with pytest.raises(OSError, match="disk full"):
-        convert_hf_to_orbax(hf, tmp_path / "out", overwrite=True)
-    assert (tmp_path / "out" / "keep.txt").read_text() == "old"
-    assert leftovers(tmp_path) == []
-
-
 def test_failed_final_rename_restores_the_old_folder(tmp_path, monkeypatch):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("old")
@@ -259,3 +247,28 @@ def test_export_errors(tmp_path, source, capsys):
                      str(tmp_path / "orbax" / "model_config.json"), "--to-hf",
                      str(tmp_path / "back"), "--quiet"]) == 0
     assert "exported" in capsys.readouterr().out
+
+
+def test_full_disk_while_converting_either_way_is_one_line(tmp_path, source, capfd):
+    """A real full disk (a small tmpfs; without mount permission, a file size limit): one line
+    naming the output, no Orbax log dump, nothing left behind, an older output untouched."""
+    hf = _folder(tmp_path, source)
+    good = tmp_path / "good"
+    assert cli.main(["--from-hf", str(hf), "--to", str(good), "--quiet"]) == 0
+    with limited_disk(tmp_path / "disk") as disk:
+        old = disk.path / "old"
+        old.mkdir()
+        (old / "keep.txt").write_text("old")
+        cases = {disk.path / "new": ["--from-hf", str(hf), "--to"],
+                 old: ["--from-hf", str(hf), "--overwrite", "--to"],
+                 disk.path / "back": ["--from-orbax", str(good), "--to-hf"]}
+        for out, argv in cases.items():
+            capfd.readouterr()
+            with disk.full(16 << 10):
+                code = cli.main([*argv, str(out), "--quiet"])
+            err = capfd.readouterr().err
+            assert code == 2 and err.startswith(f"error: {disk.message} writing {out}") and \
+                err.count("\n") == 1, err[-3000:]
+            assert leftovers(disk.path) == []
+        assert sorted(p.name for p in disk.path.iterdir()) == ["old"]
+        assert [p.name for p in old.iterdir()] == ["keep.txt"]

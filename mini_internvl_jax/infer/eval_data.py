@@ -35,7 +35,7 @@ import json
 import sys
 from pathlib import Path
 
-from mini_internvl_jax.data.video import DEFAULT_NUM_FRAMES, VideoRef
+from mini_internvl_jax.data.video import DEFAULT_NUM_FRAMES, MAX_NUM_FRAMES, VideoRef
 from mini_internvl_jax.errors import UserError
 
 
@@ -221,9 +221,9 @@ def _num_frames(value, where: str) -> int:
         return DEFAULT_NUM_FRAMES
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise EvalDataError(f"{where}: field 'num_frames' must be a positive integer (frames "
-                            f"sampled from the video), got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_NUM_FRAMES:
+        raise EvalDataError(f"{where}: field 'num_frames' must be an integer from 1 to "
+                            f"{MAX_NUM_FRAMES} (frames sampled from the video), got {value!r}")
     return value
 
 

@@ -523,10 +523,20 @@ def _hallusion_summary(records):
 # ------------------------------------------------------------------------------ MathVista
 
 
+# The benchmark's values (AI4Math/MathVista testmini); the scorer has a rule for each.
+MATHVISTA_QUESTION_TYPES = ("multi_choice", "free_form")
+MATHVISTA_ANSWER_TYPES = ("text", "integer", "float", "list")
+
+
 def _mathvista_build(row, where, root, settings):
     prompt = _text(row, ("query", "question"), where)
     qtype = str(_get(row, ("question_type",), where))
     atype = str(_get(row, ("answer_type",), where))
+    for field, value, allowed in (("question_type", qtype, MATHVISTA_QUESTION_TYPES),
+                                  ("answer_type", atype, MATHVISTA_ANSWER_TYPES)):
+        if value not in allowed:  # another value would be scored by a rule meant for neither
+            raise EvalDataError(f"{where}: MathVista {field} must be one of "
+                                f"{', '.join(allowed)}, got {value!r}")
     choices = _get(row, ("choices",), where, required=False)
     choices = [str(c) for c in as_list(choices, where, "choices")] if choices is not None else []
     if qtype == "multi_choice" and len(choices) < 2:
