@@ -190,7 +190,7 @@ CASES = {
     "evaluate: video num_frames 500": Case(
         "evaluate", ("--checkpoint", "{converted}", "--task", "vqa", "--data",
                      "{tmp}/many_frames.jsonl"),
-        ("many_frames.jsonl:1", "'num_frames' must be an integer from 1 to 64", "500")),
+        ("many_frames.jsonl:1", "'num_frames' must be a positive integer, at most 64", "500")),
     "evaluate: mathvista question_type": Case(
         "evaluate", ("--checkpoint", "{converted}", "--task", "mathvista", "--data",
                      "{tmp}/mathvista_type.jsonl"),

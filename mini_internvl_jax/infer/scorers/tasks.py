@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mini_internvl_jax.infer.eval_data import EvalDataError, as_list, image_refs
+from mini_internvl_jax.infer.eval_data import ROW_ID_KEYS, EvalDataError, as_list, image_refs
 from mini_internvl_jax.infer.scorers import (
     anls,
     chartqa,
@@ -102,7 +102,7 @@ def _answers(row: dict, where: str, names=("answers", "answer")) -> list[str]:
     return [str(v) for v in vals]
 
 
-def _id(row: dict, where: str, names=("index", "id", "question_id", "questionId", "pid")):
+def _id(row: dict, where: str, names=ROW_ID_KEYS):
     v = _get(row, names, where, required=False)
     return str(v) if v is not None else where.rsplit(":", 1)[-1]
 
