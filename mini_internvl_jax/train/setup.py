@@ -28,27 +28,25 @@ from mini_internvl_jax.train.state import (
     init_train_state,
     split_params,
     train_state_shardings,
-    tree_shardings,
 )
 from mini_internvl_jax.train.step import jit_step, make_step_fn
 
 
 @dataclass
 class Setup:
+    """The state (concrete, or abstract: ShapeDtypeStructs with shardings), where it lives, and
+    the jitted `step(state, batch)`; the rest is kept for callers that build their own step."""
+
     cfg: TrainConfig
     model_cfg: ModelConfig
     mesh: Mesh
+    state: TrainState
+    state_sh: TrainState
+    batch_sh: dict
+    step_fn: Any               # jitted
     graphdef: Any
-    state: TrainState          # concrete, or abstract (ShapeDtypeStructs with shardings)
-    frozen: nnx.State
-    rest: nnx.State
     tx: optax.GradientTransformation
     schedule: optax.Schedule
-    step_fn: Any               # jitted
-    state_sh: TrainState
-    frozen_sh: Any
-    rest_sh: Any
-    batch_sh: dict
 
     def batch_abstract(self) -> dict:
         shapes = global_shapes(self.cfg, self.model_cfg)
@@ -82,23 +80,21 @@ def _finish(cfg, model_cfg, mesh, graphdef, trainable, frozen, rest, *, abstract
                          f"{sorted(cfg.frozen_components)} leaves no trainable parameter")
     tx = make_optimizer(cfg.optim, cfg.total_steps, trainable)
     schedule = make_schedule(cfg.optim, cfg.total_steps)
-    abs_state = abstract_train_state(trainable, tx, cfg.seed)
-    state_sh = train_state_shardings(trainable, abs_state.opt_state, mesh)
-    frozen_sh, rest_sh = tree_shardings(frozen, mesh), tree_shardings(rest, mesh)
+    abs_state = abstract_train_state(trainable, frozen, rest, tx, cfg.seed)
+    state_sh = train_state_shardings(abs_state, mesh)
     batch_sh = batch_shardings(mesh, global_shapes(cfg, model_cfg))
     step_fn = jit_step(
         make_step_fn(graphdef, tx, schedule, loss_chunk=cfg.loss_chunk,
                      drop_path=model_cfg.vision.drop_path_rate > 0,
                      lora_dropout=cfg.lora.rank > 0 and cfg.lora.dropout > 0,
                      packed=cfg.packed, compute_dtype=cfg.model_compute.dtype),
-        mesh, state_sh, frozen_sh, rest_sh, batch_sh)
+        mesh, state_sh, batch_sh)
     if abstract:
         state = abstract_like(abs_state, state_sh)
-        frozen, rest = abstract_like(frozen, frozen_sh), abstract_like(rest, rest_sh)
     else:
-        state = init_train_state(trainable, tx, mesh, cfg.seed)
-    return Setup(cfg, model_cfg, mesh, graphdef, state, frozen, rest, tx, schedule, step_fn,
-                 state_sh, frozen_sh, rest_sh, batch_sh)
+        state = init_train_state(trainable, frozen, rest, tx, mesh, cfg.seed)
+    return Setup(cfg, model_cfg, mesh, state, state_sh, batch_sh, step_fn, graphdef, tx,
+                 schedule)
 
 
 def build(cfg: TrainConfig, mesh: Mesh, model_cfg: ModelConfig | None = None,

@@ -86,7 +86,7 @@ def _stacked_zeros(params, groups: int):
 def make_step_fn(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                  loss_chunk: int, drop_path: bool, lora_dropout: bool,
                  packed: bool = True, compute_dtype=None) -> Callable:
-    """`step(state, frozen, rest, batch) -> (state, metrics)`, not yet jitted.
+    """`step(state, batch) -> (state, metrics)`, not yet jitted.
     `compute_dtype`: cast the Dense kernels to it once per step (see `compute_copy`)."""
 
     def loss_fn(params, frozen, rest, micro, total_w, key):
@@ -117,7 +117,8 @@ def make_step_fn(graphdef, tx: optax.GradientTransformation, schedule: optax.Sch
             return jax.vmap(micro_grads, in_axes=(None, None, None, 0, None, 0),
                             spmd_axis_name=DATA_AXIS)(params, frozen, rest, micro, total_w, keys)
 
-    def step(state: TrainState, frozen, rest, batch):
+    def step(state: TrainState, batch):
+        rest = state.rest
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         weights = jnp.where(batch["labels"] == IGNORE_INDEX, 0.0,
                             batch["loss_weights"].astype(jnp.float32))
@@ -125,7 +126,7 @@ def make_step_fn(graphdef, tx: optax.GradientTransformation, schedule: optax.Sch
         safe_w = jnp.where(total_w > 0, total_w, 1.0)
         n_micro = batch["input_ids"].shape[0]
         params = compute_copy(state.params, compute_dtype)
-        frozen = compute_copy(frozen, compute_dtype)
+        frozen = compute_copy(state.frozen, compute_dtype)
         if n_micro == 1:
             micro = jax.tree.map(lambda x: x[0], batch)
             grads, aux = micro_grads(params, frozen, rest, micro, safe_w,
@@ -162,7 +163,8 @@ def make_step_fn(graphdef, tx: optax.GradientTransformation, schedule: optax.Sch
             params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
             step=state.step + 1, rng=state.rng,
             bad_steps=jnp.where(ok, 0, state.bad_steps + 1).astype(jnp.int32),
-            skipped=(state.skipped + (~ok).astype(jnp.int32)).astype(jnp.int32))
+            skipped=(state.skipped + (~ok).astype(jnp.int32)).astype(jnp.int32),
+            frozen=state.frozen, rest=state.rest)
         metrics = {
             "loss": loss, "grad_norm": grad_norm, "lr": schedule(applied),
             "accuracy": correct / jnp.where(w > 0, w, 1.0), "loss_weight": total_w,
@@ -175,7 +177,8 @@ def make_step_fn(graphdef, tx: optax.GradientTransformation, schedule: optax.Sch
     return step
 
 
-def jit_step(step_fn, mesh, state_sh, frozen_sh, rest_sh, batch_sh):
-    """jax.jit with explicit shardings; the TrainState (argument 0) is donated."""
-    return jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, rest_sh, batch_sh),
+def jit_step(step_fn, mesh, state_sh, batch_sh):
+    """jax.jit with explicit shardings; the TrainState (argument 0) is donated (its frozen
+    parameters come back unchanged, in the same buffers)."""
+    return jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
                    out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=(0,))

@@ -92,6 +92,6 @@ def five_step_losses(**overrides) -> list[float]:
     state, losses = s.state, []
     with jax.set_mesh(mesh):
         for step in range(5):
-            state, m = s.step_fn(state, s.frozen, s.rest, batch(step))
+            state, m = s.step_fn(state, batch(step))
             losses.append(float(np.asarray(m["loss"])))
     return losses
