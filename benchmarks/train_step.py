@@ -64,8 +64,8 @@ def run_jax(a) -> dict:
     import jax
     import numpy as np
 
-    from mini_internvl_jax.batch import to_global
     from mini_internvl_jax.config import ComputeConfig
+    from mini_internvl_jax.placement import to_global
     from mini_internvl_jax.sharding import make_mesh
     from mini_internvl_jax.train import flops
     from mini_internvl_jax.train.batches import SyntheticBatches

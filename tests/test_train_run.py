@@ -15,8 +15,8 @@ import portpicker
 import pytest
 from flax import nnx
 
-from mini_internvl_jax.batch import to_global
 from mini_internvl_jax.checkpoints.checkpointer import Checkpointer
+from mini_internvl_jax.placement import to_global
 from mini_internvl_jax.sharding import make_mesh
 from mini_internvl_jax.train import trainer
 from mini_internvl_jax.train.batches import SyntheticBatches

@@ -12,13 +12,14 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from mini_internvl_jax.batch import BATCH_DTYPES, batch_shardings
+from mini_internvl_jax.batch import Batch, BatchSpec
 from mini_internvl_jax.config import ModelConfig
 from mini_internvl_jax.configlib import ConfigError
 from mini_internvl_jax.models import InternVLModel
 from mini_internvl_jax.models.lora import apply_lora
+from mini_internvl_jax.placement import batch_abstract, batch_shardings
 from mini_internvl_jax.sharding import create_sharded_model
-from mini_internvl_jax.train.batches import global_shapes
+from mini_internvl_jax.train.batches import batch_spec
 from mini_internvl_jax.train.config import TrainConfig, build_model_config
 from mini_internvl_jax.train.optim import make_optimizer, make_schedule
 from mini_internvl_jax.train.state import (
@@ -42,16 +43,15 @@ class Setup:
     mesh: Mesh
     state: TrainState
     state_sh: TrainState
-    batch_sh: dict
+    batch: BatchSpec
+    batch_sh: Batch
     step_fn: Any               # jitted
     graphdef: Any
     tx: optax.GradientTransformation
     schedule: optax.Schedule
 
-    def batch_abstract(self) -> dict:
-        shapes = global_shapes(self.cfg, self.model_cfg)
-        return {k: jax.ShapeDtypeStruct(s, BATCH_DTYPES[k], sharding=self.batch_sh[k])
-                for k, s in shapes.items()}
+    def batch_abstract(self) -> Batch:
+        return batch_abstract(self.batch, self.batch_sh)
 
 
 def model_factory(model_cfg: ModelConfig, cfg: TrainConfig):
@@ -82,7 +82,8 @@ def _finish(cfg, model_cfg, mesh, graphdef, trainable, frozen, rest, *, abstract
     schedule = make_schedule(cfg.optim, cfg.total_steps)
     abs_state = abstract_train_state(trainable, frozen, rest, tx, cfg.seed)
     state_sh = train_state_shardings(abs_state, mesh)
-    batch_sh = batch_shardings(mesh, global_shapes(cfg, model_cfg))
+    spec = batch_spec(cfg, model_cfg)
+    batch_sh = batch_shardings(mesh, spec)
     step_fn = jit_step(
         make_step_fn(graphdef, tx, schedule, loss_chunk=cfg.loss_chunk,
                      drop_path=model_cfg.vision.drop_path_rate > 0,
@@ -93,7 +94,7 @@ def _finish(cfg, model_cfg, mesh, graphdef, trainable, frozen, rest, *, abstract
         state = abstract_like(abs_state, state_sh)
     else:
         state = init_train_state(trainable, frozen, rest, tx, mesh, cfg.seed)
-    return Setup(cfg, model_cfg, mesh, state, state_sh, batch_sh, step_fn, graphdef, tx,
+    return Setup(cfg, model_cfg, mesh, state, state_sh, spec, batch_sh, step_fn, graphdef, tx,
                  schedule)
 
 

@@ -28,10 +28,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mini_internvl_jax import fileio
-from mini_internvl_jax.batch import to_global
 from mini_internvl_jax.checkpoints.checkpointer import Checkpointer
 from mini_internvl_jax.config import ModelConfig
 from mini_internvl_jax.configlib import ConfigError
+from mini_internvl_jax.placement import to_global
 from mini_internvl_jax.train import setup as setup_lib
 from mini_internvl_jax.train.batches import make_iterator, next_step_batch
 from mini_internvl_jax.train.compile_cache import CacheStats, cache_dir, persistent_cache

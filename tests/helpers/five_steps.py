@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mini_internvl_jax.batch import to_global
+from mini_internvl_jax.placement import to_global
 from mini_internvl_jax.sharding import make_mesh
 from mini_internvl_jax.train.config import train_config_from_dict
 from mini_internvl_jax.train.setup import build

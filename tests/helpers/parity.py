@@ -16,6 +16,7 @@ import torch
 import transformers
 from flax import nnx
 
+from mini_internvl_jax.batch import Batch
 from mini_internvl_jax.config import ComputeConfig, ModelConfig
 from mini_internvl_jax.convert.apply import fill_from_rules, torch_state_reader
 from mini_internvl_jax.convert.mapping import Rule, target_key
@@ -102,7 +103,7 @@ class Trainer:
     def step(self, batch: dict[str, np.ndarray]) -> dict:
         """One optimizer step on a batch with a leading micro-batch axis."""
         self.state, metrics = self._step(self.state,
-                                         {k: jnp.asarray(v) for k, v in batch.items()})
+                                         Batch.of({k: jnp.asarray(v) for k, v in batch.items()}))
         return jax.device_get(metrics)
 
     def grads(self) -> dict[tuple, np.ndarray]:
