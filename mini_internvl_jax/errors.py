@@ -28,6 +28,10 @@ class UserError(Exception):
     """A mistake the user can fix; the message names the file or field and what was expected."""
 
 
+class MissingDependencyError(UserError, ModuleNotFoundError):
+    """An optional package a feature needs is not installed; the message says what to install."""
+
+
 def _first_line(text: str, limit: int = 400) -> str:
     line = text.strip().splitlines()[0] if text.strip() else ""
     return line if len(line) <= limit else line[:limit] + " ..."
