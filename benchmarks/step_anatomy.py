@@ -127,7 +127,7 @@ def run_one(a, size: str) -> dict:
         t1 = t2 = time.perf_counter()
     else:
         with jax.set_mesh(mesh):
-            lowered = s.step_fn.lower(s.state, s.frozen, s.rest, s.batch_abstract())
+            lowered = s.step_fn.lower(s.state, s.batch_abstract())
             t1 = time.perf_counter()
             compiled = lowered.compile()
         t2 = time.perf_counter()
@@ -138,7 +138,7 @@ def run_one(a, size: str) -> dict:
     if a.dump_hlo:
         Path(a.dump_hlo).mkdir(parents=True, exist_ok=True)
         (Path(a.dump_hlo) / f"step_{s.model_cfg.name}.hlo.txt").write_text(text)
-    an = analyze(text, weight_shapes((s.state.params, s.frozen)))
+    an = analyze(text, weight_shapes((s.state.params, s.state.frozen)))
     chips = len(devices)
     tiles = cfg.max_tiles * cfg.optim.grad_accum
     model_flops = flops.step_flops(s.model_cfg, batch=cfg.batch_size, seq_len=cfg.seq_len,

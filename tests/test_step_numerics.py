@@ -33,13 +33,13 @@ def test_casting_kernels_once_per_step_changes_no_bfloat16_number():
     per_use = jit_step(
         make_step_fn(s.graphdef, s.tx, s.schedule, loss_chunk=s.cfg.loss_chunk,
                      drop_path=False, lora_dropout=False, compute_dtype=None),
-        mesh, s.state_sh, s.frozen_sh, s.rest_sh, s.batch_sh)
+        mesh, s.state_sh, s.batch_sh)
     results = []
     with jax.set_mesh(mesh):
         for fn in (s.step_fn, per_use):
             state = jax.tree.map(lambda x: x.copy(), s.state)  # the step donates its state
             for step in range(2):
-                state, m = fn(state, s.frozen, s.rest, batch(step))
+                state, m = fn(state, batch(step))
             results.append((jax.tree.leaves(state.params), float(m["loss"])))
     (once, loss_once), (every_use, loss_every_use) = results
     assert loss_once == loss_every_use

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mini_internvl_jax.batch import Batch
 from mini_internvl_jax.config import ComputeConfig, ModelConfig
 from mini_internvl_jax.models.layers import Dense, LayerNorm, gelu
 from mini_internvl_jax.models.llm import Decoder, ModelOutput
@@ -151,6 +152,14 @@ class InternVLModel(nnx.Module):
             positions = default_positions(input_ids, segment_ids)
         x = self.embed(input_ids, pixel_values, image_flags, dropout_key=dropout_key)
         return self.llm(x, positions, segment_ids, cache=cache, remat=self.compute.remat)
+
+    def batch_hidden_states(self, micro: Batch, *, packed: bool = True, dropout_key=None
+                            ) -> ModelOutput:
+        """`hidden_states` of one micro-batch of the training-batch contract; `packed` False
+        runs every row as one sequence (its segment ids unused)."""
+        return self.hidden_states(micro.input_ids, micro.pixel_values, micro.image_flags,
+                                  micro.positions, micro.segment_ids if packed else None,
+                                  dropout_key=dropout_key)
 
     def __call__(self, input_ids, pixel_values=None, image_flags=None, positions=None,
                  segment_ids=None, *, dropout_key=None) -> jax.Array:

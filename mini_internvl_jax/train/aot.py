@@ -85,7 +85,7 @@ def compile_for_topology(cfg: TrainConfig, topology: str, num_slices: int = 1) -
     s = build_abstract(cfg, mesh, model_cfg)
     batch = s.batch_abstract()
     with jax.set_mesh(mesh):
-        compiled = s.step_fn.lower(s.state, s.frozen, s.rest, batch).compile()
+        compiled = s.step_fn.lower(s.state, batch).compile()
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -103,7 +103,7 @@ def compile_for_topology(cfg: TrainConfig, topology: str, num_slices: int = 1) -
         "grad_accum": cfg.optim.grad_accum, "remat": cfg.compute.remat,
         "dtype": cfg.compute.dtype, "param_dtype": cfg.compute.param_dtype,
         "trainable_gib": per_device_bytes(s.state.params) / GIB,
-        "frozen_gib": per_device_bytes(s.frozen) / GIB,
+        "frozen_gib": per_device_bytes(s.state.frozen) / GIB,
         "optimizer_gib": per_device_bytes(s.state.opt_state) / GIB,
         "batch_gib": per_device_bytes(batch) / GIB,
         "arguments_gib": mem.argument_size_in_bytes / GIB,

@@ -12,13 +12,14 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from mini_internvl_jax.batch import BATCH_DTYPES, batch_shardings
+from mini_internvl_jax.batch import Batch, BatchSpec
 from mini_internvl_jax.config import ModelConfig
 from mini_internvl_jax.configlib import ConfigError
 from mini_internvl_jax.models import InternVLModel
 from mini_internvl_jax.models.lora import apply_lora
-from mini_internvl_jax.sharding import batch_shards, create_sharded_model, state_shardings
-from mini_internvl_jax.train.batches import global_shapes
+from mini_internvl_jax.placement import batch_abstract, batch_shardings
+from mini_internvl_jax.sharding import batch_shards, create_sharded_model
+from mini_internvl_jax.train.batches import batch_spec
 from mini_internvl_jax.train.config import TrainConfig, build_model_config
 from mini_internvl_jax.train.optim import make_optimizer, make_schedule
 from mini_internvl_jax.train.state import (
@@ -34,25 +35,23 @@ from mini_internvl_jax.train.step import jit_step, make_step_fn
 
 @dataclass
 class Setup:
+    """The state (concrete, or abstract: ShapeDtypeStructs with shardings), where it lives, and
+    the jitted `step(state, batch)`; the rest is kept for callers that build their own step."""
+
     cfg: TrainConfig
     model_cfg: ModelConfig
     mesh: Mesh
+    state: TrainState
+    state_sh: TrainState
+    batch: BatchSpec
+    batch_sh: Batch
+    step_fn: Any               # jitted
     graphdef: Any
-    state: TrainState          # concrete, or abstract (ShapeDtypeStructs with shardings)
-    frozen: nnx.State
-    rest: nnx.State
     tx: optax.GradientTransformation
     schedule: optax.Schedule
-    step_fn: Any               # jitted
-    state_sh: TrainState
-    frozen_sh: Any
-    rest_sh: Any
-    batch_sh: dict
 
-    def batch_abstract(self) -> dict:
-        shapes = global_shapes(self.cfg, self.model_cfg)
-        return {k: jax.ShapeDtypeStruct(s, BATCH_DTYPES[k], sharding=self.batch_sh[k])
-                for k, s in shapes.items()}
+    def batch_abstract(self) -> Batch:
+        return batch_abstract(self.batch, self.batch_sh)
 
 
 def model_factory(model_cfg: ModelConfig, cfg: TrainConfig):
@@ -82,24 +81,23 @@ def _finish(cfg, model_cfg, mesh, graphdef, trainable, frozen, rest, *, abstract
                          f"{sorted(cfg.frozen_components)} leaves no trainable parameter")
     tx = make_optimizer(cfg.optim, cfg.total_steps, trainable)
     schedule = make_schedule(cfg.optim, cfg.total_steps)
-    abs_state = abstract_train_state(trainable, tx, cfg.seed)
+    abs_state = abstract_train_state(trainable, frozen, rest, tx, cfg.seed)
     rules = cfg.mesh.rule_table
-    state_sh = train_state_shardings(trainable, abs_state.opt_state, mesh, rules)
-    frozen_sh, rest_sh = state_shardings(frozen, mesh, rules), state_shardings(rest, mesh, rules)
-    batch_sh = batch_shardings(mesh, global_shapes(cfg, model_cfg))
+    state_sh = train_state_shardings(abs_state, mesh, rules)
+    spec = batch_spec(cfg, model_cfg)
+    batch_sh = batch_shardings(mesh, spec)
     step_fn = jit_step(
         make_step_fn(graphdef, tx, schedule, loss_chunk=cfg.loss_chunk,
                      drop_path=model_cfg.vision.drop_path_rate > 0,
                      lora_dropout=cfg.lora.rank > 0 and cfg.lora.dropout > 0,
                      packed=cfg.packed, compute_dtype=cfg.model_compute.dtype),
-        mesh, state_sh, frozen_sh, rest_sh, batch_sh)
+        mesh, state_sh, batch_sh)
     if abstract:
         state = abstract_like(abs_state, state_sh)
-        frozen, rest = abstract_like(frozen, frozen_sh), abstract_like(rest, rest_sh)
     else:
-        state = init_train_state(trainable, tx, mesh, cfg.seed, rules)
-    return Setup(cfg, model_cfg, mesh, graphdef, state, frozen, rest, tx, schedule, step_fn,
-                 state_sh, frozen_sh, rest_sh, batch_sh)
+        state = init_train_state(trainable, frozen, rest, tx, mesh, cfg.seed, rules)
+    return Setup(cfg, model_cfg, mesh, state, state_sh, spec, batch_sh, step_fn, graphdef, tx,
+                 schedule)
 
 
 def build(cfg: TrainConfig, mesh: Mesh, model_cfg: ModelConfig | None = None,

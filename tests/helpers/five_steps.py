@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mini_internvl_jax.batch import to_global
+from mini_internvl_jax.placement import to_global
 from mini_internvl_jax.sharding import make_mesh
 from mini_internvl_jax.train.config import train_config_from_dict
 from mini_internvl_jax.train.setup import build
@@ -92,6 +92,6 @@ def five_step_losses(**overrides) -> list[float]:
     state, losses = s.state, []
     with jax.set_mesh(mesh):
         for step in range(5):
-            state, m = s.step_fn(state, s.frozen, s.rest, batch(step))
+            state, m = s.step_fn(state, batch(step))
             losses.append(float(np.asarray(m["loss"])))
     return losses
