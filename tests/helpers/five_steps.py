@@ -71,8 +71,10 @@ def tiny_setup(**overrides):
         "model": "tiny-qwen2", "batch_size": ROWS, "seq_len": SEQ,
         "max_tiles": ROWS // GRAD_ACCUM * 2 * TILES_PER_SAMPLE, "total_steps": 100,
         "compute": compute, "loss_chunk": 16,
+        # no_decay as when RECORDED was taken (every norm exempt; the default now decays the
+        # LLM's RMSNorm weights, as InternVL2's fine-tuning does)
         "optim": {"lr": 3e-3, "warmup_steps": 0, "weight_decay": 0.1, "clip_norm": 1.0,
-                  "grad_accum": GRAD_ACCUM},
+                  "grad_accum": GRAD_ACCUM, "no_decay": ["norm", "bias$"]},
         "mesh": {"data": 1, "fsdp": 1, "tensor": 1}, **overrides})
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     s = build(cfg, mesh, init_params=_path_weights)
