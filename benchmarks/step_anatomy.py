@@ -8,7 +8,7 @@ libtpu) with FSDP over all chips, and from the compiled executable it reports, p
 
   * XLA cost analysis FLOPs and bytes (a while-loop body counted once, as XLA does), and the
     same from a walk of the optimized HLO that weights loop bodies by their trip counts
-    (mini_internvl_jax/train/hlo_anatomy.py);
+    (mini_internvl_jax.tools.hlo.py);
   * model FLOPs (train/flops.py) / HLO FLOPs: below 1 by the share of recomputation (remat);
   * all-gather / reduce-scatter / all-reduce: ops, executions and bytes per step;
   * float32 <-> bfloat16 converts of weight-sized arrays inside loops (master weights cast
@@ -92,7 +92,7 @@ def weight_shapes(trees) -> set[tuple[int, ...]]:
     activations) are left out."""
     import jax
 
-    from mini_internvl_jax.train.hlo_anatomy import merged_forms
+    from mini_internvl_jax.tools.hlo import merged_forms
 
     shapes = set()
     for path, x in jax.tree_util.tree_flatten_with_path(trees)[0]:
@@ -112,7 +112,7 @@ def run_one(a, size: str) -> dict:
     from mini_internvl_jax.sharding import make_mesh
     from mini_internvl_jax.train import flops
     from mini_internvl_jax.train.aot import topology_devices
-    from mini_internvl_jax.train.hlo_anatomy import analyze
+    from mini_internvl_jax.tools.hlo import analyze
     from mini_internvl_jax.train.setup import build_abstract
 
     cfg = train_config(a, size)

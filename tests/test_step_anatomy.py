@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mini_internvl_jax.train.hlo_anatomy import (
+from mini_internvl_jax.tools.hlo import (
     _walk,
     analyze,
     nbytes,

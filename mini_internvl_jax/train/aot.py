@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 import os
-import re
 
 import jax
 import numpy as np
 
 from mini_internvl_jax.configlib import ConfigError
 from mini_internvl_jax.sharding import make_mesh
+from mini_internvl_jax.tools.hlo import collective_traffic
 from mini_internvl_jax.train import flops
 from mini_internvl_jax.train.config import DcnConfig, TrainConfig, build_model_config
 from mini_internvl_jax.train.setup import build_abstract
@@ -139,198 +139,10 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-# --- collectives in compiled HLO -------------------------------------------------------------
-
-_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
-                "collective-permute", "ragged-all-to-all")
-_OP_RE = re.compile(r"\s(" + "|".join(_COLLECTIVES) + r")(?:-start)?\(")
-_SHAPE_RE = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+|c64|c128)\[([\d,]*)\]")
-_CALLEE_RE = re.compile(r"\b(?:calls|body|condition|to_apply)=%?([\w.\-]+)")
-_CALLEE_LIST_RE = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
-_TRIP_RE = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-_IOTA_RE = re.compile(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
+# --- collectives in compiled HLO (read by tools/hlo.py) ------------------------------------
 
 
 def slice_of_logical_device(mesh) -> list[int]:
     """Slice of each device id in the compiled program's replica groups (the jit's device
     assignment is the mesh's devices in row-major order)."""
     return [int(getattr(d, "slice_index", 0)) for d in mesh.devices.flat]
-
-
-def _bits(dtype: str) -> int:
-    if dtype == "pred" or dtype.startswith("f8"):
-        return 8
-    if dtype == "bf16":
-        return 16
-    return max(int(dtype[1:]), 8)  # s4/u4 are stored a byte each
-
-
-def _bytes(shapes_text: str) -> int:
-    return sum(math.prod(int(x) for x in dims.split(",") if x) * _bits(dtype) // 8
-               for dtype, dims in _SHAPE_RE.findall(shapes_text))
-
-
-def _balanced(text: str, start: int, open_: str, close: str) -> int:
-    """Index just past the bracket that closes the one at `start`."""
-    depth = 0
-    for i in range(start, len(text)):
-        depth += text[i] == open_
-        depth -= text[i] == close
-        if depth == 0:
-            return i + 1
-    raise ValueError(f"unbalanced {open_}{close} in HLO: {text[start:start + 80]!r}")
-
-
-def parse_groups(attrs: str, n_devices: int) -> list[list[int]]:
-    """Device groups of a collective from its attributes: `replica_groups={{0,1},{2,3}}`, the
-    iota form `replica_groups=[2,4]<=[4,2]T(1,0)`, `{}` (all devices) or a permute's
-    `source_target_pairs`."""
-    for key in ("replica_groups=", "source_target_pairs="):
-        i = attrs.find(key)
-        if i < 0:
-            continue
-        i += len(key)
-        if attrs[i] == "[":
-            m = _IOTA_RE.match(attrs, i)
-            if m is None:
-                raise ValueError(f"unreadable replica groups in HLO: {attrs[i:i + 60]!r}")
-            shape = [int(x) for x in m.group(1).split(",")]
-            dims = [int(x) for x in m.group(2).split(",")]
-            ids = np.arange(math.prod(dims)).reshape(dims)
-            if m.group(3):
-                ids = ids.transpose([int(x) for x in m.group(3).split(",")])
-            return ids.reshape(shape).tolist()
-        body = attrs[i:_balanced(attrs, i, "{", "}")]
-        groups = [[int(x) for x in g.split(",") if x.strip()]
-                  for g in re.findall(r"\{([\d,\s]*)\}", body[1:-1])]
-        groups = [g for g in groups if g]
-        return groups or [list(range(n_devices))]
-    return [list(range(n_devices))]
-
-
-def _computations(hlo: str) -> tuple[str, dict[str, list[str]]]:
-    comps: dict[str, list[str]] = {}
-    entry, current = "", None
-    for line in hlo.splitlines():
-        if line and not line[0].isspace() and line.rstrip().endswith("{"):
-            head = line.split()
-            is_entry = head[0] == "ENTRY"
-            current = head[1 if is_entry else 0].lstrip("%")
-            comps[current] = []
-            if is_entry:
-                entry = current
-        elif line.strip() == "}":
-            current = None
-        elif current is not None:
-            comps[current].append(line)
-    if not entry:
-        raise ValueError("no ENTRY computation in the compiled HLO")
-    return entry, comps
-
-
-def _trip_count(line: str, comps: dict[str, list[str]]) -> int:
-    """Iterations of a while loop: XLA's known_trip_count, else (TPU executables drop it) the
-    bound of a `counter < N` condition, as jax's scans and fori_loops count from 0."""
-    trip = _TRIP_RE.search(line)
-    if trip:
-        return int(trip.group(1))
-    cond = re.search(r"condition=%?([\w.\-]+)", line)
-    body = comps.get(cond.group(1), []) if cond else []
-    bounds = [int(n) for b in body for n in re.findall(r"s32\[\]\S* constant\((\d+)\)", b)]
-    if len(bounds) == 1 and any("direction=LT" in b for b in body):
-        return bounds[0]
-    return 1
-
-
-def _execution_counts(entry: str, comps: dict[str, list[str]]) -> dict[str, int]:
-    """How often each computation runs per call of `entry` (while bodies x trip count)."""
-    counts: dict[str, int] = {}
-
-    def visit(name: str, times: int) -> None:
-        counts[name] = counts.get(name, 0) + times
-        for line in comps.get(name, ()):
-            trips = _trip_count(line, comps) if " while(" in line else 1
-            callees = _CALLEE_RE.findall(line)
-            for group in _CALLEE_LIST_RE.findall(line):
-                callees += [c.strip().lstrip("%") for c in group.split(",") if c.strip()]
-            for callee in callees:
-                if callee in comps:
-                    visit(callee, times * trips)
-
-    visit(entry, 1)
-    return counts
-
-
-def _top_level(shape_text: str) -> list[str]:
-    """Elements of a tuple shape `(a, (b, c), d)` (or the one array shape)."""
-    shape_text = shape_text.strip()
-    if not shape_text.startswith("("):
-        return [shape_text]
-    parts, depth, begin = [], 0, 1
-    for i, ch in enumerate(shape_text):
-        depth += ch in "({["
-        depth -= ch in ")}]"
-        if (ch == "," and depth == 1) or (depth == 0 and ch == ")"):
-            parts.append(shape_text[begin:i])
-            begin = i + 1
-    return parts
-
-
-def _collective_bytes(op: str, is_start: bool, result: str, group: int) -> int:
-    """What one chip sends or assembles: an all-reduce's buffer, an all-gather's gathered
-    output, a reduce-scatter's input (its output x group size). Async starts return (input,
-    output, context...) tuples, except all-reduce-start, which returns its outputs."""
-    if is_start and op != "all-reduce":
-        size = max(_bytes(part) for part in _top_level(result))
-    else:
-        size = _bytes(result)
-    return size * group if op == "reduce-scatter" else size
-
-
-def collective_traffic(hlo: str, slice_of: list[int]) -> dict:
-    """Bytes each chip moves through collectives per step, split into traffic inside a slice
-    (ICI) and across slices (DCN).
-
-    A TPU multislice executable is compiled per slice (`num_partitions` = chips per slice):
-    its replica groups index the chips of one slice, and everything that crosses slices is a
-    send to the megascale runtime (DCN all-reduce / all-gather / one-to-one transfers). In a
-    program over all devices, a collective crosses slices when one of its device groups does.
-    """
-    entry, comps = _computations(hlo)
-    counts = _execution_counts(entry, comps)
-    head = re.search(r"num_partitions=(\d+)", hlo.split("\n", 1)[0])
-    per_slice_program = head is not None and int(head.group(1)) < len(slice_of)
-    ici = 0
-    dcn: dict[str, int] = {}  # kind -> bytes
-    dcn_ops = 0
-
-    def add_dcn(kind: str, size: int) -> None:
-        nonlocal dcn_ops
-        dcn_ops += 1
-        dcn[kind] = dcn.get(kind, 0) + size
-
-    for name, lines in comps.items():
-        times = counts.get(name, 0)
-        for line in lines if times else ():
-            if " send(" in line and "xla_megascale_runtime" in line:
-                kind = re.search(r'_xla_megascale_transfer_type="(\w+)"', line)
-                result = line.split("=", 1)[1].split(" send(", 1)[0]
-                add_dcn("dcn-" + (kind.group(1).lower() if kind else "transfer"),
-                        _bytes(_top_level(result)[0]) * times)
-                continue
-            m = _OP_RE.search(line)
-            if m is None:
-                continue
-            op = m.group(1)
-            close = _balanced(line, m.end() - 1, "(", ")")
-            groups = parse_groups(line[close:], len(slice_of))
-            result = line[line.index("=") + 1:m.start()]
-            size = _collective_bytes(op, "-start(" in line[m.start():m.end()], result,
-                                     len(groups[0])) * times
-            if not per_slice_program and any(len({slice_of[d] for d in g}) > 1
-                                             for g in groups):
-                add_dcn(op, size)
-            else:
-                ici += size
-    return {"ici_collective_bytes": ici, "dcn_collective_bytes": sum(dcn.values()),
-            "dcn_collective_ops": dcn_ops, "dcn_bytes_by_op": dcn}
