@@ -96,6 +96,26 @@ def nbytes(shape: str) -> float:
     return total
 
 
+_ARRAY_LAYOUT = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\](\{[^{}]*(?:\([^)]*\)[^{}]*)*\})?")
+# TPU memory spaces other than HBM (0) that a layout may name: S(1) VMEM, S(2)/S(4)/S(6)
+# scalar and semaphore memories. Host memory (S(5)) is off chip and counts as HBM traffic.
+ON_CHIP_SPACES = {"1", "2", "3", "4", "6"}
+
+
+def hbm_bytes(shape: str) -> float:
+    """Bytes of the arrays of an HLO shape that live in HBM (or host memory): an array whose
+    layout puts it in on-chip memory (`{...S(1)}`, VMEM on TPU) moves no HBM bytes."""
+    total = 0.0
+    for dtype, dims, layout in _ARRAY_LAYOUT.findall(shape):
+        if dtype not in DTYPE_BYTES:
+            continue
+        space = re.search(r"S\((\d+)\)", layout or "")
+        if space and space.group(1) in ON_CHIP_SPACES:
+            continue
+        total += _prod(int(x) for x in dims.split(",") if x) * DTYPE_BYTES[dtype]
+    return total
+
+
 def _prod(xs) -> int:
     n = 1
     for x in xs:
@@ -251,6 +271,7 @@ class Kernel:
     calls: float
     flops: float   # per call
     bytes: float   # per call
+    bytes_all: float = 0.0  # per call, counting on-chip memory (VMEM) operands and results too
     op_name: str = ""  # its metadata, else its fused instructions', else its loop's
     named_by: str = ""  # "metadata" | "fused ops" | "loop" | "" (nothing to go by)
     part: str = ""  # "vit" | "llm" | "embed_head_loss" | "optimizer" | "weight_cast" | ""
@@ -260,13 +281,14 @@ class Kernel:
 @dataclass
 class Anatomy:
     flops: float
-    bytes: float
+    bytes: float  # HBM (and host) bytes read and written by the kernels
     kernels: list[Kernel]
     collectives: dict[str, dict[str, float]]
     weight_converts: dict[str, float]
     matmul_flops_by_dtype: dict[str, float]  # "bf16" / "f32" / "f32xbf16" (operand dtypes)
     loops: list[dict]
     unknown_trip_counts: int
+    bytes_all_spaces: float = 0.0  # the same, counting arrays in on-chip memory too
 
     def categories(self, chips=CHIPS) -> dict[str, dict]:
         """Per category: kernels, executions, GFLOP and GB per step, the per-kernel roofline
@@ -358,6 +380,18 @@ def _fused_op_name(ins: Instr, comps: dict[str, Computation]) -> str:
     return names.most_common(1)[0][0] if names else ""
 
 
+def _copy_kind(ins: Instr) -> str:
+    """What a copy XLA inserted does, from the memory spaces of its source and destination."""
+    parts = _top_level(ins.shape)  # copy-start: (destination, source alias, context)
+    dst, src = parts[0], (parts[1] if len(parts) > 1 else "")
+    on_chip = lambda x: bool(nbytes(x)) and not hbm_bytes(x)  # noqa: E731
+    if ins.opcode == "copy-start" and on_chip(src) and not on_chip(dst):
+        return "eviction from on-chip memory to HBM"
+    if ins.opcode == "copy-start" and on_chip(dst) and not on_chip(src):
+        return "prefetch from HBM into on-chip memory (memory-space assignment)"
+    return "layout change" if ins.opcode == "copy" else "asynchronous copy"
+
+
 def classify(ins: Instr, comps: dict[str, Computation], loop_op_name: str
              ) -> tuple[str, str, str, str]:
     """(op_name, named_by, part, category) of one kernel."""
@@ -365,14 +399,14 @@ def classify(ins: Instr, comps: dict[str, Computation], loop_op_name: str
     if not op_name:
         op_name, named_by = _fused_op_name(ins, comps), "fused ops"
     if not op_name:
-        op_name, named_by = loop_op_name, "loop"
-    if not op_name:
-        named_by = ""
+        op_name, named_by = loop_op_name, "loop" if loop_op_name else ""
+    if named_by in ("loop", "") and ins.opcode in ("copy", "copy-start"):
+        op_name += f" [XLA {ins.opcode}: {_copy_kind(ins)}]"
     part = part_of(op_name)
     inner = set().union(*(_inner_opcodes(c, comps) for _, c in ins.callees())) \
         if ins.opcode in ("fusion", "async-start") else set()
-    if (ins.opcode in _COLLECTIVE_OPS or inner & _COLLECTIVE_OPS
-            or custom_call_target(ins).startswith("AsyncCollective")):
+    if (ins.opcode in _COLLECTIVE_OPS or custom_call_target(ins).startswith("AsyncCollective")
+            or (inner & _COLLECTIVE_OPS and not inner & {"dot", "convolution"})):
         return op_name, named_by, part, "collectives"
     if ins.opcode in MOVEMENT or (ins.opcode == "fusion" and inner <= MOVEMENT):
         return op_name, named_by, part, "copies / layout"
@@ -542,12 +576,13 @@ def _instr_flops(ins: Instr, shapes, comps, memo) -> float:
     return sum(_computation_flops(c, comps, memo) for _, c in ins.callees())
 
 
-def _operand_bytes(ins: Instr, k: int, shapes: dict[str, str], comps) -> float:
+def _operand_bytes(ins: Instr, k: int, shapes: dict[str, str], comps, size=hbm_bytes) -> float:
     """Bytes a kernel reads of its k-th operand: only the slices when the fused computation
-    only slices it, nothing when it is the buffer of an in-place dynamic-update-slice."""
-    full = nbytes(shapes.get(ins.operands[k], ""))
+    only slices it, nothing when it is the buffer of an in-place dynamic-update-slice.
+    `size`: how an array shape counts (`hbm_bytes`, or `nbytes` for every memory space)."""
+    full = size(shapes.get(ins.operands[k], ""))
     if ins.opcode in SLICERS and k == 0:
-        return nbytes(ins.shape)
+        return min(full, nbytes(ins.shape))
     if ins.opcode == "dynamic-update-slice" and k == 0:
         return 0.0
     if ins.opcode != "fusion":
@@ -562,7 +597,7 @@ def _operand_bytes(ins: Instr, k: int, shapes: dict[str, str], comps) -> float:
     users = _users_through_bitcasts(inner, param.name)
     if users and all(u.opcode in SLICERS and u.operands[0] in _aliases(inner, param.name)
                      for u in users):
-        return min(full, sum(nbytes(u.shape) for u in users))
+        return min(full, sum(nbytes(u.shape) for u in users))  # a slice of what it reads
     if users and all(u.opcode == "dynamic-update-slice" and u.operands[0]
                      in _aliases(inner, param.name) for u in users):
         return 0.0
@@ -585,28 +620,43 @@ def _users_through_bitcasts(comp: Computation, name: str) -> list[Instr]:
     return [i for i in comp.instrs if i.opcode != "bitcast" and set(i.operands) & names]
 
 
-def _result_bytes(ins: Instr, comps) -> float:
-    """Bytes a kernel writes: the update of an in-place dynamic-update-slice, else its result."""
+# Asynchronous starts return tuples holding their operands besides the output: the index of
+# the output (copy-start: (destination, source, context); all-gather-start / collective-permute-
+# start / async-start: (operands, output, ...)). all-reduce-start returns its outputs only.
+ASYNC_RESULT = {"copy-start": 0, "all-gather-start": 1, "collective-permute-start": 1,
+                "async-start": 1}
+
+
+def _result_bytes(ins: Instr, comps, size=hbm_bytes) -> float:
+    """Bytes a kernel writes: the update of an in-place dynamic-update-slice, else its result
+    (`size` as in `_operand_bytes`)."""
     if ins.opcode == "dynamic-update-slice":
-        return nbytes(_shape_of(ins.operands[1], ins.computation, comps))
+        return 0.0 if not size(ins.shape) else nbytes(
+            _shape_of(ins.operands[1], ins.computation, comps))
+    if ins.opcode in ASYNC_RESULT:  # the tuple repeats the operands: only the output is new
+        parts = _top_level(ins.shape)
+        return size(parts[ASYNC_RESULT[ins.opcode]] if len(parts) > 1 else ins.shape)
     if ins.opcode != "fusion":
-        return nbytes(ins.shape)
+        return size(ins.shape)
     inner = comps.get(dict(ins.callees()).get("calls", ""))
     root = _root(inner) if inner else None
-    if root is None:
-        return nbytes(ins.shape)
+    if root is None or not size(ins.shape):
+        return size(ins.shape)
     by = inner.by_name()
     parts = [by.get(n) for n in root.operands] if root.opcode == "tuple" else [root]
+    outer = _top_level(ins.shape) if root.opcode == "tuple" else [ins.shape]
+    if len(outer) != len(parts):
+        outer = [p.shape if p is not None else "" for p in parts]
     total = 0.0
-    for p in parts:
+    for p, out in zip(parts, outer, strict=True):
         while p is not None and p.opcode == "bitcast":
             p = by.get(p.operands[0])
-        if p is None:
+        if p is None or not size(out):  # the element lives in on-chip memory
             continue
         if p.opcode == "dynamic-update-slice":
             total += nbytes(by[p.operands[1]].shape) if p.operands[1] in by else 0.0
         else:
-            total += nbytes(p.shape)
+            total += size(out)
     return total
 
 
@@ -690,8 +740,10 @@ def analyze(text: str, weight_shapes: set | frozenset = frozenset()) -> Anatomy:
             fl = _instr_flops(ins, shapes, comps, memo)
             by = sum(_operand_bytes(ins, k, shapes, comps) for k in range(len(ins.operands)))
             by += _result_bytes(ins, comps)
-            kernels.append(Kernel(ins, runs[name], fl, by, *classify(ins, comps,
-                                                                     context.get(name, ""))))
+            every = sum(_operand_bytes(ins, k, shapes, comps, nbytes)
+                        for k in range(len(ins.operands))) + _result_bytes(ins, comps, nbytes)
+            kernels.append(Kernel(ins, runs[name], fl, by, every,
+                                  *classify(ins, comps, context.get(name, ""))))
 
     coll: dict[str, dict[str, float]] = {}
     seen: dict[str, tuple[str, float, float]] = {}
@@ -739,7 +791,8 @@ def analyze(text: str, weight_shapes: set | frozenset = frozenset()) -> Anatomy:
         d["ops"] += 1
     flops = sum(k.calls * k.flops for k in kernels)
     total_bytes = sum(k.calls * k.bytes for k in kernels)
-    return Anatomy(flops, total_bytes, kernels, coll, converts, dict(by_dtype), loops, unknown)
+    return Anatomy(flops, total_bytes, kernels, coll, converts, dict(by_dtype), loops, unknown,
+                   sum(k.calls * k.bytes_all for k in kernels))
 
 
 # --- collective traffic inside and across slices (the `--aot-tpu --num-slices` report) -------

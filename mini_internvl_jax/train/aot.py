@@ -2,8 +2,9 @@
 
 `mivl-train --config ... --aot-tpu v5e:2x2` builds the mesh over the topology's
 compile-only devices, lowers the jitted step on abstract arguments (nothing is allocated) and
-compiles it, then reports XLA's per-chip memory analysis and FLOPs: the way to size a pod
-before paying for it. `--num-slices 2` compiles for two such slices joined by the data-centre
+compiles it, then reports XLA's per-chip memory analysis and FLOPs, and the step's roofline
+from its HLO (tools/hlo.py: FLOPs and HBM bytes kernel by kernel, against the chip's peak and
+bandwidth): the way to size a pod before paying for it. `--num-slices 2` compiles for two such slices joined by the data-centre
 network (DCN) and adds the bytes each chip sends through collectives that cross slices, read
 from the compiled HLO: the traffic that DCN bandwidth, not ICI, has to carry.
 """
@@ -18,7 +19,7 @@ import numpy as np
 
 from mini_internvl_jax.configlib import ConfigError
 from mini_internvl_jax.sharding import make_mesh
-from mini_internvl_jax.tools.hlo import collective_traffic
+from mini_internvl_jax.tools.hlo import CHIPS, analyze, collective_traffic
 from mini_internvl_jax.train import flops
 from mini_internvl_jax.train.config import DcnConfig, TrainConfig, build_model_config
 from mini_internvl_jax.train.setup import build_abstract
@@ -81,7 +82,12 @@ def compile_for_topology(cfg: TrainConfig, topology: str, num_slices: int = 1) -
     model_flops = flops.step_flops(model_cfg, batch=cfg.batch_size, seq_len=cfg.seq_len,
                                    tiles=tiles, trainable=frozenset(flops.PARTS)
                                    - cfg.frozen_components)
-    traffic = collective_traffic(compiled.as_text(), slice_of_logical_device(mesh))
+    hlo = compiled.as_text()
+    traffic = collective_traffic(hlo, slice_of_logical_device(mesh))
+    chip = topology.split(":")[0]
+    anatomy = analyze(hlo)
+    roofline = anatomy.roofline(model_flops / len(devices), {chip: CHIPS[chip]}
+                                if chip in CHIPS else CHIPS)
     return {
         "topology": topology, "num_slices": num_slices, "chips": len(devices),
         "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
@@ -104,6 +110,8 @@ def compile_for_topology(cfg: TrainConfig, topology: str, num_slices: int = 1) -
                      + mem.generated_code_size_in_bytes) / GIB,
         "xla_flops_per_chip": float(cost.get("flops", float("nan"))),
         "model_flops_per_step": model_flops,
+        "hlo_flops_per_chip": anatomy.flops, "hlo_hbm_bytes_per_chip": anatomy.bytes,
+        "roofline": roofline,
         **traffic,
     }
 
@@ -130,6 +138,12 @@ def format_report(r: dict) -> str:
         f"FLOPs per step: model {r['model_flops_per_step']:.4g} "
         f"({r['model_flops_per_step'] / r['chips']:.4g} per chip, train/flops.py); XLA "
         f"{r['xla_flops_per_chip']:.4g} per chip (XLA counts a scanned loop body once)",
+        "roofline per step per chip (tools/hlo.py; loop bodies times their trip counts): "
+        f"HLO {r['hlo_flops_per_chip']:.4g} FLOPs, {r['hlo_hbm_bytes_per_chip'] / 1e9:.1f} GB "
+        "of HBM traffic",
+        *(f"  {chip}: {1e3 * t['per_kernel_s']:.1f} ms kernel by kernel, {1e3 * t['global_s']:.1f}"
+          f" ms whole-step bound, model FLOPs alone {1e3 * t['model_flops_s']:.1f} ms "
+          f"({t['per_kernel_s'] / t['model_flops_s']:.2f}x)" for chip, t in r["roofline"].items()),
         "collectives per chip per step (MiB; loop bodies times their trip counts):",
         f"  within a slice (ICI)   {r['ici_collective_bytes'] / MIB:11.3f}",
         f"  across slices (DCN)    {r['dcn_collective_bytes'] / MIB:11.3f} in "
