@@ -116,9 +116,9 @@ def run_one(a, size: str) -> dict:
     import jax
 
     from mini_internvl_jax.sharding import make_mesh
+    from mini_internvl_jax.tools.hlo import analyze
     from mini_internvl_jax.train import flops
     from mini_internvl_jax.train.aot import topology_devices
-    from mini_internvl_jax.tools.hlo import analyze
     from mini_internvl_jax.train.setup import build_abstract
 
     cfg = train_config(a, size)
@@ -193,8 +193,8 @@ def f32_share(r: dict) -> float:
 
 
 def table(results: list[dict]) -> str:
-    head = ["variant", "model", "topology", "ratio", "compile s", "HLO TFLOP", "f32 share", "model/HLO", "HLO GB",
-            "XLA GB",
+    head = ["variant", "model", "topology", "ratio", "compile s", "HLO TFLOP", "f32 share",
+            "model/HLO", "HLO GB", "XLA GB",
             "AG n/GB", "RS n/GB", "AR n/GB", "cvt n/GB", "v5e ms", "v5p ms", "peak GiB"]
     rows = [head]
     for r in results:

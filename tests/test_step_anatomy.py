@@ -105,8 +105,8 @@ def test_trip_count_from_a_fused_condition_and_byte_sizes():
 
 # A scan of 5 steps (bound 5 in its condition) whose body runs one matmul (ViT forward), one
 # elementwise fusion (ViT recompute), one Pallas-style custom call with a cost estimate of 1000
-# FLOPs (LLM backward) and the counter's add and compare (no metadata: "other"); before the loop, XLA
-# prefetches the input into on-chip memory (S(1)): HBM is read, not written.
+# FLOPs (LLM backward) and the counter's add and compare (no metadata: "other"); before the
+# loop, XLA prefetches the input into on-chip memory (S(1)): HBM is read, not written.
 HLO_HAND_COUNTED = """
 HloModule m
 
@@ -129,9 +129,9 @@ HloModule m
   %i.1 = s32[] get-tuple-element(%t.1), index=0
   %h = f32[8,16]{1,0} get-tuple-element(%t.1), index=1
   %w = f32[16,32]{1,0} constant({...})
-  %d = f32[8,32]{1,0} dot(%h, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(step)/jvp(vision_tower)/while/body/dot_general"}
-  %e = f32[8,32]{1,0} fusion(%d), kind=kLoop, calls=%double, metadata={op_name="jit(step)/transpose(jvp(vision_tower))/while/body/checkpoint/rematted_computation/mul"}
-  %k = f32[8,16]{1,0} custom-call(%e, %h), custom_call_target="tpu_custom_call", backend_config={"custom_call_config": {"body": "TUxJUgA=", "cost_estimate": {"flops": "1000", "transcendentals": "0", "bytes_accessed": "2048"}}}, metadata={op_name="jit(step)/transpose(jvp(llm_layers))/while/body/flash"}
+  %d = f32[8,32]{1,0} dot(%h, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}, @FWD
+  %e = f32[8,32]{1,0} fusion(%d), kind=kLoop, calls=%double, @RECOMPUTE
+  %k = f32[8,16]{1,0} custom-call(%e, %h), custom_call_target="tpu_custom_call", @CONFIG, @BWD
   %one = s32[] constant(1)
   %i.2 = s32[] add(%i.1, %one)
   ROOT %r = (s32[], f32[8,16]{1,0}) tuple(%i.2, %k)
@@ -147,6 +147,15 @@ ENTRY %main (x: f32[8,16]) -> f32[8,16] {
   ROOT %out = f32[8,16]{1,0} get-tuple-element(%loop), index=1
 }
 """
+COST = '"cost_estimate": {"flops": "1000", "transcendentals": "0", "bytes_accessed": "2048"}'
+for key, text in {
+        "@FWD": 'metadata={op_name="jit(step)/jvp(vision_tower)/while/body/dot_general"}',
+        "@RECOMPUTE": 'metadata={op_name="jit(step)/transpose(jvp(vision_tower))/while/body/'
+                      'checkpoint/rematted_computation/mul"}',
+        "@CONFIG": 'backend_config={"custom_call_config": {"body": "TUxJUgA=", ' + COST + '}}',
+        "@BWD": 'metadata={op_name="jit(step)/transpose(jvp(llm_layers))/while/body/flash"}',
+}.items():
+    HLO_HAND_COUNTED = HLO_HAND_COUNTED.replace(key, text)
 
 
 def test_accounting_by_hand_trip_count_custom_call_and_categories():
@@ -180,9 +189,7 @@ def test_accounting_by_hand_trip_count_custom_call_and_categories():
     assert abs(sum(c["per_kernel_s"]["v5e"] for c in cats.values()) - per_kernel) < 1e-15
     # a kernel without a cost estimate is an error, a runtime helper is not
     with pytest.raises(ValueError, match="carries no cost estimate"):
-        analyze(HLO_HAND_COUNTED.replace(', "cost_estimate": {"flops": "1000", '
-                                         '"transcendentals": "0", "bytes_accessed": "2048"}',
-                                         ""))
+        analyze(HLO_HAND_COUNTED.replace(", " + COST, ""))
     helper = HLO_HAND_COUNTED.replace('"tpu_custom_call"', '"AsyncCollectiveDone"')
     assert analyze(helper.replace('"cost_estimate"', '"no_estimate"')).flops == 5 * dot_flops
 

@@ -384,7 +384,7 @@ def _copy_kind(ins: Instr) -> str:
     """What a copy XLA inserted does, from the memory spaces of its source and destination."""
     parts = _top_level(ins.shape)  # copy-start: (destination, source alias, context)
     dst, src = parts[0], (parts[1] if len(parts) > 1 else "")
-    on_chip = lambda x: bool(nbytes(x)) and not hbm_bytes(x)  # noqa: E731
+    on_chip = lambda x: bool(nbytes(x)) and not hbm_bytes(x)
     if ins.opcode == "copy-start" and on_chip(src) and not on_chip(dst):
         return "eviction from on-chip memory to HBM"
     if ins.opcode == "copy-start" and on_chip(dst) and not on_chip(src):
@@ -643,10 +643,11 @@ def _result_bytes(ins: Instr, comps, size=hbm_bytes) -> float:
     if root is None or not size(ins.shape):
         return size(ins.shape)
     by = inner.by_name()
-    parts = [by.get(n) for n in root.operands] if root.opcode == "tuple" else [root]
+    parts: list[Instr | None] = ([by.get(n) for n in root.operands] if root.opcode == "tuple"
+                                 else [root])
     outer = _top_level(ins.shape) if root.opcode == "tuple" else [ins.shape]
     if len(outer) != len(parts):
-        outer = [p.shape if p is not None else "" for p in parts]
+        outer = [q.shape if q is not None else "" for q in parts]
     total = 0.0
     for p, out in zip(parts, outer, strict=True):
         while p is not None and p.opcode == "bitcast":

@@ -4,9 +4,10 @@
 compile-only devices, lowers the jitted step on abstract arguments (nothing is allocated) and
 compiles it, then reports XLA's per-chip memory analysis and FLOPs, and the step's roofline
 from its HLO (tools/hlo.py: FLOPs and HBM bytes kernel by kernel, against the chip's peak and
-bandwidth): the way to size a pod before paying for it. `--num-slices 2` compiles for two such slices joined by the data-centre
-network (DCN) and adds the bytes each chip sends through collectives that cross slices, read
-from the compiled HLO: the traffic that DCN bandwidth, not ICI, has to carry.
+bandwidth): the way to size a pod before paying for it. `--num-slices 2` compiles for two
+such slices joined by the data-centre network (DCN) and adds the bytes each chip sends
+through collectives that cross slices, read from the compiled HLO: the traffic that DCN
+bandwidth, not ICI, has to carry.
 """
 
 from __future__ import annotations
