@@ -164,6 +164,9 @@ def run_one(a, size: str) -> dict:
         "xla_cost_flops": float(cost.get("flops", float("nan"))),
         "xla_cost_bytes": float(cost.get("bytes accessed", float("nan"))),
         "hlo_flops": an.flops, "hlo_bytes": an.bytes, "model_flops": model_flops,
+        # bytes counting operands and results in on-chip memory (VMEM) too: the figure this
+        # benchmark reported before it told HBM from on-chip memory
+        "hlo_bytes_all_memory_spaces": an.bytes_all_spaces,
         "model_over_hlo_flops": model_flops / an.flops if an.flops else None,
         "matmul_flops_by_dtype": an.matmul_flops_by_dtype, "collectives": an.collectives,
         "weight_converts_in_loops": an.weight_converts,

@@ -180,7 +180,7 @@ def test_accounting_by_hand_trip_count_custom_call_and_categories():
         assert cats[cat]["gflop"] * 1e9 == 5 * fl, cat
         assert round(cats[cat]["gb"] * 1e9) == 5 * by, cat
     assert round(cats["copies / layout"]["gb"] * 1e9) == prefetch
-    assert "prefetch from HBM" in cats["copies / layout"]["top"][0]["op_name"]
+    assert "from HBM into on-chip" in cats["copies / layout"]["top"][0]["op_name"]
     assert sum(c["kernels"] for c in cats.values()) == len(a.kernels) == 6
     peak, bw = CHIPS["v5e"]
     per_kernel = 5 * (max(dot_flops / peak, dot_bytes / bw) + mul_bytes / bw

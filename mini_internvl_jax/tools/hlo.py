@@ -71,7 +71,9 @@ COLLECTIVES = {
 FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while",
         "conditional", "call", "after-all", "partition-id", "replica-id", "opt-barrier",
         "all-gather-done", "all-reduce-done", "collective-permute-done", "copy-done",
-        "send-done", "recv-done", "async-done", "add-dependency", "domain"}
+        "send-done", "recv-done", "async-done", "add-dependency", "domain", "slice-done"}
+# Custom calls that are views: TPU's ConcatBitcast joins slices that already sit side by side.
+VIEW_TARGETS = {"ConcatBitcast"}
 SLICERS = {"dynamic-slice", "slice", "gather"}
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _NAME = re.compile(r"%([\w.\-]+)")
@@ -332,7 +334,7 @@ _PARTS = ((SCOPE_OPTIMIZER, "optimizer"), (SCOPE_CAST, "weight_cast"),
 _PART_CATEGORY = {"embed_head_loss": "embedding + LM head + loss",
                   "optimizer": "optimizer update", "weight_cast": "weight casts"}
 # Instructions that only move or view data: a kernel made of nothing else is a copy.
-MOVEMENT = {"copy", "copy-start", "copy-done", "transpose", "reshape", "bitcast", "broadcast",
+MOVEMENT = {"copy", "copy-start", "copy-done", "slice-start", "transpose", "reshape", "bitcast", "broadcast",
             "slice", "dynamic-slice", "dynamic-update-slice", "concatenate", "pad", "reverse",
             "parameter", "tuple", "get-tuple-element", "constant", "iota"}
 _COLLECTIVE_OPS = set(COLLECTIVES) | {"reduce-scatter", "all-gather-done", "all-reduce-done",
@@ -383,13 +385,16 @@ def _fused_op_name(ins: Instr, comps: dict[str, Computation]) -> str:
 def _copy_kind(ins: Instr) -> str:
     """What a copy XLA inserted does, from the memory spaces of its source and destination."""
     parts = _top_level(ins.shape)  # copy-start: (destination, source alias, context)
+    if ins.opcode == "slice-start":  # ((source), destination, context)
+        parts = [parts[1], parts[0]] if len(parts) > 1 else parts
     dst, src = parts[0], (parts[1] if len(parts) > 1 else "")
     on_chip = lambda x: bool(nbytes(x)) and not hbm_bytes(x)
-    if ins.opcode == "copy-start" and on_chip(src) and not on_chip(dst):
-        return "eviction from on-chip memory to HBM"
-    if ins.opcode == "copy-start" and on_chip(dst) and not on_chip(src):
-        return "prefetch from HBM into on-chip memory (memory-space assignment)"
-    return "layout change" if ins.opcode == "copy" else "asynchronous copy"
+    what = "slice" if ins.opcode == "slice-start" else "copy"
+    if ins.opcode != "copy" and on_chip(src) and not on_chip(dst):
+        return f"{what} from on-chip memory to HBM (eviction)"
+    if ins.opcode != "copy" and on_chip(dst) and not on_chip(src):
+        return f"{what} from HBM into on-chip memory (memory-space assignment prefetch)"
+    return "layout change" if ins.opcode == "copy" else f"asynchronous {what}"
 
 
 def classify(ins: Instr, comps: dict[str, Computation], loop_op_name: str
@@ -400,7 +405,7 @@ def classify(ins: Instr, comps: dict[str, Computation], loop_op_name: str
         op_name, named_by = _fused_op_name(ins, comps), "fused ops"
     if not op_name:
         op_name, named_by = loop_op_name, "loop" if loop_op_name else ""
-    if named_by in ("loop", "") and ins.opcode in ("copy", "copy-start"):
+    if named_by in ("loop", "") and ins.opcode in ("copy", "copy-start", "slice-start"):
         op_name += f" [XLA {ins.opcode}: {_copy_kind(ins)}]"
     part = part_of(op_name)
     inner = set().union(*(_inner_opcodes(c, comps) for _, c in ins.callees())) \
@@ -526,7 +531,7 @@ NO_COMPUTE_TARGETS = {
     "AsyncCollectiveDone", "GatherScatterIndicesBitpacked", "Sharding", "SPMDFullToShardShape",
     "SPMDShardToFullShape", "MoveToHost", "MoveToDevice", "PadToStatic", "SliceToDynamic",
     "xla_python_cpu_callback", "xla_ffi_python_cpu_callback", "annotate_device_placement",
-}
+} | VIEW_TARGETS
 _TARGET = re.compile(r'custom_call_target="([^"]*)"')
 _COST_FLOPS = re.compile(r'"cost_estimate"\s*:\s*\{[^{}]*"flops"\s*:\s*"?(\d+)')
 
@@ -583,6 +588,8 @@ def _operand_bytes(ins: Instr, k: int, shapes: dict[str, str], comps, size=hbm_b
     full = size(shapes.get(ins.operands[k], ""))
     if ins.opcode in SLICERS and k == 0:
         return min(full, nbytes(ins.shape))
+    if ins.opcode == "slice-start":  # ((operand), slice, context): an asynchronous slice
+        return min(full, nbytes(_top_level(ins.shape)[1]))
     if ins.opcode == "dynamic-update-slice" and k == 0:
         return 0.0
     if ins.opcode != "fusion":
@@ -624,7 +631,7 @@ def _users_through_bitcasts(comp: Computation, name: str) -> list[Instr]:
 # the output (copy-start: (destination, source, context); all-gather-start / collective-permute-
 # start / async-start: (operands, output, ...)). all-reduce-start returns its outputs only.
 ASYNC_RESULT = {"copy-start": 0, "all-gather-start": 1, "collective-permute-start": 1,
-                "async-start": 1}
+                "async-start": 1, "slice-start": 1}
 
 
 def _result_bytes(ins: Instr, comps, size=hbm_bytes) -> float:
@@ -634,8 +641,8 @@ def _result_bytes(ins: Instr, comps, size=hbm_bytes) -> float:
         return 0.0 if not size(ins.shape) else nbytes(
             _shape_of(ins.operands[1], ins.computation, comps))
     if ins.opcode in ASYNC_RESULT:  # the tuple repeats the operands: only the output is new
-        parts = _top_level(ins.shape)
-        return size(parts[ASYNC_RESULT[ins.opcode]] if len(parts) > 1 else ins.shape)
+        elems = _top_level(ins.shape)
+        return size(elems[ASYNC_RESULT[ins.opcode]] if len(elems) > 1 else ins.shape)
     if ins.opcode != "fusion":
         return size(ins.shape)
     inner = comps.get(dict(ins.callees()).get("calls", ""))
@@ -736,7 +743,7 @@ def analyze(text: str, weight_shapes: set | frozenset = frozenset()) -> Anatomy:
         c = comps[name]
         shapes = {i.name: i.shape for i in c.instrs}
         for ins in c.instrs:
-            if ins.opcode in FREE:
+            if ins.opcode in FREE or custom_call_target(ins) in VIEW_TARGETS:
                 continue
             fl = _instr_flops(ins, shapes, comps, memo)
             by = sum(_operand_bytes(ins, k, shapes, comps) for k in range(len(ins.operands)))
