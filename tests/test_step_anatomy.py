@@ -351,3 +351,29 @@ def test_step_anatomy_script_on_the_tiny_model(tmp_path):
     assert r["collectives"]["all-gather"]["count"] > 0  # FSDP gathers the weights
     assert r["roofline"]["v5e"]["global_s"] >= r["hlo_flops"] / CHIPS["v5e"][0]
     assert os.path.getsize(out) > 0 and r["top_kernels"]
+
+
+@pytest.mark.slow  # four CPU compiles of the step (811 s on a loaded 2-core machine); the
+# one-compile case (room for no remat) runs in test_train_aot's tiny v5e:2x2 compile
+def test_remat_auto_takes_the_least_recomputation_that_fits():
+    """tiny-qwen2 on two CPU devices: with room, no remat (one compile); with a budget just
+    under that peak, the next policy whose compiled peak fits; with none, a clear error."""
+    from mini_internvl_jax.configlib import ConfigError
+    from mini_internvl_jax.sharding import make_mesh
+    from mini_internvl_jax.train.aot import choose_remat
+    from mini_internvl_jax.train.config import train_config_from_dict
+
+    cfg = train_config_from_dict({
+        "model": "tiny-qwen2", "batch_size": 4, "seq_len": 64, "max_tiles": 4,
+        "synthetic": {"tiles_per_sample": 1}, "packed": False,
+        "compute": {"attention_impl": "xla", "remat": "auto"},
+        "mesh": {"data": 1, "fsdp": -1, "tensor": 1}})
+    mesh = make_mesh(1, -1, 1, jax.devices("cpu")[:2])
+    chosen, *_, tried = choose_remat(cfg, mesh, budget=float("inf"))
+    assert chosen.compute.remat == "none" and [p for p, _ in tried] == ["none"]
+    budget = tried[0][1] - 1
+    chosen, *_, tried = choose_remat(cfg, mesh, budget=budget)
+    assert [p for p, _ in tried][0] == "none" and chosen.compute.remat == tried[-1][0]
+    assert tried[-1][1] <= budget < min(b for _, b in tried[:-1])
+    with pytest.raises(ConfigError, match="remat auto: no policy fits 0.00 GiB per device"):
+        choose_remat(cfg, mesh, budget=1.0)

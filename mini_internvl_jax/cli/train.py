@@ -17,7 +17,7 @@ import jax
 
 from mini_internvl_jax.configlib import ConfigError
 from mini_internvl_jax.errors import EXIT_USER_ERROR, report_user_error
-from mini_internvl_jax.train.aot import compile_for_topology, format_report
+from mini_internvl_jax.train.aot import compile_for_topology, format_report, resolve_remat
 from mini_internvl_jax.train.cluster import multihost_reason
 from mini_internvl_jax.train.config import load_train_config
 from mini_internvl_jax.train.stopping import exit_code
@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     maybe_initialize_distributed(cfg.distributed, args)
     try:
+        cfg = resolve_remat(cfg)  # remat auto: compile, keep the first policy that fits
         result = run(cfg, allow_config_change=args.allow_config_change)
     except KeyboardInterrupt:  # Ctrl-C before the step loop: nothing to save yet
         print("interrupted before training started; nothing saved", file=sys.stderr)

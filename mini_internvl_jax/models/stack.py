@@ -57,7 +57,8 @@ class LayerStack(nnx.Module):
         """
         n = self.num_layers if num_layers is None else num_layers
         if remat not in CHECKPOINT_POLICIES:
-            raise ValueError(f"remat {remat!r} is not one of {list(CHECKPOINT_POLICIES)}")
+            hint = " (the trainer resolves auto before the model runs)" if remat == "auto" else ""
+            raise ValueError(f"remat {remat!r} is not one of {list(CHECKPOINT_POLICIES)}{hint}")
 
         def apply(graphdef, state, h, xs):
             return nnx.merge(graphdef, state)(h, xs, **kwargs)

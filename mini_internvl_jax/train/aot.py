@@ -12,8 +12,10 @@ bandwidth, not ICI, has to carry.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import re
 
 import jax
 import numpy as np
@@ -67,15 +69,109 @@ def dcn_for(cfg: TrainConfig, num_slices: int) -> DcnConfig:
     return dcn
 
 
+# Usable HBM per chip by device kind (Google Cloud TPU documentation), for topologies whose
+# compile-only devices cannot report it. A real device's own limit (memory_stats) comes first.
+HBM_GIB = {"TPU v5 lite": 15.75, "TPU v5": 95.0, "TPU v6 lite": 31.25, "TPU v4": 31.25}
+# Remat policies from the least recomputation to the most: `remat: auto` takes the first whose
+# compiled step fits the chip.
+REMAT_ORDER = ("none", "save_dots", "full")
+
+
+def hbm_budget(device) -> float:
+    """Bytes of memory one device offers a program, or raise when nobody knows."""
+    stats = getattr(device, "memory_stats", lambda: None)
+    try:
+        limit = (stats() or {}).get("bytes_limit")
+    except Exception:  # compile-only topology devices have no runtime to ask
+        limit = None
+    if limit:
+        return float(limit)
+    if device.device_kind in HBM_GIB:
+        return HBM_GIB[device.device_kind] * GIB
+    raise ConfigError(f"remat auto: the memory of a {device.device_kind!r} device is unknown; "
+                      f"set compute.remat to one of {list(REMAT_ORDER)}")
+
+
+def peak_bytes(compiled) -> float:
+    """XLA's per-device peak estimate of a compiled program."""
+    mem = compiled.memory_analysis()
+    return float(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                 - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+                 + mem.generated_code_size_in_bytes)
+
+
+def _compile_step(cfg: TrainConfig, mesh, model_cfg):
+    s = build_abstract(cfg, mesh, model_cfg)
+    batch = s.batch_abstract()
+    with jax.set_mesh(mesh):
+        compiled = s.step_fn.lower(s.state, s.frozen, s.rest, batch).compile()
+    return s, batch, compiled
+
+
+def choose_remat(cfg: TrainConfig, mesh, model_cfg=None, budget: float | None = None):
+    """(cfg with the chosen policy, its setup, batch and compiled step, [(policy, peak bytes)]
+    tried): the first policy of REMAT_ORDER whose compiled step fits `budget` bytes per device
+    (default: the mesh's device memory). Compiling stops at the first that fits."""
+    model_cfg = model_cfg or build_model_config(cfg)
+    budget = hbm_budget(mesh.devices.flat[0]) if budget is None else budget
+    tried: list[tuple[str, float]] = []
+    for policy in REMAT_ORDER:
+        c = dataclasses.replace(cfg, compute=cfg.compute.replace(remat=policy))
+        try:
+            s, batch, compiled = _compile_step(c, mesh, model_cfg)
+        except Exception as e:  # XLA:TPU refuses to compile a program that overflows HBM
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            tried.append((policy, _required_bytes(str(e))))
+            continue
+        tried.append((policy, peak_bytes(compiled)))
+        if tried[-1][1] <= budget:
+            return c, s, batch, compiled, tried
+    raise ConfigError("remat auto: no policy fits " + f"{budget / GIB:.2f} GiB per device ("
+                      + ", ".join(f"{p} {b / GIB:.2f} GiB" for p, b in tried)
+                      + "): lower batch_size or seq_len, or shard over more chips")
+
+
+def _required_bytes(message: str) -> float:
+    """What an out-of-memory compile error says the program needs (at least), else inf."""
+    m = re.search(r"required for [\w ]+\(([\d.]+)([KMGT])\)", message)
+    if m is None:
+        return float("inf")
+    return float(m.group(1)) * 1024.0 ** "KMGT".index(m.group(2)) * 1024
+
+
+def format_choice(tried: list[tuple[str, float]], budget: float | None = None) -> str:
+    return ("remat auto -> " + tried[-1][0] + " (compiled peak per device: "
+            + ", ".join(f"{p} {b / GIB:.2f} GiB" for p, b in tried)
+            + ("" if budget is None else f"; budget {budget / GIB:.2f} GiB") + ")")
+
+
+def resolve_remat(cfg: TrainConfig, devices=None) -> TrainConfig:
+    """`cfg` with `compute.remat: auto` replaced by the chosen policy (printed), for a run on
+    `devices` (default: this process's); any other policy is returned as it is."""
+    if cfg.compute.remat != "auto":
+        return cfg
+    devices = jax.devices() if devices is None else devices
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices,
+                     dcn=cfg.mesh.dcn.sizes)
+    budget = hbm_budget(devices[0])
+    chosen, *_, tried = choose_remat(cfg, mesh, budget=budget)
+    print(format_choice(tried, budget), flush=True)
+    return chosen
+
+
 def compile_for_topology(cfg: TrainConfig, topology: str, num_slices: int = 1) -> dict:
     dcn = dcn_for(cfg, num_slices)
     devices = topology_devices(topology, num_slices)
     model_cfg = build_model_config(cfg)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices, dcn=dcn.sizes)
-    s = build_abstract(cfg, mesh, model_cfg)
-    batch = s.batch_abstract()
-    with jax.set_mesh(mesh):
-        compiled = s.step_fn.lower(s.state, s.frozen, s.rest, batch).compile()
+    remat_choice = ""
+    if cfg.compute.remat == "auto":
+        budget = hbm_budget(devices[0])
+        cfg, s, batch, compiled, tried = choose_remat(cfg, mesh, model_cfg, budget)
+        remat_choice = format_choice(tried, budget)
+    else:
+        s, batch, compiled = _compile_step(cfg, mesh, model_cfg)
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -96,6 +192,7 @@ def compile_for_topology(cfg: TrainConfig, topology: str, num_slices: int = 1) -
         "model": model_cfg.name, "stage": cfg.stage,
         "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "tiles_per_step": tiles,
         "grad_accum": cfg.optim.grad_accum, "remat": cfg.compute.remat,
+        "remat_choice": remat_choice,
         "dtype": cfg.compute.dtype, "param_dtype": cfg.compute.param_dtype,
         "trainable_gib": per_device_bytes(s.state.params) / GIB,
         "frozen_gib": per_device_bytes(s.frozen) / GIB,
@@ -126,6 +223,7 @@ def format_report(r: dict) -> str:
         f"model {r['model']}, stage {r['stage']}, batch {r['batch_size']} x {r['seq_len']} "
         f"tokens, {r['tiles_per_step']} tiles/step, grad_accum {r['grad_accum']}, remat "
         f"{r['remat']}, compute {r['dtype']}, params {r['param_dtype']}",
+        *([r["remat_choice"]] if r.get("remat_choice") else []),
         "per chip (GiB):",
         f"  trainable params   {r['trainable_gib']:9.3f}",
         f"  frozen params      {r['frozen_gib']:9.3f}",
