@@ -48,7 +48,8 @@ def test_tiny_step_compiles_for_v5e_2x2_with_fsdp():
     assert r["optimizer_gib"] == pytest.approx(2 * r["trainable_gib"], rel=1e-3)  # mu, nu
     assert r["temporaries_gib"] > 0 and r["peak_gib"] >= r["arguments_gib"]
     report = format_report(r)
-    assert "per chip" in report and "v5e: " in report and "remat auto -> none" in report and "ms kernel by kernel" in report
+    assert "per chip" in report and "remat auto -> none" in report
+    assert "v5e: " in report and "ms kernel by kernel" in report
     # the roofline: no kernel overlaps another, so their sum bounds the whole step from above
     t = r["roofline"]["v5e"]
     assert t["per_kernel_s"] >= t["global_s"] >= r["hlo_flops_per_chip"] / 197e12 > 0

@@ -334,7 +334,8 @@ _PARTS = ((SCOPE_OPTIMIZER, "optimizer"), (SCOPE_CAST, "weight_cast"),
 _PART_CATEGORY = {"embed_head_loss": "embedding + LM head + loss",
                   "optimizer": "optimizer update", "weight_cast": "weight casts"}
 # Instructions that only move or view data: a kernel made of nothing else is a copy.
-MOVEMENT = {"copy", "copy-start", "copy-done", "slice-start", "transpose", "reshape", "bitcast", "broadcast",
+MOVEMENT = {"copy", "copy-start", "copy-done", "slice-start", "transpose", "reshape", "bitcast",
+            "broadcast",
             "slice", "dynamic-slice", "dynamic-update-slice", "concatenate", "pad", "reverse",
             "parameter", "tuple", "get-tuple-element", "constant", "iota"}
 _COLLECTIVE_OPS = set(COLLECTIVES) | {"reduce-scatter", "all-gather-done", "all-reduce-done",
