@@ -530,7 +530,8 @@ def _conv_flops(ins: Instr, shapes: dict[str, str], out_dims: tuple[int, ...]) -
 NO_COMPUTE_TARGETS = {
     "AllocateBuffer", "AssumeGatherIndicesInBound", "AsyncCollectiveStart",
     "AsyncCollectiveDone", "GatherScatterIndicesBitpacked", "SliceId", "Sharding",
-    "SPMDFullToShardShape", "SPMDShardToFullShape", "MoveToHost", "MoveToDevice", "PadToStatic", "SliceToDynamic",
+    "SPMDFullToShardShape", "SPMDShardToFullShape", "MoveToHost", "MoveToDevice",
+    "PadToStatic", "SliceToDynamic",
     "xla_python_cpu_callback", "xla_ffi_python_cpu_callback", "annotate_device_placement",
 } | VIEW_TARGETS
 _TARGET = re.compile(r'custom_call_target="([^"]*)"')
