@@ -531,7 +531,7 @@ NO_COMPUTE_TARGETS = {
     "AllocateBuffer", "AssumeGatherIndicesInBound", "AsyncCollectiveStart",
     "AsyncCollectiveDone", "GatherScatterIndicesBitpacked", "SliceId", "Sharding",
     "SPMDFullToShardShape", "SPMDShardToFullShape", "MoveToHost", "MoveToDevice",
-    "PadToStatic", "SliceToDynamic",
+    "PadToStatic", "SliceToDynamic", "PrepareAsyncCallStart", "PrepareAsyncCallDone",
     "xla_python_cpu_callback", "xla_ffi_python_cpu_callback", "annotate_device_placement",
 } | VIEW_TARGETS
 _TARGET = re.compile(r'custom_call_target="([^"]*)"')
