@@ -28,9 +28,19 @@ class UserError(Exception):
     """A mistake the user can fix; the message names the file or field and what was expected."""
 
 
+class MissingDependencyError(UserError, ModuleNotFoundError):
+    """An optional package a feature needs is not installed; the message says what to install."""
+
+
 def _first_line(text: str, limit: int = 400) -> str:
     line = text.strip().splitlines()[0] if text.strip() else ""
     return line if len(line) <= limit else line[:limit] + " ..."
+
+
+def first_line(e: BaseException | None, limit: int = 300) -> str:
+    """TensorStore errors carry a multi-kilobyte spec; the first part says what went wrong."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def disk_error(e: BaseException, where: str | None = None) -> str | None:
@@ -60,16 +70,6 @@ def user_error(e: BaseException) -> str | None:
                   | IsADirectoryError | PermissionError):
         return _first_line(str(e))
     return None
-
-
-def report_user_error(e: BaseException) -> int:
-    """Prints the one `error:` line of a mistake the user can fix and returns the exit code;
-    a bug is re-raised with its traceback. For the commands' `except Exception` clauses."""
-    line = user_error(e)
-    if line is None:
-        raise e
-    print(f"error: {line}", file=sys.stderr)
-    return EXIT_USER_ERROR
 
 
 def silence_abandoned_reads() -> None:
