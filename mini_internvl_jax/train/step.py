@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 from mini_internvl_jax import placement  # noqa: F401  (registers Batch as a pytree)
 from mini_internvl_jax.batch import IGNORE_INDEX, Batch
 from mini_internvl_jax.models import lora
+from mini_internvl_jax.models.stack import SCOPE_CAST, SCOPE_HEAD, SCOPE_OPTIMIZER
 from mini_internvl_jax.sharding import data_group_axis, vmapped_axes
 from mini_internvl_jax.train.loss import cross_entropy_sums
 from mini_internvl_jax.train.state import TrainState
@@ -94,8 +95,9 @@ def make_grads_fn(graphdef, *, loss_chunk: int, drop_path: bool, lora_dropout: b
                                            dropout_key=key if drop_path else None).hidden
         llm = model.llm
         head = llm.embed_tokens[...].T if llm.lm_head is None else llm.lm_head[...]
-        ce, w, correct = cross_entropy_sums(hidden, micro.labels, micro.loss_weights, head,
-                                            chunk=loss_chunk, dtype=llm.dtype)
+        with jax.named_scope(SCOPE_HEAD):
+            ce, w, correct = cross_entropy_sums(hidden, micro.labels, micro.loss_weights, head,
+                                                chunk=loss_chunk, dtype=llm.dtype)
         return ce / total_w, (ce, w, correct)
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -154,22 +156,26 @@ def make_step_fn(graphdef, tx: optax.GradientTransformation, schedule: optax.Sch
                             batch.loss_weights.astype(jnp.float32))
         total_w = jnp.sum(weights)
         safe_w = jnp.where(total_w > 0, total_w, 1.0)
-        grads, (ce, w, correct) = grads_fn(
-            compute_copy(state.params, compute_dtype), compute_copy(state.frozen, compute_dtype),
-            state.rest, batch, safe_w, step_key)
-        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-        loss = ce / safe_w
-        grad_norm = optax.tree.norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
+        with jax.named_scope(SCOPE_CAST):
+            params = compute_copy(state.params, compute_dtype)
+            frozen = compute_copy(state.frozen, compute_dtype)
+        grads, (ce, w, correct) = grads_fn(params, frozen, state.rest, batch, safe_w, step_key)
+        with jax.named_scope(SCOPE_OPTIMIZER):
+            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+            loss = ce / safe_w
+            grad_norm = optax.tree.norm(grads)
+            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            updates, new_opt = tx.update(grads, state.opt_state, state.params)
+            new_params = optax.apply_updates(state.params, updates)
 
-        def keep(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+            def keep(new, old):
+                return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+            new_params, new_opt = keep(new_params, state.params), keep(new_opt, state.opt_state)
 
         applied = state.step - state.skipped
         new_state = TrainState(
-            params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
+            params=new_params, opt_state=new_opt,
             step=state.step + 1, rng=state.rng,
             bad_steps=jnp.where(ok, 0, state.bad_steps + 1).astype(jnp.int32),
             skipped=(state.skipped + (~ok).astype(jnp.int32)).astype(jnp.int32),
