@@ -127,7 +127,7 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"one question (quoted) after the overrides, got {len(question)} "
                          f"words: {question}")
     if not 1 <= args.num_frames <= MAX_NUM_FRAMES:
-        raise UsageError(f"--num-frames must be from 1 to {MAX_NUM_FRAMES}, got "
+        raise UsageError(f"--num-frames must be >= 1 and <= {MAX_NUM_FRAMES}, got "
                          f"{args.num_frames}")
     try:
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
