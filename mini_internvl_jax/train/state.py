@@ -34,6 +34,7 @@ class TrainState(Generic[Leaf]):
     rng: Leaf              # uint32 key data; step keys are fold_in(rng, step)
     bad_steps: Leaf        # int32: consecutive non-finite steps
     skipped: Leaf          # int32: non-finite steps in total
+    extra: Any = None      # a training objective's own state (MPO: BCO's running reward mean)
 
 
 def trainable_filter(frozen_components: frozenset[str]):
@@ -67,11 +68,12 @@ def tree_shardings(tree, mesh: Mesh):
     return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def train_state_shardings(params, opt_state, mesh: Mesh) -> TrainState[NamedSharding]:
+def train_state_shardings(params, opt_state, mesh: Mesh, extra=None
+                          ) -> TrainState[NamedSharding]:
     rep = NamedSharding(mesh, P())
     return TrainState(params=tree_shardings(params, mesh),
                       opt_state=tree_shardings(opt_state, mesh), step=rep, rng=rep,
-                      bad_steps=rep, skipped=rep)
+                      bad_steps=rep, skipped=rep, extra=jax.tree.map(lambda _: rep, extra))
 
 
 def abstract_like(tree, shardings):
