@@ -17,6 +17,9 @@ Besides the training-batch fields a preference micro-batch carries (P = pairs pe
                                 each image-context token, -1 elsewhere
   ref_logps     float32 [P, 2]  the reference model's (chosen, rejected) log-probs when they
                                 were precomputed (`ref_logps` on the pair), else 0
+
+and, host-side only, `pair_meta` (source, line) of each placed pair (the reference pass keys
+the stored log-probs by it).
 """
 
 from __future__ import annotations
@@ -181,7 +184,9 @@ def _build_segments(b: PairBatchBuilder, pairs: list[list[Any]]) -> dict[str, np
     if n_ctx != n_shared or (n_ctx and vidx.max() >= g.num_image_tokens * int(
             out["tile_flags"].sum())):
         raise DataError("preference batch: image-context tokens do not match the pairs' tiles")
-    out.update(pair_slot=slot, vision_index=vidx, ref_logps=ref)
+    meta = [(pair.source, pair.line) for row in pairs for pair in row]
+    out.update(pair_slot=slot, vision_index=vidx, ref_logps=ref,
+               pair_meta=np.array(meta, dtype=object).reshape(len(meta), 2))
     return out
 
 

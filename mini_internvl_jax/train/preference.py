@@ -49,6 +49,9 @@ class PreferenceConfig:
     # Where the reference log-probs come from: a frozen copy of the initial model whose forward
     # runs inside the step ("model"), or a first pass stored beside the data ("precomputed").
     reference: str = "model"
+    # Where precomputed reference log-probs are stored (JSON); null = ref_logps.json beside
+    # data.meta_path. Computed by a first pass when missing.
+    ref_logps_path: str | None = None
 
     def __post_init__(self):
         check(len(self.loss_types) > 0, "preference.loss_types", "must name at least one loss")

@@ -12,12 +12,13 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from mini_internvl_jax.batch import BATCH_DTYPES, batch_shardings
+from mini_internvl_jax.batch import batch_shardings
 from mini_internvl_jax.config import ModelConfig
 from mini_internvl_jax.configlib import ConfigError
 from mini_internvl_jax.models import InternVLModel
 from mini_internvl_jax.models.lora import apply_lora
 from mini_internvl_jax.sharding import create_sharded_model
+from mini_internvl_jax.train import preference_run
 from mini_internvl_jax.train.batches import global_shapes
 from mini_internvl_jax.train.config import TrainConfig, build_model_config
 from mini_internvl_jax.train.optim import make_optimizer, make_schedule
@@ -51,8 +52,10 @@ class Setup:
     batch_sh: dict
 
     def batch_abstract(self) -> dict:
-        shapes = global_shapes(self.cfg, self.model_cfg)
-        return {k: jax.ShapeDtypeStruct(s, BATCH_DTYPES[k], sharding=self.batch_sh[k])
+        shapes = (global_shapes if self.cfg.preference is None
+                  else preference_run.global_shapes)(self.cfg, self.model_cfg)
+        dtypes = preference_run.batch_dtypes()
+        return {k: jax.ShapeDtypeStruct(s, dtypes[k], sharding=self.batch_sh[k])
                 for k, s in shapes.items()}
 
 
@@ -83,20 +86,31 @@ def _finish(cfg, model_cfg, mesh, graphdef, trainable, frozen, rest, *, abstract
     tx = make_optimizer(cfg.optim, cfg.total_steps, trainable)
     schedule = make_schedule(cfg.optim, cfg.total_steps)
     abs_state = abstract_train_state(trainable, tx, cfg.seed)
-    state_sh = train_state_shardings(trainable, abs_state.opt_state, mesh)
+    if cfg.preference is not None:
+        abs_state.extra = preference_run.abstract_state_extra()
+    state_sh = train_state_shardings(trainable, abs_state.opt_state, mesh, abs_state.extra)
     frozen_sh, rest_sh = tree_shardings(frozen, mesh), tree_shardings(rest, mesh)
     batch_sh = batch_shardings(mesh, global_shapes(cfg, model_cfg))
-    step_fn = jit_step(
-        make_step_fn(graphdef, tx, schedule, loss_chunk=cfg.loss_chunk,
-                     drop_path=model_cfg.vision.drop_path_rate > 0,
-                     lora_dropout=cfg.lora.rank > 0 and cfg.lora.dropout > 0,
-                     packed=cfg.packed, compute_dtype=cfg.model_compute.dtype),
-        mesh, state_sh, frozen_sh, rest_sh, batch_sh)
+    if cfg.preference is not None:
+        batch_sh = preference_run.batch_shardings(
+            mesh, preference_run.global_shapes(cfg, model_cfg))
+        step_fn = preference_run.build_step(cfg, model_cfg, mesh, graphdef, tx, schedule,
+                                            trainable, state_sh, frozen_sh, rest_sh, batch_sh,
+                                            abstract=abstract)
+    else:
+        step_fn = jit_step(
+            make_step_fn(graphdef, tx, schedule, loss_chunk=cfg.loss_chunk,
+                         drop_path=model_cfg.vision.drop_path_rate > 0,
+                         lora_dropout=cfg.lora.rank > 0 and cfg.lora.dropout > 0,
+                         packed=cfg.packed, compute_dtype=cfg.model_compute.dtype),
+            mesh, state_sh, frozen_sh, rest_sh, batch_sh)
     if abstract:
         state = abstract_like(abs_state, state_sh)
         frozen, rest = abstract_like(frozen, frozen_sh), abstract_like(rest, rest_sh)
     else:
         state = init_train_state(trainable, tx, mesh, cfg.seed)
+        if cfg.preference is not None:
+            state.extra = preference_run.initial_state_extra(mesh)
     return Setup(cfg, model_cfg, mesh, graphdef, state, frozen, rest, tx, schedule, step_fn,
                  state_sh, frozen_sh, rest_sh, batch_sh)
 

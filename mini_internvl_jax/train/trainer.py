@@ -28,6 +28,7 @@ from flax import nnx
 from mini_internvl_jax import configlib, fileio
 from mini_internvl_jax.batch import to_global
 from mini_internvl_jax.configlib import ConfigError
+from mini_internvl_jax.train import preference_run
 from mini_internvl_jax.train import setup as setup_lib
 from mini_internvl_jax.train.batches import make_iterator, next_step_batch
 from mini_internvl_jax.train.checkpoint import Checkpointer, CheckpointError
@@ -184,6 +185,8 @@ def _run(cfg: TrainConfig, devices, stop_after: int | None, allow_config_change:
             fileio.check_creatable(folder)
     s = setup_lib.build(cfg, mesh, model_cfg, init_params=init)
     state, frozen, rest = s.state, s.frozen, s.rest
+    if preference_run.needs_reference_pass(cfg):  # stores the reference log-probs, then reads
+        iterator = FirstBatchReady(preference_run.reference_pass(cfg, model_cfg, s))
     ckpt = None
     if cfg.checkpoint.dir is not None:
         ckpt = Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep,
@@ -223,7 +226,8 @@ def _run(cfg: TrainConfig, devices, stop_after: int | None, allow_config_change:
         trainable, frozen = split_params(out["params"], cfg.frozen_components)[:2]
         t = out["train"]
         state = TrainState(params=trainable, opt_state=t["opt_state"], step=t["step"],
-                           rng=t["rng"], bad_steps=t["bad_steps"], skipped=t["skipped"])
+                           rng=t["rng"], bad_steps=t["bad_steps"], skipped=t["skipped"],
+                           extra=t.get("extra"))
     result = RunResult(final_step=start)
     primary = jax.process_index() == 0
     if start >= cfg.total_steps and primary:
@@ -329,4 +333,4 @@ def _run(cfg: TrainConfig, devices, stop_after: int | None, allow_config_change:
 
 def _scalars(state: TrainState) -> dict:
     return {"step": state.step, "rng": state.rng, "bad_steps": state.bad_steps,
-            "skipped": state.skipped}
+            "skipped": state.skipped, **({} if state.extra is None else {"extra": state.extra})}
