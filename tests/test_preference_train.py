@@ -78,3 +78,33 @@ def test_mpo_demo_raises_reward_accuracy_above_chance(demo):
     acc = _pick(run, "accuracy")
     assert acc[:2].max() == 0.0  # policy = reference: no margin yet
     assert acc[-12:].mean() > 0.65, acc
+
+
+def test_shards_and_validator_accept_preference_pairs(demo, tmp_path):
+    from mini_internvl_jax.data.config import DataConfig
+    from mini_internvl_jax.data.shards import build_shards
+    from mini_internvl_jax.data.sources import open_source, read_meta
+    from mini_internvl_jax.data.validate import validate_dataset
+
+    rows = [json.loads(x) for x in (demo / "mpo" / "pairs.jsonl").read_text().splitlines()]
+    build_shards(demo / "mpo_meta.json", tmp_path / "shards", progress=False)
+    [spec] = read_meta(tmp_path / "shards" / "meta.json")
+    src = open_source(spec)
+    recs = [src.read(i) for i in range(len(src))]
+    assert [(r.conversations[0]["value"], r.conversations[1]["value"], r.rejected)
+            for r in recs] == [(x["question"], x["chosen"], x["rejected"]) for x in rows]
+    assert all(len(r.images) == 1 and isinstance(r.images[0], bytes) for r in recs)
+
+    cfg = DataConfig(meta_path="unused", template="Hermes-2", max_dynamic_patch=2)
+    kw = dict(tokenizer=str(demo / "tokenizers" / "qwen2"), image_size=56, num_image_tokens=4,
+              max_tiles=8, progress=False)
+    assert validate_dataset(tmp_path / "shards", cfg, seq_len=256, **kw).ok
+    # A rejected answer too long for seq_len is reported, not only the chosen one.
+    (demo / "bad").mkdir(exist_ok=True)
+    long = dict(rows[0], rejected=" ".join(["word"] * 400))
+    (demo / "bad" / "pairs.jsonl").write_text(json.dumps(long) + "\n")
+    meta = json.loads((demo / "mpo_meta.json").read_text())
+    meta["demo_pairs"]["annotation"] = "bad/pairs.jsonl"
+    (demo / "bad_meta.json").write_text(json.dumps(meta))
+    report = validate_dataset(demo / "bad_meta.json", cfg, seq_len=256, **kw)
+    assert report.checked == 1 and (report.truncated or report.rejected)

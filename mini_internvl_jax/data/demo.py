@@ -277,7 +277,7 @@ def preference_pairs(qa: list[dict], seed: int) -> list[dict]:
     different answer taken from another sample as `rejected` (own stream: the other files do
     not change)."""
     rng = np.random.default_rng([seed, 7])
-    pairs = []
+    pairs: list[dict] = []
     for k, item in enumerate(qa):
         q, a = (t["value"] for t in item["conversations"][:2])
         other = qa[(k + 1 + int(rng.integers(max(len(qa) - 1, 1)))) % len(qa)]

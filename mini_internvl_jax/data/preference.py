@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, cast
 
 import grain
 import jax
@@ -140,12 +140,13 @@ class PairBatchBuilder(BatchBuilder):
     def build(self) -> dict[str, np.ndarray]:
         g = self.geom
         assert g.max_samples_per_row is not None
-        flat_rows = [[s for p in row for s in (p.chosen, p.rejected)] for row in self.rows]
-        pairs, self.rows = self.rows, flat_rows  # the base class lays out the segments
+        pairs = cast(list[list[PairSample]], self.rows)
+        # The base class lays out the segments: each answer is one.
+        self.rows = [[s for p in row for s in (p.chosen, p.rejected)] for row in pairs]
         try:
             out = _build_segments(self, pairs)
         finally:
-            self.rows = pairs
+            self.rows = cast(list[list[Sample]], pairs)
         return out
 
 

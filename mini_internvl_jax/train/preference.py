@@ -79,7 +79,7 @@ class RunningMean(NamedTuple):
     """trl's RunningMoments restricted to what BCO reads (the mean); float32 scalars."""
 
     mean: jax.Array
-    count: jax.Array
+    n: jax.Array  # values seen (trl's `count`)
 
 
 def init_running() -> RunningMean:
@@ -89,7 +89,7 @@ def init_running() -> RunningMean:
 
 def update_running(run: RunningMean, x: jax.Array) -> RunningMean:
     """One update with a single value (what trl does with the micro-batch's mean reward)."""
-    total = run.count + 1.0
+    total = run.n + 1.0
     return RunningMean(run.mean + (x - run.mean) / total, total)
 
 

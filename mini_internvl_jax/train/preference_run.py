@@ -193,12 +193,10 @@ def needs_reference_pass(cfg: TrainConfig) -> bool:
             and not ref_logps_path(cfg).exists())
 
 
-def reference_pass(cfg: TrainConfig, model_cfg, s):
+def reference_pass(cfg: TrainConfig, model_cfg, s, rows: int, tiles: int):
     """Precomputes the reference log-probs with the freshly initialised setup `s` (before any
-    step), then returns the training iterator that reads them."""
-    from mini_internvl_jax.train.batches import local_geometry
-
-    rows, tiles = local_geometry(cfg)
+    step), then returns the training iterator (this host's `rows` and `tiles`) that reads
+    them."""
     precompute_reference(cfg, model_cfg, s.mesh, s.graphdef, s.state.params, s.frozen, s.rest,
                          rows=rows, tiles=tiles)
     return make_iterator(cfg, model_cfg, rows=rows, tiles=tiles,

@@ -30,7 +30,7 @@ from mini_internvl_jax.batch import to_global
 from mini_internvl_jax.configlib import ConfigError
 from mini_internvl_jax.train import preference_run
 from mini_internvl_jax.train import setup as setup_lib
-from mini_internvl_jax.train.batches import make_iterator, next_step_batch
+from mini_internvl_jax.train.batches import local_geometry, make_iterator, next_step_batch
 from mini_internvl_jax.train.checkpoint import Checkpointer, CheckpointError
 from mini_internvl_jax.train.checkpoint import run_meta as _run_meta
 from mini_internvl_jax.train.compile_cache import CacheStats, cache_dir, persistent_cache
@@ -186,7 +186,8 @@ def _run(cfg: TrainConfig, devices, stop_after: int | None, allow_config_change:
     s = setup_lib.build(cfg, mesh, model_cfg, init_params=init)
     state, frozen, rest = s.state, s.frozen, s.rest
     if preference_run.needs_reference_pass(cfg):  # stores the reference log-probs, then reads
-        iterator = FirstBatchReady(preference_run.reference_pass(cfg, model_cfg, s))
+        iterator = FirstBatchReady(preference_run.reference_pass(cfg, model_cfg, s,
+                                                                 *local_geometry(cfg)))
     ckpt = None
     if cfg.checkpoint.dir is not None:
         ckpt = Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep,
