@@ -7,9 +7,9 @@ __version__ = "0.1.0"
 
 def load_pretrained(path, compute=None, *, mesh=None, **kwargs):
     """Model from a training run, a converted folder or a Hugging Face InternVL folder under
-    `compute` (a ComputeConfig; None keeps the stored dtype and layout); see convert/resolve.py.
+    `compute` (a ComputeConfig; None keeps the stored dtype and layout); see checkpoints/resolve.py.
     Imported on first use so `import mini_internvl_jax` stays light (no torch/orbax)."""
-    from mini_internvl_jax.convert.resolve import load_pretrained as _load
+    from mini_internvl_jax.checkpoints.resolve import load_pretrained as _load
 
     return _load(path, compute, mesh=mesh, **kwargs)
 

@@ -4,7 +4,7 @@
 a converted folder stores it and nothing else. `ComputeConfig` (dtypes, attention kernel, layer
 scan, rematerialisation, in-graph checks) is chosen by whoever runs the model: the trainer,
 chat, evaluation or export. Values for the public checkpoints are the package's model presets
-(`mini_internvl_jax/configs/models/mini-internvl-{1b,2b,4b}.yaml`); when a checkpoint is
+(`configs/models/mini-internvl-{1b,2b,4b}.yaml`); when a checkpoint is
 converted, its own config.json wins (vocab size, rope factor lists).
 """
 

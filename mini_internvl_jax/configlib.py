@@ -12,6 +12,7 @@ import dataclasses
 import importlib.resources
 import types
 import typing
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -25,7 +26,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T", bound="DataclassInstance")
 
-# Presets ship inside the package (package data), so a non-editable install finds them too.
+# The presets live in configs/ at the repository root and install as this package's data
+# (pyproject.toml maps `mini_internvl_jax.configs` to that folder).
 PRESET_PACKAGE = "mini_internvl_jax.configs"
 PresetKind = Literal["models", "train"]
 
@@ -229,9 +231,19 @@ def read_yaml(path: str | Path) -> dict:
     return _parse_yaml(file.read_text(), str(path))
 
 
+def preset_root() -> Traversable:
+    """The presets folder: configs/ beside the package in a source checkout (so a checkout on
+    PYTHONPATH reads its own presets, not an installed copy's), else the installed package
+    data."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "configs").is_dir():
+        return checkout / "configs"
+    return importlib.resources.files(PRESET_PACKAGE)
+
+
 def preset_names(kind: PresetKind) -> list[str]:
     """The bundled presets of one kind: `models` or `train`."""
-    folder = importlib.resources.files(PRESET_PACKAGE).joinpath(kind)
+    folder = preset_root().joinpath(kind)
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
@@ -239,7 +251,7 @@ def read_preset(kind: PresetKind, name_or_path: str | Path) -> dict:
     """A bundled preset of `kind` by name (`mini-internvl-1b`, `stage2`), or a YAML file path."""
     if Path(name_or_path).suffix in (".yaml", ".yml"):
         return read_yaml(name_or_path)
-    resource = importlib.resources.files(PRESET_PACKAGE).joinpath(kind, f"{name_or_path}.yaml")
+    resource = preset_root().joinpath(kind, f"{name_or_path}.yaml")
     if not resource.is_file():
         label = "model" if kind == "models" else "training"
         raise ConfigError(f"unknown {label} preset {str(name_or_path)!r}; known {label} presets: "

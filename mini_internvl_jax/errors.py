@@ -28,9 +28,19 @@ class UserError(Exception):
     """A mistake the user can fix; the message names the file or field and what was expected."""
 
 
+class MissingDependencyError(UserError, ModuleNotFoundError):
+    """An optional package a feature needs is not installed; the message says what to install."""
+
+
 def _first_line(text: str, limit: int = 400) -> str:
     line = text.strip().splitlines()[0] if text.strip() else ""
     return line if len(line) <= limit else line[:limit] + " ..."
+
+
+def first_line(e: BaseException | None, limit: int = 300) -> str:
+    """TensorStore errors carry a multi-kilobyte spec; the first part says what went wrong."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def disk_error(e: BaseException, where: str | None = None) -> str | None:

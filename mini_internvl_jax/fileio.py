@@ -100,6 +100,13 @@ class IncompleteFolderError(UserError, OSError):
     """A folder on a store whose upload was cut off; the message names it."""
 
 
+def absolute_path(directory: str) -> epath.Path:
+    """Orbax needs absolute paths; relative local ones resolve against the working directory
+    (`gs://...` and other URLs are absolute already)."""
+    path = epath.Path(directory)
+    return path if "://" in str(directory) else epath.Path(path.absolute())
+
+
 def is_remote(path: str | os.PathLike) -> bool:
     """True for a URI (`gs://bucket/...`): a store where rename is not atomic."""
     return "://" in os.fspath(path)

@@ -184,6 +184,19 @@ def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int] | N
     return P(*out)
 
 
+def mesh_axes_of(name: str, mesh=None, rules=None) -> tuple[str, ...]:
+    """The mesh axes the rules map logical `name` to (those `mesh` has, when given)."""
+    target = logical_to_spec((name,), None, mesh, rules)[0]
+    return () if target is None else (target,) if isinstance(target, str) else tuple(target)
+
+
+def batch_shards(mesh, rules=None) -> int:
+    """Into how many shards the rules split a batch's rows on `mesh` (1 without a mesh)."""
+    if mesh is None:
+        return 1
+    return math.prod(dict(mesh.shape)[a] for a in mesh_axes_of("batch", mesh, rules))
+
+
 def param_names(variable) -> tuple | None:
     return variable.get_metadata().get("out_sharding")
 

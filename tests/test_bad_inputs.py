@@ -93,14 +93,13 @@ CASES = {
         "convert", ("--from-hf", "{hf}", "--to", "{previous}"), ("previous", "--overwrite"),
         intact=("{previous}",)),
     "convert: image_token_id=abc": Case(
-        "convert", ("--from-hf", "{hf}", "--to", "{tmp}/out", "--override",
-                    "image_token_id=abc"), ("image_token_id", "abc", "integer"),
+        "convert", ("--from-hf", "{hf}", "--to", "{tmp}/out", "image_token_id=abc"), ("image_token_id", "abc", "integer"),
         no_output=("{tmp}/out",)),
     "convert: override without =": Case(
-        "convert", ("--from-hf", "{hf}", "--to", "{tmp}/out", "--override", "template"),
+        "convert", ("--from-hf", "{hf}", "--to", "{tmp}/out", "template"),
         ("template", "key=value"), no_output=("{tmp}/out",)),
     "convert: unknown template": Case(
-        "convert", ("--from-hf", "{hf}", "--to", "{tmp}/out", "--override", "template=nope"),
+        "convert", ("--from-hf", "{hf}", "--to", "{tmp}/out", "template=nope"),
         ("template", "nope"), no_output=("{tmp}/out",)),
     "convert: NaN weights": Case("convert", ("--from-hf", "{nan_hf}", "--to", "{tmp}/out"),
                                  ("NaN", "down_proj"), no_output=("{tmp}/out",)),

@@ -59,7 +59,7 @@ def test_chat_streams_the_answer_and_stops_at_the_end_token(assets, capsys):
     assert chat.main(argv) == 0
     assert capsys.readouterr().out == expected
     # the same through parameters sharded over two devices
-    assert chat.main(["--mesh", "tensor=2"] + argv) == 0
+    assert chat.main(["mesh.tensor=2"] + argv) == 0
     assert capsys.readouterr().out == expected
 
 

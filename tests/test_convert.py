@@ -10,11 +10,11 @@ import torch
 import transformers
 
 from mini_internvl_jax import load_pretrained
+from mini_internvl_jax.checkpoints.resolve import load_pretrained_with_info
 from mini_internvl_jax.config import ComputeConfig
 from mini_internvl_jax.convert.exporter import export_to_hf
 from mini_internvl_jax.convert.importer import convert_hf_to_orbax, open_hf
 from mini_internvl_jax.convert.orbax_io import params_metadata
-from mini_internvl_jax.convert.resolve import load_pretrained_with_info
 from tests.helpers import hf_reference as ref
 from tests.helpers.checkpoints import (
     TEMPLATE,

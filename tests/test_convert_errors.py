@@ -216,7 +216,7 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(tmp_path, sourc
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("old")
     code = cli.main(["--from-hf", str(hf), "--to", str(tmp_path / "out"), "--quiet"])
-    assert code == 1
+    assert code == 2  # the shell's one exit code for a user error (was 1 before issue 21)
     assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "old"
     assert cli.main(["--from-hf", str(hf), "--to", str(tmp_path / "out"), "--overwrite"]) == 0
@@ -238,7 +238,7 @@ def test_export_errors(tmp_path, source, capsys):
     # a model config that does not match the stored parameters names the parameter
     code = cli.main(["--from-orbax", str(tmp_path / "orbax" / "params"), "--model-config",
                      "tiny-qwen2", "--to-hf", str(tmp_path / "back"), "--quiet"])
-    assert code == 1
+    assert code == 2  # the shell's one exit code for a user error (was 1 before issue 21)
     err = capsys.readouterr().err
     assert "error:" in err and "llm.embed_tokens" in err and "expected (512, 64)" in err
     assert not (tmp_path / "back").exists() and leftovers(tmp_path) == []

@@ -6,11 +6,11 @@ import pytest
 import torch
 from flax import nnx
 
+from mini_internvl_jax.checkpoints.resolve import load_pretrained, load_pretrained_with_info
 from mini_internvl_jax.config import ComputeConfig, load_model_config
 from mini_internvl_jax.convert.exporter import export_to_hf
 from mini_internvl_jax.convert.importer import convert_hf_to_orbax
 from mini_internvl_jax.convert.params import abstract_model, flat_specs, param_specs
-from mini_internvl_jax.convert.resolve import load_pretrained, load_pretrained_with_info
 from mini_internvl_jax.sharding import logical_to_spec, make_mesh
 from tests.helpers.checkpoints import native_model, read_tensors, write_original
 

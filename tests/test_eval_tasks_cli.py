@@ -82,7 +82,7 @@ def test_short_answer_run_resumes_after_preemption(assets, tmp_path, monkeypatch
     # the same answers in one go, batch rows sharded over 2 devices (batch 1 -> 2 rows)
     again = CountingGenerate(monkeypatch)
     out2 = tmp_path / "mesh.json"
-    assert run(ckpt, "docvqa", data, out2, "--batch-size", "1", "--mesh", "data=2") == 0
+    assert run(ckpt, "docvqa", data, out2, "--batch-size", "1", "mesh.data=2") == 0
     assert again.calls == 2 and again.prompts == 4
     mesh_preds = [json.loads(x)["prediction"]
                   for x in (tmp_path / "mesh.predictions.jsonl").read_text().splitlines()]

@@ -1,6 +1,6 @@
 """A non-editable install works. The default test builds the wheel (seconds, offline) and checks
-what it holds against the checkout: every preset as package data, the console scripts of
-pyproject.toml, and presets readable through importlib.resources from the unpacked wheel. The
+what it holds against the checkout: every preset of configs/ (repository root) as package data,
+the console scripts of pyproject.toml, and presets readable through importlib.resources from the unpacked wheel. The
 slow test installs that wheel into a fresh venv (with this environment's packages for the
 dependencies) and runs the demo from a folder outside the repository: `mivl-demo-data`, then
 `mivl-train --config demo` with the preset read as package data."""
@@ -41,8 +41,10 @@ def wheel(tmp_path_factory) -> Path:
     # Build from a copy so the checkout gets no build/ or egg-info folders.
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
-    shutil.copytree(ROOT / PACKAGE, src / PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
+    for folder in (PACKAGE, "configs"):  # configs/ installs as mini_internvl_jax.configs
+        shutil.copytree(ROOT / folder, src / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(ROOT / name, src / name)
     out = tmp / "wheels"
     _run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation",
@@ -58,8 +60,8 @@ def test_wheel_holds_presets_entry_points_and_readable_package_data(wheel, tmp_p
         ep_text = zf.read(entry_points).decode()
         zf.extractall(tmp_path / "unpacked")
 
-    presets = sorted(p.relative_to(ROOT).as_posix()
-                     for p in (ROOT / PACKAGE / "configs").rglob("*.yaml"))
+    presets = sorted(f"{PACKAGE}/configs/{p.relative_to(ROOT / 'configs').as_posix()}"
+                     for p in (ROOT / "configs").rglob("*.yaml"))
     assert {"models", "train"} <= {Path(p).parent.name for p in presets}, presets
     missing = [p for p in presets if p not in names]
     assert not missing, f"presets missing from the wheel: {missing}"
@@ -81,16 +83,18 @@ def test_wheel_holds_presets_entry_points_and_readable_package_data(wheel, tmp_p
     code = ("import json, mini_internvl_jax\n"
             "from mini_internvl_jax import configlib\n"
             "print(json.dumps([mini_internvl_jax.__file__, configlib.preset_names('train'),"
-            " configlib.read_preset('train', 'demo')]))")
+            " configlib.read_preset('train', 'demo'),"
+            " configlib.read_preset('models', 'mini-internvl-1b')]))")
     away = tmp_path / "elsewhere"
     away.mkdir()
     p = _run([sys.executable, "-c", code], away,
              _clean_env(PYTHONPATH=str(tmp_path / "unpacked")))
-    where, train_presets, demo = json.loads(p.stdout)
+    where, train_presets, demo, model_1b = json.loads(p.stdout)
     assert Path(where).is_relative_to(tmp_path / "unpacked"), where
     assert sorted(train_presets) == sorted(
         Path(p).stem for p in presets if Path(p).parent.name == "train")
-    assert demo == yaml.safe_load((ROOT / PACKAGE / "configs/train/demo.yaml").read_text())
+    assert demo == yaml.safe_load((ROOT / "configs/train/demo.yaml").read_text())
+    assert model_1b == yaml.safe_load((ROOT / "configs/models/mini-internvl-1b.yaml").read_text())
 
 
 @pytest.mark.slow

@@ -21,10 +21,10 @@ import yaml
 from tensorboardX.proto.event_pb2 import SessionLog
 
 from mini_internvl_jax import fileio
+from mini_internvl_jax.checkpoints.run import CheckpointError, read_meta
 from mini_internvl_jax.cli import train as train_cli
-from mini_internvl_jax.convert.run_folder import CheckpointError, read_meta
+from mini_internvl_jax.cli.train import multihost_reason
 from mini_internvl_jax.train import trainer
-from mini_internvl_jax.train.cluster import multihost_reason
 from mini_internvl_jax.train.config import train_config_from_dict
 from mini_internvl_jax.train.init_from import model_config
 from mini_internvl_jax.train.metrics import MetricsLog
@@ -186,10 +186,10 @@ def test_resume_into_a_different_model_still_names_the_mismatch(tmp_path):
 
 def test_nonfinite_weights_are_named_at_conversion_and_at_load(tmp_path, capsys):
     torch = pytest.importorskip("torch")
+    from mini_internvl_jax.checkpoints.resolve import load_pretrained
     from mini_internvl_jax.cli import convert as convert_cli
     from mini_internvl_jax.convert.finite import NonFiniteWeightsError
     from mini_internvl_jax.convert.orbax_io import restore_numpy, save_params
-    from mini_internvl_jax.convert.resolve import load_pretrained
     from tests.helpers.checkpoints import leftovers, native_model, save_state, write_original
 
     model, hf_cfg = native_model("qwen2")
@@ -204,7 +204,7 @@ def test_nonfinite_weights_are_named_at_conversion_and_at_load(tmp_path, capsys)
     save_state(tmp_path / "hf", sd)
     capsys.readouterr()
     assert convert_cli.main(["--from-hf", str(tmp_path / "hf"), "--to", str(tmp_path / "bad"),
-                             "--quiet"]) == 1
+                             "--quiet"]) == 2  # the shell's user-error code (was 1)
     err = capsys.readouterr().err
     assert f"'{names[0]}' (3 NaN, 0 Inf)" in err and f"'{names[1]}' (0 NaN, 1 Inf)" in err
     assert not (tmp_path / "bad").exists() and leftovers(tmp_path) == []

@@ -12,8 +12,8 @@ import jax
 import pytest
 import yaml
 
+from mini_internvl_jax.checkpoints.run import read_meta
 from mini_internvl_jax.cli.train import main
-from mini_internvl_jax.convert.run_folder import read_meta
 from mini_internvl_jax.train import trainer
 from tests.helpers import events
 from tests.test_train_run import BASE, ONE, compilation_cache  # noqa: F401 (fixture)

@@ -8,14 +8,14 @@ import jax
 import numpy as np
 from flax import nnx
 
+from mini_internvl_jax.checkpoints.checkpointer import Checkpointer, run_meta
+from mini_internvl_jax.checkpoints.export import export_checkpoint
+from mini_internvl_jax.checkpoints.resolve import load_pretrained, open_source
 from mini_internvl_jax.config import ComputeConfig
 from mini_internvl_jax.convert.importer import convert_hf_to_orbax
-from mini_internvl_jax.convert.resolve import load_pretrained, open_source
 from mini_internvl_jax.models.lora import LoRAParam
 from mini_internvl_jax.sharding import make_mesh
-from mini_internvl_jax.train.checkpoint import Checkpointer, run_meta
 from mini_internvl_jax.train.config import train_config_from_dict
-from mini_internvl_jax.train.export import export_checkpoint
 from mini_internvl_jax.train.init_from import load_initial_params, model_config
 from mini_internvl_jax.train.setup import build
 from tests.helpers.checkpoints import native_model, write_original

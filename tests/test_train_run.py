@@ -16,10 +16,10 @@ import pytest
 from flax import nnx
 
 from mini_internvl_jax.batch import to_global
+from mini_internvl_jax.checkpoints.checkpointer import Checkpointer
 from mini_internvl_jax.sharding import make_mesh
 from mini_internvl_jax.train import trainer
 from mini_internvl_jax.train.batches import SyntheticBatches
-from mini_internvl_jax.train.checkpoint import Checkpointer
 from mini_internvl_jax.train.config import train_config_from_dict
 from mini_internvl_jax.train.setup import build, build_abstract
 from mini_internvl_jax.train.state import abstract_like

@@ -288,7 +288,7 @@ def test_bad_train_configs_name_the_field(data, match):
 
 def test_old_run_metadata_still_reads():
     """A run saved before ComputeConfig kept dtype/remat/... at the top of its train config."""
-    from mini_internvl_jax.convert.run_folder import upgrade_train_config_dict
+    from mini_internvl_jax.checkpoints.run import upgrade_train_config_dict
 
     old = {"model": "tiny-qwen2", "dtype": "float32", "param_dtype": "float32",
            "remat": "none", "attention_impl": "xla", "scan_layers": False}

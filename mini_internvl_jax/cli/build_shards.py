@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mini_internvl_jax.data.errors import DataError
+from mini_internvl_jax.cli._shell import ExitCode, command, parse_args
 from mini_internvl_jax.data.shards import DEFAULT_SHARD_BYTES, META, build_shards
 
 
-def main(argv: list[str] | None = None) -> int:
+@command
+def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mivl-build-shards", description=__doc__.split("\n")[0])
     p.add_argument("meta", help="InternVL meta JSON naming JSONL datasets")
     p.add_argument("out_dir", help="folder to create (built under a temporary name)")
@@ -21,20 +22,16 @@ def main(argv: list[str] | None = None) -> int:
                         "instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
-    try:
-        m = build_shards(args.meta, args.out_dir, shard_bytes=max(1, int(args.shard_mb * 2**20)),
-                         skip_bad=args.skip_bad, overwrite=args.overwrite,
-                         progress=not args.no_progress)
-    except (DataError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = parse_args(p, argv)
+    m = build_shards(args.meta, args.out_dir, shard_bytes=max(1, int(args.shard_mb * 2**20)),
+                     skip_bad=args.skip_bad, overwrite=args.overwrite,
+                     progress=not args.no_progress)
     for name, d in m["datasets"].items():
         skipped = f", {len(d['skipped'])} skipped" if d["skipped"] else ""
         print(f"{name}: {d['records']} records in {len(d['shards'])} shard(s), "
               f"{d['bytes'] / 2**20:.1f} MiB{skipped}")
     print(f"wrote {args.out_dir}: train with data.meta_path={args.out_dir}/{META}")
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
   mivl-chat --checkpoint DIR --image a.jpg        # interactive
   mivl-chat --checkpoint DIR --image a.jpg --image b.jpg "Compare."
   mivl-chat --checkpoint DIR --video v.mp4 --num-frames 8 "What happens?"
+  mivl-chat --checkpoint DIR mesh.tensor=2 "Hello"   # parameters over 2 devices
 
 Interactive commands: /image PATH and /video PATH [N] (add to the next question), /reset
 (forget the conversation and its images), /exit. Several images are labelled `Image-k:` and
@@ -15,11 +16,20 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mini_internvl_jax.cli._shell import (
+    MESH_HELP,
+    ExitCode,
+    UsageError,
+    add_model_args,
+    command,
+    is_override,
+    load_runtime,
+    parse_args,
+)
 from mini_internvl_jax.data.errors import SkipSample
 from mini_internvl_jax.data.processing import decode_rgb, open_image
 from mini_internvl_jax.data.video import DEFAULT_NUM_FRAMES
-from mini_internvl_jax.errors import UserError, user_error
-from mini_internvl_jax.infer.runtime import add_model_args, load_runtime
+from mini_internvl_jax.errors import user_error
 from mini_internvl_jax.infer.sampling import SamplingConfig
 from mini_internvl_jax.infer.session import ChatSession
 
@@ -39,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("question", nargs="?", help="ask once and exit (default: interactive)")
+    p.add_argument("words", nargs="*", metavar="[KEY=VALUE ...] [QUESTION]",
+                   help=f"{MESH_HELP}; then the question to ask once and exit (default: "
+                        "interactive)")
     return p
 
 
@@ -91,8 +103,10 @@ def _interactive(session: ChatSession, num_frames: int) -> None:
         try:
             sys.stdout.write("assistant> ")
             _answer(session, line)
-        except (ValueError, ImportError) as e:  # unreadable image or video: keep the session
-            print(f"\nerror: {e}", file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 - an unreadable image or video: keep the session
+            if (msg := user_error(e)) is None:
+                raise
+            print(f"\nerror: {msg}", file=sys.stderr)
 
 
 def _check_image(path: str) -> None:
@@ -101,39 +115,36 @@ def _check_image(path: str) -> None:
     try:
         decode_rgb(open_image(path), path)
     except SkipSample as e:
-        raise ValueError(f"--image {e.detail}") from None
+        raise UsageError(f"--image {e.detail}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+@command
+def main(argv: list[str]) -> int:
+    args = parse_args(build_parser(), argv)
+    overrides = [w for w in args.words if is_override(w)]
+    question = [w for w in args.words if not is_override(w)]
+    if len(question) > 1:
+        raise UsageError(f"one question (quoted) after the overrides, got {len(question)} "
+                         f"words: {question}")
+    if args.num_frames < 1:
+        raise UsageError(f"--num-frames must be >= 1, got {args.num_frames}")
     try:
-        if args.num_frames < 1:
-            raise ValueError(f"--num-frames must be >= 1, got {args.num_frames}")
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
-        for path in args.image:  # before the model is loaded
-            _check_image(path)
-        runtime = load_runtime(args, default_max_num=12)
-    except (UserError, ValueError, OSError) as e:
-        print(f"error: {user_error(e) or e}", file=sys.stderr)
-        return 2
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    for path in args.image:  # before the model is loaded
+        _check_image(path)
+    runtime = load_runtime(args, overrides, default_max_num=12)
     session = ChatSession(runtime, sampling, args.max_new_tokens or 1024, args.seed)
-    try:
-        for path in args.image:
-            session.add_image(path)
-        if args.video:
-            session.add_video(args.video, args.num_frames)
-    except (ValueError, OSError) as e:
-        print(f"error: {user_error(e) or e}", file=sys.stderr)
-        return 2
-    if args.question is None:
+    for path in args.image:
+        session.add_image(path)
+    if args.video:
+        session.add_video(args.video, args.num_frames)
+    if not question:
         _interactive(session, args.num_frames)
-        return 0
-    try:
-        _answer(session, args.question)
-    except (ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return ExitCode.OK
+    _answer(session, question[0])
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import os
 import sys
 from typing import Any
 
-# Conversion is pure host work: keep JAX off accelerators (and quiet) unless asked otherwise.
-# Set before the imports below bring in jax.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax
+from tqdm import tqdm
 
-from tqdm import tqdm  # noqa: E402
-
-from mini_internvl_jax.convert.exporter import export_to_hf  # noqa: E402
-from mini_internvl_jax.convert.importer import convert_hf_to_orbax  # noqa: E402
-from mini_internvl_jax.errors import user_error  # noqa: E402
+from mini_internvl_jax.cli._shell import ExitCode, add_override_args, command, parse_args
+from mini_internvl_jax.convert.exporter import export_to_hf
+from mini_internvl_jax.convert.importer import convert_hf_to_orbax
 
 EPILOG = """examples:
   mivl-convert --from-hf InternVL2-1B --to internvl2-1b-jax
   mivl-convert --from-hf InternVL2-2B --to out --dtype float32 --scan-layers
+  mivl-convert --from-hf InternVL2-4B --to out image_token_id=32013 template=phi3-chat
   mivl-convert --from-orbax internvl2-1b-jax --to-hf InternVL2-1B-ft
   mivl-convert --from-orbax run/params --model-config mini-internvl-1b \\
       --to-hf out --layout native --max-shard-size 2GB
@@ -57,9 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail on tensors the model does not use (default)")
     p.add_argument("--no-strict", dest="strict", action="store_false",
                    help="report unexpected tensors and convert anyway")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="--from-hf: model config override, e.g. image_token_id=92546 or "
-                        "template=phi3-chat (repeatable)")
+    add_override_args(p, "image_token_id=92546 template=phi3-chat (--from-hf: the model "
+                         "config)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT_DIR if it exists (swapped in only after success)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -96,22 +92,34 @@ def _return_freed_memory_promptly() -> None:
         pass
 
 
-def main(argv: list[str] | None = None) -> int:
+def _keep_jax_on_the_host() -> None:
+    """Conversion is pure host work: JAX stays off accelerators (and quiet) unless JAX_PLATFORMS
+    asks otherwise. Set when the command runs, not at import, so importing this module changes
+    nothing; jax reads the option when it first picks a backend."""
+    if not jax.config.jax_platforms:
+        jax.config.update("jax_platforms", "cpu")
+
+
+@command
+def main(argv: list[str]) -> int:
     _return_freed_memory_promptly()
+    _keep_jax_on_the_host()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.from_hf and not args.to:
         parser.error("--from-hf needs --to OUT_DIR")
     if args.from_orbax and not args.to_hf:
         parser.error("--from-orbax needs --to-hf OUT_DIR")
     if args.from_hf and args.to_hf or args.from_orbax and args.to:
         parser.error("use --from-hf with --to, and --from-orbax with --to-hf")
+    if args.from_orbax and args.overrides:
+        parser.error("key=value overrides apply to --from-hf (the imported model's config)")
     progress = _Progress(disable=args.quiet)
     try:
         if args.from_hf:
             stats = convert_hf_to_orbax(args.from_hf, args.to, dtype=args.dtype,
                                         scan_layers=args.scan_layers, strict=args.strict,
-                                        overrides=args.override, overwrite=args.overwrite,
+                                        overrides=args.overrides, overwrite=args.overwrite,
                                         on_tensor=progress)
             progress.close()
             for name in stats.ignored:
@@ -124,14 +132,9 @@ def main(argv: list[str] | None = None) -> int:
                                  on_tensor=progress)
             progress.close()
             print(stats.summary("exported") + f" -> {args.to_hf}")
-    except Exception as e:  # noqa: BLE001 - user errors become one line, bugs re-raise
+    finally:
         progress.close()
-        line = user_error(e)
-        if line is None:
-            raise
-        print(f"error: {line}", file=sys.stderr)
-        return 1
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -5,30 +5,28 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mini_internvl_jax.cli._shell import ExitCode, command, parse_args
 from mini_internvl_jax.data.demo import write_demo
-from mini_internvl_jax.errors import report_user_error
 
 
-def main(argv: list[str] | None = None) -> int:
+@command
+def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mivl-demo-data", description=__doc__.split("\n")[0])
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-stage1", type=int, default=160)
     p.add_argument("--num-stage2", type=int, default=160)
     p.add_argument("--force", action="store_true", help="replace an earlier demo folder")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     for name in ("num_stage1", "num_stage2"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    try:
-        m = write_demo(args.out_dir, seed=args.seed, num_stage1=args.num_stage1,
-                       num_stage2=args.num_stage2, force=args.force)
-    except Exception as e:  # noqa: BLE001 - bugs are re-raised there
-        return report_user_error(e)
+    m = write_demo(args.out_dir, seed=args.seed, num_stage1=args.num_stage1,
+                   num_stage2=args.num_stage2, force=args.force)
     print(f"wrote {args.out_dir}: {m['stage1']['samples']} stage-1 and "
           f"{m['stage2']['samples']} stage-2 samples, {m['images']} images, tokenizers "
           f"{sorted(m['tokenizers'])}")
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

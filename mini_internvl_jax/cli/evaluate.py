@@ -13,19 +13,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm import tqdm
 
-from mini_internvl_jax.errors import UserError, user_error
+from mini_internvl_jax.cli._shell import (
+    MESH_HELP,
+    ExitCode,
+    UsageError,
+    add_model_args,
+    add_override_args,
+    command,
+    load_runtime,
+    parse_args,
+)
+from mini_internvl_jax.data.errors import DataError
 from mini_internvl_jax.fileio import is_remote
 from mini_internvl_jax.infer import eval_runner
 from mini_internvl_jax.infer.generate import GenerationConfig
-from mini_internvl_jax.infer.runtime import Runtime, add_model_args, load_runtime
+from mini_internvl_jax.infer.runtime import Runtime
 from mini_internvl_jax.infer.scorers.tasks import TASKS, Item
+from mini_internvl_jax.sharding import batch_shards
 from mini_internvl_jax.train.metrics import markdown_table, open_tensorboard
 
 TABLE_ROWS = 50  # predictions shown in TensorBoard's text tab (all of them are in --out)
@@ -34,6 +44,7 @@ TABLE_ROWS = 50  # predictions shown in TensorBoard's text tab (all of them are 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mivl-eval", description=__doc__.split("\n")[0])
     add_model_args(p)
+    add_override_args(p, MESH_HELP)
     p.add_argument("--task", required=True, choices=sorted(TASKS))
     p.add_argument("--data", required=True, metavar="PATH",
                    help="benchmark file (.jsonl, .json, .tsv, .parquet) or a folder of "
@@ -45,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="results JSON (default: DATA_STEM.TASK.json in the current folder); "
                         "predictions go next to it as FILE.predictions.jsonl")
     p.add_argument("--batch-size", type=int, default=8,
-                   help="rows per generation batch (rounded up to a multiple of the mesh's "
-                        "data x fsdp size)")
+                   help="rows per generation batch (rounded up to a multiple of the shards "
+                        "the mesh splits a batch into)")
     p.add_argument("--no-circular", dest="circular", action="store_false",
                    help="mmbench: ask each question once instead of once per rotation")
     p.add_argument("--limit", type=int, default=None, help="first N rows of the data only")
@@ -67,8 +78,8 @@ def make_answer_fn(rt: Runtime, max_new_tokens: int, batch_size: int):
         for it in items:
             try:
                 prompt, stops = rt.prompt(it.images, it.prompt)
-            except ValueError as e:
-                raise ValueError(f"item {it.id!r}: {e}") from None
+            except DataError as e:
+                raise DataError(f"item {it.id!r}: {e}") from None
             prompts.append(prompt)
         gen = GenerationConfig(max_new_tokens, stop_token_ids=tuple(stops),
                                pad_token_id=rt.tokenizer.pad_id)
@@ -76,13 +87,6 @@ def make_answer_fn(rt: Runtime, max_new_tokens: int, batch_size: int):
         return [rt.decode(ids, stops) for ids in outs]
 
     return answer
-
-
-def row_multiple(mesh) -> int:
-    """Batch rows must split evenly over the mesh axes the batch is sharded on."""
-    if mesh is None:
-        return 1
-    return math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
 
 
 def log_to_tensorboard(log_dir: str, summary: dict, items: Sequence[Item],
@@ -112,56 +116,47 @@ def log_to_tensorboard(log_dir: str, summary: dict, items: Sequence[Item],
         tb.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+@command
+def main(argv: list[str]) -> int:
+    args = parse_args(build_parser(), argv)
     if args.batch_size < 1:
-        print("error: --batch-size must be >= 1", file=sys.stderr)
-        return 2
+        raise UsageError("--batch-size must be >= 1")
     task = TASKS[args.task]
     for flag, value in (("--data", args.data), ("--image-root", args.image_root),
                         ("--out", args.out)):
         if value is not None and is_remote(value):
-            print(f"error: {flag} {value}: evaluation reads and writes local files (its "
-                  "predictions file is appended to after every batch); copy them from or to "
-                  "the store around the run (--checkpoint and --tokenizer may be gs:// URIs)",
-                  file=sys.stderr)
-            return 2
+            raise UsageError(f"{flag} {value}: evaluation reads and writes local files (its "
+                             "predictions file is appended to after every batch); copy them "
+                             "from or to the store around the run (--checkpoint and "
+                             "--tokenizer may be gs:// URIs)")
     out = Path(args.out or f"{Path(args.data).stem}.{task.name}.json")
     preds_path = eval_runner.predictions_path(out)
-    try:
-        items = eval_runner.build_items(task, args.data, image_root=args.image_root,
-                                        settings={"circular": args.circular},
-                                        limit=args.limit)
+    items = eval_runner.build_items(task, args.data, image_root=args.image_root,
+                                    settings={"circular": args.circular},
+                                    limit=args.limit)
+    done = eval_runner.load_predictions(preds_path, task, items)
+    pending = [it for it in items if it.id not in done]
+    eval_runner.check_images(pending)
+    if pending:
+        rt = load_runtime(args, args.overrides, default_max_num=6)
+        mult = batch_shards(rt.generator.mesh)
+        batch = -(-args.batch_size // mult) * mult
+        answer = make_answer_fn(rt, args.max_new_tokens or task.max_new_tokens, batch)
+        with tqdm(total=len(items), initial=len(items) - len(pending), unit="item",
+                  desc=task.name, file=sys.stderr) as bar:
+            eval_runner.generate_all(task, pending, preds_path, answer, batch,
+                                     progress=bar.update)
         done = eval_runner.load_predictions(preds_path, task, items)
-        pending = [it for it in items if it.id not in done]
-        eval_runner.check_images(pending)
-        if pending:
-            rt = load_runtime(args, default_max_num=6)
-            mult = row_multiple(rt.generator.mesh)
-            batch = -(-args.batch_size // mult) * mult
-            answer = make_answer_fn(rt, args.max_new_tokens or task.max_new_tokens, batch)
-            with tqdm(total=len(items), initial=len(items) - len(pending), unit="item",
-                      desc=task.name, file=sys.stderr) as bar:
-                eval_runner.generate_all(task, pending, preds_path, answer, batch,
-                                         progress=bar.update)
-            done = eval_runner.load_predictions(preds_path, task, items)
-        records, summary = eval_runner.score_all(task, items, done)
-    except (UserError, ValueError, OSError) as e:  # EvalDataError is a ValueError
-        print(f"error: {user_error(e) or e}", file=sys.stderr)
-        return 2
+    records, summary = eval_runner.score_all(task, items, done)
     summary.update(checkpoint=str(args.checkpoint), data=str(args.data),
                    predictions=str(preds_path))
-    try:
-        eval_runner.write_results(out, summary, records)
-    except OSError as e:
-        print(f"error: {user_error(e) or e}", file=sys.stderr)
-        return 2
+    eval_runner.write_results(out, summary, records)
     if args.tensorboard:
         log_to_tensorboard(args.tensorboard, summary, items, records, args.tensorboard_step)
     print(eval_runner.format_table(summary))
     print(json.dumps({"task": task.name, task.headline: summary["metrics"][task.headline],
                       "results": str(out)}))
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""Hugging Face PyTorch checkpoints <-> our parameter tree (mapping) and Orbax (converter).
+"""Hugging Face PyTorch checkpoints <-> our parameter tree (mapping) and converted folders.
 
-Public entry points: `convert_hf_to_orbax`, `export_to_hf`, `open_source` (any model folder:
-training run, converted, Hugging Face), `load_pretrained`, `load_pretrained_with_info`; the CLI
-is `mivl-convert` (cli/convert.py).
+Public entry points: `convert_hf_to_orbax`, `export_to_hf`; the CLI is `mivl-convert`
+(cli/convert.py). Opening any model folder (`open_source`, `load_pretrained`) lives one layer up,
+in `checkpoints/`.
 """
 
 from mini_internvl_jax.convert.errors import (
@@ -13,14 +13,6 @@ from mini_internvl_jax.convert.errors import (
 )
 from mini_internvl_jax.convert.exporter import export_to_hf
 from mini_internvl_jax.convert.importer import ConversionStats, convert_hf_to_orbax
-from mini_internvl_jax.convert.resolve import (
-    Source,
-    load_pretrained,
-    load_pretrained_with_info,
-    open_source,
-)
 
 __all__ = ["CheckpointMismatchError", "CheckpointReadError", "ConversionError",
-           "ConversionStats", "Source", "UnknownArchitectureError",
-           "convert_hf_to_orbax", "export_to_hf", "load_pretrained",
-           "load_pretrained_with_info", "open_source"]
+           "ConversionStats", "UnknownArchitectureError", "convert_hf_to_orbax", "export_to_hf"]

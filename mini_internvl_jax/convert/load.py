@@ -1,5 +1,5 @@
 """A model from a converted folder or straight from a Hugging Face folder, under a given
-ComputeConfig (convert/resolve.py picks the loader for a folder).
+ComputeConfig (checkpoints/resolve.py picks the loader for a folder).
 
 With a mesh, parameters go directly to their `sharding.state_shardings` places: Orbax reads each
 device's slice itself (concrete NamedShardings, never the AbstractMesh of `nnx.eval_shape`), and

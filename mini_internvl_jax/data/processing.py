@@ -382,7 +382,7 @@ def prepare_chat_inputs(images: Sequence | None, question: str,
     if images and n_ph == 0:
         question = media_prefix(images) + question
     elif n_ph != need:
-        raise ValueError(f"{n_ph} {IMAGE_PLACEHOLDER} placeholder(s) in the question and history "
+        raise DataError(f"{n_ph} {IMAGE_PLACEHOLDER} placeholder(s) in the question and history "
                          f"for {need} (one per image and per video frame)")
     msgs.append((HUMAN, question))
     n_still = sum(not isinstance(x, VideoRef) for x in images)
@@ -396,9 +396,9 @@ def prepare_chat_inputs(images: Sequence | None, question: str,
             else:
                 tiles.append(spec.tiles(decode_rgb(open_image(ref))))
     except SkipSample as e:
-        raise ValueError(f"cannot read image: {e}") from None
+        raise DataError(f"cannot read image: {e}") from None
     except VideoError as e:
-        raise ValueError(f"cannot read video: {e}") from None
+        raise DataError(f"cannot read video: {e}") from None
     counts = [len(t) for t in tiles]
     enc = encode_chat(tokenizer, tmpl, msgs, [num_image_tokens * c for c in counts],
                       system_message=system_message, add_generation_prompt=True)

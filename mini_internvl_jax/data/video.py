@@ -30,6 +30,7 @@ from etils import epath
 from PIL import Image
 
 from mini_internvl_jax.data import tiling
+from mini_internvl_jax.errors import MissingDependencyError
 
 DEFAULT_NUM_FRAMES = 8  # the InternVL2 model cards' video example (`num_segments=8`)
 # InternVL2's training defaults (`LazySupervisedDataset`: min_num_frame, max_num_frame).
@@ -121,7 +122,7 @@ def _av():
     try:
         import av
     except ImportError:
-        raise ModuleNotFoundError("reading videos needs PyAV: pip install av") from None
+        raise MissingDependencyError("reading videos needs PyAV: pip install av") from None
     return av
 
 

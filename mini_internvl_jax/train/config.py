@@ -1,5 +1,5 @@
 """Training config: a training preset (`stage1`, `stage2`, `lora`, `demo`: package data under
-mini_internvl_jax/configs/train/) or a YAML path, plus `key=value` overrides.
+configs/train/) or a YAML path, plus `key=value` overrides.
 
 The model comes from a model preset name or YAML path plus `model_overrides` (a nested mapping
 merged into it); how to run it (compute/param dtype, remat, attention, layer scan) is `compute`,

@@ -1,6 +1,6 @@
 """`init_from`: start a run from a converted/Hugging Face folder or an earlier run's checkpoint.
 
-The folder is opened with convert/resolve.py, the one resolver chat, evaluation and export use
+The folder is opened with checkpoints/resolve.py, the one resolver chat, evaluation and export use
 too. Its own model config (a converted or Hugging Face folder's vocabulary size and RoPE lists,
 a checkpoint's the config of its run) wins over the `model` preset; `model_overrides` and
 `compute` still apply. The adapters of a LoRA run's checkpoint are merged into its weights
@@ -13,10 +13,10 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from mini_internvl_jax.checkpoints.resolve import Source, open_source
+from mini_internvl_jax.checkpoints.run import CheckpointError
 from mini_internvl_jax.config import ModelConfig
 from mini_internvl_jax.convert.errors import CheckpointReadError
-from mini_internvl_jax.convert.resolve import Source, open_source
-from mini_internvl_jax.convert.run_folder import CheckpointError
 from mini_internvl_jax.errors import UserError
 from mini_internvl_jax.models.lora import LoRAParam
 from mini_internvl_jax.train.config import TrainConfig, build_model_config

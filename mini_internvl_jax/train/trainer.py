@@ -27,12 +27,12 @@ from flax import nnx
 
 from mini_internvl_jax import configlib, fileio
 from mini_internvl_jax.batch import to_global
+from mini_internvl_jax.checkpoints.checkpointer import Checkpointer, CheckpointError
+from mini_internvl_jax.checkpoints.checkpointer import run_meta as _run_meta
 from mini_internvl_jax.configlib import ConfigError
 from mini_internvl_jax.train import preference_run
 from mini_internvl_jax.train import setup as setup_lib
 from mini_internvl_jax.train.batches import local_geometry, make_iterator, next_step_batch
-from mini_internvl_jax.train.checkpoint import Checkpointer, CheckpointError
-from mini_internvl_jax.train.checkpoint import run_meta as _run_meta
 from mini_internvl_jax.train.compile_cache import CacheStats, cache_dir, persistent_cache
 from mini_internvl_jax.train.config import TrainConfig
 from mini_internvl_jax.train.init_from import load_initial_params, model_config

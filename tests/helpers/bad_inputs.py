@@ -83,9 +83,9 @@ def build_fixtures(root: Path) -> dict[str, str]:
     import jax.numpy as jnp
     import torch
 
+    from mini_internvl_jax.checkpoints.checkpointer import Checkpointer
     from mini_internvl_jax.convert.importer import convert_hf_to_orbax
     from mini_internvl_jax.data.demo import write_demo
-    from mini_internvl_jax.train.checkpoint import Checkpointer
     from tests.helpers.checkpoints import native_model, save_state, write_original
 
     write_demo(root / "demo", num_stage1=16, num_stage2=16)

@@ -25,7 +25,8 @@ from mini_internvl_jax.config import (
     model_config_from_dict,
     split_legacy_compute,
 )
-from mini_internvl_jax.errors import UserError, silence_abandoned_reads
+from mini_internvl_jax.errors import UserError, first_line, silence_abandoned_reads
+from mini_internvl_jax.fileio import absolute_path
 from mini_internvl_jax.models import InternVLModel
 from mini_internvl_jax.models.lora import LoRAConfig, apply_lora, merge_lora
 from mini_internvl_jax.sharding import make_mesh, state_shardings
@@ -38,19 +39,6 @@ class CheckpointError(UserError, RuntimeError):
 # Errors a damaged step folder raises while restoring (TensorStore reports corrupt or truncated
 # files as ValueError; missing ones as FileNotFoundError / OSError).
 RESTORE_ERRORS = (ValueError, KeyError, TypeError, OSError, RuntimeError)
-
-
-def first_line(e: BaseException | None, limit: int = 300) -> str:
-    """TensorStore errors carry a multi-kilobyte spec; the first part says what went wrong."""
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return text if len(text) <= limit else text[:limit] + " ..."
-
-
-def absolute_path(directory: str) -> epath.Path:
-    """Orbax needs absolute paths; relative local ones resolve against the working directory
-    (`gs://...` and other URLs are absolute already)."""
-    path = epath.Path(directory)
-    return path if "://" in str(directory) else epath.Path(path.absolute())
 
 
 def read_meta(directory: str, step: int | None = None) -> tuple[int, dict]:

@@ -18,13 +18,9 @@ import jax
 import orbax.checkpoint as ocp
 
 from mini_internvl_jax import configlib
-from mini_internvl_jax.convert.run_folder import (
-    RESTORE_ERRORS,
-    CheckpointError,
-    absolute_path,
-    first_line,
-)
-from mini_internvl_jax.errors import silence_abandoned_reads
+from mini_internvl_jax.checkpoints.run import RESTORE_ERRORS, CheckpointError
+from mini_internvl_jax.errors import first_line, silence_abandoned_reads
+from mini_internvl_jax.fileio import absolute_path
 
 
 class _IteratorSnapshot:
@@ -115,6 +111,6 @@ class Checkpointer:
 
 
 def run_meta(cfg, model_cfg, step: int) -> dict:
-    """What a step folder records about its run (convert/run_folder.py reads it back)."""
+    """What a step folder records about its run (checkpoints/run.py reads it back)."""
     return {"train_config": configlib.to_dict(cfg), "model_config": configlib.to_dict(model_cfg),
             "step": step, "process_count": jax.process_count()}

@@ -13,14 +13,14 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from mini_internvl_jax.checkpoints.resolve import open_source
+from mini_internvl_jax.checkpoints.run import CheckpointError
 from mini_internvl_jax.convert.orbax_io import (
     PARAMS_DIR,
     copy_side_files,
     save_params,
     write_model_config,
 )
-from mini_internvl_jax.convert.resolve import open_source
-from mini_internvl_jax.convert.run_folder import CheckpointError
 from mini_internvl_jax.fileio import atomic_folder
 
 

@@ -21,6 +21,13 @@ from etils import epath
 from jax.sharding import Mesh
 
 from mini_internvl_jax import fileio
+from mini_internvl_jax.checkpoints.run import (
+    RunFolder,
+    finished_steps,
+    is_training_checkpoint,
+    read_run,
+    restore_model,
+)
 from mini_internvl_jax.config import ComputeConfig, Dtype, ModelConfig
 from mini_internvl_jax.convert.errors import CheckpointReadError
 from mini_internvl_jax.convert.importer import HFSource, open_hf, resolve_dtype
@@ -30,13 +37,6 @@ from mini_internvl_jax.convert.orbax_io import (
     PARAMS_DIR,
     is_converted_folder,
     read_converted,
-)
-from mini_internvl_jax.convert.run_folder import (
-    RunFolder,
-    finished_steps,
-    is_training_checkpoint,
-    read_run,
-    restore_model,
 )
 from mini_internvl_jax.data.tokenizer import find_tokenizer
 from mini_internvl_jax.models import InternVLModel
