@@ -30,7 +30,6 @@ def _cfg(demo, *over):
     return load_train_config("mpo_demo", [
         f"tokenizer={demo}/tokenizers/qwen2", f"data.meta_path={demo}/mpo_meta.json",
         "checkpoint.dir=null", "log.every=1", "preference.rpo_alpha=1.0",
-        "model_overrides={llm: {num_layers: 1}, vision: {num_layers: 1}}",
         "batch_size=2", "optim.grad_accum=2", "max_tiles=8", "data.max_samples_per_row=1",
         *over])
 

@@ -141,6 +141,9 @@ def load_ref_table(path: epath.Path) -> dict[tuple[str, int], tuple[float, float
 def make_iterator(cfg: TrainConfig, model_cfg, *, rows: int, tiles: int, ref_table=None,
                   single_pass: bool = False):
     assert cfg.data is not None and cfg.tokenizer is not None
+    if jax.process_count() > 1:  # pair slots and vision indices are per host micro-batch
+        raise UserError("preference training runs on one host (any number of its devices) "
+                        "for now; multi-host pair batches are not supported yet")
     data_cfg = cfg.data
     if single_pass:
         data_cfg = dataclasses.replace(data_cfg, num_epochs=1, shuffle=False)
