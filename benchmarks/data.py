@@ -32,9 +32,9 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from mini_internvl_jax.data import DataConfig, build_train_iterator, load_tokenizer  # noqa: E402
-from mini_internvl_jax.data.demo import write_demo  # noqa: E402
 from mini_internvl_jax.data.templates import get_template, render  # noqa: E402
 from mini_internvl_jax.data.tiling import IMAGENET_MEAN, IMAGENET_STD, choose_grid  # noqa: E402
+from mini_internvl_jax.tools.demo import write_demo  # noqa: E402
 
 WORDS = ("the a chart shows bar line value year growth image left right top bottom red blue "
          "green number total count percent market data region city model answer question "

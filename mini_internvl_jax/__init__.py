@@ -1,8 +1,7 @@
 """mini_internvl_jax: Mini-InternVL (InternVL2-1B/2B/4B) in JAX/Flax NNX."""
 
+from mini_internvl_jax._version import __version__
 from mini_internvl_jax.config import ComputeConfig, ModelConfig, load_model_config
-
-__version__ = "0.1.0"
 
 
 def load_pretrained(path, compute=None, *, mesh=None, **kwargs):
@@ -14,4 +13,4 @@ def load_pretrained(path, compute=None, *, mesh=None, **kwargs):
     return _load(path, compute, mesh=mesh, **kwargs)
 
 
-__all__ = ["ComputeConfig", "ModelConfig", "load_model_config", "load_pretrained"]
+__all__ = ["ComputeConfig", "ModelConfig", "__version__", "load_model_config", "load_pretrained"]

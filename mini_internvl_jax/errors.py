@@ -72,16 +72,6 @@ def user_error(e: BaseException) -> str | None:
     return None
 
 
-def report_user_error(e: BaseException) -> int:
-    """Prints the one `error:` line of a mistake the user can fix and returns the exit code;
-    a bug is re-raised with its traceback. For the commands' `except Exception` clauses."""
-    line = user_error(e)
-    if line is None:
-        raise e
-    print(f"error: {line}", file=sys.stderr)
-    return EXIT_USER_ERROR
-
-
 def silence_abandoned_reads() -> None:
     """After a failed Orbax read, drops the "Event loop is closed" reports of its abandoned
     TensorStore reads (they finish after Orbax closed its event loop and are harmless); every

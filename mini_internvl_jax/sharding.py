@@ -3,7 +3,10 @@
 Parameters and activations are annotated with logical names (`embed`, `heads`, ...). The table
 below maps them to the mesh axes `data`, `fsdp` and `tensor`. A dimension that a mesh axis does
 not divide evenly stays replicated on that axis (Qwen2's 2 KV heads on tensor=4, say) instead of
-failing, so one table serves every mesh shape.
+failing, so one table serves every mesh shape. Nothing else in the package names mesh axes for a
+placement: the kernels' shard_map specs, the data groups of gradient accumulation and the batch
+shard count are all read from this table (`logical_to_spec`, `mesh_axes_of`, `batch_shards`).
+tests/golden/sharding/ pins the per-parameter result for the 1B/2B/4B presets.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -50,6 +53,11 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("proj_in", "fsdp"),
     ("proj_out", "tensor"),
 )
+
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+# Named rule sets (`mesh.rules` in the training config picks one). One today: FSDP over `fsdp`,
+# tensor parallelism over `tensor`, batch rows over `data` x `fsdp`.
+RULE_SETS: dict[str, Rules] = {"default": LOGICAL_RULES}
 
 def resolve_sizes(sizes: Sequence[int], n_devices: int, what: str = "mesh") -> tuple[int, ...]:
     """Axis sizes with the one allowed -1 filled in so that they multiply to `n_devices`."""
@@ -146,19 +154,20 @@ def vmapped_mesh_axes() -> frozenset[str]:
     return _VMAPPED_AXES.get()
 
 
-def _mesh_axis_sizes(mesh) -> dict[str, int]:
-    taken = vmapped_mesh_axes()
+def _mesh_axis_sizes(mesh, exclude: Collection[str] = ()) -> dict[str, int]:
+    taken = vmapped_mesh_axes() | frozenset(exclude)
     return {a: s for a, s in zip(mesh.axis_names, mesh.axis_sizes, strict=True)
             if a not in taken}
 
 
 def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int] | None = None,
-                    mesh=None, rules=None) -> P:
-    """PartitionSpec for logical `names`; drops mesh axes that don't divide the dim or repeat."""
+                    mesh=None, rules=None, exclude: Collection[str] = ()) -> P:
+    """PartitionSpec for logical `names`; drops mesh axes that don't divide the dim or repeat,
+    and, with a mesh, the axes in `exclude` (e.g. already manual inside a shard_map)."""
     if names is None:
         return P()
     rules = dict(LOGICAL_RULES if rules is None else rules)
-    sizes = _mesh_axis_sizes(mesh) if mesh is not None else None
+    sizes = _mesh_axis_sizes(mesh, exclude) if mesh is not None else None
     used: set[str] = set()
     out: list[str | tuple[str, ...] | None] = []
     for i, name in enumerate(names):
@@ -197,17 +206,30 @@ def batch_shards(mesh, rules=None) -> int:
     return math.prod(dict(mesh.shape)[a] for a in mesh_axes_of("batch", mesh, rules))
 
 
+def data_group_axis(rules=None) -> str:
+    """The mesh axis whose groups accumulate their own gradients (train/step.py): the first,
+    outermost axis the rules shard batch rows over, the one that spans slices."""
+    return mesh_axes_of("batch", rules=rules)[0]
+
+
 def param_names(variable) -> tuple | None:
     return variable.get_metadata().get("out_sharding")
 
 
-def state_shardings(state, mesh: Mesh, rules=None):
-    """NamedSharding tree for an nnx State (abstract or concrete) from its logical names."""
+def variable_spec(v: nnx.Variable, mesh, rules=None) -> P:
+    """Where the rules place one Variable (abstract or concrete) on `mesh`."""
+    shape = v.shape if hasattr(v, "shape") else v[...].shape
+    return logical_to_spec(param_names(v), shape, mesh, rules)
 
-    def one(v):
-        shape = v.shape if hasattr(v, "shape") else v[...].shape
-        spec = logical_to_spec(param_names(v), shape, mesh, rules)
-        return v.replace(NamedSharding(mesh, spec))
+
+def state_shardings(state, mesh: Mesh, rules=None):
+    """NamedSharding tree for an nnx State or any tree of Variables (abstract or concrete)
+    from their logical names; plain arrays (optimizer counters, say) are replicated."""
+
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            return x.replace(NamedSharding(mesh, variable_spec(x, mesh, rules)))
+        return NamedSharding(mesh, P())
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

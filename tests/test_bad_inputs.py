@@ -93,7 +93,8 @@ CASES = {
         "convert", ("--from-hf", "{hf}", "--to", "{previous}"), ("previous", "--overwrite"),
         intact=("{previous}",)),
     "convert: image_token_id=abc": Case(
-        "convert", ("--from-hf", "{hf}", "--to", "{tmp}/out", "image_token_id=abc"), ("image_token_id", "abc", "integer"),
+        "convert", ("--from-hf", "{hf}", "--to", "{tmp}/out", "image_token_id=abc"),
+        ("image_token_id", "abc", "integer"),
         no_output=("{tmp}/out",)),
     "convert: override without =": Case(
         "convert", ("--from-hf", "{hf}", "--to", "{tmp}/out", "template"),

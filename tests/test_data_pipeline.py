@@ -24,7 +24,6 @@ from mini_internvl_jax.data import (
     prepare_chat_inputs,
     set_iterator_state,
 )
-from mini_internvl_jax.data.demo import write_demo
 from mini_internvl_jax.data.pipeline import EpochPlan
 from mini_internvl_jax.data.processing import SampleProcessor
 from mini_internvl_jax.data.sources import (
@@ -35,6 +34,7 @@ from mini_internvl_jax.data.sources import (
     write_array_record,
 )
 from mini_internvl_jax.data.templates import get_template, render
+from mini_internvl_jax.tools.demo import write_demo
 from tests.test_data_tiling import brute_grid, brute_tiles
 
 GEOM = dict(num_image_tokens=4, image_size=56, seq_len=256, batch_size=2, max_tiles=24)

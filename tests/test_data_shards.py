@@ -15,10 +15,10 @@ from PIL import Image
 from mini_internvl_jax.cli import build_shards as build_cli
 from mini_internvl_jax.cli import validate_data as validate_cli
 from mini_internvl_jax.data import DataConfig, DataError, build_train_iterator
-from mini_internvl_jax.data.demo import write_demo
 from mini_internvl_jax.data.shards import build_shards, verify_shards
 from mini_internvl_jax.data.sources import open_source, read_meta
 from mini_internvl_jax.data.validate import validate_dataset
+from mini_internvl_jax.tools.demo import write_demo
 
 # The demo training preset's geometry (model tiny-qwen2): 56 px tiles of 4 image tokens.
 GEOM = dict(image_size=56, num_image_tokens=4, seq_len=256, max_tiles=64)

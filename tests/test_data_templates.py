@@ -14,13 +14,13 @@ import sentencepiece as spm
 import tokenizers
 
 from mini_internvl_jax.data import TokenizerError, load_tokenizer, stop_token_ids
-from mini_internvl_jax.data.demo import _train_hf_bpe, write_demo
 from mini_internvl_jax.data.templates import (
     DEFAULT_SYSTEM_MESSAGE,
     encode_chat,
     get_template,
     render,
 )
+from mini_internvl_jax.tools.demo import train_bpe, write_demo
 
 FAMILIES = {"qwen2": "Hermes-2", "internlm2": "internlm2-chat", "phi3": "phi3-chat"}
 
@@ -122,7 +122,7 @@ def test_token_straddling_the_answer_start_is_masked(tmp_path):
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>",
                 "<IMG_CONTEXT>"]
     (tmp_path / "tokenizer.json").write_text(
-        _train_hf_bpe(["para one\n\npara two\n\nDone"] * 50, specials))
+        train_bpe(["para one\n\npara two\n\nDone"] * 50, specials))
     tok = load_tokenizer(tmp_path)
     t = get_template("Hermes-2")
     msgs = [("human", "Go"), ("gpt", "\nDone")]

@@ -24,8 +24,8 @@ from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
 from mini_internvl_jax.convert.hf_config import image_token_id_from_tokenizer
 from mini_internvl_jax.data import TokenizerError, load_tokenizer
-from mini_internvl_jax.data.demo import _train_hf_bpe
 from mini_internvl_jax.data.tokenizer import IMG_CONTEXT, find_tokenizer, read_added_tokens
+from mini_internvl_jax.tools.demo import train_bpe
 
 CORPUS = ["hello world, this is a test of the tokenizer. A red circle is small.\n"
           "New line here.  two  spaces\tand a tab. It is 42."] * 40
@@ -234,7 +234,7 @@ def qwen2_files(tmp_path_factory):
     """vocab.json + merges.txt (no tokenizer.json) and a tokenizer_config.json that adds the
     Qwen2 and InternVL special tokens after the base vocabulary."""
     folder = tmp_path_factory.mktemp("qwen2")
-    bpe = tokenizers.Tokenizer.from_str(_train_hf_bpe(CORPUS + ["Ünïcödé 你好世界 e\u0301"], []))
+    bpe = tokenizers.Tokenizer.from_str(train_bpe(CORPUS + ["Ünïcödé 你好世界 e\u0301"], []))
     bpe.model.save(str(folder))
     n = bpe.get_vocab_size()
     added = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", IMG_CONTEXT]

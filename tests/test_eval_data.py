@@ -9,11 +9,16 @@ import sys
 
 import pytest
 
-from mini_internvl_jax.data.demo import write_demo
 from mini_internvl_jax.data.processing import prepare_chat_inputs
 from mini_internvl_jax.data.tokenizer import load_tokenizer
 from mini_internvl_jax.data.video import VideoRef
-from mini_internvl_jax.infer.eval_data import EvalDataError, as_list, image_refs, read_rows
+from mini_internvl_jax.infer.eval_data import (
+    EvalDataError,
+    MissingImageError,
+    as_list,
+    image_refs,
+    read_rows,
+)
 from mini_internvl_jax.infer.eval_runner import (
     build_items,
     check_images,
@@ -21,6 +26,7 @@ from mini_internvl_jax.infer.eval_runner import (
     load_predictions,
 )
 from mini_internvl_jax.infer.scorers.tasks import TASKS
+from mini_internvl_jax.tools.demo import write_demo
 from tests.helpers.eval_assets import png_bytes
 from tests.helpers.video import write_video
 
@@ -66,6 +72,11 @@ def test_parquet_image_structs_and_multi_image_columns(tmp_path):
 def test_json_paths_and_errors(tmp_path, monkeypatch):
     (tmp_path / "d.json").write_text(json.dumps({"data": [{"image": "im/a.png"}]}))
     (where, row), = read_rows(tmp_path / "d.json")
+    with pytest.raises(MissingImageError, match=r"d.json:item 0: field 'image' names image "
+                                                r"'im/a.png', which is not at .*--image-root"):
+        image_refs(row, tmp_path, where, required=True)
+    (tmp_path / "im").mkdir()
+    (tmp_path / "im/a.png").write_bytes(png_bytes(0))
     assert image_refs(row, tmp_path, where, required=True) == (str(tmp_path / "im/a.png"),)
     with pytest.raises(EvalDataError, match="no image"):
         image_refs({}, tmp_path, "x:1", required=True)
@@ -150,6 +161,8 @@ def test_tsv_list_of_base64_images(tmp_path):
     ("docvqa", {"video": "x.mp4", "answers": ["a"]}, "this task takes images only"),
 ])
 def test_bad_media_fields_name_the_row(task, row, message, tmp_path):
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(png_bytes(0))
     write_jsonl(tmp_path / "d.jsonl", [{"question": "Q", "answer": "a", **row}])
     with pytest.raises(EvalDataError, match=f"d.jsonl:1: .*{message}"):
         build_items(TASKS[task], tmp_path / "d.jsonl")
@@ -169,6 +182,10 @@ def test_resume_refuses_predictions_made_with_other_frames(tmp_path):
     row = {"id": "v", "video": "clip.mp4", "num_frames": 4, "question": "Q", "answer": "a"}
     write_jsonl(data, [row, {"id": "i", "image": ["x/a.png", "b.png"], "question": "Q",
                              "answer": "a"}])
+    for folder in (tmp_path, tmp_path / "elsewhere"):
+        (folder / "x").mkdir(parents=True)
+        for name in ("x/a.png", "b.png"):
+            (folder / name).write_bytes(png_bytes(0))
     task = TASKS["vqa"]
     preds = tmp_path / "r.predictions.jsonl"
     generate_all(task, build_items(task, data), preds, lambda b: ["a"] * len(b), 2)

@@ -427,6 +427,7 @@ def test_bad_inputs_fail_before_generation_and_keep_finished_work(assets, tmp_pa
                    "answer": "a", "image": "x.png"}, "needs 'choices'"),
 ])
 def test_bad_rows_name_the_file_line_and_field(task, row, message, tmp_path):
+    (tmp_path / "x.png").write_bytes(png_bytes(0))
     path = tmp_path / "d.jsonl"
     write_jsonl(path, [row])
     with pytest.raises(eval_runner.EvalDataError, match=f"d.jsonl:1: .*{message}"):
@@ -438,3 +439,54 @@ def test_duplicate_ids_are_rejected(tmp_path):
     write_jsonl(path, [{"id": 7, "question": "Q", "answer": "a"}] * 2)
     with pytest.raises(eval_runner.EvalDataError, match=r"d.jsonl:2: duplicate id '7'"):
         eval_runner.build_items(TASKS["vqa"], path)
+
+
+def test_task_all_runs_a_folder_beside_the_published_numbers(tmp_path, monkeypatch, capsys):
+    """--task all on a folder of released files (no model: the runtime and its answers are
+    stubbed; the model path is covered above): one results file each, suite.json, one table
+    with the card's numbers for the checkpoint's architecture, TensorBoard scalars."""
+    from types import SimpleNamespace
+
+    from mini_internvl_jax.config import load_model_config
+
+    img = base64.b64encode(png_bytes(0)).decode()
+    data = tmp_path / "bench"
+    data.mkdir()
+    (data / "DocVQA_VAL.tsv").write_text(
+        f"index\timage\tquestion\tanswer\n1\t{img}\tDate?\t['1990']\n2\t1\tWho?\t['Ann']\n")
+    (data / "MMBench_DEV_CN.tsv").write_text(
+        f"index\timage\tquestion\tA\tB\tanswer\tcategory\n1\t{img}\tQ?\tx\ty\tA\tc\n"
+        f"1000001\t1\tQ?\ty\tx\tB\tc\n")
+    (data / "POPE.tsv").write_text(f"index\timage\tquestion\tanswer\tcategory\n"
+                                   f"1\t{img}\tDog?\tYes\tpopular,random\n")
+    (data / "README.txt").write_text("notes")
+    stub = SimpleNamespace(generator=SimpleNamespace(
+        mesh=None, cfg=load_model_config("mini-internvl-2b")))
+    loads = []
+    monkeypatch.setattr(evaluate, "load_runtime", lambda *a, **k: loads.append(1) or stub)
+    monkeypatch.setattr(evaluate, "make_answer_fn", lambda rt, n, b: lambda items: [
+        "1990" if "Date" in it.prompt else "A" for it in items])
+    out = tmp_path / "res"
+    argv = ["--checkpoint", "unused", "--task", "all", "--data-dir", str(data), "--out",
+            str(out), "--tensorboard", str(tmp_path / "tb")]
+    assert evaluate.main(argv) == 0
+    stdout, stderr = capsys.readouterr()
+    assert loads == [1] and "README.txt is no benchmark file" in stderr
+    assert "published numbers: mini-internvl-2b" in stdout
+    rows = {r["file"]: r for r in json.loads((out / "suite.json").read_text())["benchmarks"]}
+    assert rows["DocVQA_VAL.tsv"]["score"] == pytest.approx(50.0)  # one of two right
+    assert rows["DocVQA_VAL.tsv"]["published"] == 86.9
+    assert rows["MMBench_DEV_CN.tsv"]["published"] == 70.9  # the CN number, not EN
+    assert rows["MMBench_DEV_CN.tsv"]["score"] == 0.0  # "A" is wrong on the second copy
+    assert rows["POPE.tsv"]["published"] is None and rows["POPE.tsv"]["layout"] == (
+        "VLMEvalKit TSV")
+    assert {p.name for p in out.iterdir()} >= {"DocVQA_VAL.docvqa.json", "POPE.pope.json",
+                                               "MMBench_DEV_CN.mmbench.json", "suite.json"}
+    table = stdout.splitlines()
+    assert table[-5].split()[:2] == ["task", "file"] and len(table) == 6
+    tb = events.values(tmp_path / "tb")
+    assert tb["eval/DocVQA_VAL/anls"] == [(0, pytest.approx(50.0))]
+    assert tb["eval/DocVQA_VAL/published"] == [(0, pytest.approx(86.9))]
+    # rerun: everything is done, nothing is loaded (the card named: no config to read)
+    assert evaluate.main(argv + ["--published", "mini-internvl-2b"]) == 0 and loads == [1]
+    assert json.loads((out / "suite.json").read_text())["benchmarks"] == list(rows.values())

@@ -21,10 +21,10 @@ from mini_internvl_jax.convert.errors import CheckpointReadError
 from mini_internvl_jax.convert.exporter import export_to_hf
 from mini_internvl_jax.convert.importer import convert_hf_to_orbax
 from mini_internvl_jax.data import DataConfig, build_train_iterator
-from mini_internvl_jax.data.demo import write_demo
 from mini_internvl_jax.data.errors import DataError
 from mini_internvl_jax.data.shards import build_shards, verify_shards
 from mini_internvl_jax.data.sources import read_meta
+from mini_internvl_jax.tools.demo import write_demo
 from mini_internvl_jax.train.config import train_config_from_dict
 from mini_internvl_jax.train.init_from import InitError, model_config
 from mini_internvl_jax.train.metrics import MetricsLog

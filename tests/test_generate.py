@@ -8,13 +8,13 @@ import transformers
 from flax import nnx
 
 from mini_internvl_jax.config import load_model_config
-from mini_internvl_jax.convert.apply import load_rules_into, torch_state_reader
 from mini_internvl_jax.convert.mapping import model_rules
 from mini_internvl_jax.infer import GenerationConfig, Generator, Prompt, SamplingConfig
 from mini_internvl_jax.models import InternVLModel
 from mini_internvl_jax.models.internvl import ImageTokenMismatchError
 from mini_internvl_jax.sharding import make_mesh, state_shardings
 from tests.helpers import hf_reference as ref
+from tests.helpers.torch_rules import load_rules_into, torch_state_reader
 
 
 def ours_from_torch(cfg, torch_model):

@@ -1,9 +1,9 @@
 """A non-editable install works. The default test builds the wheel (seconds, offline) and checks
 what it holds against the checkout: every preset of configs/ (repository root) as package data,
-the console scripts of pyproject.toml, and presets readable through importlib.resources from the unpacked wheel. The
-slow test installs that wheel into a fresh venv (with this environment's packages for the
-dependencies) and runs the demo from a folder outside the repository: `mivl-demo-data`, then
-`mivl-train --config demo` with the preset read as package data."""
+the console scripts of pyproject.toml, and presets readable through importlib.resources from the
+unpacked wheel. The slow test installs that wheel into a fresh venv (with this environment's
+packages for the dependencies) and runs the demo from a folder outside the repository:
+`mivl-demo-data`, then `mivl-train --config demo` with the preset read as package data."""
 
 import ast
 import configparser

@@ -1,32 +1,37 @@
 """The package's import graph, read from the source with `ast` (nothing is imported): no cycles,
-no import from a higher layer, and function-local imports only where they keep an optional or
-heavy dependency lazy. The layer table is the one in docs/architecture.md."""
+no import from a higher layer (imports of the root package's own names and module names given to
+`importlib.import_module` included), and function-local imports only where they keep an optional
+or heavy dependency lazy. The layer table is parsed from docs/architecture.md, its one copy."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 PACKAGE = "mini_internvl_jax"
-ROOT = Path(__file__).resolve().parent.parent / PACKAGE
+REPO = Path(__file__).resolve().parent.parent
+ROOT = REPO / PACKAGE
+DOCS = REPO / "docs" / "architecture.md"
 
-# `configs` holds no code, only the YAML presets `configlib.read_preset` reads as package data.
-CORE = {"config", "configlib", "fileio", "errors", "batch", "sharding", "configs"}
-# group -> the groups it may import (its own included)
-ALLOWED = {
-    "core": {"core"},
-    "kernels": {"core", "kernels"},
-    "models": {"core", "kernels", "models"},
-    "data": {"core", "data"},
-    "convert": {"core", "kernels", "models", "data", "convert"},
-    "checkpoints": {"core", "kernels", "models", "data", "convert", "checkpoints"},
-    "train": {"core", "kernels", "models", "data", "convert", "checkpoints", "train"},
-    "infer": {"core", "kernels", "models", "data", "convert", "checkpoints", "infer"},
-    "api": {"core", "kernels", "models", "data", "convert", "checkpoints", "train",
-            "infer"},  # __init__.py
-    "cli": {"core", "kernels", "models", "data", "convert", "checkpoints", "train", "infer",
-            "cli"},
-}
+
+def read_layer_table(text: str) -> tuple[dict[str, str], dict[str, set[str]]]:
+    """(top-level module or package -> layer, layer -> the layers it may import, itself included)
+    from the `| layer | packages | may import | ... |` table."""
+    owner, allowed = {}, {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not re.fullmatch(r"[a-z]+", cells[0]) or cells[0] == "layer":
+            continue
+        layer = cells[0]
+        for name in re.findall(r"`([^`]+)`", cells[1]):
+            owner["" if name == "__init__.py" else name.rstrip("/")] = layer
+        allowed[layer] = {x.strip() for x in cells[2].split(",")} | {layer}
+    assert allowed, f"no layer table found in {DOCS}"
+    return owner, allowed
+
+
+OWNER, ALLOWED = read_layer_table(DOCS.read_text())
 # Third-party modules a function may import itself, and why.
 LAZY_THIRD_PARTY = {
     "torch": "optional: only pytorch_model.bin checkpoints need it (seconds to import)",
@@ -45,6 +50,8 @@ LAZY_THIRD_PARTY = {
 # Package imports a function may make itself, and why.
 LAZY_PACKAGE = {
     (PACKAGE, f"{PACKAGE}.checkpoints.resolve"): "`import mini_internvl_jax` stays free of jax",
+    (f"{PACKAGE}.data", f"{PACKAGE}.data"): "data/__init__ loads its pipeline modules by name "
+                                            "on first use, so grain stays lazy",
 }
 
 
@@ -59,59 +66,88 @@ def _modules() -> dict[str, Path]:
 MODULES = _modules()
 
 
-def group(module: str) -> str:
-    if module == PACKAGE:
-        return "api"
-    first = module.split(".")[1]
-    if first in CORE:
-        return "core"
-    if first in ALLOWED:
-        return first
-    raise AssertionError(f"{module} is in no layer: add it to the table in {__file__} and "
-                         "docs/architecture.md")
+def group(module: str, owner: dict[str, str] = OWNER) -> str:
+    first = module.split(".")[1] if "." in module else ""
+    if first in owner:
+        return owner[first]
+    raise AssertionError(f"{module} is in no layer: add it to the table in {DOCS}")
 
 
-def _resolve(name: str) -> str:
-    """The package module an import names (`pkg.mod.Class` -> `pkg.mod`)."""
-    while name not in MODULES:
+def _resolve(name: str, modules=MODULES) -> str:
+    """The package module an import names (`pkg.mod.Class` -> `pkg.mod`; a name of the root
+    package, `pkg.load_pretrained`, -> `pkg`)."""
+    while name not in modules:
         name = name.rpartition(".")[0]
     return name
 
 
+def _import_module_target(node: ast.AST) -> str | None:
+    """The module named by `importlib.import_module("pkg.mod")` or `import_module(f"pkg.{x}")`
+    (an f-string counts up to its first placeholder)."""
+    if not isinstance(node, ast.Call) or not node.args:
+        return None
+    f = node.func
+    name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+    if name != "import_module":
+        return None
+    arg = node.args[0]
+    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+        return arg.value
+    if isinstance(arg, ast.JoinedStr) and arg.values and isinstance(arg.values[0], ast.Constant):
+        return str(arg.values[0].value).rstrip(".")
+    return None
+
+
+def imports_of(mod: str, source: str, is_init: bool = False) -> list[tuple[str, str, bool, int]]:
+    """(importer, imported name, inside a function, line) for every import in one module's
+    source, `importlib.import_module` calls included."""
+    tree = ast.parse(source)
+    local = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef,
+                                                            ast.AsyncFunctionDef))
+             for n in ast.walk(f) if n is not f}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                pkg = mod if is_init else mod.rpartition(".")[0]
+                for _ in range(node.level - 1):
+                    pkg = pkg.rpartition(".")[0]
+                base = f"{pkg}.{base}" if base else pkg
+            names = [f"{base}.{a.name}" for a in node.names]
+        elif (target := _import_module_target(node)) is not None:
+            names = [target]
+        else:
+            continue
+        for name in names:
+            out.append((mod, name, id(node) in local, node.lineno))
+    return out
+
+
 def imports() -> list[tuple[str, str, bool, int]]:
-    """(importer, imported module, inside a function, line) for every import in the package."""
     out = []
     for mod, path in MODULES.items():
-        tree = ast.parse(path.read_text(), str(path))
-        local = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef,
-                                                                ast.AsyncFunctionDef))
-                 for n in ast.walk(f) if n is not f}
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    pkg = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
-                    for _ in range(node.level - 1):
-                        pkg = pkg.rpartition(".")[0]
-                    base = f"{pkg}.{base}" if base else pkg
-                names = [f"{base}.{a.name}" for a in node.names]
-            else:
-                continue
-            for name in names:
-                out.append((mod, name, id(node) in local, node.lineno))
+        out += imports_of(mod, path.read_text(), path.name == "__init__.py")
     return out
 
 
 IMPORTS = imports()
 
 
-def package_edges() -> set[tuple[str, str]]:
-    """Import edges between package modules. Importing the root package itself adds no edge:
-    Python runs it before any submodule anyway (test_root_package_stays_light keeps it cheap)."""
-    return {(a, _resolve(b)) for a, b, _, _ in IMPORTS
-            if b.split(".")[0] == PACKAGE and _resolve(b) not in (a, PACKAGE)}
+def package_edges(imports=IMPORTS, modules=MODULES) -> set[tuple[str, str]]:
+    """Import edges between package modules. A name taken from the root package
+    (`from mini_internvl_jax import load_pretrained`) is an edge to the root (layer `api`);
+    `import mini_internvl_jax.x.y` is one to `x.y`, not to the root Python runs first."""
+    return {(a, _resolve(b, modules)) for a, b, _, _ in imports
+            if b.split(".")[0] == PACKAGE and _resolve(b, modules) != a}
+
+
+def upward_imports(imports=IMPORTS, modules=MODULES, owner=OWNER, allowed=ALLOWED) -> list[str]:
+    return sorted(f"{a} ({group(a, owner)}) imports {b} ({group(b, owner)})"
+                  for a, b in package_edges(imports, modules)
+                  if group(b, owner) not in allowed[group(a, owner)])
 
 
 def test_root_package_stays_light():
@@ -126,9 +162,33 @@ def test_every_module_has_a_layer():
 
 
 def test_no_upward_imports():
-    bad = sorted(f"{a} ({group(a)}) imports {b} ({group(b)})" for a, b in package_edges()
-                 if group(b) not in ALLOWED[group(a)])
+    bad = upward_imports()
     assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("source,culprit", [
+    ("from mini_internvl_jax import load_pretrained", f"imports {PACKAGE} (api)"),
+    ("import importlib\nimportlib.import_module('mini_internvl_jax.train.trainer')",
+     f"imports {PACKAGE}.train.trainer (train)"),
+    ("from importlib import import_module\n"
+     "def f(x):\n    return import_module(f'mini_internvl_jax.cli.{x}')",
+     f"imports {PACKAGE}.cli (cli)"),
+])
+def test_the_check_catches_root_and_import_module_imports(source, culprit):
+    """The test of the test: a kernels module importing the facade, or naming a higher layer to
+    importlib, is reported; the same module importing core is not."""
+    fake = f"{PACKAGE}.kernels.fake"
+    modules = {**MODULES, fake: Path("fake.py")}
+    bad = upward_imports(imports_of(fake, source), modules)
+    assert bad == [f"{fake} (kernels) {culprit}"], bad
+    assert not upward_imports(imports_of(fake, "from mini_internvl_jax import sharding"), modules)
+
+
+def test_the_layer_table_is_read_from_the_docs():
+    owner, allowed = read_layer_table(DOCS.read_text())
+    assert owner["configlib"] == "core" and owner["tools"] == "tools" and owner[""] == "api"
+    assert allowed["tools"] == {"core", "kernels", "models", "data", "convert", "tools"}
+    assert "tools" in allowed["train"] and "train" not in allowed["infer"]
 
 
 def test_no_import_cycles():

@@ -11,7 +11,6 @@ import sentencepiece as spm
 from PIL import Image
 
 from mini_internvl_jax.data import DataConfig, load_tokenizer, prepare_chat_inputs
-from mini_internvl_jax.data.demo import write_demo
 from mini_internvl_jax.data.processing import SampleProcessor
 from mini_internvl_jax.data.sources import Mixture, open_source, read_meta
 from mini_internvl_jax.data.templates import DEFAULT_SYSTEM_MESSAGE
@@ -22,6 +21,7 @@ from mini_internvl_jax.data.video import (
     train_frame_indices,
 )
 from mini_internvl_jax.infer.runtime import TextStream
+from mini_internvl_jax.tools.demo import write_demo
 from tests.helpers.video import decode_all, frame_index, write_video
 
 SIZE, TOKENS = 56, 4  # tile size and tokens per tile of the tests' tiny geometry

@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 
 from mini_internvl_jax.cli import chat, evaluate
-from mini_internvl_jax.data.demo import write_demo
 from mini_internvl_jax.data.tokenizer import load_tokenizer
 from mini_internvl_jax.infer.generate import Generator
 from mini_internvl_jax.infer.runtime import Runtime
 from mini_internvl_jax.infer.session import ChatSession
+from mini_internvl_jax.tools.demo import write_demo
 from tests.helpers.checkpoints import save_checkpoint
 from tests.helpers.video import write_video
 from tests.test_generate import random_model

@@ -9,10 +9,10 @@ import transformers
 from flax import nnx
 
 from mini_internvl_jax.config import ComputeConfig, ModelConfig, VisionConfig
-from mini_internvl_jax.convert.apply import load_rules_into, torch_state_reader
 from mini_internvl_jax.convert.mapping import llm_rules, model_rules, vision_rules
 from mini_internvl_jax.models import InternViT, InternVLModel
 from tests.helpers import hf_reference as ref
+from tests.helpers.torch_rules import load_rules_into, torch_state_reader
 
 TINY_VISION = VisionConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                            image_size=56, patch_size=14)

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from mini_internvl_jax.data.demo import write_demo
+from mini_internvl_jax.tools.demo import write_demo
 from mini_internvl_jax.train import trainer
 from mini_internvl_jax.train.config import load_train_config
 

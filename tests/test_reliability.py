@@ -38,7 +38,7 @@ ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
-    from mini_internvl_jax.data.demo import write_demo
+    from mini_internvl_jax.tools.demo import write_demo
 
     out = tmp_path_factory.mktemp("demo") / "demo_data"
     write_demo(out, num_stage1=16, num_stage2=16)

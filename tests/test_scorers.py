@@ -35,6 +35,8 @@ from mini_internvl_jax.infer.scorers.tasks import TASKS
     ("", ["abc"], 0.0),                               # empty prediction
     ("", [""], 1.0),                                  # both empty: NL 0
     ("$12.50", ["12.50"], 1 - 1 / 6),                 # units/symbols count as edits
+    ("  hello   world ", ["hello word"], 1 - 1 / 16),   # raw lengths: 1 edit / len(pred) 16
+    ("ab ", ["abcd"], 0.5),                           # 2 edits / max(3, 4) raw chars
 ])
 def test_anls(pred, answers, expected):
     assert anls.anls(pred, answers) == pytest.approx(expected)
@@ -300,9 +302,9 @@ def test_pope_metrics():
     # all answered no: precision undefined -> 0, recall 0, F1 0, accuracy 1/2
     m = pope.binary_metrics([False, False], [True, False])
     assert (m["precision"], m["recall"], m["f1"], m["accuracy"]) == (0.0, 0.0, 0.0, 0.5)
-    recs = ([{"split": "random", "pred_yes": p, "label_yes": t}
+    recs = ([{"splits": ["random"], "pred_yes": p, "label_yes": t}
              for p, t in zip(preds, labels, strict=True)]
-            + [{"split": "popular", "pred_yes": True, "label_yes": True}] * 2)
+            + [{"splits": ["popular"], "pred_yes": True, "label_yes": True}] * 2)
     s = pope.pope_scores(recs)
     assert s["f1_mean"] == pytest.approx((2 / 3 + 1.0) / 2)
 
@@ -391,8 +393,8 @@ def test_hallusion_yes_no(pred, parsed):
 
 def test_hallusion_scores():
     def r(s, f, q, ok, cat="VD", sub="chart"):
-        return {"category": cat, "subcategory": sub, "set_id": s, "figure_id": f,
-                "question_id": q, "correct": ok}
+        return {"group": [cat, sub], "tables": [cat, f"{cat}/{sub}"], "set_id": s,
+                "figure_id": f, "question_id": q, "correct": ok}
 
     recs = [r("0", "0", "0", True), r("0", "0", "1", False),
             r("0", "1", "0", True), r("0", "1", "1", False),

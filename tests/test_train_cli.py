@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_demo_loss_falls(tmp_path):
-    from mini_internvl_jax.data.demo import write_demo
+    from mini_internvl_jax.tools.demo import write_demo
 
     data = tmp_path / "demo_data"
     write_demo(data)

@@ -19,6 +19,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import jax
 
@@ -44,7 +45,11 @@ class ExitCode(enum.IntEnum):
     SIGNAL_BASE = 128
 
 
-def command(run: Callable[[list[str]], int]) -> Callable[[Sequence[str] | None], int]:
+class Main(Protocol):
+    def __call__(self, argv: Sequence[str] | None = None) -> int: ...
+
+
+def command(run: Callable[[list[str]], int]) -> Main:
     """`main(argv=None) -> int` running `run(argv)` under the one error policy."""
 
     @functools.wraps(run)

@@ -96,7 +96,7 @@ def _keep_jax_on_the_host() -> None:
     """Conversion is pure host work: JAX stays off accelerators (and quiet) unless JAX_PLATFORMS
     asks otherwise. Set when the command runs, not at import, so importing this module changes
     nothing; jax reads the option when it first picks a backend."""
-    if not jax.config.jax_platforms:
+    if not jax.config.jax_platforms:  # type: ignore[attr-defined]
         jax.config.update("jax_platforms", "cpu")
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from mini_internvl_jax.cli._shell import ExitCode, command, parse_args
-from mini_internvl_jax.data.demo import write_demo
+from mini_internvl_jax.tools.demo import write_demo
 
 
 @command

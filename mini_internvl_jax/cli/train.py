@@ -25,13 +25,8 @@ from collections.abc import Mapping
 
 import jax
 
-from mini_internvl_jax.cli._shell import (
-    ExitCode,
-    UsageError,
-    add_override_args,
-    command,
-    parse_args,
-)
+from mini_internvl_jax.cli import _shell
+from mini_internvl_jax.cli._shell import ExitCode, UsageError, add_override_args, command
 from mini_internvl_jax.train.aot import compile_for_topology, format_report
 from mini_internvl_jax.train.config import load_train_config
 from mini_internvl_jax.train.stopping import exit_code
@@ -106,9 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    return _shell.parse_args(build_parser(), argv)
+
+
 @command
 def main(argv: list[str]) -> int:
-    args = parse_args(build_parser(), argv)
+    args = parse_args(argv)
     cfg = load_train_config(args.config, args.overrides)
     if args.aot_tpu:
         try:

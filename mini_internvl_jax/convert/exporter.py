@@ -1,5 +1,8 @@
 """Converted Orbax folder (or a bare params checkpoint) -> Hugging Face safetensors folder.
 
+With the converted folder's tokenizer files, the export also gets what a serving stack reads
+(processor, chat template, generation config, token ids: `serving.py`).
+
 Tensors are written in the mapping's order straight into (sharded) safetensors files, one at a
 time, from parameters read in batches; by default each tensor gets the dtype it had in the
 checkpoint originally converted, so HF -> Orbax -> HF reproduces the source bit for bit.
@@ -47,6 +50,8 @@ from mini_internvl_jax.convert.params import (
     param_specs,
     stacks_of,
 )
+from mini_internvl_jax.convert.serving import write_serving_files
+from mini_internvl_jax.data.tokenizer import find_tokenizer
 from mini_internvl_jax.fileio import IncompleteFolderError, atomic_folder, local_copy
 
 log = logging.getLogger(__name__)
@@ -156,5 +161,10 @@ def export_to_hf(src_dir: str | Path, out_dir: str | Path, *, layout: str = "ori
         write_json(tmp / "config.json", hf_config)
         if is_converted_folder(src_dir):
             copy_side_files(src_dir, tmp)
+        if find_tokenizer(tmp) is not None:
+            write_serving_files(tmp, cfg, layout)
+        else:
+            log.warning("%s holds no tokenizer files: the export has weights and config.json "
+                        "only (no processor, chat template or generation config)", src_dir)
     stats.seconds = time.perf_counter() - start
     return stats

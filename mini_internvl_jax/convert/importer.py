@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from etils import epath
 
-import mini_internvl_jax
+from mini_internvl_jax._version import __version__
 from mini_internvl_jax.config import DTYPES, Dtype, is_dtype
 from mini_internvl_jax.convert.apply import fill_from_rules
 from mini_internvl_jax.convert.errors import (
@@ -208,7 +208,7 @@ def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, dtype: str |
         copied = copy_side_files(src.folder, tmp)
         write_json(tmp / CONVERSION_INFO, {
             "format_version": 1,
-            "converter": f"mini_internvl_jax {mini_internvl_jax.__version__}",
+            "converter": f"mini_internvl_jax {__version__}",
             "source": str(hf_dir) if is_remote(hf_dir) else str(src.folder.resolve()),
             "source_checkpoint": src.reader.description.replace(str(src.folder), str(hf_dir)),
             "layout": info.layout,

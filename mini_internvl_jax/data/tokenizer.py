@@ -149,7 +149,9 @@ class Tokenizer(abc.ABC):
         """Token ids of `text`, special tokens recognised, no BOS."""
 
     @abc.abstractmethod
-    def decode(self, ids: Iterable[int]) -> str: ...
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; ids the vocabulary lacks (a model's padded embedding rows) decode to
+        nothing, as in the `tokenizers` library, rather than raising."""
 
     def token_id(self, token: str, needed_for: str = "") -> int:
         """Id of a special token, or a `TokenizerError` naming the token and the file."""
@@ -218,7 +220,7 @@ class SentencePieceTokenizer(Tokenizer):
                                  f"{e}") from None
         self._enc = self._sp if legacy else spm.SentencePieceProcessor(
             model_proto=_without_dummy_prefix(model_proto))
-        n = self._sp.get_piece_size()
+        n = self._num_pieces = self._sp.get_piece_size()
         # Added tokens may also rename an existing piece (InternLM2 checkpoints map
         # <|im_start|> onto a piece stored as [UNUSED_TOKEN_146]); the added name wins.
         self._added = dict(added_tokens or {})
@@ -356,7 +358,7 @@ class SentencePieceTokenizer(Tokenizer):
             if i in self._id_to_added:
                 flush()
                 out.append(self._id_to_added[i])
-            else:
+            elif 0 <= i < self._num_pieces:
                 run.append(i)
         flush()
         return "".join(out)
@@ -483,7 +485,8 @@ class HFTokenizer(Tokenizer):
         return enc.ids, [o[0] for o in enc.offsets]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+        known = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
+        return self._tok.decode(known, skip_special_tokens=False)
 
 
 class _TokenizerArgs(TypedDict):

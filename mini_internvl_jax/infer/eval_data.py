@@ -10,6 +10,15 @@
   * `.parquet`, or a folder of `*.parquet` shards (Hugging Face datasets' published form):
     image cells are {"bytes", "path"} structs. pyarrow is needed only for these.
 
+`layout_of` names which published layout a file is (printed and written with the results).
+
+Image fields, first found: `decoded_image` (MathVista), `image`, `image_path`, the official
+releases' `image_local_name` (InfographicVQA), `imgname` (ChartQA), `filename`
+(HallusionBench) and `data_id` (SEED-Bench), then `image_1` ... `image_N` (MMMU). A path that
+does not exist is a `MissingImageError` naming the row, the field and the path
+(`load_benchmark(skip_missing=True)` counts and skips such rows instead): a question is never
+answered without its image.
+
 Rows come back as (where, dict) with `where` = "FILE:LINE" for error messages; images as a
 tuple of paths (str) or encoded bytes, a video as a one-element tuple holding a `VideoRef`;
 `prepare_chat_inputs` opens either and puts the placeholder lines (`Image-1: <image>`...,
@@ -32,6 +41,24 @@ from mini_internvl_jax.errors import UserError
 
 class EvalDataError(UserError, ValueError):
     """A malformed evaluation file; the message names the file, row and field."""
+
+
+class MissingImageError(EvalDataError):
+    """A row names an image file that does not exist."""
+
+
+IMAGE_KEYS = ("decoded_image", "image", "image_path", "image_local_name", "imgname", "filename",
+              "data_id")
+
+
+def layout_of(path: str | Path) -> str:
+    """The published layout a benchmark file is in, from its form: VLMEvalKit's TSV, a Hugging
+    Face dataset's parquet, or JSON / JSONL (the official releases' form)."""
+    path = Path(path)
+    if path.is_dir() or path.suffix.lower() == ".parquet":
+        return "Hugging Face parquet"
+    return {".tsv": "VLMEvalKit TSV", ".jsonl": "JSONL"}.get(path.suffix.lower(),
+                                                             "official JSON")
 
 
 def read_rows(path: str | Path) -> list[tuple[str, dict]]:
@@ -75,11 +102,20 @@ def _read_json(path: Path) -> list[tuple[str, dict]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # JSON lines named .json (POPE's coco_pope_*.json)
+            return _read_jsonl(path)
         raise EvalDataError(f"{path}: not valid JSON ({e})") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]  # DocVQA / InfographicVQA annotation files: {"data": [...]}
+    if isinstance(data, dict):
+        for key in ("data", "questions"):  # DocVQA / InfoVQA / TextVQA, SEED-Bench
+            if isinstance(data.get(key), list):
+                data = data[key]
+                break
+        else:  # MathVista's testmini.json: {pid: problem}
+            if data and all(isinstance(v, dict) for v in data.values()):
+                data = [{"pid": k, **v} for k, v in data.items()]
     if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
-        raise EvalDataError(f"{path}: expected a list of objects (or {{'data': [...]}})")
+        raise EvalDataError(f"{path}: expected a list of objects, {{'data': [...]}}, "
+                            "{'questions': [...]} or {id: object}")
     return [(f"{path}:item {i}", x) for i, x in enumerate(data)]
 
 
@@ -142,15 +178,14 @@ def as_list(value, where: str, name: str) -> list:
 
 def image_refs(row: dict, root: Path, where: str, *, required: bool,
                videos: bool = False) -> tuple:
-    """The row's images in order as paths or encoded bytes: the first of `decoded_image`
-    (MathVista), `image`, `image_path`, then `image_1` ... `image_N` (MMMU).
+    """The row's images in order as paths or encoded bytes: the first of `IMAGE_KEYS`, then
+    `image_1` ... `image_N` (MMMU). Paths must exist (`MissingImageError` otherwise).
 
     With `videos` (tasks whose prompts suit a clip), a row may instead hold `video` (path,
     bytes or parquet struct) and optional `num_frames` (default 8): one `VideoRef`. Tasks
     without it reject a `video` field rather than silently answer without the clip.
     """
-    first = next((k for k in ("decoded_image", "image", "image_path")
-                  if row.get(k) not in (None, "")), None)
+    first = next((k for k in IMAGE_KEYS if row.get(k) not in (None, "")), None)
     keys = [first] if first else []
     keys += sorted((k for k in row if k.startswith("image_") and k[6:].isdigit()
                     and row[k] not in (None, "")), key=lambda k: int(k[6:]))
@@ -161,7 +196,7 @@ def image_refs(row: dict, root: Path, where: str, *, required: bool,
         if keys:
             raise EvalDataError(f"{where}: fields 'video' and {keys[0]!r} are exclusive (a row "
                                 "holds images or one video)")
-        source = _one_ref(row["video"], root, where, "video", "a video")
+        source = _one_ref(row["video"], root, where, "video", "a video", check=False)
         return (VideoRef(source, _num_frames(row.get("num_frames"), where)),)
     if row.get("num_frames") not in (None, ""):
         raise EvalDataError(f"{where}: field 'num_frames' is given without a 'video'")
@@ -175,7 +210,8 @@ def image_refs(row: dict, root: Path, where: str, *, required: bool,
             refs += [_one_ref(v, root, where, f"{k}[{i}]", "an image")
                      for i, v in enumerate(row[k])]
     if required and not refs:
-        raise EvalDataError(f"{where}: no image (fields 'image', 'image_path' or 'image_1'...)")
+        raise EvalDataError(f"{where}: no image (fields {', '.join(IMAGE_KEYS)} or "
+                            "'image_1'...)")
     return tuple(refs)
 
 
@@ -191,16 +227,23 @@ def _num_frames(value, where: str) -> int:
     return value
 
 
-def _one_ref(v, root: Path, where: str, key: str, kind: str):
+def _one_ref(v, root: Path, where: str, key: str, kind: str, check: bool = True):
     if isinstance(v, bytes):
         return v
+    path = None
     if isinstance(v, dict):  # HF parquet image struct
         if v.get("bytes"):
             return bytes(v["bytes"])
-        if v.get("path"):
-            return str(root / v["path"])
-    if isinstance(v, str) and v:
-        return str(root / v)
+        path = v.get("path") or None
+    elif isinstance(v, str) and v:
+        path = v
+    if path is not None:
+        full = root / path
+        if check and not full.is_file():
+            raise MissingImageError(f"{where}: field {key!r} names image {path!r}, which is not "
+                                    f"at {full} (set --image-root to the folder the paths are "
+                                    "relative to)")
+        return str(full)
     got = "an empty string" if v == "" else type(v).__name__
     raise EvalDataError(f"{where}: field {key!r} must be {kind} path, bytes or a "
                         f"{{'bytes', 'path'}} struct, got {got}")

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from mini_internvl_jax.data.errors import SkipSample
@@ -29,22 +30,51 @@ from mini_internvl_jax.data.processing import decode_rgb, open_image
 from mini_internvl_jax.data.templates import IMAGE_PLACEHOLDER
 from mini_internvl_jax.data.video import VideoRef, read_frames
 from mini_internvl_jax.fileio import write_atomic
-from mini_internvl_jax.infer.eval_data import EvalDataError, read_rows
+from mini_internvl_jax.infer.eval_data import (
+    EvalDataError,
+    MissingImageError,
+    layout_of,
+    read_rows,
+)
 from mini_internvl_jax.infer.scorers.tasks import Item, Task
 
 
-def build_items(task: Task, data: str | Path, *, image_root: str | Path | None = None,
-                settings: dict | None = None, limit: int | None = None) -> list[Item]:
-    """All items of a benchmark file (the first `limit` rows only, if given)."""
+@dataclass(frozen=True)
+class Benchmark:
+    """A benchmark file's items, the layout it was read as, and the rows skipped for a missing
+    image (only with `skip_missing`), each as "FILE:ROW: message"."""
+
+    items: list[Item]
+    layout: str
+    skipped: list[str]
+
+
+def load_benchmark(task: Task, data: str | Path, *, image_root: str | Path | None = None,
+                   settings: dict | None = None, limit: int | None = None,
+                   skip_missing: bool = False) -> Benchmark:
+    """All items of a benchmark file (the first `limit` rows only, if given). A row whose image
+    file is missing is an error, or with `skip_missing` a counted skip."""
     root = Path(image_root) if image_root is not None else Path(data)
     root = root if root.is_dir() else root.parent
     rows = read_rows(data)
+    layout = layout_of(data)
     if limit is not None:
         rows = rows[:limit]
+    settings = {**(settings or {}), "layout": layout, "file": Path(data).name}
+    if task.scan is not None:
+        settings.update(task.scan([r for _, r in rows]))
     items: list[Item] = []
+    skipped: list[str] = []
     seen: dict[str, str] = {}
     for where, row in rows:
-        for item in task.build(row, where, root, settings or {}):
+        try:
+            built = task.build(row, where, root, settings)
+        except MissingImageError as e:
+            if not skip_missing:
+                raise
+            skipped.append(str(e))
+            continue
+        for item in built:
             if item.id in seen:
                 raise EvalDataError(f"{where}: duplicate id {item.id!r} (first at "
                                     f"{seen[item.id]})")
@@ -52,8 +82,14 @@ def build_items(task: Task, data: str | Path, *, image_root: str | Path | None =
             _check_placeholders(item, where)
             items.append(item)
     if not items:
-        raise EvalDataError(f"{data}: no {task.name} items")
-    return items
+        raise EvalDataError(f"{data}: no {task.name} items" + (
+            f" ({len(skipped)} rows skipped for missing images)" if skipped else ""))
+    return Benchmark(items, layout, skipped)
+
+
+def build_items(task: Task, data: str | Path, **kw) -> list[Item]:
+    """The items of `load_benchmark`."""
+    return load_benchmark(task, data, **kw).items
 
 
 def _check_placeholders(item: Item, where: str) -> None:
@@ -189,3 +225,38 @@ def format_table(summary: dict) -> str:
 def write_results(path: str | Path, summary: dict, records: Sequence[dict]) -> None:
     write_atomic(path, json.dumps({**summary, "items": list(records)}, indent=1,
                                   ensure_ascii=False) + "\n")
+
+
+AnswerFactory = Callable[[Task], tuple[Callable[[Sequence[Item]], list[str]], int]]
+
+
+def evaluate_file(task: Task, data: str | Path, out: str | Path, make_answer: AnswerFactory,
+                  *, image_root: str | Path | None = None, settings: dict | None = None,
+                  limit: int | None = None, skip_missing: bool = False,
+                  meta: dict | None = None,
+                  progress: Callable[[int, int], Callable[[int], object]] | None = None,
+                  ) -> tuple[Benchmark, list[dict], dict]:
+    """One benchmark file end to end: items, resume from OUT's predictions, generation of the
+    rest (`make_answer(task)` -> (answer function, batch size), called only when something is
+    pending, so a finished run needs no model), scores written atomically to `out`. `meta`
+    (e.g. the checkpoint) goes into the summary; `progress(total, done)` returns a callback
+    taking the count of each finished batch."""
+    bench = load_benchmark(task, data, image_root=image_root, settings=settings, limit=limit,
+                           skip_missing=skip_missing)
+    preds_path = predictions_path(out)
+    done = load_predictions(preds_path, task, bench.items)
+    pending = [it for it in bench.items if it.id not in done]
+    check_images(pending)
+    if pending:
+        answer, batch = make_answer(task)
+        tick = progress(len(bench.items), len(bench.items) - len(pending)) if progress else None
+        generate_all(task, pending, preds_path, answer, batch, progress=tick)
+        done = load_predictions(preds_path, task, bench.items)
+    records, summary = score_all(task, bench.items, done)
+    summary.update(meta or {})
+    summary.update(data=str(data), layout=bench.layout, predictions=str(preds_path),
+                   skipped_rows=len(bench.skipped))
+    if bench.skipped:
+        summary["skipped"] = bench.skipped
+    write_results(out, summary, records)
+    return bench, records, summary

@@ -17,6 +17,10 @@ For one seed both give the same tokens: step i samples with `fold_in(key, i)` in
 Decode steps embed the sampled ids with the plain token table (no image splice): generated ids
 are never image placeholders, even if a random model emits the `<IMG_CONTEXT>` id.
 
+Checkpoints often pad the embedding table beyond the tokenizer (to a multiple of 64 or 128);
+logits at ids >= `GenerationConfig.vocab_size` (the tokenizer's) are set to -inf before greedy
+or sampled choice, so an id the tokenizer cannot decode is never produced.
+
 Phi-3 LongRoPE picks its factor list from max(position)+1 at every step, like transformers'
 InternVLForConditionalGeneration; cached keys keep the rotation they were written with.
 (`Phi3ForCausalLM.generate` instead recomputes the whole cache once when the sequence crosses
@@ -60,6 +64,9 @@ class GenerationConfig:
     # Fills the prompt's left padding and the output of rows that already stopped.
     pad_token_id: int = 0
     min_length_bucket: int = 64
+    # Ids the tokenizer knows (its vocab_size); larger ids (padded embeddings) are never chosen.
+    # None: every row of the model's output layer may be chosen.
+    vocab_size: int | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -68,6 +75,8 @@ class GenerationConfig:
             raise ValueError(f"at most {MAX_STOP_IDS} stop token ids, got {self.stop_token_ids}")
         if self.min_length_bucket < 1:
             raise ValueError(f"min_length_bucket must be >= 1, got {self.min_length_bucket}")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}")
 
 
 @dataclass
@@ -243,7 +252,8 @@ def _prefill(leaves, batch, key, *, model_def, cache_len, sampling):
         batch["input_ids"], batch["pixel_values"], batch["image_flags"],
         batch["positions"], batch["segment_ids"], cache=cache)
     cache = out.cache
-    logits = model.llm.logits(out.hidden[:, -1:])[:, 0]
+    logits = mask_vocab(model.llm.logits(out.hidden[:, -1:])[:, 0],
+                        batch["control"]["vocab_limit"])
     tokens = sample_logits(logits, jax.random.fold_in(key, 0), sampling)
     done = jnp.isin(tokens, batch["control"]["stop_ids"]) | ~batch["active"]
     positions = batch["positions"][:, -1] + 1
@@ -258,7 +268,7 @@ def _decode(leaves, tokens, done, cache, positions, key, step, control, *, model
     seg = jnp.ones_like(tokens)[:, None]
     out = model.llm(x, positions[:, None], seg, cache=cache)
     cache = out.cache
-    logits = model.llm.logits(out.hidden)[:, 0]
+    logits = mask_vocab(model.llm.logits(out.hidden)[:, 0], control["vocab_limit"])
     nxt = sample_logits(logits, jax.random.fold_in(key, step), sampling)
     nxt = jnp.where(done, control["pad_id"], nxt)
     done = done | jnp.isin(nxt, control["stop_ids"])
@@ -293,11 +303,20 @@ _generate_jit = jax.jit(_generate, static_argnames=("model_def", "cache_len", "s
                                                     "max_new_tokens"))
 
 
+def mask_vocab(logits: jax.Array, vocab_limit: jax.Array) -> jax.Array:
+    """logits [B, V] with the columns >= vocab_limit (padded embedding rows) at -inf."""
+    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.where(ids < vocab_limit, logits, -jnp.inf)
+
+
 def control_arrays(gen: GenerationConfig) -> dict:
-    """Stop and pad ids as arrays (not compile-time constants): changing them reuses compiles."""
+    """Stop and pad ids and the vocabulary limit as arrays (not compile-time constants):
+    changing them reuses compiles."""
     stop = np.full((MAX_STOP_IDS,), -1, np.int32)
     stop[:len(gen.stop_token_ids)] = gen.stop_token_ids
-    return {"stop_ids": stop, "pad_id": np.int32(gen.pad_token_id)}
+    limit = np.iinfo(np.int32).max if gen.vocab_size is None else gen.vocab_size
+    return {"stop_ids": stop, "pad_id": np.int32(gen.pad_token_id),
+            "vocab_limit": np.int32(limit)}
 
 
 def trim(tokens: Sequence[int], stop_token_ids: Sequence[int]) -> list[int]:

@@ -68,7 +68,8 @@ class ChatSession:
             self._pending = 0
             raise
         gen = GenerationConfig(self.max_new_tokens, self.sampling, stop_token_ids=stop_ids,
-                               pad_token_id=rt.tokenizer.pad_id)
+                               pad_token_id=rt.tokenizer.pad_id,
+                               vocab_size=rt.tokenizer.vocab_size)
         stream = TextStream(rt.tokenizer, stop_ids)
         ids: list[int] = []
         for step in rt.generator.stream([prompt], gen, seed=self.seed + len(self.history)):

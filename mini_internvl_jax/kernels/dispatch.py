@@ -12,14 +12,18 @@ The kernels cover training and prefill (S == T, q_offset 0); decoding against a 
 back to the dense reference.
 
 Mosaic and Triton kernels are not partitioned by XLA, so under a mesh (`jax.set_mesh`) the
-kernel runs inside `jax.shard_map`: batch over ('data', 'fsdp') where they divide B, query
-heads over 'tensor' where it divides H. KV heads are sharded with them when 'tensor' divides
-KV; otherwise (e.g. Qwen2's 2 KV heads on tensor=4 with 8 query heads) K/V are repeated to H
-heads before the shard_map, so each shard holds exactly the KV heads of its query heads. Axes
-that are already manual (inside the caller's shard_map) are left alone.
+kernel runs inside `jax.shard_map` with the specs the logical rules give activations
+(`sharding.logical_to_spec(("batch", None, "act_heads", None))`): batch over the mesh axes of
+`batch` that divide B, query heads over those of `act_heads` that divide H. KV heads are sharded
+with them when that axis divides KV; otherwise (e.g. Qwen2's 2 KV heads on tensor=4 with 8
+query heads) K/V are repeated to H heads before the shard_map, so each shard holds exactly the
+KV heads of its query heads. Axes that are already manual (inside the caller's shard_map) are
+left alone.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -31,10 +35,7 @@ from mini_internvl_jax.config import ATTENTION_IMPLS as IMPLS
 from mini_internvl_jax.kernels import flash_gpu, flash_tpu
 from mini_internvl_jax.kernels.common import HEAD_DIMS
 from mini_internvl_jax.kernels.reference import AttentionMask, dot_product_attention
-from mini_internvl_jax.sharding import vmapped_mesh_axes
-
-BATCH_AXES = ("data", "fsdp")
-HEAD_AXIS = "tensor"
+from mini_internvl_jax.sharding import logical_to_spec, vmapped_mesh_axes
 
 
 def target_platform() -> str:
@@ -113,11 +114,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, 
     return sharded(kernel, q, k, v, segment_ids, kv_segment_ids)
 
 
-def _free_axes(mesh) -> dict[str, int]:
-    """Mesh axes of size > 1 that are not already manual nor taken by an enclosing vmap (which
-    shards its mapped dimension over them itself)."""
-    taken = set(mesh.manual_axes) | vmapped_mesh_axes()
-    return {a: s for a, s in mesh.shape.items() if s > 1 and a not in taken}
+def _taken_axes(mesh) -> set[str]:
+    """Mesh axes the kernel's shard_map may not name: of size 1 (nothing to split), already
+    manual, or taken by an enclosing vmap (which shards its mapped dimension over them)."""
+    return ({a for a, s in mesh.shape.items() if s == 1} | set(mesh.manual_axes)
+            | vmapped_mesh_axes())
 
 
 def sharded(kernel, q, k, v, segment_ids=None, kv_segment_ids=None, mesh=None):
@@ -126,23 +127,17 @@ def sharded(kernel, q, k, v, segment_ids=None, kv_segment_ids=None, mesh=None):
     automatically, so a mesh whose axes divide neither batch nor heads still gets a shard_map
     (with every input replicated) rather than a bare call."""
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-    free = {} if mesh.empty else _free_axes(mesh)
-    b, _, h, _ = q.shape
-    kvh = k.shape[2]
-    batch, size = [], 1
-    for a in BATCH_AXES:
-        if a in free and b % (size * free[a]) == 0:
-            batch.append(a)
-            size *= free[a]
-    tp = free.get(HEAD_AXIS, 1)
-    heads = HEAD_AXIS if tp > 1 and h % tp == 0 else None
     if mesh.empty:
         return kernel(q, k, v, segment_ids, kv_segment_ids)
-    if heads is not None and kvh % tp:
+    h, kvh = q.shape[2], k.shape[2]
+    act = logical_to_spec(("batch", None, "act_heads", None), q.shape, mesh,
+                          exclude=_taken_axes(mesh))
+    heads = act[2]
+    head_axes = () if heads is None else (heads,) if isinstance(heads, str) else heads
+    tp = math.prod(dict(mesh.shape)[a] for a in head_axes)
+    if kvh % tp:
         k, v = (jnp.repeat(x, h // kvh, axis=2) for x in (k, v))
-    batch_spec = tuple(batch) if batch else None
-    act = P(batch_spec, None, heads, None)
-    seg = P(batch_spec, None)
+    seg = P(act[0], None)
     args = (q, k, v, segment_ids, kv_segment_ids)
     specs = (act, act, act, *(None if s is None else seg for s in args[3:]))
     if any(t == AxisType.Explicit for t in mesh.axis_types):

@@ -18,7 +18,7 @@ from mini_internvl_jax.config import ComputeConfig, ModelConfig, model_config_fr
 from mini_internvl_jax.configlib import check
 from mini_internvl_jax.data.config import DataConfig
 from mini_internvl_jax.models.lora import LoRAConfig
-from mini_internvl_jax.sharding import make_mesh
+from mini_internvl_jax.sharding import RULE_SETS, Rules, make_mesh
 from mini_internvl_jax.train.preference import PreferenceConfig
 
 
@@ -56,6 +56,16 @@ class MeshConfig:
     fsdp: int = -1
     tensor: int = 1
     dcn: DcnConfig = field(default_factory=DcnConfig)
+    # The named logical-axis rule set (sharding.RULE_SETS) that places parameters on the mesh.
+    rules: str = "default"
+
+    def __post_init__(self):
+        check(self.rules in RULE_SETS, "mesh.rules",
+              f"{self.rules!r} is not one of {sorted(RULE_SETS)}")
+
+    @property
+    def rule_table(self) -> Rules:
+        return RULE_SETS[self.rules]
 
     def build(self, devices=None):
         """The jax Mesh over `devices` (default: all devices of all hosts)."""

@@ -17,7 +17,7 @@ from mini_internvl_jax.config import ModelConfig
 from mini_internvl_jax.configlib import ConfigError
 from mini_internvl_jax.models import InternVLModel
 from mini_internvl_jax.models.lora import apply_lora
-from mini_internvl_jax.sharding import create_sharded_model
+from mini_internvl_jax.sharding import batch_shards, create_sharded_model, state_shardings
 from mini_internvl_jax.train import preference_run
 from mini_internvl_jax.train.batches import global_shapes
 from mini_internvl_jax.train.config import TrainConfig, build_model_config
@@ -29,7 +29,6 @@ from mini_internvl_jax.train.state import (
     init_train_state,
     split_params,
     train_state_shardings,
-    tree_shardings,
 )
 from mini_internvl_jax.train.step import jit_step, make_step_fn
 
@@ -69,8 +68,9 @@ def model_factory(model_cfg: ModelConfig, cfg: TrainConfig):
 
 
 def check_batch_fits_mesh(cfg: TrainConfig, mesh: Mesh) -> None:
-    """Every (data, fsdp) shard must get whole rows and tiles, or work would be replicated."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    """Every batch shard (data x fsdp by the rules) must get whole rows and tiles, or work would
+    be replicated."""
+    shards = batch_shards(mesh)
     for name, n in (("rows per micro-batch (batch_size / optim.grad_accum)",
                      cfg.micro_batch_size), ("max_tiles", cfg.max_tiles)):
         if n % shards:
@@ -88,8 +88,10 @@ def _finish(cfg, model_cfg, mesh, graphdef, trainable, frozen, rest, *, abstract
     abs_state = abstract_train_state(trainable, tx, cfg.seed)
     if cfg.preference is not None:
         abs_state.extra = preference_run.abstract_state_extra()
-    state_sh = train_state_shardings(trainable, abs_state.opt_state, mesh, abs_state.extra)
-    frozen_sh, rest_sh = tree_shardings(frozen, mesh), tree_shardings(rest, mesh)
+    rules = cfg.mesh.rule_table
+    state_sh = train_state_shardings(trainable, abs_state.opt_state, mesh, rules,
+                                     abs_state.extra)
+    frozen_sh, rest_sh = state_shardings(frozen, mesh, rules), state_shardings(rest, mesh, rules)
     batch_sh = batch_shardings(mesh, global_shapes(cfg, model_cfg))
     if cfg.preference is not None:
         batch_sh = preference_run.batch_shardings(
@@ -108,7 +110,7 @@ def _finish(cfg, model_cfg, mesh, graphdef, trainable, frozen, rest, *, abstract
         state = abstract_like(abs_state, state_sh)
         frozen, rest = abstract_like(frozen, frozen_sh), abstract_like(rest, rest_sh)
     else:
-        state = init_train_state(trainable, tx, mesh, cfg.seed)
+        state = init_train_state(trainable, tx, mesh, cfg.seed, rules)
         if cfg.preference is not None:
             state.extra = preference_run.initial_state_extra(mesh)
     return Setup(cfg, model_cfg, mesh, graphdef, state, frozen, rest, tx, schedule, step_fn,
@@ -119,7 +121,7 @@ def build(cfg: TrainConfig, mesh: Mesh, model_cfg: ModelConfig | None = None,
           init_params=None) -> Setup:
     """Real arrays, placed on `mesh`. `init_params(model)` may overwrite the fresh weights."""
     model_cfg = model_cfg or build_model_config(cfg)
-    model = create_sharded_model(model_factory(model_cfg, cfg), mesh)
+    model = create_sharded_model(model_factory(model_cfg, cfg), mesh, cfg.mesh.rule_table)
     if init_params is not None:
         init_params(model)
     graphdef, trainable, frozen, rest = split_params(model, cfg.frozen_components)

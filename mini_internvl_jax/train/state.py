@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mini_internvl_jax.models.lora import LoRAParam
-from mini_internvl_jax.sharding import logical_to_spec, param_names
+from mini_internvl_jax.sharding import state_shardings
 
 # What a TrainState's scalar leaves hold: arrays (the state itself), ShapeDtypeStructs (its
 # abstract form) or NamedShardings (where each leaf lives) -- one tree structure for all three.
@@ -56,23 +56,11 @@ def split_params(model_or_state, frozen_components: frozenset[str]):
     return nnx.split(model_or_state, *filters)
 
 
-def tree_shardings(tree, mesh: Mesh):
-    """NamedShardings for a tree of Variables (by logical names) and plain arrays (replicated)."""
-
-    def one(x):
-        if isinstance(x, nnx.Variable):
-            shape = x.shape if hasattr(x, "shape") else x[...].shape
-            return x.replace(NamedSharding(mesh, logical_to_spec(param_names(x), shape, mesh)))
-        return NamedSharding(mesh, P())
-
-    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def train_state_shardings(params, opt_state, mesh: Mesh, extra=None
-                          ) -> TrainState[NamedSharding]:
+def train_state_shardings(params, opt_state, mesh: Mesh, rules=None,
+                          extra=None) -> TrainState[NamedSharding]:
     rep = NamedSharding(mesh, P())
-    return TrainState(params=tree_shardings(params, mesh),
-                      opt_state=tree_shardings(opt_state, mesh), step=rep, rng=rep,
+    return TrainState(params=state_shardings(params, mesh, rules),
+                      opt_state=state_shardings(opt_state, mesh, rules), step=rep, rng=rep,
                       bad_steps=rep, skipped=rep, extra=jax.tree.map(lambda _: rep, extra))
 
 
@@ -82,10 +70,11 @@ def abstract_like(tree, shardings):
                         tree, shardings)
 
 
-def init_train_state(params: nnx.State, tx, mesh: Mesh, seed: int) -> TrainState[jax.Array]:
+def init_train_state(params: nnx.State, tx, mesh: Mesh, seed: int,
+                     rules=None) -> TrainState[jax.Array]:
     """Fresh optimizer state, created directly in its sharded place."""
     abstract_opt = jax.eval_shape(tx.init, params)
-    opt_sh = tree_shardings(abstract_opt, mesh)
+    opt_sh = state_shardings(abstract_opt, mesh, rules)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
     rep = NamedSharding(mesh, P())
     key = jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32)

@@ -28,11 +28,9 @@ from jax.sharding import PartitionSpec as P
 
 from mini_internvl_jax.batch import IGNORE_INDEX
 from mini_internvl_jax.models import lora
-from mini_internvl_jax.sharding import vmapped_axes
+from mini_internvl_jax.sharding import data_group_axis, vmapped_axes
 from mini_internvl_jax.train.loss import cross_entropy_sums
 from mini_internvl_jax.train.state import TrainState
-
-DATA_AXIS = "data"
 
 
 def _add(a, b):
@@ -68,7 +66,7 @@ def data_groups(batch: dict) -> int:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return 1
-    size = dict(mesh.shape).get(DATA_AXIS, 1)
+    size = dict(mesh.shape).get(data_group_axis(), 1)
     divides = all(x.shape[1] % size == 0 for x in batch.values())
     return size if size > 1 and divides else 1
 
@@ -80,7 +78,7 @@ def _stacked_zeros(params, groups: int):
         return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     return jax.tree.map(lambda p: jax.lax.with_sharding_constraint(
         jnp.zeros((groups, *p.shape), jnp.float32),
-        P(DATA_AXIS, *(P.UNCONSTRAINED,) * p.ndim)), params)
+        P(data_group_axis(), *(P.UNCONSTRAINED,) * p.ndim)), params)
 
 
 def make_step_fn(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
@@ -113,9 +111,10 @@ def make_step_fn(graphdef, tx: optax.GradientTransformation, schedule: optax.Sch
         """Per-`data`-group gradient sums, stacked on a leading axis sharded over `data`."""
         micro = jax.tree.map(lambda x: x.reshape(groups, -1, *x.shape[1:]), micro)
         keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(jnp.arange(groups))
-        with vmapped_axes(DATA_AXIS):
+        axis = data_group_axis()
+        with vmapped_axes(axis):
             return jax.vmap(micro_grads, in_axes=(None, None, None, 0, None, 0),
-                            spmd_axis_name=DATA_AXIS)(params, frozen, rest, micro, total_w, keys)
+                            spmd_axis_name=axis)(params, frozen, rest, micro, total_w, keys)
 
     def step(state: TrainState, frozen, rest, batch):
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)

@@ -85,7 +85,7 @@ def build_fixtures(root: Path) -> dict[str, str]:
 
     from mini_internvl_jax.checkpoints.checkpointer import Checkpointer
     from mini_internvl_jax.convert.importer import convert_hf_to_orbax
-    from mini_internvl_jax.data.demo import write_demo
+    from mini_internvl_jax.tools.demo import write_demo
     from tests.helpers.checkpoints import native_model, save_state, write_original
 
     write_demo(root / "demo", num_stage1=16, num_stage2=16)

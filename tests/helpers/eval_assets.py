@@ -3,6 +3,7 @@ evaluation CLI tests: mechanics, not content."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import shutil
 from pathlib import Path
@@ -13,14 +14,14 @@ from PIL import Image
 
 from mini_internvl_jax.config import load_model_config
 from mini_internvl_jax.convert.orbax_io import save_params, write_model_config
-from mini_internvl_jax.data.demo import write_demo
 from mini_internvl_jax.models import InternVLModel
+from mini_internvl_jax.tools.demo import write_demo
 
 
-def random_tiny_params(seed: int = 5, std: float = 0.1) -> tuple:
-    """(config, flat params) of tiny-qwen2 with random weights (norm scales near 1), made
+def random_tiny_params(seed: int = 5, std: float = 0.1, preset: str = "tiny-qwen2") -> tuple:
+    """(config, flat params) of a tiny preset with random weights (norm scales near 1), made
     from the parameter shapes alone: building the model eagerly costs a minute on CPU."""
-    cfg = load_model_config("tiny-qwen2")
+    cfg = load_model_config(preset)
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(lambda: InternVLModel(cfg, rngs=nnx.Rngs(0)))
     rng = np.random.RandomState(seed)
@@ -33,15 +34,23 @@ def random_tiny_params(seed: int = 5, std: float = 0.1) -> tuple:
     return cfg, flat
 
 
-def write_checkpoint(root: Path) -> Path:
-    """root/ckpt: params, model config and tokenizer files of a random tiny model."""
-    write_demo(root / "demo", num_stage1=2, num_stage2=4)
-    cfg, flat = random_tiny_params()
-    ckpt = root / "ckpt"
+def write_checkpoint(root: Path, family: str = "qwen2") -> Path:
+    """root/ckpt (root/ckpt-FAMILY for other families): params, model config and the demo
+    tokenizer files of a random tiny model."""
+    if not (root / "demo").exists():
+        write_demo(root / "demo", num_stage1=2, num_stage2=4)
+    cfg, flat = random_tiny_params(preset=f"tiny-{family}")
+    rs = cfg.llm.rope_scaling
+    if rs is not None and rs.type == "longrope":  # the lists a Phi-3 checkpoint carries
+        half = cfg.llm.head_size // 2
+        rs = dataclasses.replace(rs, short_factor=tuple(1.0 + 0.05 * i for i in range(half)),
+                                 long_factor=tuple(2.0 + 0.5 * i for i in range(half)))
+        cfg = cfg.replace(llm=dataclasses.replace(cfg.llm, rope_scaling=rs))
+    ckpt = root / ("ckpt" if family == "qwen2" else f"ckpt-{family}")
     ckpt.mkdir()
     save_params(ckpt / "params", flat)
     write_model_config(ckpt, cfg)
-    for f in (root / "demo" / "tokenizers" / "qwen2").iterdir():
+    for f in (root / "demo" / "tokenizers" / family).iterdir():
         shutil.copy(f, ckpt / f.name)
     return ckpt
 

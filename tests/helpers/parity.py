@@ -17,7 +17,7 @@ import transformers
 from flax import nnx
 
 from mini_internvl_jax.config import ComputeConfig, ModelConfig
-from mini_internvl_jax.convert.apply import fill_from_rules, torch_state_reader
+from mini_internvl_jax.convert.apply import fill_from_rules
 from mini_internvl_jax.convert.mapping import Rule, target_key
 from mini_internvl_jax.models import InternVLModel
 from mini_internvl_jax.train.config import OptimConfig
@@ -25,6 +25,7 @@ from mini_internvl_jax.train.optim import make_optimizer, make_schedule
 from mini_internvl_jax.train.state import TrainState, split_params
 from mini_internvl_jax.train.step import make_step_fn
 from tests.helpers import hf_reference as ref
+from tests.helpers.torch_rules import torch_state_reader
 
 IGNORE = -100  # PyTorch's cross-entropy ignore_index, as the reference uses it
 

@@ -1,14 +1,13 @@
 """ANLS (average normalised Levenshtein similarity) for DocVQA and InfographicVQA.
 
-Rule (the official DocVQA / InfographicVQA evaluation script, which InternVL's
-`eval/vqa/evaluate_vqa.py` calls): both strings are lowercased, stripped and their whitespace
-runs collapsed to one space; NL = edit distance / max(len(gt), len(pred)) (0 when both are
-empty); the item scores 1 - min NL over the reference answers, or 0 when that is below the
-threshold 0.5. At NL exactly 0.5 the script keeps 0.5 (`score < threshold` is zeroed), while the
-ST-VQA paper's formula (`NL < tau`) would give 0; we follow the script.
-
-VLMEvalKit's `anls_compute` differs in one detail: the denominator uses the lengths of the
-*unnormalised* strings, so extra spaces in a prediction lower its distance ratio there.
+Reference: the official DocVQA / InfographicVQA evaluation script (RRC `evaluation.py`), which
+VLMEvalKit's `anls_compute`, lmms-eval and InternVL's `eval/vqa/evaluate_vqa.py` follow: the
+edit distance is taken between the normalised strings (lowercased, stripped, whitespace runs
+collapsed to one space), but the denominator is max(len(gt.upper()), len(pred.upper())) of the
+*raw* strings, so extra spaces in a prediction lower its distance ratio; NL = 0 when both are
+empty. The item scores 1 - min NL over the reference answers, or 0 when that is below the
+threshold 0.5 (`score < threshold` is zeroed: NL exactly 0.5 keeps 0.5, where the ST-VQA
+paper's formula `NL < tau` would give 0; we follow the script).
 """
 
 from __future__ import annotations
@@ -36,9 +35,9 @@ def _norm(text: str) -> str:
 
 
 def normalized_distance(prediction: str, answer: str) -> float:
-    p, a = _norm(prediction), _norm(answer)
-    length = max(len(p), len(a))
-    return 0.0 if length == 0 else levenshtein(a, p) / length
+    """Edit distance of the normalised strings over the longer raw length (as the script)."""
+    length = max(len(answer.upper()), len(prediction.upper()))
+    return 0.0 if length == 0 else levenshtein(_norm(answer), _norm(prediction)) / length
 
 
 def anls(prediction: str, answers: str | Sequence[str], threshold: float = ANLS_THRESHOLD

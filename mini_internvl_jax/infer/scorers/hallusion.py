@@ -1,18 +1,20 @@
 """HallusionBench: yes/no extraction and question-, figure- and all-level accuracy.
 
-Rules (HallusionBench's metric definitions, as computed by VLMEvalKit's `Hallusion_rating`):
+References: the benchmark's own `utils.py` (`get_eval_all`, `get_eval_fig`,
+`get_eval_pair_all`) for its JSON release, VLMEvalKit's `Hallusion_rating` for its TSV.
   * the answer is yes/no/unknown from the prediction's words (VLMEvalKit's `YOrN_Extraction`:
     lowercased, VQA punctuation processing, split on spaces; "yes" without "no" -> yes, "no"
     without "yes" -> no, else unknown, which is wrong);
-  * aAcc = share of questions right; fAcc = share of figures (category, subcategory, set_id,
-    figure_id) with every question right; qAcc = share of questions (category, subcategory,
-    set_id, question_id) right on every figure they are asked about; all in percent, overall
-    and per category (VD / VS) and subcategory.
+  * aAcc = share of questions right; fAcc = share of figures (group, set_id, figure_id) with
+    every question right; qAcc = share of questions (group, set_id, question_id) right on every
+    figure they are asked about; all in percent, overall and per table row.
+  * the group is category + subcategory for the official JSON (its scripts' keys) and
+    `l2-category` alone for VLMEvalKit's TSV, whose ids come from its `index`; the per-category
+    rows are category and category/subcategory (official) or category and l2-category
+    (VLMEvalKit), as each prints them.
 
-Where the references disagree: the benchmark's own script judges answers with GPT-4 (not
-reproduced here) and groups as above; VLMEvalKit derives set/figure/question ids by splitting
-its TSV `index` on "_" and groups by `l2-category` instead of category + subcategory. We read
-explicit `set_id`, `figure_id`, `question_id` fields (as in the benchmark's JSON).
+Where the references disagree: the benchmark's script judges answers with GPT-4 (not reproduced:
+the yes/no word rule stands in, as in VLMEvalKit without a judge).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def _accs(rows: list[Mapping]) -> dict:
     figs: dict[tuple, list[bool]] = defaultdict(list)
     qs: dict[tuple, list[bool]] = defaultdict(list)
     for r in rows:
-        base = (r["category"], r["subcategory"], r["set_id"])
+        base = (*r["group"], r["set_id"])
         figs[base + (r["figure_id"],)].append(bool(r["correct"]))
         qs[base + (r["question_id"],)].append(bool(r["correct"]))
     return {"aAcc": 100 * sum(bool(r["correct"]) for r in rows) / len(rows),
@@ -47,12 +49,13 @@ def _accs(rows: list[Mapping]) -> dict:
 
 
 def hallusion_scores(records: Iterable[Mapping]) -> dict:
-    """records: {category, subcategory, set_id, figure_id, question_id, correct}."""
+    """records: {group (list), tables (list of row names), set_id, figure_id, question_id,
+    correct}."""
     rows = list(records)
     if not rows:
         raise ValueError("hallusion_scores: no records")
     groups: dict[str, list] = defaultdict(list)
     for r in rows:
-        groups[str(r["category"])].append(r)
-        groups[f"{r['category']}/{r['subcategory']}"].append(r)
+        for name in r["tables"]:
+            groups[str(name)].append(r)
     return {"overall": _accs(rows), "categories": {k: _accs(v) for k, v in sorted(groups.items())}}

@@ -8,8 +8,14 @@ followed by punctuation ("B.", "(B)", "C)"), "The answer is B" / "Answer: A", or
 one option's text. "A cat" is read as option text, not as option A, as InternVL's MMBench
 post-processing does (AI2D / SEED use VLMEvalKit's word rule instead: `multiple_choice.py`).
 
-CircularEval (MMBench's protocol): each question is asked once per rotation of its options and
-counts only if every rotation is answered right.
+CircularEval (MMBench's protocol; VLMEvalKit's `mcq_circular_eval`): each question is asked
+once per rotation of its options and counts only if every rotation is answered right. MMBench's
+TSV files (and VLMEvalKit's, lmms-lab's parquet) already hold the rotated copies, question i's
+k-th copy at index i + k * 1e6 (VLMEvalKit groups by `g_index = index % 1e6`); those are asked as
+they are, never rotated again. Files without copies (JSON) are rotated here.
+
+Where the references disagree: VLMEvalKit extracts the choice with its `can_infer` and an LLM
+judge for the rest; we use InternVL's rule above (no judge).
 """
 
 from __future__ import annotations

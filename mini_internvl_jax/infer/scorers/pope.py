@@ -6,12 +6,16 @@ Rules (InternVL's `eval/pope/eval_pope.py`, itself LLaVA's `eval_pope.py`):
     or off-topic answer counts as yes; "NO" is yes, "No." and "no, it is not" are no);
   * "yes" is the positive class; per split (adversarial, popular, random): accuracy,
     precision = TP / (TP + FP), recall = TP / (TP + FN), F1, yes-ratio = share answered yes;
-  * the reported POPE number is the mean F1 over the splits.
+  * the reported POPE number is the mean F1 over the splits (`f1_mean`).
+
+A row may belong to several splits (VLMEvalKit's POPE TSV lists them comma-separated in
+`category`): it counts once in each, as VLMEvalKit's `POPE_rating` does after splitting the
+category on ","; `overall` pools those per-split rows (VLMEvalKit's "Overall" F1).
 
 Where the references disagree: the script divides by zero when a split has no positive
 prediction; we report precision (and F1) 0 there. VLMEvalKit's POPE uses its word-level yes/no
-extraction (both or neither of yes/no -> Unknown, counted wrong) and reports the F1 and accuracy
-over all splits pooled ("Overall") besides each split.
+extraction (both or neither of yes/no -> Unknown, counted wrong) and headlines the pooled
+"Overall" F1 rather than the mean over splits.
 """
 
 from __future__ import annotations
@@ -45,12 +49,16 @@ def binary_metrics(preds: Iterable[bool], labels: Iterable[bool]) -> dict:
 
 
 def pope_scores(records: Iterable[Mapping]) -> dict:
-    """records: {split, pred_yes, label_yes} -> per-split metrics and the mean F1."""
+    """records: {splits (list), pred_yes, label_yes} -> per-split metrics, the mean F1 over
+    splits and the metrics of all per-split rows pooled."""
     by_split: dict[str, list] = defaultdict(list)
     for r in records:
-        by_split[r["split"]].append((bool(r["pred_yes"]), bool(r["label_yes"])))
+        for s in r["splits"]:
+            by_split[s].append((bool(r["pred_yes"]), bool(r["label_yes"])))
     splits = {s: binary_metrics([p for p, _ in v], [t for _, t in v])
               for s, v in sorted(by_split.items())}
+    pooled = [x for v in by_split.values() for x in v]
     return {"f1_mean": sum(m["f1"] for m in splits.values()) / len(splits),
             "accuracy_mean": sum(m["accuracy"] for m in splits.values()) / len(splits),
+            "overall": binary_metrics([p for p, _ in pooled], [t for _, t in pooled]),
             "splits": splits}

@@ -70,6 +70,9 @@ class Task:
     score: Callable[[dict, str], dict]
     summarize: Callable[[list[dict]], dict]
     headline: str  # key of the headline metric in the summary's "metrics"
+    # Settings read from the whole file before any row is built (e.g. MMBench: whether it
+    # already holds the circular copies).
+    scan: Callable[[list[dict]], dict] | None = None
 
 
 # ------------------------------------------------------------------------- field helpers
@@ -158,12 +161,28 @@ def _letter(row: dict, where: str, n: int) -> str:
 
 
 def _short_build(category_keys=()):
+    """Short-answer rows; also ChartQA's official JSON and HF parquet (`query`, `label`)."""
     def build(row, where, root, settings):
-        q = _text(row, ("question",), where)
-        ref = {"answers": _answers(row, where), "category": _category(row, category_keys)}
+        q = _text(row, ("question", "query"), where)
+        ref = {"answers": _answers(row, where, ("answers", "answer", "label")),
+               "category": _category(row, category_keys)}
         return [Item(_id(row, where), f"{q} {SHORT}", image_refs(row, root, where,
                                                                   required=True), ref)]
     return build
+
+
+def _chartqa_build(row, where, root, settings):
+    """ChartQA's split (human / augmented): a `split`/`type`/`category` column, the HF
+    dataset's `human_or_machine` (0 human, 1 machine-generated = augmented), or the official
+    file name (test_human.json, test_augmented.json)."""
+    (item,) = _short_build(("split", "type", "category"))(row, where, root, settings)
+    split = item.ref["category"]
+    if split == "all" and row.get("human_or_machine") not in (None, ""):
+        split = ("human", "augmented")[int(row["human_or_machine"])]
+    elif split == "all":
+        name = settings.get("file", "")
+        split = next((s for s in ("human", "augmented") if s in name), "all")
+    return [Item(item.id, item.prompt, item.images, {**item.ref, "category": split})]
 
 
 def _anls_score(ref, pred):
@@ -176,6 +195,11 @@ def _anls_summary(records):
 
 
 def _textvqa_build(row, where, root, settings):
+    """TextVQA rows; the official JSON names its image by `image_id` only (train_images/
+    ID.jpg: --image-root is that folder)."""
+    if not any(row.get(k) not in (None, "") for k in ("image", "image_path")) and row.get(
+            "image_id") not in (None, ""):
+        row = {**row, "image_path": f"{row['image_id']}.jpg"}
     (item,) = _short_build()(row, where, root, settings)
     if len(item.ref["answers"]) < 2:
         raise EvalDataError(f"{where}: TextVQA needs the list of (10) human answers, got "
@@ -274,7 +298,24 @@ def _mc_summary(records):
             "categories": _by_category(records, "correct")}
 
 
+COPY_STRIDE = 1_000_000  # MMBench / VLMEvalKit: copy k of question i has index i + k * 1e6
+
+
+def _mmbench_scan(rows):
+    """Whether the file already holds the circular copies (an index >= 1e6)."""
+    def big(v):
+        try:
+            return int(float(v)) >= COPY_STRIDE
+        except (TypeError, ValueError):
+            return False
+    return {"has_copies": any(big(r.get("index")) for r in rows)}
+
+
 def _mmbench_build(row, where, root, settings):
+    """MMBench rows. A file holding the circular copies (MMBench's TSV release, VLMEvalKit's
+    TSV, lmms-lab/MMBench: indexes i + k * 1e6) is asked as it is, each copy scored under
+    question i; VLMEvalKit's TSV without copies is asked once per row, as VLMEvalKit does;
+    other files (JSON) get the rotations made here (unless --no-circular)."""
     opts = _options(row, where)
     if len(opts) > len(mmbench.LETTERS):
         raise EvalDataError(f"{where}: MMBench questions have at most {len(mmbench.LETTERS)} "
@@ -287,12 +328,23 @@ def _mmbench_build(row, where, root, settings):
     hint = _get(row, ("hint",), where, required=False)
     images = image_refs(row, root, where, required=False)
     qid = _id(row, where)
+    category = _category(row, ("category", "l2-category"))
+    if settings.get("has_copies") or settings.get("layout") == "VLMEvalKit TSV":
+        index = int(float(qid)) if qid.replace(".", "", 1).isdigit() else None
+        copy = 0 if index is None else index // COPY_STRIDE
+        if copy and not settings.get("circular", True):
+            return []
+        prompt = mmbench.mmbench_question(q, opts, str(hint) if hint else None, lang)
+        group = qid if index is None else str(index % COPY_STRIDE)
+        return [Item(qid, prompt, images, {"options": opts, "answer": answer,
+                                           "question": group, "rotation": copy,
+                                           "category": category})]
     items = []
     for shift in range(len(opts) if settings.get("circular", True) else 1):
         rotated, letter = mmbench.rotate_options(opts, answer, shift)
         prompt = mmbench.mmbench_question(q, rotated, str(hint) if hint else None, lang)
         ref = {"options": rotated, "answer": letter, "question": qid, "rotation": shift,
-               "category": _category(row, ("category", "l2-category"))}
+               "category": category}
         items.append(Item(f"{qid}@{shift}", prompt, images, ref))
     return items
 
@@ -395,17 +447,28 @@ def _mme_summary(records):
                         "total": s["total"]}, "categories": s["categories"]}
 
 
+POPE_SPLITS = ("adversarial", "popular", "random")
+
+
 def _pope_build(row, where, root, settings):
-    q = _text(row, ("question",), where)
-    ref = {"answer": _yes_no(_get(row, ("answer", "label"), where), where),
-           "category": _category(row, ("category", "split"))}
+    """POPE rows: lmms-lab/POPE parquet and VLMEvalKit's TSV (`category`, which may list
+    several splits comma-separated: the row counts in each), or the official per-split files
+    (coco_pope_random.json: `text`, `label`, `image`; the split from the file name)."""
+    q = _text(row, ("question", "text"), where)
+    cat = _get(row, ("category", "split"), where, required=False)
+    if cat is not None:
+        splits = sorted({c.strip() for c in str(cat).split(",") if c.strip()})
+    else:
+        name = settings.get("file", "")
+        splits = [s for s in POPE_SPLITS if s in name][:1] or ["all"]
+    ref = {"answer": _yes_no(_get(row, ("answer", "label"), where), where), "splits": splits}
     return [Item(_id(row, where, ("index", "question_id", "id")), f"{q} {SHORT}",
                  image_refs(row, root, where, required=True), ref)]
 
 
 def _pope_score(ref, pred):
     return {"pred_yes": pope.parse_yes_no(pred) == "yes", "label_yes": ref["answer"] == "yes",
-            "split": ref["category"], "category": ref["category"]}
+            "splits": ref["splits"]}
 
 
 def _pope_summary(records):
@@ -413,25 +476,43 @@ def _pope_summary(records):
     cats = {k: {m: (100 * v if m != "num_questions" else v) for m, v in d.items()}
             for k, d in s["splits"].items()}
     return {"metrics": {"f1_mean": 100 * s["f1_mean"],
-                        "accuracy_mean": 100 * s["accuracy_mean"]}, "categories": cats}
+                        "accuracy_mean": 100 * s["accuracy_mean"],
+                        "f1_overall": 100 * s["overall"]["f1"]}, "categories": cats}
 
 
 def _hallusion_build(row, where, root, settings):
+    """HallusionBench rows. Official JSON / lmms-lab parquet: `gt_answer` 1/0, `category`,
+    `subcategory`, `set_id`, `figure_id`, `question_id`, the image in `filename` (parquet:
+    `image`); `visual_input` "0" marks the questions asked without an image, every other row
+    needs its image. VLMEvalKit's TSV: `answer` Yes/No, `category`, `l2-category`, the ids in
+    `index` ("_"-separated, parts 3, 4, 5 as its `Hallusion_rating` reads them)."""
     q = _text(row, ("question",), where)
+    cat = str(_get(row, ("category",), where))
+    vlmevalkit = settings.get("layout") == "VLMEvalKit TSV" or row.get("set_id") in (None, "")
+    if vlmevalkit and row.get("l2-category") not in (None, ""):  # its evaluator reads `index`
+        parts = str(_get(row, ("index",), where)).split("_")
+        if len(parts) < 6:
+            raise EvalDataError(f"{where}: field 'index' {row['index']!r} does not hold the "
+                                "set, figure and question ids (VLMEvalKit: parts 3, 4, 5 of "
+                                "its '_'-separated fields)")
+        sub = str(row["l2-category"])
+        ids = dict(zip(("set_id", "figure_id", "question_id"), parts[3:6], strict=True))
+        group, tables = [sub], [cat, sub]
+    else:
+        sub = str(_get(row, ("subcategory", "l2-category"), where))
+        ids = {k: str(_get(row, (k,), where)) for k in ("set_id", "figure_id", "question_id")}
+        group, tables = [cat, sub], [cat, f"{cat}/{sub}"]
     ref = {"answer": _yes_no(_get(row, ("gt_answer", "answer"), where), where),
-           "category": str(_get(row, ("category",), where)),
-           "subcategory": str(_get(row, ("subcategory", "l2-category"), where))}
-    for k in ("set_id", "figure_id", "question_id"):
-        ref[k] = str(_get(row, (k,), where))
-    return [Item(_id(row, where, ("index", "id")), f"{q} {YES_NO} {SHORT}",
-                 image_refs(row, root, where, required=False), ref)]
+           "group": group, "tables": tables, **ids}
+    no_image = str(row.get("visual_input", "")).strip() == "0"
+    images = () if no_image else image_refs(row, root, where, required=True)
+    return [Item(_id(row, where, ("index", "id")), f"{q} {YES_NO} {SHORT}", images, ref)]
 
 
 def _hallusion_score(ref, pred):
     parsed = hallusion.yes_no_words(pred)
     return {"parsed": parsed, "correct": parsed == ref["answer"],
-            **{k: ref[k] for k in ("category", "subcategory", "set_id", "figure_id",
-                                   "question_id")}}
+            **{k: ref[k] for k in ("group", "tables", "set_id", "figure_id", "question_id")}}
 
 
 def _hallusion_summary(records):
@@ -471,16 +552,19 @@ def _mathvista_score(ref, pred):
 _JSONL = "JSONL / JSON"
 _VQA_FIELDS = "question, answers (list) or answer, image"
 TASKS: dict[str, Task] = {t.name: t for t in (
-    Task("docvqa", "ANLS", 100, f"{_JSONL} ({_VQA_FIELDS}), TSV (VLMEvalKit), parquet "
-         "(lmms-lab/DocVQA)", _short_build(("question_types",)), _anls_score, _anls_summary,
+    Task("docvqa", "ANLS", 100, f"{_JSONL} ({_VQA_FIELDS}), official JSON ({{'data': [...]}}: "
+         "questionId, question, answers, image), TSV (VLMEvalKit), parquet (lmms-lab/DocVQA)",
+         _short_build(("question_types",)), _anls_score, _anls_summary,
          "anls"),
-    Task("infovqa", "ANLS", 100, f"{_JSONL} ({_VQA_FIELDS}), TSV (VLMEvalKit), parquet "
+    Task("infovqa", "ANLS", 100, f"{_JSONL} ({_VQA_FIELDS}), official JSON ({{'data': [...]}}: "
+         "questionId, question, answers, image_local_name), TSV (VLMEvalKit), parquet "
          "(lmms-lab/InfographicVQA)", _short_build(()), _anls_score, _anls_summary, "anls"),
     Task("textvqa", "VQA accuracy", 10, f"{_JSONL} (question, answers: 10 strings, image), "
          "TSV, parquet (lmms-lab/textvqa)", _textvqa_build, _textvqa_score, _textvqa_summary,
          "vqa_accuracy"),
-    Task("chartqa", "relaxed accuracy", 100, f"{_JSONL} ({_VQA_FIELDS}; optional split), TSV, "
-         "parquet (HuggingFaceM4/ChartQA)", _short_build(("split", "type", "category")),
+    Task("chartqa", "relaxed accuracy", 100, f"{_JSONL} ({_VQA_FIELDS}; optional split), "
+         "official JSON (test_human.json: imgname, query, label), TSV, parquet "
+         "(HuggingFaceM4/ChartQA: query, label, human_or_machine)", _chartqa_build,
          _chartqa_score, _chartqa_summary, "relaxed_accuracy"),
     Task("vqa", "VQA accuracy / exact match", 100, f"{_JSONL} ({_VQA_FIELDS}; image optional, "
          "a list of images, or video + num_frames)",
@@ -497,8 +581,10 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          _mc_build(("category", "question_type_id", "question_type")), _mc_score, _mc_summary,
          "accuracy"),
     Task("mmbench", "CircularEval accuracy", 100, f"{_JSONL} (question, options, answer, hint, "
-         "lang), TSV (VLMEvalKit MMBench_DEV_EN: columns A-D, hint, category)",
-         _mmbench_build, _mmbench_score, _mmbench_summary, "circular_accuracy"),
+         "lang), TSV (MMBench / VLMEvalKit MMBench_DEV_EN: columns A-D, hint, category; "
+         "circular copies at index + k * 1e6), parquet (lmms-lab/MMBench)",
+         _mmbench_build, _mmbench_score, _mmbench_summary, "circular_accuracy",
+         _mmbench_scan),
     Task("mmmu", "accuracy", 100, f"{_JSONL} / parquet (MMMU/MMMU: id, question, options, "
          "answer, question_type, image_1..image_7)", _mmmu_build, _mmmu_score,
          _accuracy_summary, "accuracy"),
@@ -509,9 +595,10 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("pope", "F1 (mean over splits)", 100, f"{_JSONL} / TSV / parquet (lmms-lab/POPE): "
          "question, answer yes/no, category (adversarial/popular/random), image", _pope_build,
          _pope_score, _pope_summary, "f1_mean"),
-    Task("hallusion", "aAcc / fAcc / qAcc", 64, f"{_JSONL} (HallusionBench JSON fields: "
+    Task("hallusion", "aAcc / fAcc / qAcc", 64, "official JSON (HallusionBench.json: "
          "question, gt_answer 1/0, category, subcategory, set_id, figure_id, question_id, "
-         "image optional), TSV, parquet", _hallusion_build, _hallusion_score,
+         "visual_input, filename), TSV (VLMEvalKit: index, answer, category, l2-category), "
+         "parquet (lmms-lab/HallusionBench)", _hallusion_build, _hallusion_score,
          _hallusion_summary, "aAcc"),
     Task("mathvista", "accuracy", 512, f"{_JSONL} / parquet (AI4Math/MathVista testmini: pid, "
          "query, question_type, answer_type, choices, precision, answer, decoded_image)",

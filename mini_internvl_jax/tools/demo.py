@@ -215,7 +215,9 @@ def _train_sentencepiece(texts: list[str], user_symbols: list[str]) -> bytes:
     return buf.getvalue()
 
 
-def _train_hf_bpe(texts: list[str], specials: list[str]) -> str:
+def train_bpe(texts: list[str], specials: list[str]) -> str:
+    """A byte-level BPE tokenizer (Qwen2's pre-tokenizer) trained on `texts`, as tokenizer.json
+    text; the demo's qwen2 tokenizer and the tokenizer tests use it."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     # Qwen2's pre-tokenizer: a regex split, then byte-level without its own regex.
@@ -240,7 +242,7 @@ def _write_tokenizers(root: Path, texts: list[str]) -> dict:
     qwen = root / "qwen2"
     qwen.mkdir(parents=True)
     qwen_specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *INTERNVL_TOKENS]
-    (qwen / "tokenizer.json").write_text(_train_hf_bpe(corpus, qwen_specials))
+    (qwen / "tokenizer.json").write_text(train_bpe(corpus, qwen_specials))
     (qwen / "tokenizer_config.json").write_text(json.dumps(
         {"add_bos_token": False, "bos_token": None, "eos_token": "<|im_end|>",
          "pad_token": "<|endoftext|>"}, indent=1))
