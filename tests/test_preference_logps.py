@@ -85,7 +85,7 @@ def test_pair_logps_match_transformers_packed_and_one_pair_per_row():
 
     for per_row in (2, 1):
         batch = packed if per_row == 2 else _batch(pairs, per_row=1)
-        batch = {k: v for k, v in batch.items() if k != "ref_logps"}
+        batch = {k: v for k, v in batch.items() if k not in ("ref_logps", "pair_meta")}
         c, r, n_c, n_r = logps(state, batch)
         got = np.stack([np.asarray(c)[:2], np.asarray(r)[:2]], axis=1)
         np.testing.assert_allclose(got, want, rtol=1e-5)
