@@ -20,8 +20,8 @@ from mini_internvl_jax.configlib import check, check_choices
 
 # Each choice type is defined once; the tuples of its values are derived from it.
 Dtype = Literal["float32", "bfloat16", "float16"]
-Family = Literal["qwen2", "internlm2", "phi3", "llama"]
-TemplateName = Literal["Hermes-2", "internlm2-chat", "phi3-chat"]
+Family = Literal["qwen2", "qwen3", "internlm2", "phi3", "llama"]
+TemplateName = Literal["Hermes-2", "internlm2-chat", "phi3-chat", "internvl2_5"]
 RematPolicy = Literal["none", "full", "save_dots"]
 AttentionImpl = Literal["xla", "cudnn", "pallas", "auto"]
 
@@ -162,6 +162,12 @@ class LLMConfig:
                       f"{w}.rope_scaling.{name}",
                       f"needs head_dim // 2 = {self.head_size // 2} values, got "
                       f"{None if lst is None else len(lst)}")
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3: an RMSNorm over each head's query and key (weights [head_dim], shared by the
+        heads) between the projection and RoPE."""
+        return self.family == "qwen3"
 
     @property
     def head_size(self) -> int:

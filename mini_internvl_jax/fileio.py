@@ -36,7 +36,7 @@ from pathlib import Path
 
 from etils import epath
 
-from mini_internvl_jax.errors import UserError
+from mini_internvl_jax.errors import UserError, storage_error
 
 # Temporaries named before owners were recorded count as stale once untouched this long.
 _UNOWNED_STALE_S = 600
@@ -88,6 +88,20 @@ def remove_stale_temporaries(out: str | os.PathLike) -> list[Path]:
               f"to {out} by interrupted runs: {', '.join(p.name for p in stale)}",
               file=sys.stderr, flush=True)
     return stale
+
+
+def remove_settled(path: str | os.PathLike, settle_s: float = 0.2, limit_s: float = 10.0
+                   ) -> None:
+    """Removes a folder a failed writer may still be writing into: after a failed Orbax save,
+    TensorStore's abandoned writes finish on their own threads and recreate their folders, so
+    the removal is repeated until the folder stays gone for `settle_s`."""
+    path = Path(path)
+    deadline = time.monotonic() + limit_s
+    while True:
+        shutil.rmtree(path, ignore_errors=True)
+        time.sleep(settle_s)
+        if not path.exists() or time.monotonic() > deadline:
+            return
 
 
 COMMIT_MARKER = ".mivl_committed"
@@ -225,11 +239,14 @@ def atomic_folder(out: str | os.PathLike, *, overwrite: bool = False) -> Iterato
     out = Path(out).absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
-    tag = uuid.uuid4().hex[:8]
-    tmp = out.parent / f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}-{tag}"
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
+        tag = uuid.uuid4().hex[:8]
+        tmp = out.parent / f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}-{tag}"
+        tmp.mkdir()
+    except OSError as e:
+        raise storage_error(e, out) or e from None
     try:
         yield tmp
         old = None
@@ -242,7 +259,11 @@ def atomic_folder(out: str | os.PathLike, *, overwrite: bool = False) -> Iterato
             if old is not None:
                 os.replace(old, out)
             raise
-    except BaseException:
+    except BaseException as e:
+        err = storage_error(e, out)
+        if err is not None:  # name `out`, not the temporary file that failed
+            remove_settled(tmp)
+            raise err from None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if old is not None:
@@ -265,12 +286,19 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(staged)
         return
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    except OSError as e:
+        raise storage_error(e, path) or e from None
     os.close(fd)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except BaseException as e:
+        if (err := storage_error(e, path)) is not None:
+            raise err from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -298,6 +326,19 @@ def check_creatable(folder: str | os.PathLike) -> None:
         if not existing.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file, not a folder",
                                      str(folder))
+        if os.statvfs(existing).f_flag & os.ST_RDONLY:
+            raise OSError(errno.EROFS, "Read-only file system", str(folder))
         if not os.access(existing, os.W_OK | os.X_OK):
             raise PermissionError(errno.EACCES, "Permission denied", str(folder))
         return
+
+
+def check_writable_file(path: str | os.PathLike) -> None:
+    """`check_creatable` for an output file: also refuses a folder standing at `path`. Checked
+    before the work whose results the file would hold."""
+    if is_remote(path):
+        return
+    if Path(path).is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder; expected a file to write",
+                                str(path))
+    check_creatable(Path(path).absolute().parent)

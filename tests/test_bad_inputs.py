@@ -107,9 +107,6 @@ CASES = {
     "convert: destination under a file": Case(
         "convert", ("--from-hf", "{hf}", "--to", "{tmp}/a_file/out"), ("a_file",),
         intact=("{tmp}/a_file",)),
-    "convert: disk full": Case(
-        "convert", ("--from-hf", "{hf}", "--to", "{tmp}/out"), ("no space left", "out"),
-        setup="orbax_disk_full", no_output=("{tmp}/out",)),
     "export-hf: corrupt folder": Case(
         "convert", ("--from-orbax", "{corrupt}", "--to-hf", "{tmp}/out"),
         ("corrupt", "damaged"), no_output=("{tmp}/out",)),
@@ -119,11 +116,14 @@ CASES = {
     "export-hf: output exists": Case(
         "convert", ("--from-orbax", "{converted}", "--to-hf", "{previous}"),
         ("previous", "--overwrite"), intact=("{previous}",)),
-    "export-hf: disk full": Case(
-        "convert", ("--from-orbax", "{converted}", "--to-hf", "{tmp}/out"),
-        ("no space left", "model.safetensors"), setup="safetensors_disk_full",
-        no_output=("{tmp}/out",)),
     # --- export of a training run ------------------------------------------------------------
+    "export: run folder without a finished step": Case(
+        "export", ("{tmp}/unsaved_run", "{tmp}/out"),
+        ("unsaved_run is a training run folder with no finished checkpoint step",),
+        no_output=("{tmp}/out",)),
+    "export: --step 999": Case(
+        "export", ("{corrupt_run}", "{tmp}/out", "--step", "999"),
+        ("has no checkpoint step 999; its steps: 1",), no_output=("{tmp}/out",)),
     "export: missing run folder": Case("export", ("{tmp}/nope", "{tmp}/out"), ("nope",),
                                        no_output=("{tmp}/out",)),
     "export: not a run folder": Case("export", ("{converted}", "{tmp}/out"),
@@ -143,6 +143,17 @@ CASES = {
                                            intact=("{tmp}/a_file",)),
     "demo: disk full": Case("demo", ("{tmp}/out",), ("no space left",),
                             setup="write_bytes_disk_full", no_output=("{tmp}/out",)),
+    "train: mesh.tensor=3 with --aot-tpu v5e:2x2": Case(
+        "train", ("--config", "{train_yaml}", "mesh.tensor=3", "--aot-tpu", "v5e:2x2"),
+        ("mesh:", "--aot-tpu v5e:2x2", "4 chips")),
+    "train: --aot-tpu not a topology": Case(
+        "train", ("--config", "{train_yaml}", "--aot-tpu", "v5e-2x2"),
+        ("'v5e-2x2' is not a TPU topology", "v5e:2x2")),
+    "train: gs:// data without the gcs extra": Case(
+        "train", ("--config", "{train_yaml}", "data.meta_path=gs://bucket/meta.json",
+                  "tokenizer={demo}/tokenizers/qwen2"),
+        ("gs://", "pip install 'mini-internvl-jax[gcs]'"), setup="without_gcsfs",
+        no_output=("{tmp}/ckpt",)),
     # --- evaluate ----------------------------------------------------------------------------
     "evaluate: missing data file": Case(
         "evaluate", ("--checkpoint", "{converted}", "--task", "vqa", "--data", "{tmp}/n.jsonl"),
@@ -169,7 +180,32 @@ CASES = {
     "evaluate: mmbench answer letter": Case(
         "evaluate", ("--checkpoint", "{converted}", "--task", "mmbench", "--data",
                      "{tmp}/bad_letter.jsonl"), ("bad_letter.jsonl:1", "'E'")),
+    "evaluate: --limit -2": Case(
+        "evaluate", ("--checkpoint", "{converted}", "--task", "vqa", "--data",
+                     "{tmp}/ok.jsonl", "--limit", "-2"), ("--limit must be >= 1", "got -2")),
+    "evaluate: --tensorboard under a file (checked first)": Case(
+        "evaluate", ("--checkpoint", "{converted}", "--task", "vqa", "--data", "{tmp}/ok.jsonl",
+                     "--out", "{tmp}/res.json", "--tensorboard", "{tmp}/a_file/tb"),
+        ("a_file/tb", "not writable"), no_output=("{tmp}/res.json",)),
+    "evaluate: video num_frames 500": Case(
+        "evaluate", ("--checkpoint", "{converted}", "--task", "vqa", "--data",
+                     "{tmp}/many_frames.jsonl"),
+        ("many_frames.jsonl:1", "'num_frames' must be a positive integer, at most 64", "500")),
+    "evaluate: mathvista question_type": Case(
+        "evaluate", ("--checkpoint", "{converted}", "--task", "mathvista", "--data",
+                     "{tmp}/mathvista_type.jsonl"),
+        ("mathvista_type.jsonl:1", "question_type must be one of multi_choice, free_form",
+         "'essay'")),
+    "evaluate: gs:// without the gcs extra": Case(
+        "evaluate", ("--checkpoint", "gs://bucket/model", "--task", "vqa", "--data",
+                     "{tmp}/ok.jsonl"), ("pip install 'mini-internvl-jax[gcs]'",),
+        setup="without_gcsfs"),
     # --- chat --------------------------------------------------------------------------------
+    "chat: --num-frames 500": Case("chat", ("--checkpoint", "{converted}", "--num-frames",
+                                            "500", "hi"), ("--num-frames", "from 1 to 64")),
+    "chat: gs:// without the gcs extra": Case(
+        "chat", ("--checkpoint", "gs://bucket/model", "hi"),
+        ("pip install 'mini-internvl-jax[gcs]'",), setup="without_gcsfs"),
     "chat: missing checkpoint": Case("chat", ("--checkpoint", "{tmp}/nope", "hi"), ("nope",)),
     "chat: missing image": Case("chat", ("--checkpoint", "{converted}", "--image",
                                          "{tmp}/gone.png", "hi"), ("gone.png",)),

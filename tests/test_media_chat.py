@@ -56,6 +56,18 @@ def test_session_labels_images_and_frames_across_turns(assets):
     assert text.count("Image-3: <img>") == 1 and text.count("Frame3: <img>") == 1
 
 
+def test_a_prompt_past_the_models_positions_is_refused(assets):
+    """tiny-qwen2 has 256 positions: 64 frames x 4 image tokens no longer fit (the answer
+    would come from positions the model never saw); the turn's video is dropped."""
+    root, rt = assets
+    s = ChatSession(rt, max_new_tokens=2)
+    s.add_video(str(root / "clip.mp4"), num_frames=64)
+    with pytest.raises(ValueError, match=r"the prompt is \d+ tokens \(64 image tiles x 4 "
+                                         r"tokens\), at least the model's 256 positions"):
+        s.ask("What happens?")
+    assert s.images == []
+
+
 def test_streamed_text_equals_the_plain_decode(assets):
     """What `ask` writes piece by piece is the decode of the generated ids (the ids themselves
     equal `Generator.generate`'s, see test_generate)."""

@@ -1,5 +1,7 @@
 """InternVL glue: pixel shuffle order, the image-token splice, and parameter counts."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,8 @@ import pytest
 import torch
 from flax import nnx
 
-from mini_internvl_jax import load_model_config
+from mini_internvl_jax import configlib, load_model_config
+from mini_internvl_jax.config import ComputeConfig
 from mini_internvl_jax.models import InternVLModel, pixel_shuffle
 from mini_internvl_jax.models.internvl import ImageTokenMismatchError, splice_image_embeddings
 
@@ -102,7 +105,9 @@ def test_text_only_batch_with_image_tokens_is_an_error():
 def count_params(preset: str) -> dict[str, int]:
     cfg = load_model_config(preset)
     with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: InternVLModel(cfg, rngs=nnx.Rngs(0)))
+        # stacked layers: one traced layer, so counting a 36-layer 8B model takes ~1 s
+        abstract = nnx.eval_shape(lambda: InternVLModel(cfg, ComputeConfig(scan_layers=True),
+                                                        rngs=nnx.Rngs(0)))
     counts = {}
     for part in ("vision", "projector", "llm"):
         leaves = jax.tree.leaves(nnx.state(getattr(abstract, part), nnx.Param))
@@ -122,3 +127,27 @@ def test_preset_parameter_counts_match_published_totals(preset, total, vision, p
     assert abs(counts["total"] / total - 1) < 0.01
     assert abs(counts["vision"] / vision - 1) < 0.001
     assert abs(counts["projector"] / projector - 1) < 0.001
+
+
+NEW_PRESETS = {  # the model card's rounded total of each released checkpoint
+    "internvl2_5-1b": 938e6, "internvl2_5-2b": 2.21e9, "internvl2_5-4b": 3.71e9,
+    "internvl2_5-8b": 8.08e9, "internvl3-1b": 938e6, "internvl3-2b": 2.09e9,
+    "internvl3-8b": 7.94e9, "internvl3_5-1b": 1.06e9, "internvl3_5-2b": 2.35e9,
+    "internvl3_5-4b": 4.73e9, "internvl3_5-8b": 8.53e9,
+}
+
+
+def test_new_presets_have_their_stated_parameter_counts():
+    """InternVL2.5 / 3 / 3.5 presets: abstract-shape counts equal the exact ViT / MLP / LLM
+    counts each YAML states, and round to the model card's total."""
+    for preset, card in NEW_PRESETS.items():
+        text = configlib.preset_root().joinpath("models", f"{preset}.yaml").read_text()
+        m = re.search(r"# parameters: ([\d,]+) = ViT ([\d,]+) \+ MLP ([\d,]+) \+ LLM ([\d,]+)",
+                      text)
+        assert m, f"{preset}: no '# parameters:' line"
+        total, vit, mlp, llm = (int(g.replace(",", "")) for g in m.groups())
+        counts = count_params(preset)
+        assert (counts["total"], counts["vision"], counts["projector"], counts["llm"]) == \
+            (total, vit, mlp, llm), preset
+        scale = 1e6 if card < 1e9 else 1e7  # cards print 938M, 2.21B
+        assert round(total / scale) == round(card / scale), (preset, total)

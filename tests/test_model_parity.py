@@ -50,7 +50,7 @@ def torch_logits(model, ids, positions=None, **kw):
 
 @pytest.mark.parametrize("name,pair", [
     ("qwen2", ref.qwen2_pair), ("llama_gqa4", lambda: ref.llama_pair(heads=8, kv_heads=2)),
-    ("qwen2_tied", lambda: ref.qwen2_pair(tie=True)),
+    ("qwen2_tied", lambda: ref.qwen2_pair(tie=True)), ("qwen3", ref.qwen3_pair),
 ])
 def test_causal_lm_parity(name, pair):
     torch_model, ours = llm_model(pair())

@@ -4,6 +4,7 @@ resume with changed settings, and cluster variables holding junk. Every case tha
 runs in a subprocess with a timeout."""
 
 import json
+import logging
 import os
 import queue
 import shutil
@@ -22,6 +23,7 @@ from tensorboardX.proto.event_pb2 import SessionLog
 
 from mini_internvl_jax import fileio
 from mini_internvl_jax.checkpoints.run import CheckpointError, read_meta
+from mini_internvl_jax.cli import export as export_cli
 from mini_internvl_jax.cli import train as train_cli
 from mini_internvl_jax.cli.train import multihost_reason
 from mini_internvl_jax.train import trainer
@@ -29,6 +31,7 @@ from mini_internvl_jax.train.config import train_config_from_dict
 from mini_internvl_jax.train.init_from import model_config
 from mini_internvl_jax.train.metrics import MetricsLog
 from tests.helpers import events
+from tests.helpers.limited_disk import limited_disk
 from tests.test_train_run import BASE, ONE, compilation_cache, config  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,8 +159,7 @@ def test_ctrl_c_and_sigterm_save_and_exit_with_a_distinct_code(tmp_path, monkeyp
 
 # 3. a damaged newest checkpoint ---------------------------------------------------------------
 
-def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, capsys):
-    reference = run_one()
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, capsys, reference):
     ckpt = {"dir": str(tmp_path), "every": 1, "keep": 3, "async_save": False}
     run_one(checkpoint=ckpt, stop_after=3)
     files = [f for f in (tmp_path / "3" / "params").rglob("*") if f.is_file()
@@ -188,6 +190,7 @@ def test_nonfinite_weights_are_named_at_conversion_and_at_load(tmp_path, capsys)
     torch = pytest.importorskip("torch")
     from mini_internvl_jax.checkpoints.resolve import load_pretrained
     from mini_internvl_jax.cli import convert as convert_cli
+    from mini_internvl_jax.convert.errors import CheckpointMismatchError
     from mini_internvl_jax.convert.finite import NonFiniteWeightsError
     from mini_internvl_jax.convert.orbax_io import restore_numpy, save_params
     from tests.helpers.checkpoints import leftovers, native_model, save_state, write_original
@@ -218,6 +221,13 @@ def test_nonfinite_weights_are_named_at_conversion_and_at_load(tmp_path, capsys)
     with pytest.raises(NonFiniteWeightsError, match=r"'" + ".".join(map(str, key))
                        + r"' \(1 NaN, 0 Inf\)"):
         load_pretrained(good)
+
+    host[key] = np.ones(host[key].shape, np.int32)  # an integer tensor is refused, not cast
+    shutil.rmtree(good / "params")
+    save_params(good / "params", host)
+    with pytest.raises(CheckpointMismatchError, match=r"hold integers") as e:
+        load_pretrained(good)
+    assert f"{'.'.join(map(str, key))} (int32)" in str(e.value)
     del torch
 
 
@@ -344,20 +354,59 @@ def test_train_cli_does_not_initialise_distributed_on_libtpu_warning_text(monkey
 
 # 4. a full disk while saving a checkpoint -----------------------------------------------------
 
-def test_full_disk_during_a_checkpoint_save_is_one_line(tmp_path, monkeypatch, capsys):
-    import orbax.checkpoint as ocp
+@pytest.fixture(scope="module")
+def reference():
+    """Four uninterrupted steps: the losses every resumed run must reproduce."""
+    return run_one()
 
-    cfg_path = tmp_path / "run.yaml"
-    cfg_path.write_text(yaml.safe_dump({**BASE, "mesh": ONE, "checkpoint": {
-        "dir": str(tmp_path / "ckpt"), "every": 1, "async_save": False}}))
 
-    def no_space(self, step, *a, **k):  # how TensorStore reports ENOSPC
-        raise ValueError(f'DATA_LOSS: Error writing local file "{self.directory}/{step}/d/0": '
-                         "[OS error 28: No space left on device]")
-
-    monkeypatch.setattr(ocp.CheckpointManager, "save", no_space)
-    monkeypatch.setattr(jax, "devices", lambda *a: jax.local_devices()[:1])
-    assert train_cli.main(["--config", str(cfg_path)]) == 2
-    err = capsys.readouterr().err
-    assert err.strip() == (f"error: no space left on device writing {tmp_path}/ckpt/1/d/0; "
-                           "free some space or choose another place"), err
+# The async save (the default) is the harder case; the sync one fails inside the same handler.
+@pytest.mark.parametrize("async_save", [pytest.param(False, marks=pytest.mark.slow), True],
+                         ids=["sync", "async"])
+def test_a_failed_checkpoint_save_stops_the_run_and_resume_continues(tmp_path, monkeypatch,
+                                                                     capfd, caplog, async_save,
+                                                                     reference):
+    """A real full disk (tmpfs; without mount permission, a real file size limit): the run
+    stops at the failed save with one line naming the step folder, leaves no partial step, and
+    a resume from the last saved step gives the uninterrupted run's losses."""
+    with limited_disk(tmp_path / "disk") as disk:
+        ckpt_dir = disk.path / "ckpt"
+        ckpt = {"dir": str(ckpt_dir), "every": 1, "async_save": async_save}
+        log = {**BASE["log"], "every": 1, "dir": str(tmp_path / "logs")}
+        run_one(checkpoint=ckpt, log=log, stop_after=1)  # step 1 is saved
+        cfg_path = tmp_path / "run.yaml"
+        cfg_path.write_text(yaml.safe_dump({**BASE, "mesh": ONE, "checkpoint": ckpt, "log": log}))
+        monkeypatch.setattr(jax, "devices", lambda *a: jax.local_devices()[:1])
+        capfd.readouterr()
+        with disk.full(64 << 10):
+            code = train_cli.main(["--config", str(cfg_path)])
+        out, err = capfd.readouterr()
+        assert code == 2, err[-3000:]
+        assert err.strip() == err.strip().splitlines()[0], err[-3000:]  # one line, no logs
+        assert err.startswith(f"error: checkpoint step 2 not saved: {disk.message} writing "
+                              f"{ckpt_dir}/2"), err
+        assert "(the last saved step, 1, is intact)" in err
+        # Orbax's own reports of the failure (shown as tracebacks outside pytest) were dropped
+        assert not [r for r in caplog.records if r.name in ("absl", "asyncio")
+                    and r.levelno >= logging.ERROR], caplog.text[-3000:]
+        assert sorted(p.name for p in ckpt_dir.iterdir()) == ["1"]  # no partial step folder
+        rows = [json.loads(x)["step"] for x in
+                (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+        # A sync save fails at step 2; an async one is noticed at the next step boundary.
+        assert rows == [1, 2] if not async_save else rows[:2] == [1, 2] and len(rows) <= 3
+        r = run_one(checkpoint=ckpt, log=log)
+        if async_save:  # mivl-export of the run onto the same full disk: one line as well
+            capfd.readouterr()
+            with disk.full(16 << 10):
+                code = export_cli.main([str(ckpt_dir), str(disk.path / "export")])
+            err = capfd.readouterr().err
+            assert code == 2 and err.startswith(
+                f"error: {disk.message} writing {disk.path / 'export'}") and \
+                err.count("\n") == 1, err[-3000:]
+            assert not (disk.path / "export").exists() and not list(disk.path.glob(".export*"))
+            capfd.readouterr()  # a run asked for fewer steps than it holds: nothing to do
+            assert run_one(checkpoint=ckpt, log=log, total_steps=2).history == []
+            assert (f"{ckpt_dir} already holds step 4, at or past total_steps (2): nothing to "
+                    "do") in capfd.readouterr().out
+    assert [h["step"] for h in r.history] == [2, 3, 4]
+    assert [h["loss"] for h in r.history] == [h["loss"] for h in reference.history[1:]]

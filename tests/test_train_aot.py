@@ -30,10 +30,12 @@ def _param_bytes_by_hand(cfg) -> int:
 
 
 def test_tiny_step_compiles_for_v5e_2x2_with_fsdp():
+    """Qwen3 (InternVL3.5's decoder: q/k norms, explicit head_dim); the two-slice test below
+    compiles Qwen2."""
     from mini_internvl_jax.train.aot import compile_for_topology, format_report
 
     cfg = train_config_from_dict({
-        "model": "tiny-qwen2", "batch_size": 4, "seq_len": 64, "max_tiles": 4,
+        "model": "tiny-qwen3", "batch_size": 4, "seq_len": 64, "max_tiles": 4,
         "synthetic": {"tiles_per_sample": 1},
         "compute": {"attention_impl": "xla", "remat": "full"},
         "mesh": {"data": 1, "fsdp": -1, "tensor": 1}})
@@ -105,3 +107,13 @@ def test_w1_step_compiles_for_v5e_2x2_with_fsdp():
     r = compile_for_topology(cfg, "v5e:2x2")
     assert r["mesh"]["fsdp"] == 4
     assert r["peak_gib"] < 16.0  # fits a v5e chip's HBM
+
+
+@pytest.mark.slow  # minutes; the tiny Qwen3 compile above runs the same code path
+def test_internvl3_5_1b_step_compiles_for_v5e_2x2():
+    """`mivl-train --config stage2 model=internvl3_5-1b data=null --aot-tpu v5e:2x2`."""
+    from mini_internvl_jax.train.aot import compile_for_topology
+
+    cfg = load_train_config("stage2", ["model=internvl3_5-1b", "data=null"])
+    r = compile_for_topology(cfg, "v5e:2x2")
+    assert r["mesh"]["fsdp"] == 4 and r["peak_gib"] > 0

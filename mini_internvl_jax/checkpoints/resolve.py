@@ -25,6 +25,7 @@ from mini_internvl_jax.checkpoints.run import (
     RunFolder,
     finished_steps,
     is_training_checkpoint,
+    is_unsaved_run,
     read_run,
     restore_model,
 )
@@ -113,6 +114,10 @@ def open_source(path: str | Path, *, step: int | None = None,
         dtype = cast(Dtype, resolve_dtype(None, src.reader))
         return Source("hf", p, src.info.config, ComputeConfig(dtype=dtype, param_dtype=dtype),
                       src.info.layout, _tokenizer_dir(p), strict, _hf=src)
+    if is_unsaved_run(str(path)):
+        raise CheckpointReadError(f"{path} is a training run folder with no finished "
+                                  "checkpoint step yet (no step folder with its meta); wait for "
+                                  "the first save (checkpoint.every) or use an earlier run")
     raise CheckpointReadError(_NOT_A_MODEL_FOLDER.format(path=path))
 
 

@@ -51,6 +51,10 @@ def read_meta(directory: str, step: int | None = None) -> tuple[int, dict]:
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{path} holds no training checkpoint (no step folders)")
+        steps = sorted(mngr.all_steps())
+        if step not in steps:
+            raise CheckpointError(f"{path} has no checkpoint step {step}; its steps: "
+                                  f"{', '.join(map(str, steps)) or 'none'}")
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except CheckpointError:
         raise
@@ -79,6 +83,19 @@ def is_training_checkpoint(directory: str) -> bool:
     path = epath.Path(directory)
     return path.is_dir() and any((p / "meta").exists() for p in path.iterdir()
                                  if p.name.isdigit())
+
+
+# What a run writes before its first checkpoint step is finished.
+RUN_FOLDER_SIGNS = ("metrics.jsonl", "compile_cache")
+
+
+def is_unsaved_run(directory: str) -> bool:
+    """A training run's folder without a finished step: logs, a compile cache or a step save
+    still in progress (`STEP.orbax-checkpoint-tmp`), but no step folder with `meta`."""
+    path = epath.Path(directory)
+    return path.is_dir() and not is_training_checkpoint(directory) and any(
+        p.name in RUN_FOLDER_SIGNS or ".orbax-checkpoint-tmp" in p.name or
+        p.name.startswith("events.out.tfevents") for p in path.iterdir())
 
 
 def upgrade_train_config_dict(data: dict) -> dict:

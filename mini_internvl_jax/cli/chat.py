@@ -28,7 +28,7 @@ from mini_internvl_jax.cli._shell import (
 )
 from mini_internvl_jax.data.errors import SkipSample
 from mini_internvl_jax.data.processing import decode_rgb, open_image
-from mini_internvl_jax.data.video import DEFAULT_NUM_FRAMES
+from mini_internvl_jax.data.video import DEFAULT_NUM_FRAMES, MAX_NUM_FRAMES
 from mini_internvl_jax.errors import user_error
 from mini_internvl_jax.infer.sampling import SamplingConfig
 from mini_internvl_jax.infer.session import ChatSession
@@ -126,8 +126,9 @@ def main(argv: list[str]) -> int:
     if len(question) > 1:
         raise UsageError(f"one question (quoted) after the overrides, got {len(question)} "
                          f"words: {question}")
-    if args.num_frames < 1:
-        raise UsageError(f"--num-frames must be >= 1, got {args.num_frames}")
+    if not 1 <= args.num_frames <= MAX_NUM_FRAMES:
+        raise UsageError(f"--num-frames must be from 1 to {MAX_NUM_FRAMES}, got "
+                         f"{args.num_frames}")
     try:
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     except ValueError as e:

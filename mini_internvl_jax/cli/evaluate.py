@@ -152,8 +152,10 @@ def _answer_factory(args, runtime: list):
 
 
 def _check_args(args) -> None:
-    if args.batch_size < 1:
-        raise UsageError("--batch-size must be >= 1")
+    # numbers and the TensorBoard folder before any work whose results they would hold
+    eval_runner.check_eval_args(batch_size=args.batch_size, limit=args.limit,
+                                tensorboard=args.tensorboard,
+                                tensorboard_step=args.tensorboard_step)
     for flag, value in (("--data", args.data), ("--data-dir", args.data_dir),
                         ("--image-root", args.image_root), ("--out", args.out)):
         if value is not None and is_remote(value):

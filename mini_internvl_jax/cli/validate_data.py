@@ -17,7 +17,7 @@ from mini_internvl_jax.cli._shell import (
 )
 from mini_internvl_jax.configlib import ConfigError
 from mini_internvl_jax.data.validate import validate_dataset
-from mini_internvl_jax.fileio import write_atomic
+from mini_internvl_jax.fileio import check_writable_file, write_atomic
 from mini_internvl_jax.train.config import build_model_config, load_train_config
 
 
@@ -42,9 +42,13 @@ def main(argv: list[str]) -> int:
     model_cfg = build_model_config(cfg)
     if cfg.data is None or cfg.tokenizer is None:
         raise ConfigError("the config needs a `data` section and a tokenizer")
-    if args.processes < 1 or cfg.max_tiles % args.processes:
+    if args.processes < 1:
+        raise UsageError(f"--processes must be >= 1, got {args.processes}")
+    if cfg.max_tiles % args.processes:
         raise UsageError(f"max_tiles {cfg.max_tiles} is not a multiple of --processes "
                          f"{args.processes}")
+    if args.report:  # before the validation whose findings it would hold
+        check_writable_file(args.report)
     report = validate_dataset(
         args.dataset, cfg.data, tokenizer=cfg.tokenizer, template=model_cfg.template,
         image_size=model_cfg.vision.image_size, num_image_tokens=model_cfg.num_image_tokens,
@@ -55,8 +59,8 @@ def main(argv: list[str]) -> int:
     for f in report.truncated:
         print(f"TRUNCATE {f}")
     if args.report:
-        write_atomic(args.report, "".join(
-            json.dumps(dataclasses.asdict(f)) + "\n" for f in report.rejected + report.truncated))
+        write_atomic(args.report, "".join(json.dumps(dataclasses.asdict(f)) + "\n"
+                                          for f in report.rejected + report.truncated))
     counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items()))
     print(f"checked {report.checked} samples: {len(report.rejected)} rejected"
           + (f" ({counts})" if counts else "") + f", {len(report.truncated)} truncated")

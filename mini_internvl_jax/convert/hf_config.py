@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,21 +25,39 @@ from mini_internvl_jax.convert.errors import (
 )
 from mini_internvl_jax.convert.mapping import key_tensor_names
 from mini_internvl_jax.data.errors import TokenizerError
+from mini_internvl_jax.data.templates import get_template
 from mini_internvl_jax.data.tokenizer import IMG_CONTEXT, image_context_id
 
-ORIGINAL_LLM_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "InternLM2ForCausalLM": "internlm2",
-                              "Phi3ForCausalLM": "phi3", "LlamaForCausalLM": "llama"}
-NATIVE_TEXT_TYPES = {"qwen2": "qwen2", "llama": "llama", "phi3": "phi3"}
+# llm_config.architectures[0] of the original layout -> our family. Qwen2.5 decoders (InternVL2.5
+# / InternVL3) are Qwen2ForCausalLM, InternLM2.5 decoders InternLM2ForCausalLM, InternVL3.5's
+# dense decoders Qwen3ForCausalLM.
+ORIGINAL_LLM_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                              "InternLM2ForCausalLM": "internlm2", "Phi3ForCausalLM": "phi3",
+                              "LlamaForCausalLM": "llama"}
+NATIVE_TEXT_TYPES = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama", "phi3": "phi3"}
 _ARCH_OF_FAMILY = {v: k for k, v in ORIGINAL_LLM_ARCHITECTURES.items()}
-_NATIVE_TYPE_OF_FAMILY = {"qwen2": "qwen2", "llama": "llama", "internlm2": "llama",
-                          "phi3": "phi3"}
-# The chat template each public checkpoint family ships with (InternVL2-1B: Hermes-2,
-# 2B: internlm2-chat, 4B: phi3-chat; the `template` key of their config.json).
-DEFAULT_TEMPLATES = {"qwen2": "Hermes-2", "internlm2": "internlm2-chat", "phi3": "phi3-chat",
-                     "llama": "internlm2-chat"}
+_NATIVE_TYPE_OF_FAMILY = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama",
+                          "internlm2": "llama", "phi3": "phi3"}
+# The template when a checkpoint names none: InternVL2-1B/2B/4B's (Hermes-2, internlm2-chat,
+# phi3-chat); Qwen3 decoders only come with InternVL3.5, whose template is internvl2_5.
+DEFAULT_TEMPLATES = {"qwen2": "Hermes-2", "qwen3": "internvl2_5", "internlm2": "internlm2-chat",
+                     "phi3": "phi3-chat", "llama": "internlm2-chat"}
 # <IMG_CONTEXT> in each family's tokenizer after InternVL's 9 added tokens (<img>, </img>,
-# <IMG_CONTEXT>, <quad>, </quad>, <ref>, </ref>, <box>, </box>).
-DEFAULT_IMAGE_TOKEN_IDS = {"qwen2": 151648, "internlm2": 92546, "phi3": 32013}
+# <IMG_CONTEXT>, <quad>, </quad>, <ref>, </ref>, <box>, </box>). The tokenizer files, when
+# present, win (InternVL2.5/3's Qwen2.5 tokenizer, 151665 tokens, places it at 151667). Qwen3's
+# tokenizer has 151669 tokens (ids up to </think> 151668), so InternVL3.5's is 151671.
+DEFAULT_IMAGE_TOKEN_IDS = {"qwen2": 151648, "qwen3": 151671, "internlm2": 92546, "phi3": 32013}
+# Released-config fields that change the model in ways not implemented here: refused by name
+# (with the value they take when they change nothing). V2PE: variable visual position encoding.
+UNSUPPORTED_FIELDS: dict[str, dict[str, object]] = {
+    "": {"rope_pos_id_version": "default", "rope_pos_id_stride": None, "use_backbone_lora": 0,
+         "use_llm_lora": 0, "pad2square": False},
+    "llm_config": {"use_sliding_window": False, "mlp_bias": False,
+                   "partial_rotary_factor": 1.0, "num_experts": None, "num_local_experts": None,
+                   "moe_intermediate_size": None, "rope_pos_id_version": "default"},
+    "vision_config": {"use_mask_token": False, "use_mean_pooling": True,
+                      "use_absolute_position_embeddings": True},
+}
 # Released InternVL2 values (their config.json) for the keys our ModelConfig does not carry.
 _ORIGINAL_DEFAULTS = {"dynamic_image_size": True, "use_thumbnail": True, "min_dynamic_patch": 1,
                       "max_dynamic_patch": 12, "use_backbone_lora": 0, "use_llm_lora": 0,
@@ -77,6 +96,43 @@ def detect_layout(hf: dict, where: str) -> str:
         f"{archs!r}); expected InternVL's original layout (model_type 'internvl_chat' with "
         "vision_config and llm_config) or transformers' InternVLForConditionalGeneration "
         "(vision_config and text_config)")
+
+
+def check_unsupported_fields(d: dict, section: str, prefix: str, where: str = "config.json"
+                             ) -> None:
+    """A one-line error for the first field of `section` (a key of UNSUPPORTED_FIELDS; "" is the
+    top level) that `d` sets to something other than its neutral value; `prefix` names `d`."""
+    for key, neutral in UNSUPPORTED_FIELDS[section].items():
+        value = d.get(key, neutral)
+        if value is not None and value != neutral:
+            name = f"{prefix}.{key}" if prefix else key
+            raise UnknownArchitectureError(
+                f"{where}: {name} is {value!r}; this field is not implemented here (supported: "
+                f"{neutral!r}), so the model would not match its checkpoint")
+
+
+def template_from_chat_template(folder: Path) -> str | None:
+    """The InternVL template a native (`-hf`) folder's own Jinja chat template spells out:
+    `<|im_end|>` followed by a newline is internvl2_5 (InternVL2.5 / 3 / 3.5), `<|im_end|>`
+    without one Hermes-2; None when the folder has no chat template."""
+    texts = []
+    for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json",
+                 "processor_config.json"):
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        text = path.read_text(errors="replace")
+        if name.endswith(".json"):
+            try:
+                text = str(json.loads(text).get("chat_template") or "")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+        texts.append(text)
+    text = "".join(texts)
+    if "<|im_end|>" not in text:
+        return None
+    return "internvl2_5" if re.search(r"<\|im_end\|>('\s*\+\s*')?(\\n|\n)", text) \
+        else "Hermes-2"
 
 
 def _get(d: dict, key: str, where: str, default=None, required: bool = False):
@@ -177,11 +233,17 @@ def _rope(d: dict, where: str) -> tuple[float, dict | None]:
 
 def _llm(t: dict, family: str, where: str, vocab: int, tie: bool, qkv_bias: bool) -> dict:
     _check_act(t, where, "silu")
-    if t.get("use_sliding_window") or (family == "phi3" and t.get("sliding_window") and
-                                       t["sliding_window"] < t.get("max_position_embeddings", 0)):
+    check_unsupported_fields(t, "llm_config", where)
+    kinds = sorted(set(t.get("layer_types") or ["full_attention"]) - {"full_attention"})
+    if kinds:
+        raise UnknownArchitectureError(f"config.json: {where}.layer_types has {kinds}; only "
+                                       "full attention is implemented")
+    if family == "phi3" and t.get("sliding_window") and \
+            t["sliding_window"] < t.get("max_position_embeddings", 0):
         raise UnknownArchitectureError(f"{where}: sliding-window attention is not implemented")
-    if t.get("mlp_bias"):
-        raise UnknownArchitectureError(f"{where}: MLP biases are not supported")
+    if family == "qwen3" and t.get("attention_bias"):
+        raise UnknownArchitectureError(f"{where}.attention_bias is true; Qwen3 with q/k/v/o "
+                                       "biases is not implemented (released Qwen3: false)")
     if family == "internlm2" and t.get("bias", True):
         raise UnknownArchitectureError(f"{where}: InternLM2 with bias=true is not supported "
                                        "(the released checkpoints set bias: false)")
@@ -218,6 +280,7 @@ def model_config_from_hf(hf: dict, shape_of: Callable[[str], tuple | None], fold
     """ModelConfig from config.json plus the checkpoint's tensor shapes (`shape_of(name)`)."""
     where = str(Path(folder) / "config.json")
     layout = detect_layout(hf, where)
+    check_unsupported_fields(hf, "", "", where)
     if layout == "original":
         llm_cfg = hf["llm_config"]
         archs = llm_cfg.get("architectures") or [None]
@@ -263,9 +326,17 @@ def model_config_from_hf(hf: dict, shape_of: Callable[[str], tuple | None], fold
             raise UnknownArchitectureError(f"{where}: vision_feature_select_strategy "
                                            f"{hf['vision_feature_select_strategy']!r} is not "
                                            "supported (InternVL drops the CLS token: 'default')")
-        template = None
+        check_unsupported_fields(hf["vision_config"], "vision_config", "vision_config", where)
+        template = template_from_chat_template(folder)
+        template_source = "chat template"
     if template is None:
         template, template_source = DEFAULT_TEMPLATES[family], "family default"
+    system_message = hf.get("system_message")
+    if system_message is not None and template in TEMPLATE_NAMES and \
+            system_message != get_template(template).system_message:
+        raise UnknownArchitectureError(
+            f"{where}: system_message {system_message[:40]!r}... differs from template "
+            f"{template!r}'s default; a per-checkpoint system message is not implemented")
 
     token = image_token_id_from_tokenizer(folder)
     if layout == "native" and hf.get("image_token_id") is not None:
@@ -331,6 +402,10 @@ def _llm_common(cfg: ModelConfig) -> dict:
                                   "Qwen2 (Qwen2 always has them)")
         out.update(use_sliding_window=False, sliding_window=llm.max_position_embeddings,
                    max_window_layers=llm.num_layers)
+    elif llm.family == "qwen3":
+        # Qwen3Config's head_dim default (128) is not hidden/heads: always written.
+        out.update(head_dim=llm.head_dim, attention_bias=False, use_sliding_window=False,
+                   sliding_window=None, max_window_layers=llm.num_layers)
     elif llm.family == "internlm2":
         out["bias"] = False
     elif llm.family == "llama":

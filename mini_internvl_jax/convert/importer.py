@@ -150,6 +150,12 @@ def hf_to_arrays(src: HFSource, *, dtype: Dtype, scan: bool = False, strict: boo
         raise CheckpointMismatchError(f"no checkpoint tensor fills parameter(s) "
                                       f"{name_list(unfilled)}")
     total = sum(len(r.sources) for r in rules)
+    integer = [f"{n} ({src.reader.dtype(n).name})" for r in rules for n in r.sources
+               if src.reader.dtype(n).kind in "biu"]
+    if integer:  # a cast to float would hide a wrong file or a quantized checkpoint
+        raise CheckpointMismatchError(
+            f"tensor(s) {name_list(integer)} of {src.reader.description} hold integers; the "
+            "model's parameters are floating point (a quantized or wrongly saved checkpoint?)")
 
     def nbytes(rule: Rule) -> int:
         return sum(math.prod(src.reader.shape(n)) * src.reader.dtype(n).itemsize

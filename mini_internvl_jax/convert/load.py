@@ -17,6 +17,7 @@ import jax
 from jax.sharding import Mesh
 
 from mini_internvl_jax.config import DTYPES, ComputeConfig, Dtype
+from mini_internvl_jax.convert.errors import CheckpointMismatchError
 from mini_internvl_jax.convert.finite import check_finite_arrays
 from mini_internvl_jax.convert.importer import HFSource, hf_to_arrays
 from mini_internvl_jax.convert.orbax_io import (
@@ -32,6 +33,7 @@ from mini_internvl_jax.convert.params import (
     check_against_specs,
     flat_specs,
     is_scanned,
+    path_str,
     restack,
     shardings,
     stacks_of,
@@ -69,6 +71,10 @@ def load_converted(path: Path, compute: ComputeConfig, *, mesh: Mesh | None = No
     cfg, _ = read_converted(path)
     params_dir = path / PARAMS_DIR
     meta = params_metadata(params_dir)
+    integer = [f"{path_str(p)} ({d.name})" for p, (_, d) in meta.items() if d.kind in "biu"]
+    if integer:  # a cast to float would hide a wrongly written checkpoint
+        raise CheckpointMismatchError(f"{params_dir}: parameter(s) {', '.join(integer[:6])} "
+                                      "hold integers; parameters are floating point")
     stacks = stacks_of(cfg)
     graphdef, state = abstract_model(cfg, compute)
     specs = flat_specs(state)

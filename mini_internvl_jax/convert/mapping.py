@@ -262,6 +262,10 @@ def llm_rules(cfg: LLMConfig, *, body: str, head: str, internlm2_names: bool | N
                     rules.append(_rule([lp + f"self_attn.{x}_proj.bias"],
                                        [t((f"{x}_proj", "bias"))], _reshape((heads, hd)),
                                        [(heads * hd,)]))
+            if cfg.qk_norm:  # Qwen3: one [head_dim] weight per projection, shared by heads
+                for x in ("q", "k"):
+                    rules.append(_rule([lp + f"self_attn.{x}_norm.weight"],
+                                       [t((f"{x}_norm", "weight"))], _same(), [(hd,)]))
             o_name = lp + "self_attn.o_proj.weight"
             norms = ("input_layernorm", "post_attention_layernorm")
             mlp = {"gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",

@@ -21,7 +21,7 @@ from mini_internvl_jax import configlib
 from mini_internvl_jax.config import ModelConfig, model_config_from_dict, split_legacy_compute
 from mini_internvl_jax.convert.errors import CheckpointReadError
 from mini_internvl_jax.convert.params import flatten, nest
-from mini_internvl_jax.errors import silence_abandoned_reads
+from mini_internvl_jax.errors import quiet_storage_failures, silence_abandoned_reads
 
 PARAMS_DIR = "params"
 MODEL_CONFIG = "model_config.json"
@@ -59,6 +59,7 @@ def _no_copy_checkpointer() -> ocp.Checkpointer:
 
 def save_params(path: Path, flat: dict[tuple, np.ndarray]) -> None:
     """Writes host arrays as an Orbax PyTree checkpoint (nested dicts of our state paths)."""
+    quiet_storage_failures()  # a full disk is reported by the caller in one line
     with _no_copy_checkpointer() as ckptr:
         ckptr.save(Path(path).absolute(), args=ocp.args.PyTreeSave(nest(flat)))
 

@@ -14,6 +14,11 @@ from mini_internvl_jax import configlib
 from mini_internvl_jax.config import TemplateName
 from mini_internvl_jax.configlib import check
 
+# The most frames one video may ask for (training, chat, evaluation): each frame is a tile of
+# 256 image tokens, so 64 frames are 16k tokens and 64 decoded tiles, at the limit of the
+# models' context and of host memory.
+MAX_NUM_FRAMES = 64
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -83,15 +88,20 @@ class DataConfig:
     # Records rejected in a row (dropped or bad, no sample placed in between) after which the
     # run stops: nothing fits the batch geometry. A whole epoch of this shard also counts.
     max_consecutive_skips: int = 10000
+    # Shards of a mivl-build-shards folder are checked against its manifest.json (size,
+    # sha256) before any record is read: "refuse" stops the run naming every shard that
+    # differs, "skip" trains without them (and says how many shards and records it left out),
+    # "unchecked" reads them as they are (hashing costs one read of the data per host).
+    bad_shards: Literal["refuse", "skip", "unchecked"] = "refuse"
 
     def __post_init__(self):
         check(bool(self.meta_path), "data.meta_path", "must name the meta JSON file")
         check(1 <= self.min_dynamic_patch <= self.max_dynamic_patch, "data.min_dynamic_patch",
               f"need 1 <= min_dynamic_patch ({self.min_dynamic_patch}) <= max_dynamic_patch "
               f"({self.max_dynamic_patch})")
-        check(1 <= self.min_num_frames <= self.max_num_frames, "data.min_num_frames",
-              f"need 1 <= min_num_frames ({self.min_num_frames}) <= max_num_frames "
-              f"({self.max_num_frames})")
+        check(1 <= self.min_num_frames <= self.max_num_frames <= MAX_NUM_FRAMES,
+              "data.min_num_frames", f"need 1 <= min_num_frames ({self.min_num_frames}) <= "
+              f"max_num_frames ({self.max_num_frames}) <= {MAX_NUM_FRAMES}")
         check(1 <= self.jpeg_quality_min <= self.jpeg_quality_max <= 100, "data.jpeg_quality_min",
               "need 1 <= jpeg_quality_min <= jpeg_quality_max <= 100")
         check(self.max_tiles_per_row is None or self.max_tiles_per_row >= 1,

@@ -28,7 +28,7 @@ import grain
 import numpy as np
 
 from mini_internvl_jax.batch import BATCH_DTYPES, IGNORE_INDEX, STATS_PREFIX
-from mini_internvl_jax.data.errors import DataError, Skipped
+from mini_internvl_jax.data.errors import BAD_REASONS, DataError, Skipped
 from mini_internvl_jax.data.processing import Sample
 from mini_internvl_jax.data.tiling import normalize_tiles
 
@@ -178,10 +178,15 @@ class PackIterator(grain.DatasetIterator):
         if self._run.total() >= self._max_run:
             g = self._geom
             rejected = ", ".join(f"{k}: {v}" for k, v in self._run.most_common())
+            if all(r in BAD_REASONS for r in self._run):  # the data, not the geometry
+                advice = ("the records themselves are unusable: check data.meta_path, the "
+                          "image root and the files (mivl-validate-data lists every one)")
+            else:
+                advice = (f"raise seq_len ({g.seq_len}) or max_tiles ({g.max_tiles}), or lower "
+                          "data.max_dynamic_patch")
             raise DataError(
                 f"no record fits the batch: the last {self._run.total()} records in a row were "
-                f"all rejected ({rejected}; last: {x.source}:{x.line} {x.detail}); raise seq_len "
-                f"({g.seq_len}) or max_tiles ({g.max_tiles}), or lower data.max_dynamic_patch")
+                f"all rejected ({rejected}; last: {x.source}:{x.line} {x.detail}); {advice}")
         total = self._counts["samples"] + self._counts["dropped"] + self._counts["bad"]
         if total >= self._bad_min and self._counts["bad"] > self._max_bad * total:
             reasons = {k.split("/", 1)[1]: v for k, v in sorted(self._counts.items())

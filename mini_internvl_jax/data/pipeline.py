@@ -33,6 +33,7 @@ from mini_internvl_jax.data.config import DataConfig
 from mini_internvl_jax.data.errors import DataError
 from mini_internvl_jax.data.packing import BatchGeometry, PackIterDataset, finalize_batch
 from mini_internvl_jax.data.processing import SampleProcessor
+from mini_internvl_jax.data.shards import check_shards_before_reading
 from mini_internvl_jax.data.sources import Mixture, open_source, read_meta
 from mini_internvl_jax.data.tokenizer import IMG_CONTEXT, Tokenizer, load_tokenizer
 
@@ -102,7 +103,9 @@ def build_train_dataset(data_cfg: DataConfig, *, tokenizer: Tokenizer | str,
                     ("seq_len", seq_len), ("batch_size", batch_size), ("max_tiles", max_tiles)):
         if v < 1:
             raise DataError(f"{name} must be >= 1, got {v}")
-    mixture = Mixture([open_source(s) for s in read_meta(data_cfg.meta_path)])
+    specs = check_shards_before_reading(data_cfg.meta_path, read_meta(data_cfg.meta_path),
+                                        data_cfg.bad_shards)
+    mixture = Mixture([open_source(s) for s in specs])
     processor = SampleProcessor(data_cfg, mixture, tokenizer, image_size=image_size,
                                 num_image_tokens=num_image_tokens, seq_len=seq_len,
                                 max_tiles=max_tiles, seed=seed)

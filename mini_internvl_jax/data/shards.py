@@ -17,6 +17,7 @@ The folder is built under a temporary name and renamed into place when complete.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -24,7 +25,9 @@ import math
 import os
 import re
 import struct
+import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +50,9 @@ MANIFEST = "manifest.json"
 META = "meta.json"
 MANIFEST_FORMAT = "mini-internvl-jax shards v1"
 DEFAULT_SHARD_BYTES = 256 << 20
+# Smaller shards are all per-file overhead (a 1-byte target made one shard per record, 16x
+# the data); larger ones than this are slow to hash and to re-read after a damaged byte.
+MIN_SHARD_MB, MAX_SHARD_MB = 1.0, 65536.0
 _HASH_CHUNK = 1 << 22
 
 
@@ -106,6 +112,14 @@ def _shard_of(sizes: list[int], num_shards: int) -> list[int]:
     # A record larger than a shard's share can leave a number unused: renumber densely.
     dense = {k: i for i, k in enumerate(sorted(set(out)))}
     return [dense[k] for k in out]
+
+
+def shard_bytes_from_mb(mb: float) -> int:
+    """`--shard-mb` in bytes; DataError outside [MIN_SHARD_MB, MAX_SHARD_MB]."""
+    if not MIN_SHARD_MB <= mb <= MAX_SHARD_MB:  # also refuses nan
+        raise DataError(f"--shard-mb must be between {MIN_SHARD_MB:g} and {MAX_SHARD_MB:g} "
+                        f"(MiB per shard), got {mb:g}")
+    return int(mb * 2**20)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -228,7 +242,47 @@ def read_manifest(path: str | os.PathLike) -> tuple[epath.Path, dict]:
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise DataError(f"{found}: not a shard manifest (format should be "
                         f"{MANIFEST_FORMAT!r})")
+    _check_manifest(found, manifest)
     return found.parent, manifest
+
+
+_SHARD_FIELDS = {"file": str, "records": int, "bytes": int, "sha256": str}
+
+
+def _check_manifest(found: epath.Path, manifest: dict) -> None:
+    """DataError naming the first field of a hand-edited or truncated manifest that is missing
+    or of the wrong type (readers index these fields without further checks)."""
+    if not isinstance(manifest.get("meta"), str):
+        raise DataError(f"{found}: \"meta\" must name the meta JSON of the shards")
+    datasets = manifest.get("datasets")
+    if not isinstance(datasets, dict) or not datasets:
+        raise DataError(f"{found}: \"datasets\" must be a non-empty object "
+                        "{name: {shards: [...], ...}}")
+    for name, d in datasets.items():
+        shards = d.get("shards") if isinstance(d, dict) else None
+        if not isinstance(shards, list) or not shards:
+            raise DataError(f"{found}: datasets.{name}.shards must be a non-empty list")
+        for k, shard in enumerate(shards):
+            for field, kind in _SHARD_FIELDS.items():
+                value = shard.get(field) if isinstance(shard, dict) else None
+                if not isinstance(value, kind) or isinstance(value, bool) or (
+                        isinstance(value, int) and value < 0):
+                    raise DataError(f"{found}: datasets.{name}.shards[{k}].{field} must be "
+                                    f"{'a non-negative integer' if kind is int else 'a string'}"
+                                    f", got {value!r}")
+
+
+def _shard_problem(f: epath.Path, entry: dict) -> str | None:
+    """What differs between a shard file and its manifest entry (presence, size, sha256)."""
+    if not f.exists():
+        return f"{f}: missing"
+    size = f.stat().length
+    if size != entry["bytes"]:
+        return f"{f}: {size} bytes, manifest says {entry['bytes']}"
+    digest = file_sha256(f)
+    if digest != entry["sha256"]:
+        return f"{f}: sha256 {digest[:16]}..., manifest says {entry['sha256'][:16]}..."
+    return None
 
 
 def verify_shards(path: str | os.PathLike, *, progress: bool = True) -> dict:
@@ -241,16 +295,8 @@ def verify_shards(path: str | os.PathLike, *, progress: bool = True) -> dict:
     problems = []
     for s in tqdm(shards, desc="verifying shards", unit="shard", disable=not progress):
         f = root / s["file"]
-        if not f.exists():
-            problems.append(f"{f}: missing")
-            continue
-        size = f.stat().length
-        if size != s["bytes"]:
-            problems.append(f"{f}: {size} bytes, manifest says {s['bytes']}")
-            continue
-        digest = file_sha256(f)
-        if digest != s["sha256"]:
-            problems.append(f"{f}: sha256 {digest}, manifest says {s['sha256']}")
+        if problem := _shard_problem(f, s):
+            problems.append(problem)
             continue
         if is_remote(f):  # the hash matched; counting would open each remote file once more
             continue
@@ -265,3 +311,48 @@ def verify_shards(path: str | os.PathLike, *, progress: bool = True) -> dict:
         raise DataError(f"{len(problems)} shard(s) of {root} do not match {MANIFEST}: "
                         + "; ".join(problems))
     return manifest
+
+
+def check_shards_before_reading(meta_path: str | os.PathLike, specs: list[DatasetSpec],
+                                policy: str, *, threads: int = 8) -> list[DatasetSpec]:
+    """The specs to train on, after checking each shard named by a shard folder's meta.json
+    against its manifest (presence, size, sha256) before any record is read.
+
+    `policy` (`data.bad_shards`): "refuse" raises DataError listing every shard that differs;
+    "skip" leaves those shards out and says how many shards and records it left out;
+    "unchecked" reads the files as they are. A meta JSON without a manifest next to it (JSONL
+    data, or shards made by another tool) is returned unchanged.
+    """
+    found = epath.Path(meta_path).parent / MANIFEST
+    if policy == "unchecked" or not found.exists():
+        return specs
+    root, manifest = read_manifest(found)
+    if epath.Path(meta_path).name != manifest["meta"]:
+        return specs
+    entries = {str(root / s["file"]): s for d in manifest["datasets"].values()
+               for s in d["shards"]}
+    files = [f for spec in specs if spec.format == "array_record" for f in spec.annotation
+             if str(f) in entries]
+    with ThreadPoolExecutor(threads) as pool:
+        found_problems = list(pool.map(
+            lambda f: _shard_problem(epath.Path(f), entries[str(f)]), files))
+    bad = {f: p for f, p in zip(files, found_problems, strict=True) if p}
+    if not bad:
+        return specs
+    if policy == "refuse":
+        raise DataError(f"{len(bad)} shard(s) of {root} differ from {MANIFEST}, so they are not "
+                        "read (rebuild them with mivl-build-shards, or set data.bad_shards: "
+                        f"skip to train without them): {'; '.join(bad.values())}")
+    kept = []
+    for spec in specs:
+        files_left = [f for f in spec.annotation if f not in bad]
+        if files_left:
+            kept.append(dataclasses.replace(spec, annotation=tuple(files_left)))
+    records = sum(entries[str(f)]["records"] for f in bad)
+    print(f"warning: skipping {len(bad)} shard(s) ({records} records) of {root} that differ "
+          f"from {MANIFEST} (data.bad_shards: skip): {'; '.join(bad.values())}",
+          file=sys.stderr, flush=True)
+    if not kept:
+        raise DataError(f"every shard of {meta_path} differs from {MANIFEST}; nothing to train "
+                        "on")
+    return kept

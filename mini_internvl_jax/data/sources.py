@@ -86,6 +86,9 @@ def read_meta(meta_path: str | os.PathLike) -> list[DatasetSpec]:
     path = epath.Path(meta_path)
     if not path.exists():
         raise DataError(f"meta file {path} does not exist")
+    if path.is_dir():
+        raise DataError(f"meta file {path} is a folder; expected the meta JSON file (a shard "
+                        "folder is read through its manifest.json)")
     try:
         check_complete(path.parent)  # e.g. shards whose upload was cut off
         meta = json.loads(path.read_text())
@@ -395,6 +398,12 @@ class ArrayRecordSource(RecordSource):
     def __len__(self) -> int:
         return len(self._src)
 
+    def _where_safe(self, index: int) -> str:
+        try:
+            return self.where(index)
+        except (RuntimeError, OSError, struct.error):  # counting reads the damaged file too
+            return f"record {index + 1} of {list(self.spec.annotation)}"
+
     def where(self, index: int) -> str:
         if self._ends is None:
             self._ends = np.cumsum([count_array_records(f) for f in self.spec.annotation]
@@ -405,7 +414,14 @@ class ArrayRecordSource(RecordSource):
 
     def read(self, index: int) -> Record:
         try:
-            item, blobs = decode_record(self._src[index])
+            raw = self._src[index]
+        except (RuntimeError, OSError) as e:  # a damaged chunk: Riegeli's "Corrupted" error
+            raise DataError(f"dataset {self.name!r}: {self._where_safe(index)} cannot be read, "
+                            f"the shard is damaged ({str(e).splitlines()[0][:200]}); rebuild "
+                            "it (mivl-build-shards) or check the folder with "
+                            "mivl-validate-data") from None
+        try:
+            item, blobs = decode_record(raw)
         except (ValueError, struct.error, UnicodeDecodeError) as e:
             raise SkipSample("malformed_json", f"invalid record: {e}") from None
         return record_from_json(item, self.spec.root, self.name, index + 1, blobs)

@@ -1,9 +1,13 @@
-"""InternVL chat templates (`Hermes-2`, `internlm2-chat`, `phi3-chat`) and label masking.
+"""InternVL chat templates (`Hermes-2`, `internlm2-chat`, `phi3-chat`, `internvl2_5`) and
+label masking.
 
-All three are InternVL's MPT style: `system + sep`, then `role + message + sep` per turn and
-a bare `role` for an open assistant turn; there is no newline after `sep`. Training targets
-are the assistant content plus the `sep` that closes it; everything else (system prompt,
-user turns, role headers, BOS, image tokens, Phi-3's `<|endoftext|>`) is masked.
+All are InternVL's MPT style: `system + sep`, then `role + message + sep` per turn and a bare
+`role` for an open assistant turn. InternVL2's three have no newline after `sep`; `internvl2_5`
+(InternVL2.5, InternVL3 and InternVL3.5: the `template` of their config.json) uses
+`<|im_end|>\n` and its own system message. Training targets are the assistant content plus the
+end-of-turn token that closes it (`end_token`; internvl2_5's newline after it is not trained, as
+InternVL's `preprocess_internvl2_5` masks it); everything else (system prompt, user turns, role
+headers, BOS, image tokens, Phi-3's `<|endoftext|>`) is masked.
 
 Image placeholders are not tokenized from text: each `<image>` becomes the ids of `<img>`,
 `<IMG_CONTEXT>` x n, `</img>` directly, which is the same as tokenizing the expanded string
@@ -25,6 +29,12 @@ DEFAULT_SYSTEM_MESSAGE = (
     "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
     "是一个有用无害的人工智能助手。"
 )
+# internvl2_5's system message (InternVL's conversation.py; InternVL2's templates keep the older
+# one above "to avoid changes in benchmark performance").
+INTERNVL2_5_SYSTEM_MESSAGE = (
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的"
+    "多模态大语言模型。"
+)
 HUMAN, GPT = "human", "gpt"
 
 
@@ -42,6 +52,13 @@ class ChatTemplate:
     # Tokens never trained on even inside assistant content (Phi-3 masks <|endoftext|>).
     never_trained: tuple[str, ...] = ()
     system_message: str = DEFAULT_SYSTEM_MESSAGE
+    # The trained, generation-ending part of `sep` (the whole `sep` when empty).
+    end_token: str = ""
+
+    @property
+    def stop(self) -> str:
+        """The token that ends an assistant turn (and generation)."""
+        return self.end_token or self.sep
 
 
 _HERMES_2 = ChatTemplate(
@@ -58,6 +75,9 @@ TEMPLATES: dict[str, ChatTemplate] = {
         user_role="<|user|>\n", assistant_role="<|assistant|>\n", sep="<|end|>",
         special_tokens=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
         never_trained=("<|endoftext|>",)),
+    "internvl2_5": dataclasses.replace(_HERMES_2, name="internvl2_5", sep="<|im_end|>\n",
+                                       end_token="<|im_end|>",
+                                       system_message=INTERNVL2_5_SYSTEM_MESSAGE),
 }
 
 
@@ -99,7 +119,9 @@ def _pieces(template: ChatTemplate, messages, system_message, add_generation_pro
             yield template.assistant_role, False
             if text:
                 yield text, True
-                yield template.sep, True
+                yield template.stop, True
+                if template.sep != template.stop:
+                    yield template.sep[len(template.stop):], False
         else:
             raise ValueError(f"role {role!r} is not {HUMAN!r} or {GPT!r}")
     if add_generation_prompt:
@@ -187,7 +209,7 @@ def encode_chat(tokenizer: Tokenizer, template: ChatTemplate,
 def stop_token_ids(tokenizer: Tokenizer, template: ChatTemplate) -> tuple[int, ...]:
     """Ids that end generation; the first (the template's `sep`) is what InternVL's chat()
     uses as eos_token_id, the others (tokenizer EOS, `<|endoftext|>`) are safety stops."""
-    out = [tokenizer.token_id(template.sep, f"template {template.name}")]
+    out = [tokenizer.token_id(template.stop, f"template {template.name}")]
     for tid in (tokenizer.eos_id, tokenizer.find_token("<|endoftext|>")):
         if tid is not None and tid not in out:
             out.append(tid)

@@ -30,6 +30,7 @@ from etils import epath
 from PIL import Image
 
 from mini_internvl_jax.data import tiling
+from mini_internvl_jax.data.config import MAX_NUM_FRAMES
 from mini_internvl_jax.errors import MissingDependencyError
 
 DEFAULT_NUM_FRAMES = 8  # the InternVL2 model cards' video example (`num_segments=8`)
@@ -57,8 +58,9 @@ class VideoRef:
 
     def __post_init__(self):
         if isinstance(self.num_frames, bool) or not isinstance(self.num_frames, int) or \
-                self.num_frames < 1:
-            raise ValueError(f"video {self.name}: num_frames must be a positive integer, got "
+                not 1 <= self.num_frames <= MAX_NUM_FRAMES:
+            raise ValueError(f"video {self.name}: num_frames must be an integer from 1 to "
+                             f"{MAX_NUM_FRAMES}, got "
                              f"{self.num_frames!r}")
 
     @property

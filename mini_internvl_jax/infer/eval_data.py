@@ -35,7 +35,7 @@ import json
 import sys
 from pathlib import Path
 
-from mini_internvl_jax.data.video import DEFAULT_NUM_FRAMES, VideoRef
+from mini_internvl_jax.data.video import DEFAULT_NUM_FRAMES, MAX_NUM_FRAMES, VideoRef
 from mini_internvl_jax.errors import UserError
 
 
@@ -47,6 +47,7 @@ class MissingImageError(EvalDataError):
     """A row names an image file that does not exist."""
 
 
+ROW_ID_KEYS = ("index", "id", "question_id", "questionId", "pid")
 IMAGE_KEYS = ("decoded_image", "image", "image_path", "image_local_name", "imgname", "filename",
               "data_id")
 
@@ -185,6 +186,9 @@ def image_refs(row: dict, root: Path, where: str, *, required: bool,
     bytes or parquet struct) and optional `num_frames` (default 8): one `VideoRef`. Tasks
     without it reject a `video` field rather than silently answer without the clip.
     """
+    row_id = next((row[k] for k in ROW_ID_KEYS if row.get(k) not in (None, "")), None)
+    # a missing file also names the row as the user knows it, not only by its line
+    item = "" if row_id is None else f"item {str(row_id)!r}; "
     first = next((k for k in IMAGE_KEYS if row.get(k) not in (None, "")), None)
     keys = [first] if first else []
     keys += sorted((k for k in row if k.startswith("image_") and k[6:].isdigit()
@@ -203,11 +207,11 @@ def image_refs(row: dict, root: Path, where: str, *, required: bool,
     refs = []
     for k in keys:
         if not isinstance(row[k], list):
-            refs.append(_one_ref(row[k], root, where, k, "an image"))
+            refs.append(_one_ref(row[k], root, where, k, "an image", item=item))
         elif not row[k]:
             raise EvalDataError(f"{where}: field {k!r} is an empty list; expected image paths")
         else:
-            refs += [_one_ref(v, root, where, f"{k}[{i}]", "an image")
+            refs += [_one_ref(v, root, where, f"{k}[{i}]", "an image", item=item)
                      for i, v in enumerate(row[k])]
     if required and not refs:
         raise EvalDataError(f"{where}: no image (fields {', '.join(IMAGE_KEYS)} or "
@@ -221,13 +225,14 @@ def _num_frames(value, where: str) -> int:
         return DEFAULT_NUM_FRAMES
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise EvalDataError(f"{where}: field 'num_frames' must be a positive integer (frames "
-                            f"sampled from the video), got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_NUM_FRAMES:
+        raise EvalDataError(f"{where}: field 'num_frames' must be a positive integer, at most "
+                            f"{MAX_NUM_FRAMES} (frames sampled from the video), got {value!r}")
     return value
 
 
-def _one_ref(v, root: Path, where: str, key: str, kind: str, check: bool = True):
+def _one_ref(v, root: Path, where: str, key: str, kind: str, check: bool = True,
+             item: str = ""):
     if isinstance(v, bytes):
         return v
     path = None
@@ -241,8 +246,8 @@ def _one_ref(v, root: Path, where: str, key: str, kind: str, check: bool = True)
         full = root / path
         if check and not full.is_file():
             raise MissingImageError(f"{where}: field {key!r} names image {path!r}, which is not "
-                                    f"at {full} (set --image-root to the folder the paths are "
-                                    "relative to)")
+                                    f"at {full} ({item}set --image-root to the folder the "
+                                    "paths are relative to)")
         return str(full)
     got = "an empty string" if v == "" else type(v).__name__
     raise EvalDataError(f"{where}: field {key!r} must be {kind} path, bytes or a "

@@ -29,7 +29,7 @@ from mini_internvl_jax.data.media import num_placeholders
 from mini_internvl_jax.data.processing import decode_rgb, open_image
 from mini_internvl_jax.data.templates import IMAGE_PLACEHOLDER
 from mini_internvl_jax.data.video import VideoRef, read_frames
-from mini_internvl_jax.fileio import write_atomic
+from mini_internvl_jax.fileio import check_creatable, write_atomic
 from mini_internvl_jax.infer.eval_data import (
     EvalDataError,
     MissingImageError,
@@ -37,6 +37,18 @@ from mini_internvl_jax.infer.eval_data import (
     read_rows,
 )
 from mini_internvl_jax.infer.scorers.tasks import Item, Task
+
+
+def check_eval_args(*, batch_size: int, limit: int | None, tensorboard: str | None,
+                    tensorboard_step: int) -> None:
+    """Refuses numbers out of range (EvalDataError, naming the flag and the bound) and a
+    TensorBoard folder that cannot be written (OSError naming it), before anything runs."""
+    for flag, value, low in (("--batch-size", batch_size, 1), ("--limit", limit, 1),
+                             ("--tensorboard-step", tensorboard_step, 0)):
+        if value is not None and value < low:
+            raise EvalDataError(f"{flag} must be >= {low}, got {value}")
+    if tensorboard is not None:
+        check_creatable(tensorboard)
 
 
 @dataclass(frozen=True)

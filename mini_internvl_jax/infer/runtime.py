@@ -8,7 +8,12 @@ from dataclasses import dataclass
 
 from mini_internvl_jax.data.processing import prepare_chat_inputs
 from mini_internvl_jax.data.tokenizer import Tokenizer
+from mini_internvl_jax.errors import UserError
 from mini_internvl_jax.infer.generate import Generator, Prompt
+
+
+class PromptTooLongError(UserError, ValueError):
+    """A prompt (text and image tokens) longer than the model's positions."""
 
 
 @dataclass
@@ -29,6 +34,14 @@ class Runtime:
             list(images), question, history, tokenizer=self.tokenizer, template=self.template,
             image_size=cfg.vision.image_size, num_image_tokens=cfg.num_image_tokens,
             max_num=self.max_num, system_message=self.system_message)
+        limit = cfg.llm.max_position_embeddings
+        if len(inputs.input_ids) >= limit:  # positions past it were never trained
+            tiles = len(inputs.pixel_values)
+            raise PromptTooLongError(
+                f"the prompt is {len(inputs.input_ids)} tokens ({tiles} image tiles x "
+                f"{cfg.num_image_tokens} tokens), at least the model's {limit} positions "
+                "(llm.max_position_embeddings); use fewer video frames or images, or a smaller "
+                "--max-num")
         px = inputs.pixel_values if len(inputs.pixel_values) else None
         return Prompt(inputs.input_ids, px), inputs.stop_token_ids
 

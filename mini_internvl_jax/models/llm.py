@@ -1,7 +1,8 @@
-"""The LLM decoder: one implementation for Qwen2, InternLM2 (Llama math) and Phi-3.
+"""The LLM decoder: one implementation for Qwen2/2.5, Qwen3, InternLM2/2.5 (Llama math) and Phi-3.
 
-Family differences are data, not code paths: q/k/v bias (Qwen2), RoPE scaling (InternLM2 dynamic
-NTK, Phi-3 LongRoPE), eps and theta. Packed rows are handled by `positions` (restarting per
+Family differences are data, not code paths: q/k/v bias (Qwen2), per-head q/k RMSNorm before
+RoPE and an explicit head_dim (Qwen3), RoPE scaling (InternLM2 dynamic NTK, Phi-3 LongRoPE), eps
+and theta. Packed rows are handled by `positions` (restarting per
 sample) and `segment_ids` (no attention across samples; 0 = padding).
 
 An optional `KVCache` serves prefill and decode with the same code: new keys are written at
@@ -61,6 +62,12 @@ class DecoderLayer(nnx.Module):
         self.v_proj = Dense((d,), (kv, hd), ("embed", "kv_heads", "head_dim"),
                             use_bias=cfg.qkv_bias, **kw)
         self.o_proj = Dense((h, hd), (d,), ("heads", "head_dim", "embed"), use_bias=False, **kw)
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:
+            self.q_norm = nnx.data(RMSNorm(hd, cfg.rms_norm_eps, ("head_dim",),
+                                           param_dtype=param_dtype, rngs=rngs))
+            self.k_norm = nnx.data(RMSNorm(hd, cfg.rms_norm_eps, ("head_dim",),
+                                           param_dtype=param_dtype, rngs=rngs))
         self.gate_proj = Dense((d,), (i,), ("embed", "mlp"), use_bias=False, **kw)
         self.up_proj = Dense((d,), (i,), ("embed", "mlp"), use_bias=False, **kw)
         self.down_proj = Dense((i,), (d,), ("mlp", "embed"), use_bias=False, **kw)
@@ -74,6 +81,8 @@ class DecoderLayer(nnx.Module):
         q = self.q_proj(h_in)
         k = self.k_proj(h_in)
         v = self.v_proj(h_in)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         q = shard_activation(q, ("batch", "length", "act_heads", None))

@@ -10,6 +10,7 @@ from the compiled HLO: the traffic that DCN bandwidth, not ICI, has to carry.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
@@ -27,9 +28,15 @@ GIB = 2.0**30
 MIB = 2.0**20
 
 
+_TOPOLOGY = re.compile(r"v\d+[a-z]*:\d+(?:x\d+){1,2}")
+
+
 def topology_devices(topology: str, num_slices: int = 1):
     """Compile-only devices of `num_slices` slices of a TPU topology such as `v5e:2x2`, `v5e:2x4`
     or `v5p:2x2x1` (each device knows its `slice_index`)."""
+    if not _TOPOLOGY.fullmatch(topology):  # before libtpu, which warns at length first
+        raise ConfigError(f"--aot-tpu {topology!r} is not a TPU topology; names look like "
+                          "v5e:2x2, v6e:4x4 or v5p:2x2x1 (generation:chips per dimension)")
     # Compile-only: no metadata server to ask, and other processes may hold libtpu too.
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -38,9 +45,10 @@ def topology_devices(topology: str, num_slices: int = 1):
     try:
         return topologies.get_topology_desc(topology, "tpu", num_slices=num_slices).devices
     except Exception as e:  # libtpu missing, or a topology string it does not know
-        raise RuntimeError(f"cannot describe TPU topology {topology!r} (needs libtpu, "
-                           f"`pip install jax[tpu]`; names look like v5e:2x2, v5p:2x2x1): "
-                           f"{e}") from e
+        hint = ("libtpu does not know this topology" if importlib.util.find_spec("libtpu")
+                else "needs libtpu: `pip install jax[tpu]`")
+        raise RuntimeError(f"cannot describe TPU topology {topology!r} ({hint}; names look "
+                           f"like v5e:2x2, v5p:2x2x1): {str(e).splitlines()[0][:200]}") from e
 
 
 def per_device_bytes(tree) -> int:
@@ -69,7 +77,11 @@ def compile_for_topology(cfg: TrainConfig, topology: str, num_slices: int = 1) -
     dcn = dcn_for(cfg, num_slices)
     devices = topology_devices(topology, num_slices)
     model_cfg = build_model_config(cfg)
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices, dcn=dcn.sizes)
+    try:
+        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices, dcn=dcn.sizes)
+    except ValueError as e:  # sizes that do not split the topology's chips: a config mistake
+        raise ConfigError(f"mesh: {e} (--aot-tpu {topology} x {num_slices} slice(s): "
+                          f"{len(devices)} chips)") from None
     s = build_abstract(cfg, mesh, model_cfg)
     batch = s.batch_abstract()
     with jax.set_mesh(mesh):

@@ -91,9 +91,13 @@ class OptimConfig:
     mu_dtype: Literal["params", "float32", "bfloat16"] = "params"
     # Micro-batches per optimizer step; batch_size is split into grad_accum equal parts.
     grad_accum: int = 1
-    # Regexes searched in a parameter's dotted path (`llm.layers.layers.0.input_norm.weight`);
-    # matches get no weight decay. Add e.g. "embed_tokens" or "ls[12]" as wanted.
-    no_decay: tuple[str, ...] = ("norm", r"bias$")
+    # Regexes searched in a parameter's dotted path (`llm.layers.layers.input_norm.weight`);
+    # matches get no weight decay. The default is InternVL2's fine-tuning (transformers 4.37's
+    # Trainer): only biases and the nn.LayerNorm weights of the ViT (layer_norm ViTs such as
+    # InternViT-300M) and of the projector are exempt; the LLM's RMSNorm weights are decayed.
+    # `[norm, bias$]` exempts every norm, as the current Trainer does (docs/training_parity.md).
+    no_decay: tuple[str, ...] = (r"vision\.encoder\.layers\.norm[12]\.", r"projector\.norm\.",
+                                 r"bias$")
 
     def __post_init__(self):
         check(self.lr > 0, "optim.lr", "must be positive")

@@ -232,8 +232,9 @@ def _run(cfg: TrainConfig, devices, stop_after: int | None, allow_config_change:
     result = RunResult(final_step=start)
     primary = jax.process_index() == 0
     if start >= cfg.total_steps and primary:
-        print(f"{cfg.checkpoint.dir} already holds step {start} = total_steps: nothing to do "
-              "(raise total_steps to continue, or use a new checkpoint.dir)", flush=True)
+        print(f"{cfg.checkpoint.dir} already holds step {start}, at or past total_steps "
+              f"({cfg.total_steps}): nothing to do (raise total_steps to continue, or use a "
+              "new checkpoint.dir)", flush=True)
     reporter = Reporter(cfg, model_cfg, start, mesh.size)
     pending = None
     last_saved = start
@@ -293,6 +294,8 @@ def _run(cfg: TrainConfig, devices, stop_after: int | None, allow_config_change:
                 if pending is not None:
                     collect()
                 pending = (step, metrics, extra)
+                if ckpt is not None:  # an async save that failed stops the run here
+                    ckpt.raise_if_failed()
                 if step == profile_last:
                     jax.block_until_ready(state)
                     jax.profiler.stop_trace()

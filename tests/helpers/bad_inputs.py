@@ -60,6 +60,8 @@ def prepare(tmp: Path) -> None:
     (tmp / "empty_dir").mkdir()
     (tmp / "a_file").write_text("a file, not a folder")
     (tmp / "previous").mkdir()
+    (tmp / "unsaved_run").mkdir()  # a run killed before its first checkpoint
+    (tmp / "unsaved_run" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     (tmp / "previous" / "keep.txt").write_text("earlier output")
     from PIL import Image
 
@@ -67,6 +69,10 @@ def prepare(tmp: Path) -> None:
     rows = {
         "broken.jsonl": ['{"id": "a", "question": "q", "answer": "x"}', "{oops"],
         "no_question.jsonl": ['{"id": "a", "answer": "x"}'],
+        "many_frames.jsonl": ['{"id": "a", "video": "clip.mp4", "num_frames": 500, '
+                              '"question": "q", "answer": "x"}'],
+        "mathvista_type.jsonl": ['{"pid": "1", "query": "q", "question_type": "essay", '
+                                 '"answer_type": "text", "answer": "a", "image": "red.png"}'],
         "missing_image.jsonl": ['{"id": "a", "image": "red.png", "question": "q", "answer": "x"}',
                                 '{"id": "b", "image": "gone.png", "question": "q", "answer": "x"}'],
         "ok.jsonl": ['{"id": "a", "image": "red.png", "question": "q", "answer": "x"}'],
@@ -125,24 +131,11 @@ def _no_space(path) -> OSError:
     return OSError(errno.ENOSPC, "No space left on device", str(path))
 
 
-def orbax_disk_full(monkeypatch) -> None:
-    """TensorStore reports a full disk as a ValueError carrying the OS error text."""
-    from mini_internvl_jax.convert import importer
+def without_gcsfs(monkeypatch) -> None:
+    """The `gcs` extra not installed: importing gcsfs fails, as on a machine without it."""
+    import sys
 
-    def save_params(path, flat):
-        raise ValueError(f'DATA_LOSS: Error writing local file "{path}/d/0": '
-                         "[OS error 28: No space left on device]")
-
-    monkeypatch.setattr(importer, "save_params", save_params)
-
-
-def safetensors_disk_full(monkeypatch) -> None:
-    from mini_internvl_jax.convert.hf_io import SafetensorsWriter
-
-    def write(self, name, array):
-        raise _no_space(self.folder / self.files[0])
-
-    monkeypatch.setattr(SafetensorsWriter, "write", write)
+    monkeypatch.setitem(sys.modules, "gcsfs", None)
 
 
 def write_bytes_disk_full(monkeypatch) -> None:
@@ -152,5 +145,4 @@ def write_bytes_disk_full(monkeypatch) -> None:
     monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
 
 
-SETUPS = {f.__name__: f for f in (orbax_disk_full, safetensors_disk_full,
-                                  write_bytes_disk_full)}
+SETUPS = {f.__name__: f for f in (without_gcsfs, write_bytes_disk_full)}

@@ -23,15 +23,16 @@ from safetensors.torch import save_file
 from mini_internvl_jax.convert.orbax_io import save_params, write_model_config
 from tests.helpers import hf_reference as ref
 
-ARCH = {"qwen2": "Qwen2ForCausalLM", "internlm2": "InternLM2ForCausalLM",
-        "phi3": "Phi3ForCausalLM"}
-TEXT_OF = {"qwen2": "qwen2", "internlm2": "llama", "phi3": "phi3"}
-TEMPLATE = {"qwen2": "Hermes-2", "internlm2": "internlm2-chat", "phi3": "phi3-chat"}
+ARCH = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+        "internlm2": "InternLM2ForCausalLM", "phi3": "Phi3ForCausalLM"}
+TEXT_OF = {"qwen2": "qwen2", "qwen3": "qwen3", "internlm2": "llama", "phi3": "phi3"}
+TEMPLATE = {"qwen2": "Hermes-2", "qwen3": "internvl2_5", "internlm2": "internlm2-chat",
+            "phi3": "phi3-chat"}
 
 
-def native_model(family: str):
+def native_model(family: str, tie: bool = False):
     """(torch InternVLForConditionalGeneration, its config); InternLM2 math = Llama math."""
-    hf_cfg, _ = ref.internvl_pair(TEXT_OF[family])
+    hf_cfg, _ = ref.internvl_pair(TEXT_OF[family], tie=tie)
     return ref.randomize_(transformers.InternVLForConditionalGeneration(hf_cfg)), hf_cfg
 
 
@@ -50,7 +51,8 @@ def pack_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_heads: int) 
     return torch.cat(rows, 0)
 
 
-def original_state_dict(native_sd: dict, family: str, kv_heads: int) -> dict:
+def original_state_dict(native_sd: dict, family: str, kv_heads: int, tied: bool = False
+                        ) -> dict:
     """transformers-native names -> InternVL remote-code names (InternVL's checkpoints)."""
     out = {}
     sd = {k: v.detach().clone() for k, v in native_sd.items()}
@@ -83,7 +85,10 @@ def original_state_dict(native_sd: dict, family: str, kv_heads: int) -> dict:
             out[f"{ours}.{p}"] = sd.pop(f"model.multi_modal_projector.{theirs}.{p}")
     head = "language_model.output.weight" if family == "internlm2" else \
         "language_model.lm_head.weight"
-    out[head] = sd.pop("lm_head.weight")
+    if tied:  # a tied head is the embedding; checkpoints do not store it twice
+        sd.pop("lm_head.weight")
+    else:
+        out[head] = sd.pop("lm_head.weight")
     lm = "model.language_model."
     if family == "internlm2":
         for key in [k for k in sd if re.fullmatch(r".*layers\.\d+\.self_attn\.q_proj\.weight", k)]:
@@ -110,7 +115,7 @@ def original_state_dict(native_sd: dict, family: str, kv_heads: int) -> dict:
     return out
 
 
-def original_config(hf_cfg, family: str, image_token_id=None) -> dict:
+def original_config(hf_cfg, family: str, image_token_id=None, template=None) -> dict:
     """An InternVL2-style config.json (legacy rope keys, as the released checkpoints have)."""
     v, t = hf_cfg.vision_config, hf_cfg.text_config
     rope = dict(t.rope_parameters)
@@ -120,11 +125,15 @@ def original_config(hf_cfg, family: str, image_token_id=None) -> dict:
            "num_attention_heads": t.num_attention_heads,
            "num_key_value_heads": t.num_key_value_heads, "hidden_act": "silu",
            "max_position_embeddings": t.max_position_embeddings, "rms_norm_eps": t.rms_norm_eps,
-           "rope_theta": rope["rope_theta"], "rope_scaling": None, "tie_word_embeddings": False,
+           "rope_theta": rope["rope_theta"], "rope_scaling": None,
+           "tie_word_embeddings": bool(t.tie_word_embeddings),
            "torch_dtype": "bfloat16", "use_cache": True}
     if family == "qwen2":
         llm.update(use_sliding_window=False, sliding_window=t.max_position_embeddings,
                    max_window_layers=t.num_hidden_layers)
+    if family == "qwen3":  # as InternVL3.5's llm_config (Qwen3-0.6B ... 8B)
+        llm.update(head_dim=t.head_dim, attention_bias=False, use_sliding_window=False,
+                   sliding_window=None, max_window_layers=t.num_hidden_layers)
     if family == "internlm2":
         # dynamic NTK only acts past max_position_embeddings: a no-op for these tests.
         llm.update(bias=False, rope_scaling={"type": "dynamic", "factor": 2.0},
@@ -145,7 +154,7 @@ def original_config(hf_cfg, family: str, image_token_id=None) -> dict:
     return {"architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
             "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
                          "AutoModel": "modeling_internvl_chat.InternVLChatModel"},
-            "template": TEMPLATE[family], "downsample_ratio": 0.5, "ps_version": "v2",
+            "template": template or TEMPLATE[family], "downsample_ratio": 0.5, "ps_version": "v2",
             "select_layer": -1, "force_image_size": v.image_size[0],
             "dynamic_image_size": True, "use_thumbnail": True, "min_dynamic_patch": 1,
             "max_dynamic_patch": 12, "torch_dtype": "bfloat16",
@@ -169,13 +178,16 @@ def save_state(folder: Path, sd: dict, shards: int = 1) -> None:
 
 
 def write_original(folder: Path, model, hf_cfg, family: str, *, dtype=torch.float32,
-                   shards: int = 1, tokenizer: bool = True) -> dict:
+                   shards: int = 1, tokenizer: bool = True, template: str | None = None
+                   ) -> dict:
     """An original-layout InternVL folder; returns the state dict written."""
     folder.mkdir(parents=True, exist_ok=True)
-    sd = original_state_dict(model.state_dict(), family, hf_cfg.text_config.num_key_value_heads)
+    sd = original_state_dict(model.state_dict(), family, hf_cfg.text_config.num_key_value_heads,
+                             tied=bool(hf_cfg.text_config.tie_word_embeddings))
     sd = {k: v.to(dtype) for k, v in sd.items()}
     save_state(folder, sd, shards)
-    (folder / "config.json").write_text(json.dumps(original_config(hf_cfg, family)))
+    (folder / "config.json").write_text(json.dumps(original_config(hf_cfg, family,
+                                                                   template=template)))
     if tokenizer:
         (folder / "added_tokens.json").write_text(json.dumps({"<img>": ref.IMAGE_TOKEN - 1,
                                                               "<IMG_CONTEXT>": ref.IMAGE_TOKEN}))

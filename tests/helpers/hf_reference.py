@@ -44,6 +44,21 @@ def qwen2_pair(layers=2, tie=False):
     return hf, ours, transformers.Qwen2ForCausalLM
 
 
+def qwen3_pair(layers=2, tie=False):
+    """Qwen3: per-head q/k RMSNorm, no biases, head_dim 32 != hidden 64 / 4 heads (as in
+    Qwen3-0.6B: 1024 hidden, 16 heads of 128)."""
+    hf = transformers.Qwen3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=tie, attention_bias=False,
+        attn_implementation="eager", use_sliding_window=False)
+    ours = LLMConfig(family="qwen3", vocab_size=VOCAB, hidden_size=64, num_layers=layers,
+                     num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=96,
+                     rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=512,
+                     tie_word_embeddings=tie)
+    return hf, ours, transformers.Qwen3ForCausalLM
+
+
 def llama_pair(layers=2, heads=8, kv_heads=2):
     """LlamaForCausalLM stands in for InternLM2's math (no biases, GQA)."""
     hf = transformers.LlamaConfig(
@@ -90,18 +105,21 @@ def vision_pair(norm_type="layer_norm", qk_norm=False, qkv_bias=True, layers=2):
     return hf, ours
 
 
-def internvl_pair(text: str = "qwen2", vision_layers=2, llm_layers=2):
+def internvl_pair(text: str = "qwen2", vision_layers=2, llm_layers=2, tie=False,
+                  template="Hermes-2"):
     """InternVLForConditionalGeneration (native layout) with a tiny text model."""
     hf_vision, vision = vision_pair(layers=vision_layers)
-    builders = {"qwen2": qwen2_pair, "llama": llama_pair, "phi3": phi3_pair}
-    hf_text, llm, _ = builders[text](layers=llm_layers)
+    builders = {"qwen2": qwen2_pair, "qwen3": qwen3_pair, "llama": llama_pair,
+                "phi3": phi3_pair}
+    kw = {"tie": tie} if tie else {}
+    hf_text, llm, _ = builders[text](layers=llm_layers, **kw)
     hf = transformers.InternVLConfig(
         vision_config=hf_vision.to_dict(), text_config=hf_text.to_dict(),
         image_token_id=IMAGE_TOKEN, image_seq_length=4, downsample_ratio=0.5,
         projector_hidden_act="gelu", vision_feature_layer=-1,
-        vision_feature_select_strategy="default", tie_word_embeddings=False)
+        vision_feature_select_strategy="default", tie_word_embeddings=tie)
     hf._attn_implementation = "eager"
-    ours = ModelConfig(vision=vision, llm=llm, image_token_id=IMAGE_TOKEN, template="Hermes-2")
+    ours = ModelConfig(vision=vision, llm=llm, image_token_id=IMAGE_TOKEN, template=template)
     return hf, ours
 
 

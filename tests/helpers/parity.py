@@ -249,14 +249,26 @@ def concat_micro(micros: list[dict]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([m[k] for m in micros]) for k in micros[0]}
 
 
+def original_decay_names(model: torch.nn.Module) -> set[str]:
+    """The parameters InternVL2's fine-tuning decayed, written out from transformers 4.37.2's
+    Trainer (`get_parameter_names(model, ALL_LAYERNORM_LAYERS)` minus names containing
+    "bias"): every parameter except biases and those of `nn.LayerNorm` modules. InternVL's own
+    RMSNorm classes (Qwen2, InternLM2, Phi-3) were not registered in ALL_LAYERNORM_LAYERS, so
+    their weights were decayed; LlamaRMSNorm was, but no InternVL2 model uses it (the tiny
+    Llama here stands in for InternLM2, so its RMSNorm counts as decayed)."""
+    layer_norms = [n for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)]
+    return {n for n, _ in model.named_parameters() if "bias" not in n
+            and not any(n.startswith(ln + ".") for ln in layer_norms)}
+
+
 def torch_train(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], *, lr: float,
                 warmup: int, weight_decay: float, clip: float, autocast: bool = False
                 ) -> list[float]:
-    """The PyTorch InternVL recipe, one optimizer step per batch: the HF Trainer's no-decay
-    rule (`Trainer.get_decay_parameter_names`), torch AdamW, transformers' warmup-cosine,
-    clip_grad_norm_; optionally bf16 autocast over float32 master weights."""
+    """The PyTorch InternVL recipe, one optimizer step per batch: InternVL2's no-decay rule
+    (`original_decay_names`), torch AdamW, transformers' warmup-cosine, clip_grad_norm_;
+    optionally bf16 autocast over float32 master weights."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = set(transformers.Trainer.get_decay_parameter_names(None, model))
+    decay = original_decay_names(model)
     opt = torch.optim.AdamW(
         [{"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
          {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}],

@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mini_internvl_jax.infer.eval_data import EvalDataError, as_list, image_refs
+from mini_internvl_jax.infer.eval_data import ROW_ID_KEYS, EvalDataError, as_list, image_refs
 from mini_internvl_jax.infer.scorers import (
     anls,
     chartqa,
@@ -102,7 +102,7 @@ def _answers(row: dict, where: str, names=("answers", "answer")) -> list[str]:
     return [str(v) for v in vals]
 
 
-def _id(row: dict, where: str, names=("index", "id", "question_id", "questionId", "pid")):
+def _id(row: dict, where: str, names=ROW_ID_KEYS):
     v = _get(row, names, where, required=False)
     return str(v) if v is not None else where.rsplit(":", 1)[-1]
 
@@ -523,10 +523,20 @@ def _hallusion_summary(records):
 # ------------------------------------------------------------------------------ MathVista
 
 
+# The benchmark's values (AI4Math/MathVista testmini); the scorer has a rule for each.
+MATHVISTA_QUESTION_TYPES = ("multi_choice", "free_form")
+MATHVISTA_ANSWER_TYPES = ("text", "integer", "float", "list")
+
+
 def _mathvista_build(row, where, root, settings):
     prompt = _text(row, ("query", "question"), where)
     qtype = str(_get(row, ("question_type",), where))
     atype = str(_get(row, ("answer_type",), where))
+    for field, value, allowed in (("question_type", qtype, MATHVISTA_QUESTION_TYPES),
+                                  ("answer_type", atype, MATHVISTA_ANSWER_TYPES)):
+        if value not in allowed:  # another value would be scored by a rule meant for neither
+            raise EvalDataError(f"{where}: MathVista {field} must be one of "
+                                f"{', '.join(allowed)}, got {value!r}")
     choices = _get(row, ("choices",), where, required=False)
     choices = [str(c) for c in as_list(choices, where, "choices")] if choices is not None else []
     if qtype == "multi_choice" and len(choices) < 2:
