@@ -8,17 +8,21 @@ libtpu) with FSDP over all chips, and from the compiled executable it reports, p
 
   * XLA cost analysis FLOPs and bytes (a while-loop body counted once, as XLA does), and the
     same from a walk of the optimized HLO that weights loop bodies by their trip counts
-    (mini_internvl_jax/train/hlo_anatomy.py);
+    (mini_internvl_jax.tools.hlo.py);
   * model FLOPs (train/flops.py) / HLO FLOPs: below 1 by the share of recomputation (remat);
   * all-gather / reduce-scatter / all-reduce: ops, executions and bytes per step;
   * float32 <-> bfloat16 converts of weight-sized arrays inside loops (master weights cast
     again every layer iteration / micro-step);
   * the largest kernels by bytes per step, and a roofline lower bound for v5e and v5p:
-    max(FLOPs / peak, bytes / HBM bandwidth), globally and summed kernel by kernel.
+    max(FLOPs / peak, bytes / HBM bandwidth), globally and summed kernel by kernel; the
+    ratio of that per-kernel sum to the model-FLOP time on the topology's chip;
+  * a per-category table that sums to the step (ViT / LLM layers forward, recompute and
+    backward, embedding + LM head + loss, optimizer, weight casts, collectives, copies).
 
     python benchmarks/step_anatomy.py                        # W1 1B on v5e:2x2
     python benchmarks/step_anatomy.py --size 1b,2b,4b --json benchmarks/results/anatomy.json
-    python benchmarks/step_anatomy.py --size 4b --topology v5p:2x2x1   # 4B needs > 16 GB/chip
+                                       # 1B, 2B on v5e:2x2, 4B on v5p:2x2x1
+    python benchmarks/step_anatomy.py --size 4b   # on v5p:2x2x1: 4B needs > 16 GB per chip
     python benchmarks/step_anatomy.py --tiny                 # the tiny model, seconds
 
 Compiling W1 takes minutes on a 2-core machine; the compile time is reported.
@@ -35,15 +39,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# bf16 dense peak FLOP/s and HBM bandwidth per chip (Google Cloud TPU documentation).
-CHIPS = {"v5e": (197e12, 819e9), "v5p": (459e12, 2765e9)}
+# Where each preset is compiled unless --topology says otherwise: 4B needs more than a v5e's
+# 16 GB per chip.
+DEFAULT_TOPOLOGY = {"1b": "v5e:2x2", "2b": "v5e:2x2", "4b": "v5p:2x2x1", "tiny": "v5e:2x2"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="1b", help="comma list of 1b|2b|4b")
-    p.add_argument("--topology", default="v5e:2x2",
-                   help="TPU topology to compile for, or `cpu` (this process's CPU devices)")
+    p.add_argument("--topology", default="auto",
+                   help="TPU topology to compile for, or `cpu` (this process's CPU devices); "
+                        "auto: v5e:2x2 for 1b/2b, v5p:2x2x1 for 4b")
     p.add_argument("--chips", type=int, help="use only the first N devices")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=4096)
@@ -92,7 +98,7 @@ def weight_shapes(trees) -> set[tuple[int, ...]]:
     activations) are left out."""
     import jax
 
-    from mini_internvl_jax.train.hlo_anatomy import merged_forms
+    from mini_internvl_jax.tools.hlo import merged_forms
 
     shapes = set()
     for path, x in jax.tree_util.tree_flatten_with_path(trees)[0]:
@@ -110,13 +116,14 @@ def run_one(a, size: str) -> dict:
     import jax
 
     from mini_internvl_jax.sharding import make_mesh
+    from mini_internvl_jax.tools.hlo import analyze
     from mini_internvl_jax.train import flops
     from mini_internvl_jax.train.aot import topology_devices
-    from mini_internvl_jax.train.hlo_anatomy import analyze
     from mini_internvl_jax.train.setup import build_abstract
 
     cfg = train_config(a, size)
-    devices = jax.devices("cpu") if a.topology == "cpu" else topology_devices(a.topology)
+    topology = DEFAULT_TOPOLOGY[size] if a.topology == "auto" else a.topology
+    devices = jax.devices("cpu") if topology == "cpu" else topology_devices(topology)
     devices = devices[:a.chips] if a.chips else devices
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
     t0 = time.perf_counter()
@@ -127,7 +134,7 @@ def run_one(a, size: str) -> dict:
         t1 = t2 = time.perf_counter()
     else:
         with jax.set_mesh(mesh):
-            lowered = s.step_fn.lower(s.state, s.frozen, s.rest, s.batch_abstract())
+            lowered = s.step_fn.lower(s.state, s.batch_abstract())
             t1 = time.perf_counter()
             compiled = lowered.compile()
         t2 = time.perf_counter()
@@ -138,20 +145,17 @@ def run_one(a, size: str) -> dict:
     if a.dump_hlo:
         Path(a.dump_hlo).mkdir(parents=True, exist_ok=True)
         (Path(a.dump_hlo) / f"step_{s.model_cfg.name}.hlo.txt").write_text(text)
-    an = analyze(text, weight_shapes((s.state.params, s.frozen)))
+    an = analyze(text, weight_shapes((s.state.params, s.state.frozen)))
     chips = len(devices)
     tiles = cfg.max_tiles * cfg.optim.grad_accum
     model_flops = flops.step_flops(s.model_cfg, batch=cfg.batch_size, seq_len=cfg.seq_len,
                                    tiles=tiles) / chips
     top = sorted(an.kernels, key=lambda k: -k.calls * k.bytes)[:a.top]
-    roofline = {}
-    for chip, (peak, bw) in CHIPS.items():
-        per_kernel = sum(k.calls * max(k.flops / peak, k.bytes / bw) for k in an.kernels)
-        roofline[chip] = {"global_s": max(an.flops / peak, an.bytes / bw),
-                          "per_kernel_s": per_kernel,
-                          "model_flops_s": model_flops / peak}
+    roofline = an.roofline(model_flops)
+    chip = topology.split(":")[0] if topology.split(":")[0] in roofline else "v5e"
+    r = roofline[chip]
     return {
-        "label": a.label or "default", "model": s.model_cfg.name, "topology": a.topology,
+        "label": a.label or "default", "model": s.model_cfg.name, "topology": topology,
         "chips": chips, "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
         "batch": cfg.batch_size, "seq": cfg.seq_len, "tiles": tiles,
         "grad_accum": cfg.optim.grad_accum, "remat": cfg.compute.remat,
@@ -160,6 +164,9 @@ def run_one(a, size: str) -> dict:
         "xla_cost_flops": float(cost.get("flops", float("nan"))),
         "xla_cost_bytes": float(cost.get("bytes accessed", float("nan"))),
         "hlo_flops": an.flops, "hlo_bytes": an.bytes, "model_flops": model_flops,
+        # bytes counting operands and results in on-chip memory (VMEM) too: the figure this
+        # benchmark reported before it told HBM from on-chip memory
+        "hlo_bytes_all_memory_spaces": an.bytes_all_spaces,
         "model_over_hlo_flops": model_flops / an.flops if an.flops else None,
         "matmul_flops_by_dtype": an.matmul_flops_by_dtype, "collectives": an.collectives,
         "weight_converts_in_loops": an.weight_converts,
@@ -168,9 +175,14 @@ def run_one(a, size: str) -> dict:
             mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
             + mem.temp_size_in_bytes) / 2**30,
         "temp_gib": None if mem is None else mem.temp_size_in_bytes / 2**30,
-        "roofline": roofline,
+        "roofline": roofline, "chip": chip,
+        # the issue's figure: the per-kernel bound over the model-FLOP time, on this chip
+        "ratio_per_kernel": r["per_kernel_s"] / r["model_flops_s"],
+        "ratio_global": r["global_s"] / r["model_flops_s"],
+        "categories": an.categories(),
         "top_kernels": [{"name": k.instr.name, "opcode": k.instr.opcode,
-                         "op_name": k.instr.op_name[-120:], "calls": k.calls,
+                         "category": k.category, "named_by": k.named_by,
+                         "op_name": k.op_name[-120:], "calls": k.calls,
                          "gb_per_step": k.calls * k.bytes / 1e9,
                          "gflop_per_step": k.calls * k.flops / 1e9} for k in top],
     }
@@ -184,8 +196,8 @@ def f32_share(r: dict) -> float:
 
 
 def table(results: list[dict]) -> str:
-    head = ["variant", "model", "compile s", "HLO TFLOP", "f32 share", "model/HLO", "HLO GB",
-            "XLA GB",
+    head = ["variant", "model", "topology", "ratio", "compile s", "HLO TFLOP", "f32 share",
+            "model/HLO", "HLO GB", "XLA GB",
             "AG n/GB", "RS n/GB", "AR n/GB", "cvt n/GB", "v5e ms", "v5p ms", "peak GiB"]
     rows = [head]
     for r in results:
@@ -196,7 +208,8 @@ def table(results: list[dict]) -> str:
             return "0" if d is None else f"{d['count']:.0f}/{d['bytes'] / 1e9:.2f}"
 
         cv = r["weight_converts_in_loops"]
-        rows.append([r["label"], r["model"], f"{r['compile_s']:.0f}",
+        rows.append([r["label"], r["model"], r["topology"], f"{r['ratio_per_kernel']:.2f}",
+                     f"{r['compile_s']:.0f}",
                      f"{r['hlo_flops'] / 1e12:.2f}", f"{f32_share(r):.3f}",
                      f"{r['model_over_hlo_flops']:.3f}",
                      f"{r['hlo_bytes'] / 1e9:.1f}", f"{r['xla_cost_bytes'] / 1e9:.1f}",
@@ -206,16 +219,30 @@ def table(results: list[dict]) -> str:
                      f"{1e3 * r['roofline']['v5p']['global_s']:.0f}",
                      "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(c.rjust(widths[i]) if i > 1 else c.ljust(widths[i])
+    lines = ["  ".join(c.rjust(widths[i]) if i > 2 else c.ljust(widths[i])
                        for i, c in enumerate(row)) for row in rows]
-    out = ["per chip; f32 share = matmul FLOPs with a float32 operand; n = executions per step; "
+    out = ["per chip; ratio = per-kernel roofline / model-FLOP time on the topology's chip; "
+           "f32 share = matmul FLOPs with a float32 operand; n = executions per step; "
            "cvt = f32<->bf16 converts of weight-sized arrays inside loops; v5e/v5p ms = "
            "max(HLO FLOPs/peak, HLO bytes/HBM bandwidth)"] + lines
+    for r in results:
+        out.append(f"\n{r['label']} {r['model']} on {r['topology']}: per category (sums to the "
+                   f"step; {r['chip']} per-kernel roofline)")
+        out.append(f"  {'category':<28}{'kernels':>8}{'GFLOP':>10}{'GB':>9}{'ms':>9}  largest")
+        for cat, c in r["categories"].items():
+            big = c["top"][0]["op_name"][-70:] if c["top"] else ""
+            out.append(f"  {cat:<28}{c['kernels']:>8}{c['gflop']:>10.1f}{c['gb']:>9.2f}"
+                       f"{1e3 * c['per_kernel_s'][r['chip']]:>9.1f}  {big}")
+        rf = r["roofline"][r["chip"]]
+        out.append(f"  {'total':<28}{'':>8}{r['hlo_flops'] / 1e9:>10.1f}"
+                   f"{r['hlo_bytes'] / 1e9:>9.2f}{1e3 * rf['per_kernel_s']:>9.1f}  model-FLOP "
+                   f"time {1e3 * rf['model_flops_s']:.1f} ms, ratio {r['ratio_per_kernel']:.2f}")
     for r in results:
         out.append(f"\n{r['label']} {r['model']}: largest kernels by bytes per step")
         for k in r["top_kernels"]:
             out.append(f"  {k['gb_per_step']:8.2f} GB {k['gflop_per_step']:9.1f} GFLOP "
-                       f"x{k['calls']:<5.0f} {k['opcode']:<12} {k['op_name']}")
+                       f"x{k['calls']:<5.0f} {k['opcode']:<12} {k['category']:<20} "
+                       f"{k['op_name']}")
     return "\n".join(out)
 
 

@@ -64,8 +64,8 @@ def run_jax(a) -> dict:
     import jax
     import numpy as np
 
-    from mini_internvl_jax.batch import to_global
     from mini_internvl_jax.config import ComputeConfig
+    from mini_internvl_jax.placement import to_global
     from mini_internvl_jax.sharding import make_mesh
     from mini_internvl_jax.train import flops
     from mini_internvl_jax.train.batches import SyntheticBatches
@@ -98,20 +98,20 @@ def run_jax(a) -> dict:
                             tiles_per_sample=a.tiles, samples_per_row=1, seed=0, min_fill=1.0)
     host = next(data)
     batch = to_global({k: v[None] for k, v in host.items()}, s.batch_sh)
-    state, frozen, rest = s.state, s.frozen, s.rest
+    state = s.state
     with jax.set_mesh(mesh):
-        state, m = s.step_fn(state, frozen, rest, batch)
+        state, m = s.step_fn(state, batch)
         jax.block_until_ready(m)
         compile_s = time.perf_counter() - t0
         for _ in range(a.warmup - 1):
-            state, m = s.step_fn(state, frozen, rest, batch)
+            state, m = s.step_fn(state, batch)
         jax.block_until_ready((state, m))
         times = []
         for i in range(a.iters):
             if a.profile and i == a.iters - 2:
                 jax.profiler.start_trace(a.profile)
             t = time.perf_counter()
-            state, m = s.step_fn(state, frozen, rest, batch)
+            state, m = s.step_fn(state, batch)
             jax.block_until_ready((state, m))
             times.append(time.perf_counter() - t)
         if a.profile:

@@ -22,7 +22,9 @@ from mini_internvl_jax.configlib import check, check_choices
 Dtype = Literal["float32", "bfloat16", "float16"]
 Family = Literal["qwen2", "qwen3", "internlm2", "phi3", "llama"]
 TemplateName = Literal["Hermes-2", "internlm2-chat", "phi3-chat", "internvl2_5"]
-RematPolicy = Literal["none", "full", "save_dots"]
+# auto: the trainer compiles the step and picks the least recomputation that fits the chip
+# (train/aot.py); a model is always given a concrete policy.
+RematPolicy = Literal["none", "full", "save_dots", "auto"]
 AttentionImpl = Literal["xla", "cudnn", "pallas", "auto"]
 
 DTYPES: tuple[str, ...] = get_args(Dtype)

@@ -7,7 +7,7 @@ import grain
 import numpy as np
 import pytest
 
-from mini_internvl_jax.batch import BATCH_DTYPES, global_shapes
+from mini_internvl_jax.batch import BATCH_DTYPES, BatchSpec
 from mini_internvl_jax.data.errors import DataError, Skipped
 from mini_internvl_jax.data.packing import (
     BatchBuilder,
@@ -101,8 +101,8 @@ def test_tiles_budget_and_buffer_order():
     assert batch["pixel_values"].shape == (6, 3, SIZE, SIZE)
     assert int((batch["input_ids"] == CTX).sum()) == NIT * 6
     # exactly the training-batch contract: its fields, dtypes and (micro-batch) shapes
-    shapes = global_shapes(grad_accum=1, rows=2, seq_len=40, tiles=6, image_size=SIZE,
-                           channels=3)
+    shapes = BatchSpec(grad_accum=1, rows=2, seq_len=40, tiles=6, image_size=SIZE,
+                       channels=3, num_image_tokens=NIT).global_shapes()
     assert {k: (v.dtype, (1, *v.shape)) for k, v in batch.items()} == {
         k: (np.dtype(BATCH_DTYPES[k]), shapes[k]) for k in shapes}
 

@@ -28,7 +28,7 @@ from mini_internvl_jax.tools.demo import write_demo
 from mini_internvl_jax.train.config import train_config_from_dict
 from mini_internvl_jax.train.init_from import InitError, model_config
 from mini_internvl_jax.train.metrics import MetricsLog
-from mini_internvl_jax.train.trainer import data_fingerprint
+from mini_internvl_jax.train.resume import data_fingerprint
 from tests.helpers import object_store
 from tests.helpers.checkpoints import native_model, read_tensors, write_original
 from tests.helpers.events import values

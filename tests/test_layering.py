@@ -236,3 +236,21 @@ def test_resolve_names_the_module(source, expected):
     name = (node.names[0].name if isinstance(node, ast.Import)
             else f"{node.module}.{node.names[0].name}")
     assert _resolve(name) == expected
+
+
+
+def test_the_data_layer_and_the_batch_contract_import_no_jax():
+    """The pipeline and the contract are numpy-only (host code, Grain workers); putting a batch
+    on the devices is `placement.py`'s. (Imports for type checkers only do not count.)"""
+    bad = []
+    for mod, path in MODULES.items():
+        if mod != f"{PACKAGE}.batch" and group(mod) != "data":
+            continue
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for f in ast.walk(tree) if isinstance(f, ast.If)
+                       and ast.unparse(f.test) == "TYPE_CHECKING" for n in ast.walk(f)}
+        bad += [f"{mod}:{a, b, line}" for a, b, _, line in IMPORTS if a == mod
+                and b.split(".")[0] in ("jax", "flax")
+                and not any(isinstance(n, (ast.Import, ast.ImportFrom)) and n.lineno == line
+                            and id(n) in typing_only for n in ast.walk(tree))]
+    assert not bad, "\n".join(bad)

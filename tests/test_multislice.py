@@ -9,7 +9,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 
 from mini_internvl_jax.configlib import ConfigError
 from mini_internvl_jax.sharding import hybrid_device_grid, logical_to_spec, make_mesh
-from mini_internvl_jax.train.aot import collective_traffic, parse_groups
+from mini_internvl_jax.tools.hlo import collective_traffic, parse_groups
 from mini_internvl_jax.train.config import train_config_from_dict
 
 

@@ -26,7 +26,7 @@ from mini_internvl_jax.checkpoints.run import CheckpointError, read_meta
 from mini_internvl_jax.cli import export as export_cli
 from mini_internvl_jax.cli import train as train_cli
 from mini_internvl_jax.cli.train import multihost_reason
-from mini_internvl_jax.train import trainer
+from mini_internvl_jax.train import resume, trainer
 from mini_internvl_jax.train.config import train_config_from_dict
 from mini_internvl_jax.train.init_from import model_config
 from mini_internvl_jax.train.metrics import MetricsLog
@@ -309,13 +309,13 @@ def test_a_changed_dataset_is_a_changed_setting(tmp_path):
     base = {**BASE, "tokenizer": "tok", "data": {"meta_path": str(meta)}}
     cfg = train_config_from_dict(base)
     mc = model_config(cfg)
-    saved = trainer.run_meta(cfg, mc, 2)
-    assert trainer.config_changes(cfg, mc, saved) == []
+    saved = resume.run_meta(cfg, mc, 2)
+    assert resume.config_changes(cfg, mc, saved) == []
     meta.write_text('{"x": {}}')  # edited in place
-    assert [c.split(":")[0] for c in trainer.config_changes(cfg, mc, saved)] == \
+    assert [c.split(":")[0] for c in resume.config_changes(cfg, mc, saved)] == \
         ["data_fingerprint"]
     other = train_config_from_dict({**base, "data": {"meta_path": str(tmp_path / "b.json")}})
-    assert "data.meta_path" in trainer.config_changes(other, mc, saved)[0]
+    assert "data.meta_path" in resume.config_changes(other, mc, saved)[0]
 
 
 # 11. multi-host detection ---------------------------------------------------------------------

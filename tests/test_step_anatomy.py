@@ -13,7 +13,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mini_internvl_jax.train.hlo_anatomy import (
+from mini_internvl_jax.tools.hlo import (
+    CHIPS,
     _walk,
     analyze,
     nbytes,
@@ -100,6 +101,97 @@ def test_trip_count_from_a_fused_condition_and_byte_sizes():
     dot = next(k for k in a.kernels if k.instr.opcode == "dot")
     assert (dot.calls, dot.bytes) == (7, 4 * (8 * 16 + 16 * 16 + 8 * 16))
     assert nbytes("(bf16[2,3]{1,0:T(8,128)(2,1)}, s32[], pred[4])") == 12 + 4 + 4
+
+
+# A scan of 5 steps (bound 5 in its condition) whose body runs one matmul (ViT forward), one
+# elementwise fusion (ViT recompute), one Pallas-style custom call with a cost estimate of 1000
+# FLOPs (LLM backward) and the counter's add and compare (no metadata: "other"); before the
+# loop, XLA prefetches the input into on-chip memory (S(1)): HBM is read, not written.
+HLO_HAND_COUNTED = """
+HloModule m
+
+%cond (t: (s32[], f32[8,16])) -> pred[] {
+  %t = (s32[], f32[8,16]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %n = s32[] constant(5)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%double (p0: f32[8,32]) -> f32[8,32] {
+  %p0 = f32[8,32]{1,0} parameter(0)
+  %two = f32[] constant(2)
+  %b = f32[8,32]{1,0} broadcast(%two), dimensions={}
+  ROOT %m = f32[8,32]{1,0} multiply(%p0, %b)
+}
+
+%body (t.1: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
+  %t.1 = (s32[], f32[8,16]{1,0}) parameter(0)
+  %i.1 = s32[] get-tuple-element(%t.1), index=0
+  %h = f32[8,16]{1,0} get-tuple-element(%t.1), index=1
+  %w = f32[16,32]{1,0} constant({...})
+  %d = f32[8,32]{1,0} dot(%h, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}, @FWD
+  %e = f32[8,32]{1,0} fusion(%d), kind=kLoop, calls=%double, @RECOMPUTE
+  %k = f32[8,16]{1,0} custom-call(%e, %h), custom_call_target="tpu_custom_call", @CONFIG, @BWD
+  %one = s32[] constant(1)
+  %i.2 = s32[] add(%i.1, %one)
+  ROOT %r = (s32[], f32[8,16]{1,0}) tuple(%i.2, %k)
+}
+
+ENTRY %main (x: f32[8,16]) -> f32[8,16] {
+  %x = f32[8,16]{1,0} parameter(0)
+  %cs = (f32[8,16]{1,0:S(1)}, f32[8,16]{1,0}, u32[]) copy-start(%x)
+  %cd = f32[8,16]{1,0:S(1)} copy-done(%cs)
+  %z = s32[] constant(0)
+  %t.2 = (s32[], f32[8,16]{1,0}) tuple(%z, %cd)
+  %loop = (s32[], f32[8,16]{1,0}) while(%t.2), condition=%cond, body=%body
+  ROOT %out = f32[8,16]{1,0} get-tuple-element(%loop), index=1
+}
+"""
+COST = '"cost_estimate": {"flops": "1000", "transcendentals": "0", "bytes_accessed": "2048"}'
+for key, text in {
+        "@FWD": 'metadata={op_name="jit(step)/jvp(vision_tower)/while/body/dot_general"}',
+        "@RECOMPUTE": 'metadata={op_name="jit(step)/transpose(jvp(vision_tower))/while/body/'
+                      'checkpoint/rematted_computation/mul"}',
+        "@CONFIG": 'backend_config={"custom_call_config": {"body": "TUxJUgA=", ' + COST + '}}',
+        "@BWD": 'metadata={op_name="jit(step)/transpose(jvp(llm_layers))/while/body/flash"}',
+}.items():
+    HLO_HAND_COUNTED = HLO_HAND_COUNTED.replace(key, text)
+
+
+def test_accounting_by_hand_trip_count_custom_call_and_categories():
+    """Every figure counted by hand. Fails if the loop's trip count or the custom call's FLOPs
+    are dropped (checked by mutating tools/hlo.py: trip_count -> None, _custom_call_flops ->
+    0), or if a kernel falls outside the categories."""
+    a = analyze(HLO_HAND_COUNTED)
+    f32 = 4
+    dot_flops, dot_bytes = 2 * 8 * 32 * 16, f32 * (8 * 16 + 16 * 32 + 8 * 32)
+    mul_bytes = f32 * (8 * 32 + 8 * 32)
+    call_bytes = f32 * (8 * 32 + 8 * 16 + 8 * 16)  # operands e, h and its result
+    add_bytes = 3 * 4 + (4 + 4 + 1)  # the counter's add; the condition's compare (pred)
+    prefetch = f32 * 8 * 16  # read from HBM; the copy lands in on-chip memory
+    assert a.loops[0]["trips"] == 5 and a.unknown_trip_counts == 0
+    assert a.flops == 5 * (dot_flops + 1000)
+    assert a.bytes == 5 * (dot_bytes + mul_bytes + call_bytes + add_bytes) + prefetch
+    assert a.bytes_all_spaces == a.bytes + prefetch  # its on-chip destination
+    cats = a.categories()
+    expect = {"ViT forward": (dot_flops, dot_bytes), "ViT recompute": (0, mul_bytes),
+              "LLM layers backward": (1000, call_bytes), "other": (0, add_bytes)}
+    for cat, (fl, by) in expect.items():
+        assert cats[cat]["gflop"] * 1e9 == 5 * fl, cat
+        assert round(cats[cat]["gb"] * 1e9) == 5 * by, cat
+    assert round(cats["copies / layout"]["gb"] * 1e9) == prefetch
+    assert "from HBM into on-chip" in cats["copies / layout"]["top"][0]["op_name"]
+    assert sum(c["kernels"] for c in cats.values()) == len(a.kernels) == 6
+    peak, bw = CHIPS["v5e"]
+    per_kernel = 5 * (max(dot_flops / peak, dot_bytes / bw) + mul_bytes / bw
+                      + max(1000 / peak, call_bytes / bw) + add_bytes / bw) + prefetch / bw
+    assert abs(a.roofline(0.0)["v5e"]["per_kernel_s"] - per_kernel) < 1e-15
+    assert abs(sum(c["per_kernel_s"]["v5e"] for c in cats.values()) - per_kernel) < 1e-15
+    # a kernel without a cost estimate is an error, a runtime helper is not
+    with pytest.raises(ValueError, match="carries no cost estimate"):
+        analyze(HLO_HAND_COUNTED.replace(", " + COST, ""))
+    helper = HLO_HAND_COUNTED.replace('"tpu_custom_call"', '"AsyncCollectiveDone"')
+    assert analyze(helper.replace('"cost_estimate"', '"no_estimate"')).flops == 5 * dot_flops
 
 
 HLO_WITH_REDUCE_SCATTER_FUSIONS = """
@@ -257,5 +349,31 @@ def test_step_anatomy_script_on_the_tiny_model(tmp_path):
     # full remat recomputes the forward pass: more HLO FLOPs than model FLOPs, but < 2x
     assert 0.4 < r["model_over_hlo_flops"] < 1.0
     assert r["collectives"]["all-gather"]["count"] > 0  # FSDP gathers the weights
-    assert r["roofline"]["v5e"]["global_s"] >= r["hlo_flops"] / mod.CHIPS["v5e"][0]
+    assert r["roofline"]["v5e"]["global_s"] >= r["hlo_flops"] / CHIPS["v5e"][0]
     assert os.path.getsize(out) > 0 and r["top_kernels"]
+
+
+@pytest.mark.slow  # four CPU compiles of the step (811 s on a loaded 2-core machine); the
+# one-compile case (room for no remat) runs in test_train_aot's tiny v5e:2x2 compile
+def test_remat_auto_takes_the_least_recomputation_that_fits():
+    """tiny-qwen2 on two CPU devices: with room, no remat (one compile); with a budget just
+    under that peak, the next policy whose compiled peak fits; with none, a clear error."""
+    from mini_internvl_jax.configlib import ConfigError
+    from mini_internvl_jax.sharding import make_mesh
+    from mini_internvl_jax.train.aot import choose_remat
+    from mini_internvl_jax.train.config import train_config_from_dict
+
+    cfg = train_config_from_dict({
+        "model": "tiny-qwen2", "batch_size": 4, "seq_len": 64, "max_tiles": 4,
+        "synthetic": {"tiles_per_sample": 1}, "packed": False,
+        "compute": {"attention_impl": "xla", "remat": "auto"},
+        "mesh": {"data": 1, "fsdp": -1, "tensor": 1}})
+    mesh = make_mesh(1, -1, 1, jax.devices("cpu")[:2])
+    chosen, *_, tried = choose_remat(cfg, mesh, budget=float("inf"))
+    assert chosen.compute.remat == "none" and [p for p, _ in tried] == ["none"]
+    budget = tried[0][1] - 1
+    chosen, *_, tried = choose_remat(cfg, mesh, budget=budget)
+    assert [p for p, _ in tried][0] == "none" and chosen.compute.remat == tried[-1][0]
+    assert tried[-1][1] <= budget < min(b for _, b in tried[:-1])
+    with pytest.raises(ConfigError, match="remat auto: no policy fits 0.00 GiB per device"):
+        choose_remat(cfg, mesh, budget=1.0)

@@ -33,7 +33,7 @@ def _build(init_from):
     s = build(cfg, mesh, model_config(cfg),
               init_params=lambda m: load_initial_params(m, cfg, mesh))
     return s, {tuple(p): v for p, v in nnx.to_flat_state(nnx.merge_state(s.state.params,
-                                                                          s.frozen))}
+                                                                          s.state.frozen))}
 
 
 def test_init_from_converted_hf_and_lora_checkpoint_then_export(tmp_path):
@@ -58,7 +58,7 @@ def test_init_from_converted_hf_and_lora_checkpoint_then_export(tmp_path):
     cfg = train_config_from_dict({**BASE, "init_from": str(tmp_path / "converted")})
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda x: x + rng.standard_normal(x.shape).astype(x.dtype) * 0.1,
-                          nnx.merge_state(s.state.params, s.frozen))
+                          nnx.merge_state(s.state.params, s.state.frozen))
     ckpt = Checkpointer(str(tmp_path / "run"), keep=1, async_save=False)
     ckpt.save(3, params=params, train={"step": s.state.step}, iterator=None,
               meta=run_meta(cfg, s.model_cfg, 3))

@@ -15,8 +15,8 @@ import portpicker
 import pytest
 from flax import nnx
 
-from mini_internvl_jax.batch import to_global
 from mini_internvl_jax.checkpoints.checkpointer import Checkpointer
+from mini_internvl_jax.placement import to_global
 from mini_internvl_jax.sharding import make_mesh
 from mini_internvl_jax.train import trainer
 from mini_internvl_jax.train.batches import SyntheticBatches
@@ -106,7 +106,7 @@ def test_sharded_step_matches_single_device(single_device, mesh, tmp_path):
     # The 8-device checkpoint restores onto a 4-device mesh.
     small = make_mesh(1, 4, 1, jax.devices()[:4])
     s = build_abstract(config(mesh={"data": 1, "fsdp": 4, "tensor": 1}), small)
-    target = nnx.merge_state(s.state.params, s.frozen)
+    target = nnx.merge_state(s.state.params, s.state.frozen)
     ckpt = Checkpointer(str(tmp_path), keep=3, async_save=False)
     restored = ckpt.restore(4, params=abstract_like(
         target, jax.tree.map(lambda x: x.sharding, target)))["params"]
@@ -169,13 +169,13 @@ def test_stage1_changes_only_the_projector():
     mesh = make_mesh(1, 1, 1, jax.devices()[:1])
     s = build(cfg, mesh)
     assert {p[0] for p, _ in nnx.to_flat_state(s.state.params)} == {"projector"}
-    before = flat(nnx.merge_state(s.state.params, s.frozen))
+    before = flat(nnx.merge_state(s.state.params, s.state.frozen))
     state = s.state
     with jax.set_mesh(mesh):
         for _ in range(2):
-            state, m = s.step_fn(state, s.frozen, s.rest, _batch(cfg, s.model_cfg, s))
+            state, m = s.step_fn(state, _batch(cfg, s.model_cfg, s))
     assert bool(m["finite"])
-    after = flat(nnx.merge_state(state.params, s.frozen))
+    after = flat(nnx.merge_state(state.params, s.state.frozen))
     for k in before:
         if k[0] == "projector":
             assert not np.array_equal(after[k], before[k]), k

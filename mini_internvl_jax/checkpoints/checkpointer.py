@@ -1,9 +1,6 @@
-"""Orbax checkpoints of a training run.
+"""The one writer of a training run's folder (layout and metadata: `checkpoints/run.py`).
 
-A step folder holds four items: `params` (every parameter, frozen and LoRA included, so a
-checkpoint alone is a complete model), `train` (optimizer state, step, RNG, bad-step counters),
-`data` (each host's iterator position, through Grain's handler) and `meta` (the configs, as
-JSON). Orbax writes each step into a temporary folder and renames it when complete, so a crash
+Orbax writes each step into a temporary folder and renames it when complete, so a crash
 mid-save never damages the checkpoints already there. Restores take abstract targets carrying
 the current mesh's shardings, so a run saved on 8 devices resumes on 4.
 
@@ -21,11 +18,17 @@ import time
 from collections.abc import Iterator
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
-from mini_internvl_jax import configlib
-from mini_internvl_jax.checkpoints.run import RESTORE_ERRORS, CheckpointError
+from mini_internvl_jax.checkpoints.run import (
+    DATA,
+    META,
+    PARAMS,
+    TRAIN,
+    CheckpointError,
+    RunMeta,
+    restore_items,
+)
 from mini_internvl_jax.errors import (
     chained_disk_error,
     first_line,
@@ -89,11 +92,11 @@ class Checkpointer:
             raise CheckpointSaveError(f"checkpoint step {step} not saved: {line} ({last})") \
                 from None
 
-    def save(self, step: int, *, params, train: dict, iterator, meta: dict) -> None:
-        args = {"params": ocp.args.StandardSave(params), "train": ocp.args.StandardSave(train),
-                "meta": ocp.args.JsonSave(meta)}
+    def save(self, step: int, *, params, train: dict, iterator, meta: RunMeta) -> None:
+        args = {PARAMS: ocp.args.StandardSave(params), TRAIN: ocp.args.StandardSave(train),
+                META: ocp.args.JsonSave(meta.to_json())}
         if iterator is not None:
-            args["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(iterator))
+            args[DATA] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(iterator))
         self.raise_if_failed()
         with self._disk_errors():
             self.manager.wait_until_finished()  # a failed earlier async save raises here
@@ -117,21 +120,18 @@ class Checkpointer:
 
     def restore(self, step: int, *, params, train=None, iterator=None) -> dict:
         """Restores `params` (and `train`, the iterator's position) onto the given targets."""
-        args = {"params": ocp.args.StandardRestore(params), "meta": ocp.args.JsonRestore()}
+        args = {PARAMS: ocp.args.StandardRestore(params), META: ocp.args.JsonRestore()}
         if train is not None:
-            args["train"] = ocp.args.StandardRestore(train)
+            args[TRAIN] = ocp.args.StandardRestore(train)
         if iterator is not None:
-            args["data"] = grain.checkpoint.CheckpointRestore(iterator)
-        try:
-            out = self.manager.restore(step, args=ocp.args.Composite(**args))
-        except RESTORE_ERRORS as e:
-            silence_abandoned_reads()
-            raise CheckpointError(
-                f"checkpoint {self.directory / str(step)} cannot be restored into this run "
-                f"(damaged, or a different model, LoRA, trainable parameters or host count?): "
-                f"{first_line(e)}. To start a new run from its weights, use init_from instead "
-                f"of resuming.") from e
-        return {k: out[k] for k in args}
+            args[DATA] = grain.checkpoint.CheckpointRestore(iterator)
+        where = self.directory / str(step)
+        out = restore_items(self.manager, step, args, lambda cause: (
+            f"checkpoint {where} cannot be restored into this run (damaged, or a different "
+            f"model, LoRA, trainable parameters or host count?): {cause}. To start a new run "
+            "from its weights, use init_from instead of resuming."))
+        out[META] = RunMeta.from_json(out[META], str(where))
+        return out
 
     def restore_newest_intact(self, *, params, train=None, iterator=None
                               ) -> tuple[int, dict, str | None]:
@@ -183,7 +183,6 @@ class Checkpointer:
                 self.manager.close()
 
 
-def run_meta(cfg, model_cfg, step: int) -> dict:
-    """What a step folder records about its run (checkpoints/run.py reads it back)."""
-    return {"train_config": configlib.to_dict(cfg), "model_config": configlib.to_dict(model_cfg),
-            "step": step, "process_count": jax.process_count()}
+def run_meta(cfg, model_cfg, step: int, *, data_fingerprint: str | None = None) -> RunMeta:
+    """What a step folder records about its run (`run.read_run` reads it back)."""
+    return RunMeta.of_run(cfg, model_cfg, step, data_fingerprint=data_fingerprint)

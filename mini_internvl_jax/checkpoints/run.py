@@ -1,15 +1,21 @@
-"""Reading a training run's checkpoint folder without the trainer.
+"""A training run's folder: its layout, its metadata record and its one reader.
 
-A run's `checkpoint.dir` holds Orbax step folders; each has a `params` item (every parameter,
-LoRA adapters included) and a `meta` item (the run's configs as JSON). Chat, evaluation, export
-and `init_from` need only these two, so they live here, below train/: the trainer imports this
-module, never the other way round. Meta written before `ComputeConfig` existed (dtype, remat,
-... at the top level of the train config and inside the model config) still reads.
+A run's `checkpoint.dir` holds Orbax step folders of four items (the names below): `params`
+(every parameter, frozen and LoRA included, so a step alone is a complete model), `train`
+(optimizer state, step, RNG, bad-step counters), `data` (each host's iterator position) and
+`meta` (a `RunMeta`, as JSON). `checkpointer.Checkpointer` is the one writer; chat, evaluation,
+export and `init_from` read through `read_run`/`restore_model` here, below train/. Meta written
+before `ComputeConfig` existed (dtype, remat, ... at the top level of the train config and inside
+the model config) still reads.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +37,12 @@ from mini_internvl_jax.models import InternVLModel
 from mini_internvl_jax.models.lora import LoRAConfig, apply_lora, merge_lora
 from mini_internvl_jax.sharding import make_mesh, state_shardings
 
+# The items of a step folder.
+PARAMS = "params"
+TRAIN = "train"
+DATA = "data"
+META = "meta"
+
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint folder that cannot be used; the message names it."""
@@ -41,13 +53,69 @@ class CheckpointError(UserError, RuntimeError):
 RESTORE_ERRORS = (ValueError, KeyError, TypeError, OSError, RuntimeError)
 
 
+@dataclass(frozen=True)
+class RunMeta:
+    """What a step folder records about its run (the `meta` item)."""
+
+    train_config: dict[str, Any]   # the run's TrainConfig as plain data
+    model_config: dict[str, Any]   # the resolved ModelConfig as plain data
+    step: int
+    process_count: int | None = None
+    data_fingerprint: str | None = None  # sha256 of the data meta file (train.resume)
+    # Guarded settings a resume was allowed to change (`key: old -> new`), if any.
+    resumed_with_changes: tuple[str, ...] = ()
+
+    @classmethod
+    def of_run(cls, train_config: Any, model_config: ModelConfig, step: int, *,
+               data_fingerprint: str | None = None) -> RunMeta:
+        return cls(configlib.to_dict(train_config), configlib.to_dict(model_config), step,
+                   jax.process_count(), data_fingerprint)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: v for k, v in dataclasses.asdict(self).items()
+               if k != "resumed_with_changes"}
+        if self.resumed_with_changes:
+            out["resumed_with_changes"] = list(self.resumed_with_changes)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str) -> RunMeta:
+        try:
+            return cls(dict(data["train_config"]), dict(data["model_config"]),
+                       int(data.get("step", 0)), data.get("process_count"),
+                       data.get("data_fingerprint"),
+                       tuple(data.get("resumed_with_changes", ())))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}: no usable run metadata ({e})") from e
+
+
+@contextlib.contextmanager
+def _reader(path: epath.Path) -> Iterator[ocp.CheckpointManager]:
+    mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
+    try:
+        yield mngr
+    finally:
+        mngr.close()
+
+
+def restore_items(manager: ocp.CheckpointManager, step: int, args: dict[str, Any],
+                  failed: Callable[[str], str]) -> dict[str, Any]:
+    """The one restore of step items (`args`: item name -> Orbax restore args); a failure is a
+    CheckpointError saying `failed(first line of the cause)`."""
+    try:
+        out = manager.restore(step, args=ocp.args.Composite(**args))
+    except RESTORE_ERRORS as e:
+        silence_abandoned_reads()
+        raise CheckpointError(failed(first_line(e))) from e
+    return {k: out[k] for k in args}
+
+
 def read_meta(directory: str, step: int | None = None) -> tuple[int, dict]:
     """(step, meta JSON) of a run's checkpoint (the latest when `step` is None)."""
     path = absolute_path(directory)
     if not path.exists():
         raise CheckpointError(f"checkpoint folder {path} does not exist")
-    mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
-    try:
+    with _reader(path) as mngr:
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{path} holds no training checkpoint (no step folders)")
@@ -55,16 +123,9 @@ def read_meta(directory: str, step: int | None = None) -> tuple[int, dict]:
         if step not in steps:
             raise CheckpointError(f"{path} has no checkpoint step {step}; its steps: "
                                   f"{', '.join(map(str, steps)) or 'none'}")
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    except CheckpointError:
-        raise
-    except RESTORE_ERRORS as e:
-        silence_abandoned_reads()
-        raise CheckpointError(f"{path} step {step}: unreadable run metadata "
-                              f"({first_line(e)})") from e
-    finally:
-        mngr.close()
-    return step, meta
+        out = restore_items(mngr, step, {META: ocp.args.JsonRestore()},
+                            lambda cause: f"{path} step {step}: unreadable run metadata ({cause})")
+    return step, out[META]
 
 
 # What Orbax writes last into a step folder on a store that cannot rename (GCS); a step folder
@@ -118,22 +179,24 @@ class RunFolder:
     compute: ComputeConfig   # the run's own (its parameters' dtype and layer layout)
     lora: LoRAConfig
     tokenizer: str | None
-    train_config: dict       # the run's TrainConfig as plain data (compute keys upgraded)
+    meta: RunMeta            # as stored, but the train config's compute keys upgraded
 
 
 def read_run(run_dir: str, step: int | None = None) -> RunFolder:
     """The run's configs at `step` (the latest when None)."""
-    step, meta = read_meta(run_dir, step)
+    step, data = read_meta(run_dir, step)
     where = f"{run_dir} step {step}"
+    meta = RunMeta.from_json(data, where)
+    train = upgrade_train_config_dict(meta.train_config)
+    meta = dataclasses.replace(meta, train_config=train)
     try:
-        train = upgrade_train_config_dict(dict(meta["train_config"]))
         model_cfg = model_config_from_dict(
-            split_legacy_compute(dict(meta["model_config"]), f"{where} metadata")[0])
+            split_legacy_compute(dict(meta.model_config), f"{where} metadata")[0])
         compute = configlib.from_dict(ComputeConfig, train.get("compute", {}), "compute")
         lora = configlib.from_dict(LoRAConfig, train.get("lora", {}), "lora")
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: no usable run metadata ({e})") from e
-    return RunFolder(str(run_dir), step, model_cfg, compute, lora, train.get("tokenizer"), train)
+    return RunFolder(str(run_dir), step, model_cfg, compute, lora, train.get("tokenizer"), meta)
 
 
 def restore_model(run: RunFolder, compute: ComputeConfig | None = None, *, mesh=None
@@ -166,17 +229,11 @@ def restore_model(run: RunFolder, compute: ComputeConfig | None = None, *, mesh=
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           params, state_shardings(params, mesh))
     path = absolute_path(run.path)
-    mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
-    try:
-        params = mngr.restore(run.step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(target)))["params"]
-    except RESTORE_ERRORS as e:
-        silence_abandoned_reads()
-        raise CheckpointError(f"{path / str(run.step)}: its parameters cannot be restored "
-                              f"(damaged, or not matching its own metadata): {first_line(e)}"
-                              ) from e
-    finally:
-        mngr.close()
+    with _reader(path) as mngr:
+        params = restore_items(
+            mngr, run.step, {PARAMS: ocp.args.StandardRestore(target)},
+            lambda cause: f"{path / str(run.step)}: its parameters cannot be restored (damaged, "
+                          f"or not matching its own metadata): {cause}")[PARAMS]
     rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), rest)
     model = nnx.merge(graphdef, params, rest)
     merge_lora(model)

@@ -27,7 +27,7 @@ import jax
 
 from mini_internvl_jax.cli import _shell
 from mini_internvl_jax.cli._shell import ExitCode, UsageError, add_override_args, command
-from mini_internvl_jax.train.aot import compile_for_topology, format_report
+from mini_internvl_jax.train.aot import compile_for_topology, format_report, resolve_remat
 from mini_internvl_jax.train.config import load_train_config
 from mini_internvl_jax.train.stopping import exit_code
 from mini_internvl_jax.train.trainer import TrainingDivergedError, run
@@ -121,6 +121,7 @@ def main(argv: list[str]) -> int:
                          "slices from the devices; set mesh.dcn)")
     maybe_initialize_distributed(cfg.distributed, args)
     try:
+        cfg = resolve_remat(cfg)  # remat auto: compile, keep the first policy that fits
         result = run(cfg, allow_config_change=args.allow_config_change)
     except KeyboardInterrupt:  # Ctrl-C before the step loop: nothing to save yet
         print("interrupted before training started; nothing saved", file=sys.stderr)

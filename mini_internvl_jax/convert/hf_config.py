@@ -275,12 +275,8 @@ def image_token_id_from_tokenizer(folder: Path) -> tuple[int, str] | None:
         raise CheckpointReadError(str(e)) from None
 
 
-def model_config_from_hf(hf: dict, shape_of: Callable[[str], tuple | None], folder: Path,
-                         overrides: list[str] | tuple[str, ...] = ()) -> HFModelInfo:
-    """ModelConfig from config.json plus the checkpoint's tensor shapes (`shape_of(name)`)."""
-    where = str(Path(folder) / "config.json")
-    layout = detect_layout(hf, where)
-    check_unsupported_fields(hf, "", "", where)
+def _text_config(hf: dict, layout: str, where: str) -> tuple[dict, str, bool, str]:
+    """(the decoder's config dict, its family, the tie-embeddings flag, the dict's name)."""
     if layout == "original":
         llm_cfg = hf["llm_config"]
         archs = llm_cfg.get("architectures") or [None]
@@ -288,18 +284,24 @@ def model_config_from_hf(hf: dict, shape_of: Callable[[str], tuple | None], fold
             raise UnknownArchitectureError(
                 f"{where}: llm_config.architectures[0] is {archs[0]!r}; supported: "
                 f"{sorted(ORIGINAL_LLM_ARCHITECTURES)}")
-        family = ORIGINAL_LLM_ARCHITECTURES[archs[0]]
-        tie_flag = llm_cfg.get("tie_word_embeddings", False)
-        text_where = "llm_config"
-    else:
-        llm_cfg = hf["text_config"]
-        mtype = llm_cfg.get("model_type", "qwen2")
-        if mtype not in NATIVE_TEXT_TYPES:
-            raise UnknownArchitectureError(f"{where}: text_config.model_type is {mtype!r}; "
-                                           f"supported: {sorted(NATIVE_TEXT_TYPES)}")
-        family = NATIVE_TEXT_TYPES[mtype]
-        tie_flag = hf.get("tie_word_embeddings", llm_cfg.get("tie_word_embeddings", False))
-        text_where = "text_config"
+        return (llm_cfg, ORIGINAL_LLM_ARCHITECTURES[archs[0]],
+                llm_cfg.get("tie_word_embeddings", False), "llm_config")
+    llm_cfg = hf["text_config"]
+    mtype = llm_cfg.get("model_type", "qwen2")
+    if mtype not in NATIVE_TEXT_TYPES:
+        raise UnknownArchitectureError(f"{where}: text_config.model_type is {mtype!r}; "
+                                       f"supported: {sorted(NATIVE_TEXT_TYPES)}")
+    tie_flag = hf.get("tie_word_embeddings", llm_cfg.get("tie_word_embeddings", False))
+    return llm_cfg, NATIVE_TEXT_TYPES[mtype], tie_flag, "text_config"
+
+
+def model_config_from_hf(hf: dict, shape_of: Callable[[str], tuple | None], folder: Path,
+                         overrides: list[str] | tuple[str, ...] = ()) -> HFModelInfo:
+    """ModelConfig from config.json plus the checkpoint's tensor shapes (`shape_of(name)`)."""
+    where = str(Path(folder) / "config.json")
+    layout = detect_layout(hf, where)
+    check_unsupported_fields(hf, "", "", where)
+    llm_cfg, family, tie_flag, text_where = _text_config(hf, layout, where)
     names = key_tensor_names(layout, family)
     embed = shape_of(names["embed"])
     if embed is None or len(embed) != 2:

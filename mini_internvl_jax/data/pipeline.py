@@ -26,7 +26,6 @@ import json
 import sys
 
 import grain
-import jax
 
 from mini_internvl_jax.config import TemplateName
 from mini_internvl_jax.data.config import DataConfig
@@ -82,8 +81,7 @@ class EpochPlan(grain.MapDataset):
 
 def build_train_dataset(data_cfg: DataConfig, *, tokenizer: Tokenizer | str,
                         num_image_tokens: int, image_size: int, seq_len: int, batch_size: int,
-                        max_tiles: int, seed: int, shard_index: int | None = None,
-                        shard_count: int | None = None,
+                        max_tiles: int, seed: int, shard_index: int = 0, shard_count: int = 1,
                         template: TemplateName | None = None) -> grain.IterDataset:
     """The batch-producing IterDataset; see `build_train_iterator`."""
     if data_cfg.template is None:
@@ -91,8 +89,6 @@ def build_train_dataset(data_cfg: DataConfig, *, tokenizer: Tokenizer | str,
             raise DataError("no chat template: set data.template or pass the model's template "
                             "(Hermes-2, internlm2-chat or phi3-chat)")
         data_cfg = dataclasses.replace(data_cfg, template=template)
-    if shard_index is None or shard_count is None:
-        shard_index, shard_count = jax.process_index(), jax.process_count()
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer, merges_compat=data_cfg.merges_compat)
     elif tokenizer.merges_compat != data_cfg.merges_compat:
@@ -138,13 +134,13 @@ def build_train_dataset(data_cfg: DataConfig, *, tokenizer: Tokenizer | str,
 
 def build_train_iterator(data_cfg: DataConfig, *, tokenizer: Tokenizer | str,
                          num_image_tokens: int, image_size: int, seq_len: int, batch_size: int,
-                         max_tiles: int, seed: int, shard_index: int | None = None,
-                         shard_count: int | None = None,
+                         max_tiles: int, seed: int, shard_index: int = 0, shard_count: int = 1,
                          template: TemplateName | None = None) -> grain.DatasetIterator:
     """Iterator of packed batches (see the module docstring) for this process's shard.
 
-    `batch_size` is rows per process; `max_tiles` the tile buffer per batch. Shards default
-    to `jax.process_index()` of `jax.process_count()`. `template` (the model config's) is
+    `batch_size` is rows per process; `max_tiles` the tile buffer per batch. This process
+    reads shard `shard_index` of `shard_count` (the trainer passes its process index and
+    count; the data layer never imports jax). `template` (the model config's) is
     used when `data_cfg.template` is unset. The iterator is checkpointable with Orbax
     (`grain.checkpoint.CheckpointSave/CheckpointRestore`) or `get/set_iterator_state`.
     """

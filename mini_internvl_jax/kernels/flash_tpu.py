@@ -65,6 +65,23 @@ class _Cfg:
     dq: tuple[int, int]
 
 
+def _cost(cfg: _Cfg, blocks: tuple[int, int], heads: int, matmuls: int, arrays, by_kv=False
+          ) -> pl.CostEstimate:
+    """XLA's cost estimate of one kernel: `matmuls` [bq, d] x [d, bk]-sized products per
+    visited block pair, an exp per score, and the bytes of its arrays. Visited pairs are those
+    of the causal (or full) mask without segment ids: the most the kernel computes (segments
+    only skip more, at run time). The step anatomy (tools/hlo.py) reads these figures."""
+    bq, bk = blocks
+    d = arrays[0].shape[-1]
+    tab = common.block_ranges(None, None, q_len=cfg.seq_len, kv_len=cfg.seq_len, bq=bq, bk=bk,
+                              causal=cfg.causal, by_kv=by_kv)
+    pairs = int(np.sum(tab[..., 1] - tab[..., 0])) * heads
+    return pl.CostEstimate(
+        flops=2 * matmuls * pairs * bq * bk * d, transcendentals=pairs * bq * bk,
+        bytes_accessed=sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                           for x in arrays if x is not None))
+
+
 def _precision(dtype):
     # Explicit for bf16 too: a global jax_default_matmul_precision="highest" would otherwise
     # ask Mosaic for an fp32-precision bf16 matmul, which it rejects.
@@ -208,6 +225,9 @@ def _fwd(cfg: _Cfg, tab, qt, kt, vt, qseg_col, kseg_row):
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=cfg.interpret,
         name="flash_fwd",
+        # QK^T and PV; reads q, k, v (and ids), writes out and lse
+        cost_estimate=_cost(cfg, cfg.fwd, b * h, 2, [*args, qt, jax.ShapeDtypeStruct(
+            (b, h, 1, sp), jnp.float32)]),
     )(flat, *args)
     return out, lse
 
@@ -309,6 +329,7 @@ def _dq(cfg: _Cfg, tab, qt, kt, vt, dot_, lse, di, qseg_col, kseg_row):
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=cfg.interpret,
         name="flash_bwd_dq",
+        cost_estimate=_cost(cfg, cfg.dq, b * h, 3, [*args, qt]),  # QK^T, dO V^T, dS K
     )(jnp.asarray(tab).reshape(-1), *args)
 
 
@@ -405,6 +426,8 @@ def _dkv(cfg: _Cfg, tab, qt, kt, vt, dot_, lse, di, qseg_row, kseg_col):
                                  "arbitrary")),
         interpret=cfg.interpret,
         name="flash_bwd_dkv",
+        # QK^T, dO V^T, P^T dO, dS^T Q for each of the G query heads of a kv head
+        cost_estimate=_cost(cfg, cfg.dkv, b * kvh * g, 4, [*args, kt, vt], by_kv=True),
     )(jnp.asarray(tab).reshape(-1), *args)
 
 

@@ -12,9 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mini_internvl_jax.batch import Batch
 from mini_internvl_jax.config import ComputeConfig, ModelConfig
 from mini_internvl_jax.models.layers import Dense, LayerNorm, gelu
 from mini_internvl_jax.models.llm import Decoder, ModelOutput
+from mini_internvl_jax.models.stack import SCOPE_EMBED, SCOPE_LLM, SCOPE_VISION
 from mini_internvl_jax.models.vision import InternViT
 from mini_internvl_jax.sharding import shard_activation
 
@@ -121,18 +123,20 @@ class InternVLModel(nnx.Module):
     def image_features(self, pixel_values: jax.Array, *, dropout_key=None) -> jax.Array:
         """[T, C, H, W] -> [T, num_image_tokens, llm hidden]."""
         cfg = self.cfg
-        h = self.vision(pixel_values, num_layers=cfg.num_vision_layers_used,
-                        dropout_key=dropout_key, remat=self.compute.remat)
-        h = h[:, 1:]  # drop CLS
-        t, n, c = h.shape
-        side = int(round(np.sqrt(n)))
-        h = pixel_shuffle(h.reshape(t, side, side, c), cfg.shuffle_scale, cfg.ps_version)
-        out = self.projector(h)
-        return shard_activation(out, ("tiles", "length", "act_embed"))
+        with jax.named_scope(SCOPE_VISION):
+            h = self.vision(pixel_values, num_layers=cfg.num_vision_layers_used,
+                            dropout_key=dropout_key, remat=self.compute.remat)
+            h = h[:, 1:]  # drop CLS
+            t, n, c = h.shape
+            side = int(round(np.sqrt(n)))
+            h = pixel_shuffle(h.reshape(t, side, side, c), cfg.shuffle_scale, cfg.ps_version)
+            out = self.projector(h)
+            return shard_activation(out, ("tiles", "length", "act_embed"))
 
     def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
               image_flags: jax.Array | None = None, *, dropout_key=None) -> jax.Array:
-        x = self.llm.embed(input_ids)
+        with jax.named_scope(SCOPE_EMBED):
+            x = self.llm.embed(input_ids)
         if pixel_values is None:
             if self.compute.check_image_tokens:
                 check_image_token_count(jnp.sum(input_ids == self.cfg.image_token_id),
@@ -141,8 +145,10 @@ class InternVLModel(nnx.Module):
         if image_flags is None:
             image_flags = jnp.ones((pixel_values.shape[0],), jnp.int32)
         feats = self.image_features(pixel_values, dropout_key=dropout_key)
-        return splice_image_embeddings(x, input_ids, feats, image_flags, self.cfg.image_token_id,
-                                       check=self.compute.check_image_tokens)
+        with jax.named_scope(SCOPE_EMBED):
+            return splice_image_embeddings(x, input_ids, feats, image_flags,
+                                           self.cfg.image_token_id,
+                                           check=self.compute.check_image_tokens)
 
     def hidden_states(self, input_ids, pixel_values=None, image_flags=None, positions=None,
                       segment_ids=None, *, dropout_key=None, cache=None) -> ModelOutput:
@@ -150,7 +156,16 @@ class InternVLModel(nnx.Module):
         if positions is None:
             positions = default_positions(input_ids, segment_ids)
         x = self.embed(input_ids, pixel_values, image_flags, dropout_key=dropout_key)
-        return self.llm(x, positions, segment_ids, cache=cache, remat=self.compute.remat)
+        with jax.named_scope(SCOPE_LLM):
+            return self.llm(x, positions, segment_ids, cache=cache, remat=self.compute.remat)
+
+    def batch_hidden_states(self, micro: Batch, *, packed: bool = True, dropout_key=None
+                            ) -> ModelOutput:
+        """`hidden_states` of one micro-batch of the training-batch contract; `packed` False
+        runs every row as one sequence (its segment ids unused)."""
+        return self.hidden_states(micro.input_ids, micro.pixel_values, micro.image_flags,
+                                  micro.positions, micro.segment_ids if packed else None,
+                                  dropout_key=dropout_key)
 
     def __call__(self, input_ids, pixel_values=None, image_flags=None, positions=None,
                  segment_ids=None, *, dropout_key=None) -> jax.Array:

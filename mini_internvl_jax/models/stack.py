@@ -12,6 +12,16 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
+# Named scopes around the model's parts, the loss and the optimizer update. They only name
+# things (the compiled program is the same); tools/hlo.py sorts a compiled step's kernels into
+# parts by them (its op_name metadata reads e.g. `transpose(jvp(vision_tower))/while/...`).
+SCOPE_VISION = "vision_tower"  # InternViT and the projector
+SCOPE_LLM = "llm_layers"  # the decoder layers and the final norm
+SCOPE_EMBED = "embedding"  # token embedding and the image-feature splice
+SCOPE_HEAD = "lm_head_loss"  # LM head and cross-entropy
+SCOPE_OPTIMIZER = "optimizer_update"  # gradient norm, clipping, AdamW, the finite-step guard
+SCOPE_CAST = "weight_cast"  # the per-step compute-dtype copy of the weights
+
 # jax.checkpoint policy per `remat` setting (the config's remat choices).
 CHECKPOINT_POLICIES = {
     "none": None,
@@ -47,7 +57,8 @@ class LayerStack(nnx.Module):
         """
         n = self.num_layers if num_layers is None else num_layers
         if remat not in CHECKPOINT_POLICIES:
-            raise ValueError(f"remat {remat!r} is not one of {list(CHECKPOINT_POLICIES)}")
+            hint = " (the trainer resolves auto before the model runs)" if remat == "auto" else ""
+            raise ValueError(f"remat {remat!r} is not one of {list(CHECKPOINT_POLICIES)}{hint}")
 
         def apply(graphdef, state, h, xs):
             return nnx.merge(graphdef, state)(h, xs, **kwargs)

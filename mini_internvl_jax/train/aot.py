@@ -2,14 +2,17 @@
 
 `mivl-train --config ... --aot-tpu v5e:2x2` builds the mesh over the topology's
 compile-only devices, lowers the jitted step on abstract arguments (nothing is allocated) and
-compiles it, then reports XLA's per-chip memory analysis and FLOPs: the way to size a pod
-before paying for it. `--num-slices 2` compiles for two such slices joined by the data-centre
-network (DCN) and adds the bytes each chip sends through collectives that cross slices, read
-from the compiled HLO: the traffic that DCN bandwidth, not ICI, has to carry.
+compiles it, then reports XLA's per-chip memory analysis and FLOPs, and the step's roofline
+from its HLO (tools/hlo.py: FLOPs and HBM bytes kernel by kernel, against the chip's peak and
+bandwidth): the way to size a pod before paying for it. `--num-slices 2` compiles for two
+such slices joined by the data-centre network (DCN) and adds the bytes each chip sends
+through collectives that cross slices, read from the compiled HLO: the traffic that DCN
+bandwidth, not ICI, has to carry.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -20,6 +23,7 @@ import numpy as np
 
 from mini_internvl_jax.configlib import ConfigError
 from mini_internvl_jax.sharding import make_mesh
+from mini_internvl_jax.tools.hlo import CHIPS, analyze, collective_traffic
 from mini_internvl_jax.train import flops
 from mini_internvl_jax.train.config import DcnConfig, TrainConfig, build_model_config
 from mini_internvl_jax.train.setup import build_abstract
@@ -73,6 +77,97 @@ def dcn_for(cfg: TrainConfig, num_slices: int) -> DcnConfig:
     return dcn
 
 
+# Usable HBM per chip by device kind (Google Cloud TPU documentation), for topologies whose
+# compile-only devices cannot report it. A real device's own limit (memory_stats) comes first.
+HBM_GIB = {"TPU v5 lite": 15.75, "TPU v5": 95.0, "TPU v6 lite": 31.25, "TPU v4": 31.25}
+# Remat policies from the least recomputation to the most: `remat: auto` takes the first whose
+# compiled step fits the chip.
+REMAT_ORDER = ("none", "save_dots", "full")
+
+
+def hbm_budget(device) -> float:
+    """Bytes of memory one device offers a program, or raise when nobody knows."""
+    stats = getattr(device, "memory_stats", lambda: None)
+    try:
+        limit = (stats() or {}).get("bytes_limit")
+    except Exception:  # compile-only topology devices have no runtime to ask
+        limit = None
+    if limit:
+        return float(limit)
+    if device.device_kind in HBM_GIB:
+        return HBM_GIB[device.device_kind] * GIB
+    raise ConfigError(f"remat auto: the memory of a {device.device_kind!r} device is unknown; "
+                      f"set compute.remat to one of {list(REMAT_ORDER)}")
+
+
+def peak_bytes(compiled) -> float:
+    """XLA's per-device peak estimate of a compiled program."""
+    mem = compiled.memory_analysis()
+    return float(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                 - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+                 + mem.generated_code_size_in_bytes)
+
+
+def _compile_step(cfg: TrainConfig, mesh, model_cfg):
+    s = build_abstract(cfg, mesh, model_cfg)
+    batch = s.batch_abstract()
+    with jax.set_mesh(mesh):
+        compiled = s.step_fn.lower(s.state, batch).compile()
+    return s, batch, compiled
+
+
+def choose_remat(cfg: TrainConfig, mesh, model_cfg=None, budget: float | None = None):
+    """(cfg with the chosen policy, its setup, batch and compiled step, [(policy, peak bytes)]
+    tried): the first policy of REMAT_ORDER whose compiled step fits `budget` bytes per device
+    (default: the mesh's device memory). Compiling stops at the first that fits."""
+    model_cfg = model_cfg or build_model_config(cfg)
+    budget = hbm_budget(mesh.devices.flat[0]) if budget is None else budget
+    tried: list[tuple[str, float]] = []
+    for policy in REMAT_ORDER:
+        c = dataclasses.replace(cfg, compute=cfg.compute.replace(remat=policy))
+        try:
+            s, batch, compiled = _compile_step(c, mesh, model_cfg)
+        except Exception as e:  # XLA:TPU refuses to compile a program that overflows HBM
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            tried.append((policy, _required_bytes(str(e))))
+            continue
+        tried.append((policy, peak_bytes(compiled)))
+        if tried[-1][1] <= budget:
+            return c, s, batch, compiled, tried
+    raise ConfigError("remat auto: no policy fits " + f"{budget / GIB:.2f} GiB per device ("
+                      + ", ".join(f"{p} {b / GIB:.2f} GiB" for p, b in tried)
+                      + "): lower batch_size or seq_len, or shard over more chips")
+
+
+def _required_bytes(message: str) -> float:
+    """What an out-of-memory compile error says the program needs (at least), else inf."""
+    m = re.search(r"required for [\w ]+\(([\d.]+)([KMGT])\)", message)
+    if m is None:
+        return float("inf")
+    return float(m.group(1)) * 1024.0 ** "KMGT".index(m.group(2)) * 1024
+
+
+def format_choice(tried: list[tuple[str, float]], budget: float | None = None) -> str:
+    return ("remat auto -> " + tried[-1][0] + " (compiled peak per device: "
+            + ", ".join(f"{p} {b / GIB:.2f} GiB" for p, b in tried)
+            + ("" if budget is None else f"; budget {budget / GIB:.2f} GiB") + ")")
+
+
+def resolve_remat(cfg: TrainConfig, devices=None) -> TrainConfig:
+    """`cfg` with `compute.remat: auto` replaced by the chosen policy (printed), for a run on
+    `devices` (default: this process's); any other policy is returned as it is."""
+    if cfg.compute.remat != "auto":
+        return cfg
+    devices = jax.devices() if devices is None else devices
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices,
+                     dcn=cfg.mesh.dcn.sizes)
+    budget = hbm_budget(devices[0])
+    chosen, *_, tried = choose_remat(cfg, mesh, budget=budget)
+    print(format_choice(tried, budget), flush=True)
+    return chosen
+
+
 def compile_for_topology(cfg: TrainConfig, topology: str, num_slices: int = 1) -> dict:
     dcn = dcn_for(cfg, num_slices)
     devices = topology_devices(topology, num_slices)
@@ -82,10 +177,13 @@ def compile_for_topology(cfg: TrainConfig, topology: str, num_slices: int = 1) -
     except ValueError as e:  # sizes that do not split the topology's chips: a config mistake
         raise ConfigError(f"mesh: {e} (--aot-tpu {topology} x {num_slices} slice(s): "
                           f"{len(devices)} chips)") from None
-    s = build_abstract(cfg, mesh, model_cfg)
-    batch = s.batch_abstract()
-    with jax.set_mesh(mesh):
-        compiled = s.step_fn.lower(s.state, s.frozen, s.rest, batch).compile()
+    remat_choice = ""
+    if cfg.compute.remat == "auto":
+        budget = hbm_budget(devices[0])
+        cfg, s, batch, compiled, tried = choose_remat(cfg, mesh, model_cfg, budget)
+        remat_choice = format_choice(tried, budget)
+    else:
+        s, batch, compiled = _compile_step(cfg, mesh, model_cfg)
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -93,7 +191,16 @@ def compile_for_topology(cfg: TrainConfig, topology: str, num_slices: int = 1) -
     model_flops = flops.step_flops(model_cfg, batch=cfg.batch_size, seq_len=cfg.seq_len,
                                    tiles=tiles, trainable=frozenset(flops.PARTS)
                                    - cfg.frozen_components)
-    traffic = collective_traffic(compiled.as_text(), slice_of_logical_device(mesh))
+    hlo = compiled.as_text()
+    traffic = collective_traffic(hlo, slice_of_logical_device(mesh))
+    chip = topology.split(":")[0]
+    try:
+        anatomy = analyze(hlo)
+        roofline: dict | str = anatomy.roofline(model_flops / len(devices), {chip: CHIPS[chip]}
+                                                if chip in CHIPS else CHIPS)
+        hlo_flops, hlo_bytes = anatomy.flops, anatomy.bytes
+    except ValueError as e:  # a kernel without a cost estimate: no bound rather than a low one
+        roofline, hlo_flops, hlo_bytes = f"unavailable: {e}", float("nan"), float("nan")
     return {
         "topology": topology, "num_slices": num_slices, "chips": len(devices),
         "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
@@ -101,9 +208,10 @@ def compile_for_topology(cfg: TrainConfig, topology: str, num_slices: int = 1) -
         "model": model_cfg.name, "stage": cfg.stage,
         "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "tiles_per_step": tiles,
         "grad_accum": cfg.optim.grad_accum, "remat": cfg.compute.remat,
+        "remat_choice": remat_choice,
         "dtype": cfg.compute.dtype, "param_dtype": cfg.compute.param_dtype,
         "trainable_gib": per_device_bytes(s.state.params) / GIB,
-        "frozen_gib": per_device_bytes(s.frozen) / GIB,
+        "frozen_gib": per_device_bytes(s.state.frozen) / GIB,
         "optimizer_gib": per_device_bytes(s.state.opt_state) / GIB,
         # MPO: the reference model's own parameters (None: log-probs precomputed)
         "reference": (None if cfg.preference is None else cfg.preference.reference),
@@ -119,6 +227,8 @@ def compile_for_topology(cfg: TrainConfig, topology: str, num_slices: int = 1) -
                      + mem.generated_code_size_in_bytes) / GIB,
         "xla_flops_per_chip": float(cost.get("flops", float("nan"))),
         "model_flops_per_step": model_flops,
+        "hlo_flops_per_chip": hlo_flops, "hlo_hbm_bytes_per_chip": hlo_bytes,
+        "roofline": roofline,
         **traffic,
     }
 
@@ -132,6 +242,7 @@ def format_report(r: dict) -> str:
         f"model {r['model']}, stage {r['stage']}, batch {r['batch_size']} x {r['seq_len']} "
         f"tokens, {r['tiles_per_step']} tiles/step, grad_accum {r['grad_accum']}, remat "
         f"{r['remat']}, compute {r['dtype']}, params {r['param_dtype']}",
+        *([r["remat_choice"]] if r.get("remat_choice") else []),
         "per chip (GiB):",
         f"  trainable params   {r['trainable_gib']:9.3f}",
         f"  frozen params      {r['frozen_gib']:9.3f}",
@@ -147,6 +258,14 @@ def format_report(r: dict) -> str:
         f"FLOPs per step: model {r['model_flops_per_step']:.4g} "
         f"({r['model_flops_per_step'] / r['chips']:.4g} per chip, train/flops.py); XLA "
         f"{r['xla_flops_per_chip']:.4g} per chip (XLA counts a scanned loop body once)",
+        "roofline per step per chip (tools/hlo.py; loop bodies times their trip counts): "
+        f"HLO {r['hlo_flops_per_chip']:.4g} FLOPs, {r['hlo_hbm_bytes_per_chip'] / 1e9:.1f} GB "
+        "of HBM traffic",
+        *([f"  {r['roofline']}"] if isinstance(r["roofline"], str) else [
+            f"  {chip}: {1e3 * t['per_kernel_s']:.1f} ms kernel by kernel, "
+            f"{1e3 * t['global_s']:.1f} ms whole-step bound, model FLOPs alone "
+            f"{1e3 * t['model_flops_s']:.1f} ms ({t['per_kernel_s'] / t['model_flops_s']:.2f}x)"
+            for chip, t in r["roofline"].items()]),
         "collectives per chip per step (MiB; loop bodies times their trip counts):",
         f"  within a slice (ICI)   {r['ici_collective_bytes'] / MIB:11.3f}",
         f"  across slices (DCN)    {r['dcn_collective_bytes'] / MIB:11.3f} in "
@@ -156,198 +275,10 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-# --- collectives in compiled HLO -------------------------------------------------------------
-
-_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
-                "collective-permute", "ragged-all-to-all")
-_OP_RE = re.compile(r"\s(" + "|".join(_COLLECTIVES) + r")(?:-start)?\(")
-_SHAPE_RE = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+|c64|c128)\[([\d,]*)\]")
-_CALLEE_RE = re.compile(r"\b(?:calls|body|condition|to_apply)=%?([\w.\-]+)")
-_CALLEE_LIST_RE = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
-_TRIP_RE = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-_IOTA_RE = re.compile(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
+# --- collectives in compiled HLO (read by tools/hlo.py) ------------------------------------
 
 
 def slice_of_logical_device(mesh) -> list[int]:
     """Slice of each device id in the compiled program's replica groups (the jit's device
     assignment is the mesh's devices in row-major order)."""
     return [int(getattr(d, "slice_index", 0)) for d in mesh.devices.flat]
-
-
-def _bits(dtype: str) -> int:
-    if dtype == "pred" or dtype.startswith("f8"):
-        return 8
-    if dtype == "bf16":
-        return 16
-    return max(int(dtype[1:]), 8)  # s4/u4 are stored a byte each
-
-
-def _bytes(shapes_text: str) -> int:
-    return sum(math.prod(int(x) for x in dims.split(",") if x) * _bits(dtype) // 8
-               for dtype, dims in _SHAPE_RE.findall(shapes_text))
-
-
-def _balanced(text: str, start: int, open_: str, close: str) -> int:
-    """Index just past the bracket that closes the one at `start`."""
-    depth = 0
-    for i in range(start, len(text)):
-        depth += text[i] == open_
-        depth -= text[i] == close
-        if depth == 0:
-            return i + 1
-    raise ValueError(f"unbalanced {open_}{close} in HLO: {text[start:start + 80]!r}")
-
-
-def parse_groups(attrs: str, n_devices: int) -> list[list[int]]:
-    """Device groups of a collective from its attributes: `replica_groups={{0,1},{2,3}}`, the
-    iota form `replica_groups=[2,4]<=[4,2]T(1,0)`, `{}` (all devices) or a permute's
-    `source_target_pairs`."""
-    for key in ("replica_groups=", "source_target_pairs="):
-        i = attrs.find(key)
-        if i < 0:
-            continue
-        i += len(key)
-        if attrs[i] == "[":
-            m = _IOTA_RE.match(attrs, i)
-            if m is None:
-                raise ValueError(f"unreadable replica groups in HLO: {attrs[i:i + 60]!r}")
-            shape = [int(x) for x in m.group(1).split(",")]
-            dims = [int(x) for x in m.group(2).split(",")]
-            ids = np.arange(math.prod(dims)).reshape(dims)
-            if m.group(3):
-                ids = ids.transpose([int(x) for x in m.group(3).split(",")])
-            return ids.reshape(shape).tolist()
-        body = attrs[i:_balanced(attrs, i, "{", "}")]
-        groups = [[int(x) for x in g.split(",") if x.strip()]
-                  for g in re.findall(r"\{([\d,\s]*)\}", body[1:-1])]
-        groups = [g for g in groups if g]
-        return groups or [list(range(n_devices))]
-    return [list(range(n_devices))]
-
-
-def _computations(hlo: str) -> tuple[str, dict[str, list[str]]]:
-    comps: dict[str, list[str]] = {}
-    entry, current = "", None
-    for line in hlo.splitlines():
-        if line and not line[0].isspace() and line.rstrip().endswith("{"):
-            head = line.split()
-            is_entry = head[0] == "ENTRY"
-            current = head[1 if is_entry else 0].lstrip("%")
-            comps[current] = []
-            if is_entry:
-                entry = current
-        elif line.strip() == "}":
-            current = None
-        elif current is not None:
-            comps[current].append(line)
-    if not entry:
-        raise ValueError("no ENTRY computation in the compiled HLO")
-    return entry, comps
-
-
-def _trip_count(line: str, comps: dict[str, list[str]]) -> int:
-    """Iterations of a while loop: XLA's known_trip_count, else (TPU executables drop it) the
-    bound of a `counter < N` condition, as jax's scans and fori_loops count from 0."""
-    trip = _TRIP_RE.search(line)
-    if trip:
-        return int(trip.group(1))
-    cond = re.search(r"condition=%?([\w.\-]+)", line)
-    body = comps.get(cond.group(1), []) if cond else []
-    bounds = [int(n) for b in body for n in re.findall(r"s32\[\]\S* constant\((\d+)\)", b)]
-    if len(bounds) == 1 and any("direction=LT" in b for b in body):
-        return bounds[0]
-    return 1
-
-
-def _execution_counts(entry: str, comps: dict[str, list[str]]) -> dict[str, int]:
-    """How often each computation runs per call of `entry` (while bodies x trip count)."""
-    counts: dict[str, int] = {}
-
-    def visit(name: str, times: int) -> None:
-        counts[name] = counts.get(name, 0) + times
-        for line in comps.get(name, ()):
-            trips = _trip_count(line, comps) if " while(" in line else 1
-            callees = _CALLEE_RE.findall(line)
-            for group in _CALLEE_LIST_RE.findall(line):
-                callees += [c.strip().lstrip("%") for c in group.split(",") if c.strip()]
-            for callee in callees:
-                if callee in comps:
-                    visit(callee, times * trips)
-
-    visit(entry, 1)
-    return counts
-
-
-def _top_level(shape_text: str) -> list[str]:
-    """Elements of a tuple shape `(a, (b, c), d)` (or the one array shape)."""
-    shape_text = shape_text.strip()
-    if not shape_text.startswith("("):
-        return [shape_text]
-    parts, depth, begin = [], 0, 1
-    for i, ch in enumerate(shape_text):
-        depth += ch in "({["
-        depth -= ch in ")}]"
-        if (ch == "," and depth == 1) or (depth == 0 and ch == ")"):
-            parts.append(shape_text[begin:i])
-            begin = i + 1
-    return parts
-
-
-def _collective_bytes(op: str, is_start: bool, result: str, group: int) -> int:
-    """What one chip sends or assembles: an all-reduce's buffer, an all-gather's gathered
-    output, a reduce-scatter's input (its output x group size). Async starts return (input,
-    output, context...) tuples, except all-reduce-start, which returns its outputs."""
-    if is_start and op != "all-reduce":
-        size = max(_bytes(part) for part in _top_level(result))
-    else:
-        size = _bytes(result)
-    return size * group if op == "reduce-scatter" else size
-
-
-def collective_traffic(hlo: str, slice_of: list[int]) -> dict:
-    """Bytes each chip moves through collectives per step, split into traffic inside a slice
-    (ICI) and across slices (DCN).
-
-    A TPU multislice executable is compiled per slice (`num_partitions` = chips per slice):
-    its replica groups index the chips of one slice, and everything that crosses slices is a
-    send to the megascale runtime (DCN all-reduce / all-gather / one-to-one transfers). In a
-    program over all devices, a collective crosses slices when one of its device groups does.
-    """
-    entry, comps = _computations(hlo)
-    counts = _execution_counts(entry, comps)
-    head = re.search(r"num_partitions=(\d+)", hlo.split("\n", 1)[0])
-    per_slice_program = head is not None and int(head.group(1)) < len(slice_of)
-    ici = 0
-    dcn: dict[str, int] = {}  # kind -> bytes
-    dcn_ops = 0
-
-    def add_dcn(kind: str, size: int) -> None:
-        nonlocal dcn_ops
-        dcn_ops += 1
-        dcn[kind] = dcn.get(kind, 0) + size
-
-    for name, lines in comps.items():
-        times = counts.get(name, 0)
-        for line in lines if times else ():
-            if " send(" in line and "xla_megascale_runtime" in line:
-                kind = re.search(r'_xla_megascale_transfer_type="(\w+)"', line)
-                result = line.split("=", 1)[1].split(" send(", 1)[0]
-                add_dcn("dcn-" + (kind.group(1).lower() if kind else "transfer"),
-                        _bytes(_top_level(result)[0]) * times)
-                continue
-            m = _OP_RE.search(line)
-            if m is None:
-                continue
-            op = m.group(1)
-            close = _balanced(line, m.end() - 1, "(", ")")
-            groups = parse_groups(line[close:], len(slice_of))
-            result = line[line.index("=") + 1:m.start()]
-            size = _collective_bytes(op, "-start(" in line[m.start():m.end()], result,
-                                     len(groups[0])) * times
-            if not per_slice_program and any(len({slice_of[d] for d in g}) > 1
-                                             for g in groups):
-                add_dcn(op, size)
-            else:
-                ici += size
-    return {"ici_collective_bytes": ici, "dcn_collective_bytes": sum(dcn.values()),
-            "dcn_collective_ops": dcn_ops, "dcn_bytes_by_op": dcn}

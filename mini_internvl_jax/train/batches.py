@@ -15,8 +15,7 @@ import json
 import jax
 import numpy as np
 
-from mini_internvl_jax import batch as contract
-from mini_internvl_jax.batch import BATCH_KEYS, IGNORE_INDEX, STATS_PREFIX
+from mini_internvl_jax.batch import BATCH_KEYS, IGNORE_INDEX, STATS_PREFIX, BatchSpec
 from mini_internvl_jax.config import ModelConfig
 from mini_internvl_jax.data.pipeline import build_train_iterator
 from mini_internvl_jax.data.preference import PAIR_FIELDS
@@ -103,22 +102,20 @@ class SyntheticBatches:
         pass
 
 
-def local_geometry(cfg: TrainConfig) -> tuple[int, int]:
-    """(rows, tile slots) of one host's micro-batch."""
-    n = jax.process_count()
-    rows, tiles = cfg.micro_batch_size, cfg.max_tiles
-    if rows % n or tiles % n:
-        raise ValueError(f"micro-batch of {rows} rows (batch_size / grad_accum) and max_tiles "
-                         f"{tiles} must both be multiples of the {n} processes")
-    return rows // n, tiles // n
+def batch_spec(cfg: TrainConfig, model_cfg: ModelConfig) -> BatchSpec:
+    """This run's batch geometry (all hosts)."""
+    return BatchSpec(rows=cfg.micro_batch_size, seq_len=cfg.seq_len, tiles=cfg.max_tiles,
+                     image_size=model_cfg.vision.image_size,
+                     channels=model_cfg.vision.num_channels, grad_accum=cfg.optim.grad_accum,
+                     num_image_tokens=model_cfg.num_image_tokens)
 
 
 def make_iterator(cfg: TrainConfig, model_cfg: ModelConfig):
     """This host's micro-batch iterator: the Grain pipeline, or synthetic data."""
-    rows, tiles = local_geometry(cfg)
-    common = dict(num_image_tokens=model_cfg.num_image_tokens,
-                  image_size=model_cfg.vision.image_size, seq_len=cfg.seq_len,
-                  batch_size=rows, max_tiles=tiles, seed=cfg.seed,
+    local = batch_spec(cfg, model_cfg).per_host(jax.process_count())
+    common = dict(num_image_tokens=local.num_image_tokens, image_size=local.image_size,
+                  seq_len=local.seq_len, batch_size=local.rows, max_tiles=local.tiles,
+                  seed=cfg.seed,
                   shard_index=jax.process_index(), shard_count=jax.process_count())
     if cfg.data is None:
         return SyntheticBatches(vocab_size=model_cfg.llm.vocab_size,
@@ -128,7 +125,7 @@ def make_iterator(cfg: TrainConfig, model_cfg: ModelConfig):
                                 min_fill=cfg.synthetic.min_fill, **common)
     assert cfg.tokenizer is not None, "TrainConfig requires a tokenizer when data is set"
     if cfg.preference is not None:
-        return preference_run.make_iterator(cfg, model_cfg, rows=rows, tiles=tiles,
+        return preference_run.make_iterator(cfg, model_cfg, rows=local.rows, tiles=local.tiles,
                                             ref_table=preference_run.stored_ref_table(cfg))
     data_cfg = cfg.data if cfg.packed else dataclasses.replace(cfg.data, max_samples_per_row=1)
     return build_train_iterator(data_cfg, tokenizer=cfg.tokenizer,
@@ -144,10 +141,3 @@ def next_step_batch(iterator, grad_accum: int) -> tuple[dict[str, np.ndarray], d
     keys = [k for k in micro[0] if k in BATCH_KEYS or k in PAIR_FIELDS]
     return {k: np.stack([np.asarray(m[k]) for m in micro]) for k in keys}, stats
 
-
-def global_shapes(cfg: TrainConfig, model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Global shapes of one step's batch for this run (see `batch.global_shapes`)."""
-    return contract.global_shapes(grad_accum=cfg.optim.grad_accum, rows=cfg.micro_batch_size,
-                                  seq_len=cfg.seq_len, tiles=cfg.max_tiles,
-                                  image_size=model_cfg.vision.image_size,
-                                  channels=model_cfg.vision.num_channels)

@@ -39,10 +39,12 @@ def open_init_source(path: str) -> Source:
         raise InitError(f"init_from {path}: {e}") from e
 
 
-def model_config(cfg: TrainConfig) -> ModelConfig:
-    """The run's model config: the init_from folder's own, or the preset."""
-    base = open_init_source(cfg.init_from).model_config if cfg.init_from else None
-    return build_model_config(cfg, base)
+def model_config(cfg: TrainConfig, source: Source | None = None) -> ModelConfig:
+    """The run's model config: the init_from folder's own (`source`, opened here if None), or
+    the preset."""
+    if cfg.init_from and source is None:
+        source = open_init_source(cfg.init_from)
+    return build_model_config(cfg, source.model_config if source else None)
 
 
 def _check_same_layout(target, loaded, where: str) -> None:
@@ -56,11 +58,12 @@ def _check_same_layout(target, loaded, where: str) -> None:
                         f"{missing}, unexpected {extra}, shape mismatches {shapes})")
 
 
-def load_initial_params(model, cfg: TrainConfig, mesh) -> None:
-    """Overwrites `model`'s base weights (not LoRA adapters) from `cfg.init_from`, in place."""
+def load_initial_params(model, cfg: TrainConfig, mesh, source: Source | None = None) -> None:
+    """Overwrites `model`'s base weights (not LoRA adapters) from `cfg.init_from` (`source`,
+    opened here if None), in place."""
     assert cfg.init_from is not None
     target = nnx.state(model, base_params_filter)
-    source = open_init_source(cfg.init_from)
+    source = source or open_init_source(cfg.init_from)
     try:
         source_model = source.load(cfg.model_compute, mesh=mesh)
     except CheckpointError as e:

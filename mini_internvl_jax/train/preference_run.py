@@ -2,10 +2,11 @@
 preference fields, the jitted step holding the reference parameters, the data iterator, and
 the first pass that precomputes and stores reference log-probs.
 
-The step keeps the trainer's call `step_fn(state, frozen, rest, batch)` (and `.lower(...)` for
-AOT): `PreferenceStep` passes the reference parameters as a jit argument itself, so they live
-on the mesh once, sharded like the trainable parameters, and are never donated or saved (a
-resumed run rebuilds them from `init_from`, as trl reloads its reference model).
+The step keeps the trainer's call `step_fn(state, batch)` (and `.lower(...)` for AOT); a
+preference batch is a dict of the `Batch` fields plus the pair fields. `PreferenceStep` passes
+the reference parameters as a jit argument itself, so they live on the mesh once, sharded like
+the trainable parameters, and are never donated or saved (a resumed run rebuilds them from
+`init_from`, as trl reloads its reference model).
 """
 
 from __future__ import annotations
@@ -43,16 +44,18 @@ class ReferenceLogpsError(UserError):
 
 
 def batch_dtypes() -> dict:
-    return {**contract.BATCH_DTYPES, **{k: v[0] for k, v in PAIR_FIELDS.items()}}
+    return {**{k: f.dtype for k, f in contract.FIELDS.items()},
+            **{k: v[0] for k, v in PAIR_FIELDS.items()}}
 
 
 def global_shapes(cfg: TrainConfig, model_cfg) -> dict[str, tuple[int, ...]]:
     """The training-batch shapes plus the preference fields."""
     assert cfg.data is not None or cfg.preference is not None
-    shapes = contract.global_shapes(grad_accum=cfg.optim.grad_accum, rows=cfg.micro_batch_size,
-                                    seq_len=cfg.seq_len, tiles=cfg.max_tiles,
-                                    image_size=model_cfg.vision.image_size,
-                                    channels=model_cfg.vision.num_channels)
+    shapes = contract.BatchSpec(
+        rows=cfg.micro_batch_size, seq_len=cfg.seq_len, tiles=cfg.max_tiles,
+        image_size=model_cfg.vision.image_size, channels=model_cfg.vision.num_channels,
+        grad_accum=cfg.optim.grad_accum, num_image_tokens=model_cfg.num_image_tokens
+    ).global_shapes()
     a, b, s = shapes["input_ids"]
     pairs = pairs_per_micro_batch(b, cfg.data) if cfg.data is not None else 4 * b
     shapes.update(pair_slot=(a, b, s), vision_index=(a, b, s), ref_logps=(a, pairs, 2))
@@ -66,21 +69,33 @@ def batch_shardings(mesh, shapes: dict) -> dict[str, NamedSharding]:
             for k, shape in shapes.items()}
 
 
+def batch_abstract(cfg: TrainConfig, model_cfg, shardings: dict) -> dict:
+    dtypes = batch_dtypes()
+    return {k: jax.ShapeDtypeStruct(s, dtypes[k], sharding=shardings[k])
+            for k, s in global_shapes(cfg, model_cfg).items()}
+
+
+def to_global(host: dict, shardings: dict) -> dict:
+    """Per-host arrays -> global arrays, every field the step reads (pair fields included)."""
+    return {k: jax.make_array_from_process_local_data(sh, host[k])
+            for k, sh in shardings.items()}
+
+
 class PreferenceStep:
     """The jitted MPO step with the reference parameters bound (None: precomputed)."""
 
     def __init__(self, jitted, ref_params):
         self.jitted, self.ref = jitted, ref_params
 
-    def __call__(self, state, frozen, rest, batch):
-        return self.jitted(state, frozen, rest, batch, self.ref)
+    def __call__(self, state, batch):
+        return self.jitted(state, batch, self.ref)
 
-    def lower(self, state, frozen, rest, batch):
-        return self.jitted.lower(state, frozen, rest, batch, self.ref)
+    def lower(self, state, batch):
+        return self.jitted.lower(state, batch, self.ref)
 
 
 def build_step(cfg: TrainConfig, model_cfg, mesh, graphdef, tx, schedule, trainable, state_sh,
-               frozen_sh, rest_sh, batch_sh, *, abstract: bool) -> PreferenceStep:
+               batch_sh, *, abstract: bool) -> PreferenceStep:
     pref = cfg.preference
     assert pref is not None
     fn = make_preference_step_fn(graphdef, tx, schedule, pref, loss_chunk=cfg.loss_chunk,
@@ -88,7 +103,7 @@ def build_step(cfg: TrainConfig, model_cfg, mesh, graphdef, tx, schedule, traina
                                  lora_dropout=cfg.lora.rank > 0 and cfg.lora.dropout > 0,
                                  packed=cfg.packed, compute_dtype=cfg.model_compute.dtype)
     ref_sh = state_sh.params if pref.reference == "model" else None
-    jitted = jax.jit(fn, in_shardings=(state_sh, frozen_sh, rest_sh, batch_sh, ref_sh),
+    jitted = jax.jit(fn, in_shardings=(state_sh, batch_sh, ref_sh),
                      out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=(0,))
     if pref.reference != "model":
         ref = None
@@ -200,7 +215,7 @@ def reference_pass(cfg: TrainConfig, model_cfg, s, rows: int, tiles: int):
     """Precomputes the reference log-probs with the freshly initialised setup `s` (before any
     step), then returns the training iterator (this host's `rows` and `tiles`) that reads
     them."""
-    precompute_reference(cfg, model_cfg, s.mesh, s.graphdef, s.state.params, s.frozen, s.rest,
-                         rows=rows, tiles=tiles)
+    precompute_reference(cfg, model_cfg, s.mesh, s.graphdef, s.state.params, s.state.frozen,
+                         s.state.rest, rows=rows, tiles=tiles)
     return make_iterator(cfg, model_cfg, rows=rows, tiles=tiles,
                          ref_table=load_ref_table(ref_logps_path(cfg)))

@@ -103,7 +103,7 @@ def make_preference_step_fn(graphdef, tx: optax.GradientTransformation,
                             schedule: optax.Schedule, pref: PreferenceConfig, *,
                             loss_chunk: int, drop_path: bool, lora_dropout: bool,
                             packed: bool = True, compute_dtype=None) -> Callable:
-    """`step(state, frozen, rest, batch, ref_params) -> (state, metrics)`, not yet jitted;
+    """`step(state, batch, ref_params) -> (state, metrics)`, not yet jitted;
     `ref_params` (the reference's trainable part) is None with precomputed log-probs."""
 
     def logps(params, frozen, rest, micro, key):
@@ -125,7 +125,8 @@ def make_preference_step_fn(graphdef, tx: optax.GradientTransformation,
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
-    def step(state: TrainState, frozen, rest, batch, ref_params):
+    def step(state: TrainState, batch, ref_params):
+        frozen, rest = state.frozen, state.rest
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         valid = jax.vmap(lambda m: pair_sums(jnp.zeros(m["pair_slot"].shape, jnp.float32),
                                              m["pair_slot"], m["ref_logps"].shape[0])[2:]
@@ -175,6 +176,7 @@ def make_preference_step_fn(graphdef, tx: optax.GradientTransformation,
             step=state.step + 1, rng=state.rng,
             bad_steps=jnp.where(ok, 0, state.bad_steps + 1).astype(jnp.int32),
             skipped=(state.skipped + (~ok).astype(jnp.int32)).astype(jnp.int32),
+            frozen=state.frozen, rest=state.rest,
             extra={"bco_running": tuple(keep(running, running0))})
         means = {f"pref/{k}": v / n_pairs for k, v in sums.items() if k != "pairs"}
         metrics = {

@@ -26,8 +26,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mini_internvl_jax.batch import IGNORE_INDEX
+from mini_internvl_jax import placement  # noqa: F401  (registers Batch as a pytree)
+from mini_internvl_jax.batch import IGNORE_INDEX, Batch
 from mini_internvl_jax.models import lora
+from mini_internvl_jax.models.stack import SCOPE_CAST, SCOPE_HEAD, SCOPE_OPTIMIZER
 from mini_internvl_jax.sharding import data_group_axis, vmapped_axes
 from mini_internvl_jax.train.loss import cross_entropy_sums
 from mini_internvl_jax.train.state import TrainState
@@ -60,14 +62,14 @@ def compute_copy(params, dtype):
         and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x, params)
 
 
-def data_groups(batch: dict) -> int:
+def data_groups(batch: Batch) -> int:
     """How many `data` groups accumulate their own gradients: the active mesh's `data` size
     when it divides a micro-batch's rows and tiles, else 1 (XLA's own placement)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return 1
     size = dict(mesh.shape).get(data_group_axis(), 1)
-    divides = all(x.shape[1] % size == 0 for x in batch.values())
+    divides = all(x.shape[1] % size == 0 for x in jax.tree.leaves(batch))
     return size if size > 1 and divides else 1
 
 
@@ -81,22 +83,21 @@ def _stacked_zeros(params, groups: int):
         P(data_group_axis(), *(P.UNCONSTRAINED,) * p.ndim)), params)
 
 
-def make_step_fn(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
-                 loss_chunk: int, drop_path: bool, lora_dropout: bool,
-                 packed: bool = True, compute_dtype=None) -> Callable:
-    """`step(state, frozen, rest, batch) -> (state, metrics)`, not yet jitted.
-    `compute_dtype`: cast the Dense kernels to it once per step (see `compute_copy`)."""
+def make_grads_fn(graphdef, *, loss_chunk: int, drop_path: bool, lora_dropout: bool,
+                  packed: bool) -> Callable:
+    """`grads(params, frozen, rest, batch, total_w, step_key) -> (grads, (ce, w, correct))`:
+    float32 gradients of the loss (normalised by `total_w`) summed over the batch's
+    micro-batches, with the cross-entropy sum, weight sum and correct-token count."""
 
-    def loss_fn(params, frozen, rest, micro, total_w, key):
+    def loss_fn(params, frozen, rest, micro: Batch, total_w, key):
         model = nnx.merge(graphdef, params, frozen, rest)
-        hidden = model.hidden_states(
-            micro["input_ids"], micro["pixel_values"], micro["image_flags"],
-            micro["positions"], micro["segment_ids"] if packed else None,
-            dropout_key=key if drop_path else None).hidden
+        hidden = model.batch_hidden_states(micro, packed=packed,
+                                           dropout_key=key if drop_path else None).hidden
         llm = model.llm
         head = llm.embed_tokens[...].T if llm.lm_head is None else llm.lm_head[...]
-        ce, w, correct = cross_entropy_sums(hidden, micro["labels"], micro["loss_weights"],
-                                            head, chunk=loss_chunk, dtype=llm.dtype)
+        with jax.named_scope(SCOPE_HEAD):
+            ce, w, correct = cross_entropy_sums(hidden, micro.labels, micro.loss_weights, head,
+                                                chunk=loss_chunk, dtype=llm.dtype)
         return ce / total_w, (ce, w, correct)
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -116,57 +117,74 @@ def make_step_fn(graphdef, tx: optax.GradientTransformation, schedule: optax.Sch
             return jax.vmap(micro_grads, in_axes=(None, None, None, 0, None, 0),
                             spmd_axis_name=axis)(params, frozen, rest, micro, total_w, keys)
 
-    def step(state: TrainState, frozen, rest, batch):
-        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        weights = jnp.where(batch["labels"] == IGNORE_INDEX, 0.0,
-                            batch["loss_weights"].astype(jnp.float32))
-        total_w = jnp.sum(weights)
-        safe_w = jnp.where(total_w > 0, total_w, 1.0)
-        n_micro = batch["input_ids"].shape[0]
-        params = compute_copy(state.params, compute_dtype)
-        frozen = compute_copy(frozen, compute_dtype)
+    def grads(params, frozen, rest, batch: Batch, total_w, step_key):
+        n_micro = batch.input_ids.shape[0]
         if n_micro == 1:
             micro = jax.tree.map(lambda x: x[0], batch)
-            grads, aux = micro_grads(params, frozen, rest, micro, safe_w,
-                                     jax.random.fold_in(step_key, 0))
-        else:
-            groups = data_groups(batch)
-            grads_of = micro_grads if groups == 1 else partial(grouped_micro_grads, groups)
+            return micro_grads(params, frozen, rest, micro, total_w,
+                               jax.random.fold_in(step_key, 0))
+        groups = data_groups(batch)
+        grads_of = micro_grads if groups == 1 else partial(grouped_micro_grads, groups)
 
-            def body(carry, xs):
-                i, micro = xs
-                g, aux = grads_of(params, frozen, rest, micro, safe_w,
-                                  jax.random.fold_in(step_key, i))
-                return (_add(carry[0], g), _add(carry[1], aux)), None
+        def body(carry, xs):
+            i, micro = xs
+            g, aux = grads_of(params, frozen, rest, micro, total_w,
+                              jax.random.fold_in(step_key, i))
+            return (_add(carry[0], g), _add(carry[1], aux)), None
 
-            zero = jnp.zeros(() if groups == 1 else (groups,), jnp.float32)
-            (grads, aux), _ = jax.lax.scan(body, (_stacked_zeros(state.params, groups),
-                                                  (zero, zero, zero)),
-                                           (jnp.arange(n_micro), batch))
-            if groups > 1:  # the one sum over `data` of this step
-                grads, aux = jax.tree.map(lambda x: jnp.sum(x, axis=0), (grads, aux))
-        ce, w, correct = aux
-        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-        loss = ce / safe_w
-        grad_norm = optax.tree.norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
+        zero = jnp.zeros(() if groups == 1 else (groups,), jnp.float32)
+        (g, aux), _ = jax.lax.scan(body, (_stacked_zeros(params, groups), (zero, zero, zero)),
+                                   (jnp.arange(n_micro), batch))
+        if groups > 1:  # the one sum over `data` of this step
+            g, aux = jax.tree.map(lambda x: jnp.sum(x, axis=0), (g, aux))
+        return g, aux
 
-        def keep(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    return grads
+
+
+def make_step_fn(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
+                 loss_chunk: int, drop_path: bool, lora_dropout: bool,
+                 packed: bool = True, compute_dtype=None) -> Callable:
+    """`step(state, batch) -> (state, metrics)`, not yet jitted.
+    `compute_dtype`: cast the Dense kernels to it once per step (see `compute_copy`)."""
+    grads_fn = make_grads_fn(graphdef, loss_chunk=loss_chunk, drop_path=drop_path,
+                             lora_dropout=lora_dropout, packed=packed)
+
+    def step(state: TrainState, batch: Batch):
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        weights = jnp.where(batch.labels == IGNORE_INDEX, 0.0,
+                            batch.loss_weights.astype(jnp.float32))
+        total_w = jnp.sum(weights)
+        safe_w = jnp.where(total_w > 0, total_w, 1.0)
+        with jax.named_scope(SCOPE_CAST):
+            params = compute_copy(state.params, compute_dtype)
+            frozen = compute_copy(state.frozen, compute_dtype)
+        grads, (ce, w, correct) = grads_fn(params, frozen, state.rest, batch, safe_w, step_key)
+        with jax.named_scope(SCOPE_OPTIMIZER):
+            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+            loss = ce / safe_w
+            grad_norm = optax.tree.norm(grads)
+            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            updates, new_opt = tx.update(grads, state.opt_state, state.params)
+            new_params = optax.apply_updates(state.params, updates)
+
+            def keep(new, old):
+                return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+            new_params, new_opt = keep(new_params, state.params), keep(new_opt, state.opt_state)
 
         applied = state.step - state.skipped
         new_state = TrainState(
-            params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
+            params=new_params, opt_state=new_opt,
             step=state.step + 1, rng=state.rng,
             bad_steps=jnp.where(ok, 0, state.bad_steps + 1).astype(jnp.int32),
-            skipped=(state.skipped + (~ok).astype(jnp.int32)).astype(jnp.int32))
+            skipped=(state.skipped + (~ok).astype(jnp.int32)).astype(jnp.int32),
+            frozen=state.frozen, rest=state.rest)
         metrics = {
             "loss": loss, "grad_norm": grad_norm, "lr": schedule(applied),
             "accuracy": correct / jnp.where(w > 0, w, 1.0), "loss_weight": total_w,
             "supervised_tokens": jnp.sum(weights > 0).astype(jnp.int32),
-            "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.int32),
+            "tokens": jnp.sum(batch.segment_ids > 0).astype(jnp.int32),
             "finite": ok, "bad_steps": new_state.bad_steps, "skipped": new_state.skipped,
         }
         return new_state, metrics
@@ -174,7 +192,8 @@ def make_step_fn(graphdef, tx: optax.GradientTransformation, schedule: optax.Sch
     return step
 
 
-def jit_step(step_fn, mesh, state_sh, frozen_sh, rest_sh, batch_sh):
-    """jax.jit with explicit shardings; the TrainState (argument 0) is donated."""
-    return jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, rest_sh, batch_sh),
+def jit_step(step_fn, mesh, state_sh, batch_sh):
+    """jax.jit with explicit shardings; the TrainState (argument 0) is donated (its frozen
+    parameters come back unchanged, in the same buffers)."""
+    return jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
                    out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=(0,))

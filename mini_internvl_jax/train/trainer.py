@@ -1,47 +1,46 @@
-"""The training loop: resume or initialise, step, log, checkpoint, stop cleanly.
+"""The training loop: a run's parts, its initial state, then steps with periodic hooks.
 
-Metrics are read one step late (the host never waits for the step it just dispatched), except at
-checkpoint steps, where the step's finiteness must be known before saving.
-
-Resuming picks the newest step folder that restores (a damaged newest one is moved aside and
-named), and refuses a changed learning rate, batch size or dataset unless the caller allows it.
-The run also ends cleanly (final checkpoint, `stopped="data_exhausted"`) when a finite dataset
-(`data.num_epochs`) runs out, and on SIGTERM / Ctrl-C (see `stopping`).
+`run` prepares the parts (`Run`: mesh, data, model and jitted step, checkpoint folder), takes
+the initial state from `resume.initial_state` (fresh, or the newest intact checkpoint), and
+`train_loop` steps until `total_steps`. Periodic work is a list of `Hook`s, each with an
+`every`: reading metrics (one step late, so the host never waits for the step it just
+dispatched), the profiler window, preemption and checkpoint saves (which read their step's
+metrics first: a step is saved only if it was finite). Too many non-finite steps in a row stop
+the run (`TrainingDivergedError`) when their metrics are read. The run also ends cleanly (final
+checkpoint, `stopped="data_exhausted"`) when a finite dataset (`data.num_epochs`) runs out, and
+on SIGTERM / Ctrl-C (see `stopping`).
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
-import sys
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import grain
 import jax
 import numpy as np
-from etils import epath
 from flax import nnx
+from jax.sharding import Mesh
 
-from mini_internvl_jax import configlib, fileio
-from mini_internvl_jax.batch import to_global
-from mini_internvl_jax.checkpoints.checkpointer import Checkpointer, CheckpointError
-from mini_internvl_jax.checkpoints.checkpointer import run_meta as _run_meta
+from mini_internvl_jax import fileio
+from mini_internvl_jax.checkpoints.checkpointer import Checkpointer
+from mini_internvl_jax.config import ModelConfig
 from mini_internvl_jax.configlib import ConfigError
 from mini_internvl_jax.train import preference_run
 from mini_internvl_jax.train import setup as setup_lib
-from mini_internvl_jax.train.batches import local_geometry, make_iterator, next_step_batch
+from mini_internvl_jax.train.batches import make_iterator, next_step_batch
 from mini_internvl_jax.train.compile_cache import CacheStats, cache_dir, persistent_cache
 from mini_internvl_jax.train.config import TrainConfig
-from mini_internvl_jax.train.init_from import load_initial_params, model_config
+from mini_internvl_jax.train.init_from import load_initial_params, model_config, open_init_source
 from mini_internvl_jax.train.report import Reporter
-from mini_internvl_jax.train.state import TrainState, abstract_like, split_params
+from mini_internvl_jax.train.resume import initial_state, run_meta
+from mini_internvl_jax.train.state import TrainState
 from mini_internvl_jax.train.stopping import StopGuard
-
-# What a resumed run may not change silently: the optimizer trajectory and the data stream.
-GUARDED_KEYS = ("optim.lr", "batch_size", "data.meta_path", "data_fingerprint")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -55,19 +54,12 @@ class RunResult:
     stopped: str = "done"  # done | preempted | data_exhausted | stop_after
     stop_signal: int | None = None  # the signal that stopped a preempted run (single process)
     state: TrainState | None = None
-    frozen: nnx.State | None = None
 
     def params(self) -> nnx.State:
         """Every parameter (trainable and frozen) after the last step."""
-        if self.state is None or self.frozen is None:
+        if self.state is None:
             raise ValueError("this RunResult holds no training state (run() fills it in)")
-        return nnx.merge_state(self.state.params, self.frozen)
-
-
-def _delete(tree) -> None:
-    for x in jax.tree.leaves(tree):
-        if isinstance(x, jax.Array):
-            x.delete()
+        return self.state.all_params()
 
 
 def _digest(batch: dict) -> int:
@@ -118,41 +110,185 @@ class FirstBatchReady:
             self._inner.start_prefetch()
 
 
-def data_fingerprint(cfg: TrainConfig) -> str | None:
-    """sha256 of the data meta file, so a dataset edited in place counts as changed."""
-    if cfg.data is None:
-        return None
+@dataclass
+class Run:
+    """The parts of a run fixed before its first step."""
+
+    cfg: TrainConfig
+    model_cfg: ModelConfig
+    mesh: Mesh
+    setup: setup_lib.Setup
+    iterator: Any
+    ckpt: Checkpointer | None
+    started: float  # perf_counter() on entering the trainer
+    cache: CacheStats
+
+
+def prepare(cfg: TrainConfig, devices, cache: CacheStats) -> Run:
+    """Mesh, data (its first batch pulled before the model is built, so an empty dataset fails
+    in seconds), the `init_from` folder (opened once), model, jitted step, checkpoint folder."""
+    started = time.perf_counter()
+    source = open_init_source(cfg.init_from) if cfg.init_from else None
+    model_cfg = model_config(cfg, source)
     try:
-        return hashlib.sha256(epath.Path(cfg.data.meta_path).read_bytes()).hexdigest()[:16]
-    except OSError:
-        return None
+        mesh = cfg.mesh.build(devices)
+    except ValueError as e:  # sizes that do not match the devices: a config mistake
+        raise ConfigError(f"mesh: {e}") from None
+    setup_lib.check_batch_fits_mesh(cfg, mesh)
+    iterator = make_iterator(cfg, model_cfg)
+    if cfg.data is not None:
+        iterator = FirstBatchReady(iterator)
+    for folder in (cfg.checkpoint.dir, cfg.log.dir):  # before the model is built
+        if folder is not None:
+            fileio.check_creatable(folder)
+    init = None if source is None else (lambda m: load_initial_params(m, cfg, mesh, source))
+    s = setup_lib.build(cfg, mesh, model_cfg, init_params=init)
+    if preference_run.needs_reference_pass(cfg):  # stores the reference log-probs, then reads
+        local = s.batch.per_host(jax.process_count())
+        iterator = FirstBatchReady(preference_run.reference_pass(cfg, model_cfg, s, local.rows,
+                                                                 local.tiles))
+    ckpt = None if cfg.checkpoint.dir is None else Checkpointer(
+        cfg.checkpoint.dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    return Run(cfg, model_cfg, mesh, s, iterator, ckpt, started, cache)
 
 
-def run_meta(cfg: TrainConfig, model_cfg, step: int) -> dict:
-    return {**_run_meta(cfg, model_cfg, step), "data_fingerprint": data_fingerprint(cfg)}
+class Loop:
+    """What changes while a run steps: the state, the metrics not yet read, the last save."""
+
+    def __init__(self, run: Run, state: TrainState, start: int, changes: list[str],
+                 stop_after: int | None):
+        self.run, self.state, self.start = run, state, start
+        self.changes = changes  # guarded settings this resume changed (recorded in the meta)
+        self.stop_after = stop_after
+        self.reporter = Reporter(run.cfg, run.model_cfg, start, run.mesh.size)
+        self.result = RunResult(final_step=start)
+        self.pending: tuple[int, Any, dict] | None = None  # (step, device metrics, host extras)
+        self.last_saved = start
+        self.stop: str | None = None  # why the loop ends after this step
+
+    def saved(self) -> str:
+        ckpt_dir = self.run.cfg.checkpoint.dir
+        return f"step {self.last_saved} in {ckpt_dir}" if self.run.ckpt else "none"
+
+    def collect(self) -> dict | None:
+        """Reads the pending step's metrics (waiting for it) and reports them; the divergence
+        stop: too many non-finite steps in a row end the run here."""
+        if self.pending is None:
+            return None
+        (step, metrics, extra), self.pending = self.pending, None
+        host = self.reporter.report(step, metrics, extra)
+        self.result.history.append({"step": step, **host})
+        if host["bad_steps"] >= self.run.cfg.max_bad_steps:
+            where = self.saved() if self.run.ckpt else "none: no checkpoint.dir"
+            raise TrainingDivergedError(
+                f"{host['bad_steps']} consecutive steps with a non-finite loss or gradient "
+                f"(up to step {step}); stopping. The last good checkpoint ({where}) is kept.")
+        return host
+
+    def save(self, step: int) -> None:
+        """Saves `step` once its metrics say it was finite (and not saved already)."""
+        host = self.collect()
+        if self.run.ckpt is None or host is None or host["bad_steps"] or step == self.last_saved:
+            return
+        meta = dataclasses.replace(run_meta(self.run.cfg, self.run.model_cfg, step),
+                                   resumed_with_changes=tuple(self.changes))
+        self.run.ckpt.save(step, params=self.state.all_params(), train=self.state.train_item(),
+                           iterator=self.run.iterator, meta=meta)
+        self.last_saved = step
 
 
-def _guarded(cfg_dict: dict, meta: dict) -> dict:
-    out = {}
-    for key in GUARDED_KEYS:
-        if key == "data_fingerprint":
-            out[key] = meta.get(key)
-            continue
-        v: Any = cfg_dict
-        for part in key.split("."):
-            v = v.get(part) if isinstance(v, dict) else None
-        out[key] = v
-    return out
+@dataclass
+class Hook:
+    """Periodic work after a step: `fn(loop, step)` at every `every`-th step and at the last
+    one (`total_steps`, or a preempted run's)."""
+
+    every: int
+    fn: Callable[[Loop, int], None]
+
+    def due(self, step: int, last: bool) -> bool:
+        return last or step % self.every == 0
 
 
-def config_changes(cfg: TrainConfig, model_cfg, meta: dict) -> list[str]:
-    """`key: old -> new` for each guarded setting that differs from the checkpoint's run."""
-    if "train_config" not in meta:
-        return []
-    old = _guarded(meta["train_config"], meta)
-    new = _guarded(configlib.to_dict(cfg), run_meta(cfg, model_cfg, 0))
-    return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in GUARDED_KEYS
-            if old[k] != new[k] and not (k == "data_fingerprint" and None in (old[k], new[k]))]
+class ProfilerWindow:
+    """A jax.profiler trace of steps `log.profile_start` .. + `log.profile_steps` - 1."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.first = cfg.log.profile_start if jax.process_index() == 0 else None
+        self.last: int | None = None  # the last step a running trace covers
+
+    def before(self, step: int) -> None:
+        if step == self.first:
+            trace_dir = self.cfg.log.dir or self.cfg.checkpoint.dir
+            assert trace_dir is not None, "TrainConfig checks profile_start has a dir"
+            jax.profiler.start_trace(trace_dir)
+            self.last = step + self.cfg.log.profile_steps - 1
+
+    def __call__(self, loop: Loop, step: int) -> None:
+        if step == self.last:
+            jax.block_until_ready(loop.state)
+            self.close()
+        self.before(step + 1)
+
+    def close(self) -> None:
+        if self.last is not None:
+            jax.profiler.stop_trace()
+            self.last = None
+
+
+def hooks(run: Run, guard: StopGuard, profiler: ProfilerWindow) -> list[Hook]:
+    """The periodic work of a run, in the order it runs after each step."""
+
+    def preemption(loop: Loop, step: int) -> None:
+        if guard.should_stop(step):
+            loop.stop, loop.result.stopped, loop.result.stop_signal = \
+                "preempted", "preempted", guard.signum
+
+    def stop_after(loop: Loop, step: int) -> None:  # a simulated kill: nothing more is saved
+        if loop.stop is None and loop.stop_after is not None \
+                and step - loop.start >= loop.stop_after:
+            loop.stop = loop.result.stopped = "stop_after"
+
+    out = [Hook(1, profiler), Hook(1, preemption)]
+    if run.ckpt is not None:
+        ckpt = run.ckpt  # an async save that failed in the background stops the run here
+        out.append(Hook(1, lambda loop, step: ckpt.raise_if_failed()))
+        out.append(Hook(run.cfg.checkpoint.every, Loop.save))
+    return [*out, Hook(1, stop_after)]
+
+
+def train_loop(loop: Loop, hooks: list[Hook], profiler: ProfilerWindow) -> None:
+    """Steps from `loop.start` + 1 until `total_steps`, the end of the data, or a stop."""
+    run, cfg = loop.run, loop.run.cfg
+    profiler.before(loop.start + 1)
+    for step in range(loop.start + 1, cfg.total_steps + 1):
+        try:
+            host_batch, stats = next_step_batch(run.iterator, cfg.optim.grad_accum)
+        except StopIteration:  # a finite dataset (data.num_epochs) ran out
+            loop.result.stopped = "data_exhausted"
+            loop.save(step - 1)
+            break
+        first = step == loop.start + 1
+        if first:
+            loop.reporter.log_samples(step, host_batch)
+        extra = {"data_digest": _digest(host_batch),
+                 "real_tiles": int(host_batch["image_flags"].sum()) * jax.process_count(),
+                 **stats}
+        batch = run.setup.place(host_batch)
+        with jax.set_mesh(run.mesh):
+            loop.state, metrics = run.setup.step_fn(loop.state, batch)
+        if first:  # restart cost: setup + compile (or cache) + 1 step
+            jax.block_until_ready(metrics)
+            loop.reporter.first_step_ready(time.perf_counter() - run.started, run.cache)
+        loop.collect()  # the previous step's metrics: one step late
+        loop.pending = (step, metrics, extra)
+        for hook in hooks:
+            if hook.due(step, last=step == cfg.total_steps or loop.stop == "preempted"):
+                hook.fn(loop, step)
+        loop.result.final_step = step
+        if loop.stop is not None:
+            break
+    loop.collect()
 
 
 def run(cfg: TrainConfig, *, devices=None, stop_after: int | None = None,
@@ -164,177 +300,42 @@ def run(cfg: TrainConfig, *, devices=None, stop_after: int | None = None,
     than the checkpoint's (the change is printed and recorded in the next checkpoints' meta).
     """
     with persistent_cache(cache_dir(cfg)) as cache:
-        return _run(cfg, devices, stop_after, allow_config_change, cache)
-
-
-def _run(cfg: TrainConfig, devices, stop_after: int | None, allow_config_change: bool,
-         cache: CacheStats) -> RunResult:
-    started = time.perf_counter()
-    model_cfg = model_config(cfg)
-    try:
-        mesh = cfg.mesh.build(devices)
-    except ValueError as e:  # sizes that do not match the devices: a config mistake
-        raise ConfigError(f"mesh: {e}") from None
-    setup_lib.check_batch_fits_mesh(cfg, mesh)
-    init = None if cfg.init_from is None else (lambda m: load_initial_params(m, cfg, mesh))
-    iterator = make_iterator(cfg, model_cfg)
-    if cfg.data is not None:
-        iterator = FirstBatchReady(iterator)
-    for folder in (cfg.checkpoint.dir, cfg.log.dir):  # before the model is built
-        if folder is not None:
-            fileio.check_creatable(folder)
-    s = setup_lib.build(cfg, mesh, model_cfg, init_params=init)
-    state, frozen, rest = s.state, s.frozen, s.rest
-    if preference_run.needs_reference_pass(cfg):  # stores the reference log-probs, then reads
-        iterator = FirstBatchReady(preference_run.reference_pass(cfg, model_cfg, s,
-                                                                 *local_geometry(cfg)))
-    ckpt = None
-    if cfg.checkpoint.dir is not None:
-        ckpt = Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep,
-                            async_save=cfg.checkpoint.async_save)
-    start = 0
-    allowed_changes: list[str] = []
-    if ckpt is not None and not cfg.checkpoint.resume and ckpt.latest_step() is not None:
-        ckpt.close()
-        raise CheckpointError(f"checkpoint.dir {cfg.checkpoint.dir} already holds step "
-                              f"{ckpt.latest_step()} and checkpoint.resume is false; use a new "
-                              "directory (or resume: true)")
-    if ckpt is not None and cfg.checkpoint.resume and ckpt.latest_step() is not None:
-        params = nnx.merge_state(state.params, frozen)
-        abs_params = abstract_like(params, jax.tree.map(lambda x: x.sharding, params))
-        train = {"opt_state": state.opt_state, **_scalars(state)}
-        abs_train = abstract_like(train, jax.tree.map(lambda x: x.sharding, train))
-        _delete((params, train))
+        r = prepare(cfg, devices, cache)
+        profiler = ProfilerWindow(cfg)
+        loop = None
         try:
-            start, out, note = ckpt.restore_newest_intact(params=abs_params, train=abs_train,
-                                                          iterator=iterator)
-        except CheckpointError:
-            ckpt.close()
-            raise
-        if note and jax.process_index() == 0:
-            print(f"warning: {note}", file=sys.stderr, flush=True)
-        changes = config_changes(cfg, model_cfg, out["meta"])
-        if changes and not allow_config_change:
-            ckpt.close()
-            raise CheckpointError(
-                f"{cfg.checkpoint.dir} step {start} was trained with other settings ("
-                + "; ".join(changes) + "); resuming would silently change the run. Restore "
-                "them, use a new checkpoint.dir, or pass --allow-config-change")
-        if changes and jax.process_index() == 0:
-            print("resuming with changed settings (--allow-config-change): " + "; ".join(changes),
-                  file=sys.stderr, flush=True)
-        allowed_changes = changes
-        trainable, frozen = split_params(out["params"], cfg.frozen_components)[:2]
-        t = out["train"]
-        state = TrainState(params=trainable, opt_state=t["opt_state"], step=t["step"],
-                           rng=t["rng"], bad_steps=t["bad_steps"], skipped=t["skipped"],
-                           extra=t.get("extra"))
-    result = RunResult(final_step=start)
-    primary = jax.process_index() == 0
-    if start >= cfg.total_steps and primary:
-        print(f"{cfg.checkpoint.dir} already holds step {start}, at or past total_steps "
-              f"({cfg.total_steps}): nothing to do (raise total_steps to continue, or use a "
-              "new checkpoint.dir)", flush=True)
-    reporter = Reporter(cfg, model_cfg, start, mesh.size)
-    pending = None
-    last_saved = start
+            state, start, changes = initial_state(cfg, r.model_cfg, r.setup.state, r.ckpt,
+                                                  r.iterator,
+                                                  allow_config_change=allow_config_change)
+            loop = Loop(r, state, start, changes, stop_after)
+            if start >= cfg.total_steps and jax.process_index() == 0:
+                print(f"{cfg.checkpoint.dir} already holds step {start}, at or past "
+                      f"total_steps ({cfg.total_steps}): nothing to do (raise total_steps to "
+                      "continue, or use a new checkpoint.dir)", flush=True)
+            with StopGuard(cfg.checkpoint.stop_grace_s, loop.saved) as guard:
+                train_loop(loop, hooks(r, guard, profiler), profiler)
+        finally:
+            profiler.close()
+            if loop is not None:
+                loop.reporter.close()
+            if r.ckpt is not None:
+                r.ckpt.close()
+    assert loop is not None  # an error before the loop raises above
+    _summary(loop)
+    loop.result.state = loop.state
+    return loop.result
 
-    def collect():
-        step, metrics, extra = pending
-        host = reporter.report(step, metrics, extra)
-        result.history.append({"step": step, **host})
-        if host["bad_steps"] >= cfg.max_bad_steps:
-            raise TrainingDivergedError(
-                f"{host['bad_steps']} consecutive steps with a non-finite loss or gradient "
-                f"(up to step {step}); stopping. The last good checkpoint "
-                f"({'step ' + str(last_saved) if ckpt else 'none: no checkpoint.dir'}) is kept.")
-        return host
 
-    def save(step: int) -> None:
-        nonlocal last_saved
-        if ckpt is None or step == last_saved:
-            return
-        ckpt.save(step, params=nnx.merge_state(state.params, frozen),
-                  train={"opt_state": state.opt_state, **_scalars(state)}, iterator=iterator,
-                  meta={**run_meta(cfg, model_cfg, step),
-                        **({"resumed_with_changes": allowed_changes} if allowed_changes else {})})
-        last_saved = step
-
-    profile_last: int | None = None  # the last step a running trace covers
-    saved = lambda: f"step {last_saved} in {cfg.checkpoint.dir}" if ckpt else "none"
-    try:
-        with StopGuard(cfg.checkpoint.stop_grace_s, saved) as guard:
-            for step in range(start + 1, cfg.total_steps + 1):
-                if cfg.log.profile_start == step and primary:
-                    trace_dir = cfg.log.dir or cfg.checkpoint.dir
-                    assert trace_dir is not None, "TrainConfig checks profile_start has a dir"
-                    jax.profiler.start_trace(trace_dir)
-                    profile_last = step + cfg.log.profile_steps - 1
-                try:
-                    host_batch, stats = next_step_batch(iterator, cfg.optim.grad_accum)
-                except StopIteration:  # a finite dataset (data.num_epochs) ran out
-                    result.stopped = "data_exhausted"
-                    if pending is not None:
-                        host = collect()
-                        pending = None
-                        if host["bad_steps"] == 0:
-                            save(step - 1)
-                    break
-                if step == start + 1:
-                    reporter.log_samples(step, host_batch)
-                extra = {"data_digest": _digest(host_batch),
-                         "real_tiles": int(host_batch["image_flags"].sum()) * jax.process_count(),
-                         **stats}
-                batch = to_global(host_batch, s.batch_sh)
-                with jax.set_mesh(mesh):
-                    state, metrics = s.step_fn(state, frozen, rest, batch)
-                if step == start + 1:  # restart cost: setup + compile (or cache) + 1 step
-                    jax.block_until_ready(metrics)
-                    reporter.first_step_ready(time.perf_counter() - started, cache)
-                if pending is not None:
-                    collect()
-                pending = (step, metrics, extra)
-                if ckpt is not None:  # an async save that failed stops the run here
-                    ckpt.raise_if_failed()
-                if step == profile_last:
-                    jax.block_until_ready(state)
-                    jax.profiler.stop_trace()
-                    profile_last = None
-                preempted = guard.should_stop(step)
-                if ckpt is not None and (step % cfg.checkpoint.every == 0 or preempted
-                                         or step == cfg.total_steps):
-                    host = collect()
-                    pending = None
-                    if host["bad_steps"] == 0:
-                        save(step)
-                result.final_step = step
-                if preempted:
-                    result.stopped = "preempted"
-                    result.stop_signal = guard.signum
-                    break
-                if stop_after is not None and step - start >= stop_after:
-                    result.stopped = "stop_after"
-                    break
-            if pending is not None:
-                collect()
-    finally:
-        if profile_last is not None:
-            jax.profiler.stop_trace()
-        reporter.close()
-        if ckpt is not None:
-            ckpt.close()
-    if primary and result.stopped == "data_exhausted" and cfg.data is not None:
+def _summary(loop: Loop) -> None:
+    cfg, result = loop.run.cfg, loop.result
+    if jax.process_index() != 0:
+        return
+    if result.stopped == "data_exhausted" and cfg.data is not None:
         print(f"the data ran out (data.num_epochs: {cfg.data.num_epochs}) before step "
-              f"{result.final_step + 1} of {cfg.total_steps}; final checkpoint: {saved()}",
+              f"{result.final_step + 1} of {cfg.total_steps}; final checkpoint: {loop.saved()}",
               flush=True)
-    if primary and result.history:
-        where = f"; checkpoint step {last_saved} in {cfg.checkpoint.dir}" if ckpt else ""
+    if result.history:
+        where = f"; checkpoint {loop.saved()}" if loop.run.ckpt else ""
         print(f"{result.stopped}: steps {result.history[0]['step']}-{result.final_step}, loss "
-              f"{reporter.first_loss:.4f} -> {reporter.last_loss:.4f}{where}", flush=True)
-    result.state, result.frozen = state, frozen
-    return result
-
-
-def _scalars(state: TrainState) -> dict:
-    return {"step": state.step, "rng": state.rng, "bad_steps": state.bad_steps,
-            "skipped": state.skipped, **({} if state.extra is None else {"extra": state.extra})}
+              f"{loop.reporter.first_loss:.4f} -> {loop.reporter.last_loss:.4f}{where}",
+              flush=True)

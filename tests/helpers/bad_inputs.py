@@ -90,6 +90,7 @@ def build_fixtures(root: Path) -> dict[str, str]:
     import torch
 
     from mini_internvl_jax.checkpoints.checkpointer import Checkpointer
+    from mini_internvl_jax.checkpoints.run import RunMeta
     from mini_internvl_jax.convert.importer import convert_hf_to_orbax
     from mini_internvl_jax.tools.demo import write_demo
     from tests.helpers.checkpoints import native_model, save_state, write_original
@@ -119,7 +120,7 @@ def build_fixtures(root: Path) -> dict[str, str]:
     run = root / "corrupt_run"
     ck = Checkpointer(str(run), keep=1, async_save=False)
     ck.save(1, params={"w": jnp.zeros(2)}, train={"step": jnp.zeros((), jnp.int32)},
-            iterator=None, meta={"step": 1})
+            iterator=None, meta=RunMeta({}, {}, 1))
     ck.close()
     (run / "1" / "meta" / "metadata").write_text("{broken")
     return {"shared": str(root), "demo": str(root / "demo"), "hf": str(root / "hf"),

@@ -16,6 +16,7 @@ import torch
 import transformers
 from flax import nnx
 
+from mini_internvl_jax.batch import Batch
 from mini_internvl_jax.config import ComputeConfig, ModelConfig
 from mini_internvl_jax.convert.apply import fill_from_rules
 from mini_internvl_jax.convert.mapping import Rule, target_key
@@ -73,11 +74,11 @@ def grad_probe() -> optax.GradientTransformation:
         lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
 
 
-def train_state(params, tx) -> TrainState:
+def train_state(params, frozen, rest, tx) -> TrainState:
     key = jax.random.key_data(jax.random.key(0)).astype(jnp.uint32)
     zero = jnp.zeros((), jnp.int32)
     return TrainState(params=params, opt_state=tx.init(params), step=zero, rng=key,
-                      bad_steps=zero, skipped=zero)
+                      bad_steps=zero, skipped=zero, frozen=frozen, rest=rest)
 
 
 class Trainer:
@@ -88,22 +89,22 @@ class Trainer:
 
     def __init__(self, model, frozen_components, optim: OptimConfig | None = None,
                  total_steps: int = 1, *, loss_chunk: int = 16, packed: bool = True):
-        graphdef, params, self.frozen, self.rest = split_params(model, frozen_components)
+        graphdef, params, frozen, rest = split_params(model, frozen_components)
         self.graphdef = graphdef
         if optim is None:
             tx, schedule = grad_probe(), (lambda n: 0.0)
         else:
             tx = make_optimizer(optim, total_steps, params)
             schedule = make_schedule(optim, total_steps)
-        self.state = train_state(params, tx)
+        self.state = train_state(params, frozen, rest, tx)
         step = make_step_fn(graphdef, tx, schedule, loss_chunk=loss_chunk, drop_path=False,
                             lora_dropout=False, packed=packed)
         self._step = jax.jit(step)
 
     def step(self, batch: dict[str, np.ndarray]) -> dict:
         """One optimizer step on a batch with a leading micro-batch axis."""
-        self.state, metrics = self._step(self.state, self.frozen, self.rest,
-                                         {k: jnp.asarray(v) for k, v in batch.items()})
+        self.state, metrics = self._step(self.state,
+                                         Batch.of({k: jnp.asarray(v) for k, v in batch.items()}))
         return jax.device_get(metrics)
 
     def grads(self) -> dict[tuple, np.ndarray]:
@@ -114,7 +115,7 @@ class Trainer:
         return flat(self.state.params)
 
     def model(self):
-        return nnx.merge(self.graphdef, self.state.params, self.frozen, self.rest)
+        return nnx.merge(self.graphdef, self.state.params, self.state.frozen, self.state.rest)
 
 
 def flat(state) -> dict[tuple, np.ndarray]:

@@ -1,4 +1,6 @@
-"""What a compiled step does, read from its optimized HLO text: FLOPs, bytes, collectives, converts.
+"""Reading a compiled step's optimized HLO text: FLOPs, bytes, collectives, converts, and where
+they go. The one HLO reader of the project: the step anatomy (benchmarks/step_anatomy.py) and
+the trainer's `--aot-tpu` sizing (train/aot.py) both use it.
 
 XLA's `cost_analysis()` counts the body of a `while` loop once, so for a step whose layers run
 under `lax.scan` it under-reports FLOPs and bytes by about the layer count. This module walks the
@@ -9,7 +11,9 @@ scanned step comparable with an unrolled one and with the model's own FLOP count
 Conventions, chosen to match XLA's HloCostAnalysis where it matters:
   * FLOPs: 2 per multiply-add of every `dot` and `convolution`, wherever it sits (fusions
     included); elementwise work is not counted (it is bandwidth, not compute). A custom call
-    (a Pallas kernel) contributes the FLOPs of its cost estimate when the HLO carries one.
+    that computes (a Pallas / Mosaic kernel) contributes the FLOPs of the cost estimate it
+    carries; one without an estimate is an error, not a silent zero (runtime helpers such as
+    TPU's async-collective or buffer-allocation calls compute nothing and are listed).
   * bytes: for every kernel (an instruction of a sequential computation: entry, loop bodies,
     branches), the bytes of its operands and results. Inside a fusion, an operand that is only
     sliced (`dynamic-slice`, `slice`, `gather`) counts the slice, and a result written in place
@@ -20,13 +24,35 @@ Conventions, chosen to match XLA's HloCostAnalysis where it matters:
     start/done pieces); bytes are the full (gathered / pre-scatter) buffer. TPU writes a
     reduce-scatter as a custom fusion around an `all-reduce` whose result the fusion only
     slices (`all-reduce-scatter`); that all-reduce is counted as the reduce-scatter it is.
+  * categories: every kernel falls in exactly one (`CATEGORIES`), so the table sums to the
+    total. The part comes from the named scopes the model and the step put around their parts
+    (models/stack.py), the phase from JAX's name stack (`transpose(...)` = backward,
+    `rematted_computation` = recomputation under remat); a kernel XLA made up without metadata
+    (a layout copy, a fusion of its own) takes the name of its fused instructions or of the
+    loop it runs in. Collectives and pure data movement (copies, transposes, slices, padding,
+    in-place updates) are categories of their own, whatever part they serve.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+
+import numpy as np
+
+from mini_internvl_jax.models.stack import (
+    SCOPE_CAST,
+    SCOPE_EMBED,
+    SCOPE_HEAD,
+    SCOPE_LLM,
+    SCOPE_OPTIMIZER,
+    SCOPE_VISION,
+)
+
+# bf16 dense peak FLOP/s and HBM bandwidth per chip (Google Cloud TPU documentation).
+CHIPS = {"v5e": (197e12, 819e9), "v5p": (459e12, 2765e9), "v6e": (918e12, 1640e9)}
 
 DTYPE_BYTES = {
     "pred": 1, "s2": 0.25, "u2": 0.25, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2,
@@ -45,7 +71,9 @@ COLLECTIVES = {
 FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while",
         "conditional", "call", "after-all", "partition-id", "replica-id", "opt-barrier",
         "all-gather-done", "all-reduce-done", "collective-permute-done", "copy-done",
-        "send-done", "recv-done", "async-done", "add-dependency", "domain"}
+        "send-done", "recv-done", "async-done", "add-dependency", "domain", "slice-done"}
+# Custom calls that are views: TPU's ConcatBitcast joins slices that already sit side by side.
+VIEW_TARGETS = {"ConcatBitcast"}
 SLICERS = {"dynamic-slice", "slice", "gather"}
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _NAME = re.compile(r"%([\w.\-]+)")
@@ -67,6 +95,26 @@ def nbytes(shape: str) -> float:
         for x in dims:
             n *= x
         total += n * DTYPE_BYTES[dtype]
+    return total
+
+
+_ARRAY_LAYOUT = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\](\{[^{}]*(?:\([^)]*\)[^{}]*)*\})?")
+# TPU memory spaces other than HBM (0) that a layout may name: S(1) VMEM, S(2)/S(4)/S(6)
+# scalar and semaphore memories. Host memory (S(5)) is off chip and counts as HBM traffic.
+ON_CHIP_SPACES = {"1", "2", "3", "4", "6"}
+
+
+def hbm_bytes(shape: str) -> float:
+    """Bytes of the arrays of an HLO shape that live in HBM (or host memory): an array whose
+    layout puts it in on-chip memory (`{...S(1)}`, VMEM on TPU) moves no HBM bytes."""
+    total = 0.0
+    for dtype, dims, layout in _ARRAY_LAYOUT.findall(shape):
+        if dtype not in DTYPE_BYTES:
+            continue
+        space = re.search(r"S\((\d+)\)", layout or "")
+        if space and space.group(1) in ON_CHIP_SPACES:
+            continue
+        total += _prod(int(x) for x in dims.split(",") if x) * DTYPE_BYTES[dtype]
     return total
 
 
@@ -225,35 +273,173 @@ class Kernel:
     calls: float
     flops: float   # per call
     bytes: float   # per call
+    bytes_all: float = 0.0  # per call, counting on-chip memory (VMEM) operands and results too
+    op_name: str = ""  # its metadata, else its fused instructions', else its loop's
+    named_by: str = ""  # "metadata" | "fused ops" | "loop" | "" (nothing to go by)
+    part: str = ""  # "vit" | "llm" | "embed_head_loss" | "optimizer" | "weight_cast" | ""
+    category: str = ""  # one of CATEGORIES
 
 
 @dataclass
 class Anatomy:
     flops: float
-    bytes: float
+    bytes: float  # HBM (and host) bytes read and written by the kernels
     kernels: list[Kernel]
     collectives: dict[str, dict[str, float]]
     weight_converts: dict[str, float]
     matmul_flops_by_dtype: dict[str, float]  # "bf16" / "f32" / "f32xbf16" (operand dtypes)
     loops: list[dict]
     unknown_trip_counts: int
+    bytes_all_spaces: float = 0.0  # the same, counting arrays in on-chip memory too
+
+    def categories(self, chips=CHIPS) -> dict[str, dict]:
+        """Per category: kernels, executions, GFLOP and GB per step, the per-kernel roofline
+        seconds on each chip, and the three largest kernels by bytes. Sums to the totals."""
+        out: dict[str, dict] = {}
+        for cat in CATEGORIES:
+            ks = [k for k in self.kernels if k.category == cat]
+            top = sorted(ks, key=lambda k: -k.calls * k.bytes)[:3]
+            out[cat] = {
+                "kernels": len(ks), "calls": sum(k.calls for k in ks),
+                "gflop": sum(k.calls * k.flops for k in ks) / 1e9,
+                "gb": sum(k.calls * k.bytes for k in ks) / 1e9,
+                "per_kernel_s": {c: kernel_seconds(ks, peak, bw)
+                                 for c, (peak, bw) in chips.items()},
+                "top": [{"name": k.instr.name, "opcode": k.instr.opcode, "part": k.part,
+                         "named_by": k.named_by, "op_name": k.op_name[-140:],
+                         "gb": k.calls * k.bytes / 1e9} for k in top]}
+        return out
+
+    def roofline(self, model_flops: float, chips=CHIPS) -> dict[str, dict[str, float]]:
+        """Lower bounds of the step time per chip kind: `global_s` = max(FLOPs / peak, bytes /
+        bandwidth) over the whole step, `per_kernel_s` = that bound summed kernel by kernel
+        (nothing overlaps), `model_flops_s` = the model's own FLOPs at peak."""
+        return {c: {"global_s": max(self.flops / peak, self.bytes / bw),
+                    "per_kernel_s": kernel_seconds(self.kernels, peak, bw),
+                    "model_flops_s": model_flops / peak} for c, (peak, bw) in chips.items()}
+
+
+def kernel_seconds(kernels: list[Kernel], peak: float, bandwidth: float) -> float:
+    return sum(k.calls * max(k.flops / peak, k.bytes / bandwidth) for k in kernels)
+
+
+CATEGORIES = (
+    "ViT forward", "ViT recompute", "ViT backward",
+    "LLM layers forward", "LLM layers recompute", "LLM layers backward",
+    "embedding + LM head + loss", "optimizer update", "weight casts", "collectives",
+    "copies / layout", "other")
+_PARTS = ((SCOPE_OPTIMIZER, "optimizer"), (SCOPE_CAST, "weight_cast"),
+          (SCOPE_HEAD, "embed_head_loss"), (SCOPE_EMBED, "embed_head_loss"),
+          (SCOPE_VISION, "vit"), (SCOPE_LLM, "llm"))
+_PART_CATEGORY = {"embed_head_loss": "embedding + LM head + loss",
+                  "optimizer": "optimizer update", "weight_cast": "weight casts"}
+# Instructions that only move or view data: a kernel made of nothing else is a copy.
+MOVEMENT = {"copy", "copy-start", "copy-done", "slice-start", "transpose", "reshape", "bitcast",
+            "broadcast",
+            "slice", "dynamic-slice", "dynamic-update-slice", "concatenate", "pad", "reverse",
+            "parameter", "tuple", "get-tuple-element", "constant", "iota"}
+_COLLECTIVE_OPS = set(COLLECTIVES) | {"reduce-scatter", "all-gather-done", "all-reduce-done",
+                                      "collective-permute-done", "ragged-all-to-all"}
+
+
+def _scope_re(scope: str) -> re.Pattern:
+    return re.compile(r"(?:^|[/(])" + re.escape(scope) + r"(?:[)/]|$)")
+
+
+_PART_RES = [(_scope_re(scope), part) for scope, part in _PARTS]
+
+
+def part_of(op_name: str) -> str:
+    return next((part for rx, part in _PART_RES if rx.search(op_name)), "")
+
+
+def phase_of(op_name: str) -> str:
+    if "rematted_computation" in op_name:
+        return "recompute"
+    return "backward" if "transpose(" in op_name else "forward"
+
+
+def _inner_opcodes(name: str, comps: dict[str, Computation], seen=None) -> set[str]:
+    """Opcodes of a fused computation and of the computations it calls."""
+    seen = set() if seen is None else seen
+    if name in seen or name not in comps:
+        return set()
+    seen.add(name)
+    out = set()
+    for i in comps[name].instrs:
+        out.add(i.opcode)
+        for _, callee in i.callees():
+            out |= _inner_opcodes(callee, comps, seen)
+    return out
+
+
+def _fused_op_name(ins: Instr, comps: dict[str, Computation]) -> str:
+    """The most common op_name among the instructions a fusion (or async wrapper) calls."""
+    names: Counter = Counter()
+    for _, callee in ins.callees():
+        for i in comps.get(callee, Computation("")).instrs:
+            if i.op_name:
+                names[i.op_name] += 1
+    return names.most_common(1)[0][0] if names else ""
+
+
+def _copy_kind(ins: Instr) -> str:
+    """What a copy XLA inserted does, from the memory spaces of its source and destination."""
+    parts = _top_level(ins.shape)  # copy-start: (destination, source alias, context)
+    if ins.opcode == "slice-start":  # ((source), destination, context)
+        parts = [parts[1], parts[0]] if len(parts) > 1 else parts
+    dst, src = parts[0], (parts[1] if len(parts) > 1 else "")
+    on_chip = lambda x: bool(nbytes(x)) and not hbm_bytes(x)
+    what = "slice" if ins.opcode == "slice-start" else "copy"
+    if ins.opcode != "copy" and on_chip(src) and not on_chip(dst):
+        return f"{what} from on-chip memory to HBM (eviction)"
+    if ins.opcode != "copy" and on_chip(dst) and not on_chip(src):
+        return f"{what} from HBM into on-chip memory (memory-space assignment prefetch)"
+    return "layout change" if ins.opcode == "copy" else f"asynchronous {what}"
+
+
+def classify(ins: Instr, comps: dict[str, Computation], loop_op_name: str
+             ) -> tuple[str, str, str, str]:
+    """(op_name, named_by, part, category) of one kernel."""
+    op_name, named_by = ins.op_name, "metadata"
+    if not op_name:
+        op_name, named_by = _fused_op_name(ins, comps), "fused ops"
+    if not op_name:
+        op_name, named_by = loop_op_name, "loop" if loop_op_name else ""
+    if named_by in ("loop", "") and ins.opcode in ("copy", "copy-start", "slice-start"):
+        op_name += f" [XLA {ins.opcode}: {_copy_kind(ins)}]"
+    part = part_of(op_name)
+    inner = set().union(*(_inner_opcodes(c, comps) for _, c in ins.callees())) \
+        if ins.opcode in ("fusion", "async-start") else set()
+    if (ins.opcode in _COLLECTIVE_OPS or custom_call_target(ins).startswith("AsyncCollective")
+            or (inner & _COLLECTIVE_OPS and not inner & {"dot", "convolution"})):
+        return op_name, named_by, part, "collectives"
+    if ins.opcode in MOVEMENT or (ins.opcode == "fusion" and inner <= MOVEMENT):
+        return op_name, named_by, part, "copies / layout"
+    if part in ("vit", "llm"):
+        label = "ViT" if part == "vit" else "LLM layers"
+        return op_name, named_by, part, f"{label} {phase_of(op_name)}"
+    return op_name, named_by, part, _PART_CATEGORY.get(part, "other")
 
 
 def _walk(comps: dict[str, Computation]):
     """(runs per step of every computation, the set of sequential computations,
-    names of computations inside a while loop)."""
+    names of computations inside a while loop, loops, unknown trip counts, and the op_name of
+    the innermost loop around each sequential computation)."""
     runs: dict[str, float] = defaultdict(float)
     sequential, in_loop = set(), set()
+    context: dict[str, str] = {}
     loops, unknown = [], 0
     entry = next(c for c in comps.values() if c.entry)
 
-    def visit(name: str, n: float, seq: bool, looped: bool, depth: int = 0):
+    def visit(name: str, n: float, seq: bool, looped: bool, where: str, depth: int = 0):
         nonlocal unknown
         if name not in comps or depth > 200:
             return
         runs[name] += n
         if seq:
             sequential.add(name)
+            context.setdefault(name, where)
         if looped:
             in_loop.add(name)
         for ins in comps[name].instrs:
@@ -267,14 +453,14 @@ def _walk(comps: dict[str, Computation]):
                                   "runs": n})
             for key, callee in ins.callees():
                 if ins.opcode == "while":
-                    visit(callee, n * trips, seq, True, depth + 1)
+                    visit(callee, n * trips, seq, True, ins.op_name or where, depth + 1)
                 elif ins.opcode in ("conditional", "call") or key == "branch_computations":
-                    visit(callee, n, seq, looped, depth + 1)
+                    visit(callee, n, seq, looped, ins.op_name or where, depth + 1)
                 else:  # fusions, reducers, async wrappers: part of the calling kernel
-                    visit(callee, n, False, looped, depth + 1)
+                    visit(callee, n, False, looped, where, depth + 1)
 
-    visit(entry.name, 1.0, True, False)
-    return runs, sequential, in_loop, loops, unknown
+    visit(entry.name, 1.0, True, False, "")
+    return runs, sequential, in_loop, loops, unknown, context
 
 
 def dot_flops(ins: Instr, shapes: dict[str, str]) -> float:
@@ -339,9 +525,37 @@ def _conv_flops(ins: Instr, shapes: dict[str, str], out_dims: tuple[int, ...]) -
     return total
 
 
+# Custom-call targets that compute nothing: runtime helpers around collectives, buffers and
+# indices. Any other custom call must say what it computes (its cost estimate).
+NO_COMPUTE_TARGETS = {
+    "AllocateBuffer", "AssumeGatherIndicesInBound", "AsyncCollectiveStart",
+    "AsyncCollectiveDone", "GatherScatterIndicesBitpacked", "SliceId", "Sharding",
+    "SPMDFullToShardShape", "SPMDShardToFullShape", "MoveToHost", "MoveToDevice",
+    "PadToStatic", "SliceToDynamic", "PrepareAsyncCallStart", "PrepareAsyncCallDone",
+    "xla_python_cpu_callback", "xla_ffi_python_cpu_callback", "annotate_device_placement",
+} | VIEW_TARGETS
+_TARGET = re.compile(r'custom_call_target="([^"]*)"')
+_COST_FLOPS = re.compile(r'"cost_estimate"\s*:\s*\{[^{}]*"flops"\s*:\s*"?(\d+)')
+
+
+def custom_call_target(ins: Instr) -> str:
+    m = _TARGET.search(ins.attrs)
+    return m.group(1) if m else ""
+
+
 def _custom_call_flops(ins: Instr) -> float:
-    m = re.search(r'"flops"\s*:\s*"?(\d+)', ins.attrs)
-    return float(m.group(1)) if m else 0.0
+    """FLOPs of a custom call from the cost estimate in its backend config (a Pallas kernel's
+    `pl.CostEstimate`); 0 for runtime helpers; an error for any other target without one."""
+    m = _COST_FLOPS.search(ins.attrs)
+    if m:
+        return float(m.group(1))
+    target = custom_call_target(ins)
+    if target in NO_COMPUTE_TARGETS:
+        return 0.0
+    raise ValueError(f"custom call %{ins.name} (target {target!r}, {ins.op_name or 'no op_name'})"
+                     " carries no cost estimate: its FLOPs are unknown. Give the kernel one "
+                     "(pallas_call(..., cost_estimate=pl.CostEstimate(...))) or, if it computes "
+                     "nothing, add its target to tools.hlo.NO_COMPUTE_TARGETS")
 
 
 def _computation_flops(name: str, comps, memo) -> float:
@@ -369,12 +583,15 @@ def _instr_flops(ins: Instr, shapes, comps, memo) -> float:
     return sum(_computation_flops(c, comps, memo) for _, c in ins.callees())
 
 
-def _operand_bytes(ins: Instr, k: int, shapes: dict[str, str], comps) -> float:
+def _operand_bytes(ins: Instr, k: int, shapes: dict[str, str], comps, size=hbm_bytes) -> float:
     """Bytes a kernel reads of its k-th operand: only the slices when the fused computation
-    only slices it, nothing when it is the buffer of an in-place dynamic-update-slice."""
-    full = nbytes(shapes.get(ins.operands[k], ""))
+    only slices it, nothing when it is the buffer of an in-place dynamic-update-slice.
+    `size`: how an array shape counts (`hbm_bytes`, or `nbytes` for every memory space)."""
+    full = size(shapes.get(ins.operands[k], ""))
     if ins.opcode in SLICERS and k == 0:
-        return nbytes(ins.shape)
+        return min(full, nbytes(ins.shape))
+    if ins.opcode == "slice-start":  # ((operand), slice, context): an asynchronous slice
+        return min(full, nbytes(_top_level(ins.shape)[1]))
     if ins.opcode == "dynamic-update-slice" and k == 0:
         return 0.0
     if ins.opcode != "fusion":
@@ -389,7 +606,7 @@ def _operand_bytes(ins: Instr, k: int, shapes: dict[str, str], comps) -> float:
     users = _users_through_bitcasts(inner, param.name)
     if users and all(u.opcode in SLICERS and u.operands[0] in _aliases(inner, param.name)
                      for u in users):
-        return min(full, sum(nbytes(u.shape) for u in users))
+        return min(full, sum(nbytes(u.shape) for u in users))  # a slice of what it reads
     if users and all(u.opcode == "dynamic-update-slice" and u.operands[0]
                      in _aliases(inner, param.name) for u in users):
         return 0.0
@@ -412,28 +629,44 @@ def _users_through_bitcasts(comp: Computation, name: str) -> list[Instr]:
     return [i for i in comp.instrs if i.opcode != "bitcast" and set(i.operands) & names]
 
 
-def _result_bytes(ins: Instr, comps) -> float:
-    """Bytes a kernel writes: the update of an in-place dynamic-update-slice, else its result."""
+# Asynchronous starts return tuples holding their operands besides the output: the index of
+# the output (copy-start: (destination, source, context); all-gather-start / collective-permute-
+# start / async-start: (operands, output, ...)). all-reduce-start returns its outputs only.
+ASYNC_RESULT = {"copy-start": 0, "all-gather-start": 1, "collective-permute-start": 1,
+                "async-start": 1, "slice-start": 1}
+
+
+def _result_bytes(ins: Instr, comps, size=hbm_bytes) -> float:
+    """Bytes a kernel writes: the update of an in-place dynamic-update-slice, else its result
+    (`size` as in `_operand_bytes`)."""
     if ins.opcode == "dynamic-update-slice":
-        return nbytes(_shape_of(ins.operands[1], ins.computation, comps))
+        return 0.0 if not size(ins.shape) else nbytes(
+            _shape_of(ins.operands[1], ins.computation, comps))
+    if ins.opcode in ASYNC_RESULT:  # the tuple repeats the operands: only the output is new
+        elems = _top_level(ins.shape)
+        return size(elems[ASYNC_RESULT[ins.opcode]] if len(elems) > 1 else ins.shape)
     if ins.opcode != "fusion":
-        return nbytes(ins.shape)
+        return size(ins.shape)
     inner = comps.get(dict(ins.callees()).get("calls", ""))
     root = _root(inner) if inner else None
-    if root is None:
-        return nbytes(ins.shape)
+    if root is None or not size(ins.shape):
+        return size(ins.shape)
     by = inner.by_name()
-    parts = [by.get(n) for n in root.operands] if root.opcode == "tuple" else [root]
+    parts: list[Instr | None] = ([by.get(n) for n in root.operands] if root.opcode == "tuple"
+                                 else [root])
+    outer = _top_level(ins.shape) if root.opcode == "tuple" else [ins.shape]
+    if len(outer) != len(parts):
+        outer = [q.shape if q is not None else "" for q in parts]
     total = 0.0
-    for p in parts:
+    for p, out in zip(parts, outer, strict=True):
         while p is not None and p.opcode == "bitcast":
             p = by.get(p.operands[0])
-        if p is None:
+        if p is None or not size(out):  # the element lives in on-chip memory
             continue
         if p.opcode == "dynamic-update-slice":
             total += nbytes(by[p.operands[1]].shape) if p.operands[1] in by else 0.0
         else:
-            total += nbytes(p.shape)
+            total += size(out)
     return total
 
 
@@ -505,19 +738,22 @@ def analyze(text: str, weight_shapes: set | frozenset = frozenset()) -> Anatomy:
     weights as a loop sees them (a layer's slice, whole or sharded; see `merged_forms`);
     float32 <-> bfloat16 converts of arrays of those shapes inside a loop are counted."""
     comps = parse_module(text)
-    runs, sequential, in_loop, loops, unknown = _walk(comps)
+    runs, sequential, in_loop, loops, unknown, context = _walk(comps)
     memo: dict[str, float] = {}
     kernels = []
     for name in sequential:
         c = comps[name]
         shapes = {i.name: i.shape for i in c.instrs}
         for ins in c.instrs:
-            if ins.opcode in FREE:
+            if ins.opcode in FREE or custom_call_target(ins) in VIEW_TARGETS:
                 continue
             fl = _instr_flops(ins, shapes, comps, memo)
             by = sum(_operand_bytes(ins, k, shapes, comps) for k in range(len(ins.operands)))
             by += _result_bytes(ins, comps)
-            kernels.append(Kernel(ins, runs[name], fl, by))
+            every = sum(_operand_bytes(ins, k, shapes, comps, nbytes)
+                        for k in range(len(ins.operands))) + _result_bytes(ins, comps, nbytes)
+            kernels.append(Kernel(ins, runs[name], fl, by, every,
+                                  *classify(ins, comps, context.get(name, ""))))
 
     coll: dict[str, dict[str, float]] = {}
     seen: dict[str, tuple[str, float, float]] = {}
@@ -565,4 +801,111 @@ def analyze(text: str, weight_shapes: set | frozenset = frozenset()) -> Anatomy:
         d["ops"] += 1
     flops = sum(k.calls * k.flops for k in kernels)
     total_bytes = sum(k.calls * k.bytes for k in kernels)
-    return Anatomy(flops, total_bytes, kernels, coll, converts, dict(by_dtype), loops, unknown)
+    return Anatomy(flops, total_bytes, kernels, coll, converts, dict(by_dtype), loops, unknown,
+                   sum(k.calls * k.bytes_all for k in kernels))
+
+
+# --- collective traffic inside and across slices (the `--aot-tpu --num-slices` report) -------
+
+_IOTA_RE = re.compile(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
+_TRAFFIC_OPS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+                "collective-permute", "ragged-all-to-all")
+
+
+def parse_groups(attrs: str, n_devices: int) -> list[list[int]]:
+    """Device groups of a collective from its attributes: `replica_groups={{0,1},{2,3}}`, the
+    iota form `replica_groups=[2,4]<=[4,2]T(1,0)`, `{}` (all devices) or a permute's
+    `source_target_pairs`."""
+    for key in ("replica_groups=", "source_target_pairs="):
+        i = attrs.find(key)
+        if i < 0:
+            continue
+        i += len(key)
+        if attrs[i] == "[":
+            m = _IOTA_RE.match(attrs, i)
+            if m is None:
+                raise ValueError(f"unreadable replica groups in HLO: {attrs[i:i + 60]!r}")
+            shape = [int(x) for x in m.group(1).split(",")]
+            dims = [int(x) for x in m.group(2).split(",")]
+            ids = np.arange(math.prod(dims)).reshape(dims)
+            if m.group(3):
+                ids = ids.transpose([int(x) for x in m.group(3).split(",")])
+            return ids.reshape(shape).tolist()
+        body = attrs[i:_matching(attrs, i)]
+        groups = [[int(x) for x in g.split(",") if x.strip()]
+                  for g in re.findall(r"\{([\d,\s]*)\}", body[1:-1])]
+        groups = [g for g in groups if g]
+        return groups or [list(range(n_devices))]
+    return [list(range(n_devices))]
+
+
+def _top_level(shape_text: str) -> list[str]:
+    """Elements of a tuple shape `(a, (b, c), d)` (or the one array shape)."""
+    shape_text = shape_text.strip()
+    if not shape_text.startswith("("):
+        return [shape_text]
+    parts, depth, begin = [], 0, 1
+    for i, ch in enumerate(shape_text):
+        depth += ch in "({["
+        depth -= ch in ")}]"
+        if (ch == "," and depth == 1) or (depth == 0 and ch == ")"):
+            parts.append(shape_text[begin:i])
+            begin = i + 1
+    return parts
+
+
+def _traffic_bytes(op: str, is_start: bool, result: str, group: int) -> float:
+    """What one chip sends or assembles: an all-reduce's buffer, an all-gather's gathered
+    output, a reduce-scatter's input (its output x group size). Async starts return (input,
+    output, context...) tuples, except all-reduce-start, which returns its outputs."""
+    if is_start and op != "all-reduce":
+        size = max(nbytes(part) for part in _top_level(result))
+    else:
+        size = nbytes(result)
+    return size * group if op == "reduce-scatter" else size
+
+
+def collective_traffic(hlo: str, slice_of: list[int]) -> dict:
+    """Bytes each chip moves through collectives per step, split into traffic inside a slice
+    (ICI) and across slices (DCN); loop bodies count times their trip counts.
+
+    A TPU multislice executable is compiled per slice (`num_partitions` = chips per slice):
+    its replica groups index the chips of one slice, and everything that crosses slices is a
+    send to the megascale runtime (DCN all-reduce / all-gather / one-to-one transfers). In a
+    program over all devices, a collective crosses slices when one of its device groups does.
+    `slice_of[d]`: the slice of logical device d.
+    """
+    comps = parse_module(hlo)
+    runs = _walk(comps)[0]
+    head = re.search(r"num_partitions=(\d+)", hlo.lstrip().split("\n", 1)[0])
+    per_slice_program = head is not None and int(head.group(1)) < len(slice_of)
+    ici = 0.0
+    dcn: dict[str, float] = {}  # kind -> bytes
+    dcn_ops = 0
+
+    def add_dcn(kind: str, size: float) -> None:
+        nonlocal dcn_ops
+        dcn_ops += 1
+        dcn[kind] = dcn.get(kind, 0) + size
+
+    for name, comp in comps.items():
+        times = runs.get(name, 0)
+        for ins in comp.instrs if times else ():
+            if ins.opcode == "send" and "xla_megascale_runtime" in ins.attrs:
+                kind = re.search(r'_xla_megascale_transfer_type="(\w+)"', ins.attrs)
+                add_dcn("dcn-" + (kind.group(1).lower() if kind else "transfer"),
+                        nbytes(_top_level(ins.shape)[0]) * times)
+                continue
+            is_start = ins.opcode.endswith("-start")
+            op = ins.opcode.removesuffix("-start")
+            if op not in _TRAFFIC_OPS:
+                continue
+            groups = parse_groups(ins.attrs, len(slice_of))
+            size = _traffic_bytes(op, is_start, ins.shape, len(groups[0])) * times
+            if not per_slice_program and any(len({slice_of[d] for d in g}) > 1
+                                             for g in groups):
+                add_dcn(op, size)
+            else:
+                ici += size
+    return {"ici_collective_bytes": ici, "dcn_collective_bytes": sum(dcn.values()),
+            "dcn_collective_ops": dcn_ops, "dcn_bytes_by_op": dcn}
