@@ -29,7 +29,6 @@ import functools
 from typing import Any, cast
 
 import grain
-import jax
 import numpy as np
 
 from mini_internvl_jax.batch import IGNORE_INDEX
@@ -223,7 +222,7 @@ def finalize_pair_batch(batch: dict[str, np.ndarray], geom: BatchGeometry
 def build_preference_dataset(data_cfg: DataConfig, *, tokenizer: Tokenizer | str,
                              num_image_tokens: int, image_size: int, seq_len: int,
                              batch_size: int, max_tiles: int, seed: int,
-                             shard_index: int | None = None, shard_count: int | None = None,
+                             shard_index: int = 0, shard_count: int = 1,
                              template=None,
                              ref_table: dict[tuple[str, int], tuple[float, float]] | None = None
                              ) -> grain.IterDataset:
@@ -232,8 +231,6 @@ def build_preference_dataset(data_cfg: DataConfig, *, tokenizer: Tokenizer | str
         if template is None:
             raise DataError("no chat template: set data.template or pass the model's template")
         data_cfg = dataclasses.replace(data_cfg, template=template)
-    if shard_index is None or shard_count is None:
-        shard_index, shard_count = jax.process_index(), jax.process_count()
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer, merges_compat=data_cfg.merges_compat)
     mixture = Mixture([open_source(s) for s in read_meta(data_cfg.meta_path)])
