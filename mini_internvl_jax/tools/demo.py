@@ -290,6 +290,32 @@ def preference_pairs(qa: list[dict], seed: int) -> list[dict]:
     return pairs
 
 
+def _write_sets(root: Path, seed: int, captions: list[dict], qa: list[dict], multi: list[dict],
+                text: list[dict]) -> list[dict]:
+    """The JSONL files and the stage-1, stage-2 and MPO meta files; returns the MPO pairs."""
+    _write_jsonl(root / "stage1" / "captions.jsonl", captions)
+    _write_jsonl(root / "stage2" / "qa.jsonl", qa)
+    _write_jsonl(root / "stage2" / "multi_image.jsonl", multi)
+    _write_jsonl(root / "stage2" / "text_only.jsonl", text)
+
+    def entry(annotation, n):
+        return {"root": "images", "annotation": annotation, "data_augment": False,
+                "repeat_time": 1, "length": n}
+
+    (root / "stage1_meta.json").write_text(json.dumps(
+        {"demo_captions": entry("stage1/captions.jsonl", len(captions))}, indent=1))
+    (root / "stage2_meta.json").write_text(json.dumps(
+        {"demo_qa": entry("stage2/qa.jsonl", len(qa)),
+         "demo_multi_image": entry("stage2/multi_image.jsonl", len(multi)),
+         "demo_text": entry("stage2/text_only.jsonl", len(text))}, indent=1))
+
+    pairs = preference_pairs(qa, seed)
+    _write_jsonl(root / "mpo" / "pairs.jsonl", pairs)
+    (root / "mpo_meta.json").write_text(json.dumps(
+        {"demo_pairs": entry("mpo/pairs.jsonl", len(pairs))}, indent=1))
+    return pairs
+
+
 def _build(root: Path, seed: int, num_stage1: int, num_stage2: int) -> dict:
     rng = np.random.default_rng(seed)
     images = root / "images"
@@ -341,27 +367,7 @@ def _build(root: Path, seed: int, num_stage1: int, num_stage2: int) -> dict:
                 rounds.append((f"What is {x} plus {y}?", f"{x} plus {y} is {x + y}."))
             text.append({"id": len(text), "conversations": _conversation("", rounds)})
 
-    _write_jsonl(root / "stage1" / "captions.jsonl", captions)
-    _write_jsonl(root / "stage2" / "qa.jsonl", qa)
-    _write_jsonl(root / "stage2" / "multi_image.jsonl", multi)
-    _write_jsonl(root / "stage2" / "text_only.jsonl", text)
-
-    def entry(annotation, n):
-        return {"root": "images", "annotation": annotation, "data_augment": False,
-                "repeat_time": 1, "length": n}
-
-    (root / "stage1_meta.json").write_text(json.dumps(
-        {"demo_captions": entry("stage1/captions.jsonl", len(captions))}, indent=1))
-    (root / "stage2_meta.json").write_text(json.dumps(
-        {"demo_qa": entry("stage2/qa.jsonl", len(qa)),
-         "demo_multi_image": entry("stage2/multi_image.jsonl", len(multi)),
-         "demo_text": entry("stage2/text_only.jsonl", len(text))}, indent=1))
-
-    pairs = preference_pairs(qa, seed)
-    _write_jsonl(root / "mpo" / "pairs.jsonl", pairs)
-    (root / "mpo_meta.json").write_text(json.dumps(
-        {"demo_pairs": entry("mpo/pairs.jsonl", len(pairs))}, indent=1))
-
+    pairs = _write_sets(root, seed, captions, qa, multi, text)
     texts = [t["value"] for item in captions + qa + multi + text for t in item["conversations"]]
     toks = _write_tokenizers(root / "tokenizers", texts)
     manifest = {"seed": seed, "images": idx,

@@ -99,6 +99,32 @@ def sequence_logps(model, micro: dict, num_pairs: int, *, packed: bool, loss_chu
     return pair_sums(lp, micro["pair_slot"], num_pairs)
 
 
+def _guarded_update(state: TrainState, grads, ok, tx: optax.GradientTransformation,
+                    extra: dict, old_extra: dict) -> TrainState:
+    """The AdamW update and the objective's own state, both kept as they were when the step
+    is not finite (`ok` false), as the supervised step does."""
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+
+    def keep(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+    return TrainState(
+        params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
+        step=state.step + 1, rng=state.rng,
+        bad_steps=jnp.where(ok, 0, state.bad_steps + 1).astype(jnp.int32),
+        skipped=(state.skipped + (~ok).astype(jnp.int32)).astype(jnp.int32),
+        frozen=state.frozen, rest=state.rest, extra=keep(extra, old_extra))
+
+
+def complete_pairs(batch) -> jax.Array:
+    """How many pair slots of the step's micro-batches hold both a chosen and a rejected
+    answer (float32): the denominator of the step's mean loss."""
+    valid = jax.vmap(lambda m: pair_sums(jnp.zeros(m["pair_slot"].shape, jnp.float32),
+                                         m["pair_slot"], m["ref_logps"].shape[0])[2:])(batch)
+    return jnp.sum((valid[0] > 0) & (valid[1] > 0)).astype(jnp.float32)
+
+
 def make_preference_step_fn(graphdef, tx: optax.GradientTransformation,
                             schedule: optax.Schedule, pref: PreferenceConfig, *,
                             loss_chunk: int, drop_path: bool, lora_dropout: bool,
@@ -128,10 +154,7 @@ def make_preference_step_fn(graphdef, tx: optax.GradientTransformation,
     def step(state: TrainState, batch, ref_params):
         frozen, rest = state.frozen, state.rest
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        valid = jax.vmap(lambda m: pair_sums(jnp.zeros(m["pair_slot"].shape, jnp.float32),
-                                             m["pair_slot"], m["ref_logps"].shape[0])[2:]
-                         )(batch)
-        total_pairs = jnp.sum((valid[0] > 0) & (valid[1] > 0)).astype(jnp.float32)
+        total_pairs = complete_pairs(batch)
         n_pairs = jnp.maximum(total_pairs, 1.0)
         params = compute_copy(state.params, compute_dtype)
         frozen_c = compute_copy(frozen, compute_dtype)
@@ -164,20 +187,10 @@ def make_preference_step_fn(graphdef, tx: optax.GradientTransformation,
             loss = loss + pref.rpo_alpha * sums["loss_nll"] / n_pairs
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-
-        def keep(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
         applied = state.step - state.skipped
-        new_state = TrainState(
-            params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
-            step=state.step + 1, rng=state.rng,
-            bad_steps=jnp.where(ok, 0, state.bad_steps + 1).astype(jnp.int32),
-            skipped=(state.skipped + (~ok).astype(jnp.int32)).astype(jnp.int32),
-            frozen=state.frozen, rest=state.rest,
-            extra={"bco_running": tuple(keep(running, running0))})
+        new_state = _guarded_update(state, grads, ok, tx,
+                                    {"bco_running": tuple(running)},
+                                    {"bco_running": tuple(running0)})
         means = {f"pref/{k}": v / n_pairs for k, v in sums.items() if k != "pairs"}
         metrics = {
             "loss": loss, "grad_norm": grad_norm, "lr": schedule(applied),
