@@ -148,6 +148,8 @@ class PackIterator(grain.DatasetIterator):
     """Iterator of `PackIterDataset`; state = parent state before the oldest waiting sample
     plus which later samples were already used (see the module docstring)."""
 
+    builder_cls: type[BatchBuilder] = BatchBuilder  # preference pairs pack with their own
+
     def __init__(self, parent: grain.DatasetIterator, geom: BatchGeometry, *, lookahead: int,
                  max_bad_fraction: float, bad_check_min_samples: int,
                  max_consecutive_skips: int = 1000):
@@ -195,7 +197,7 @@ class PackIterator(grain.DatasetIterator):
                 f"by reason: {reasons}; last: {x.source}:{x.line} {x.reason}: {x.detail}")
 
     def __next__(self) -> dict[str, np.ndarray]:
-        builder = BatchBuilder(self._geom)
+        builder = self.builder_cls(self._geom)
         queue, self._waiting = self._waiting, []
         failed: list[_Waiting] = []
         i = 0

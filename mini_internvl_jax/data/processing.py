@@ -242,7 +242,10 @@ class SampleProcessor:
         except SkipSample as e:
             return Skipped(e.reason, e.detail, src.name, src.line_of(i))
 
-    def process(self, rec: Record, spec: DatasetSpec, plan_index: int) -> Sample:
+    def process(self, rec: Record, spec: DatasetSpec, plan_index: int,
+                reuse_tiles: tuple[np.ndarray, np.ndarray] | None = None) -> Sample:
+        """`reuse_tiles`: (tiles, flags) already cut from `rec`'s images (a preference pair's
+        second answer), so only the text is encoded."""
         cfg = self.cfg
         msgs, system = parse_conversations(rec.conversations)
         video_rng, n_frames = None, 0
@@ -288,7 +291,9 @@ class SampleProcessor:
                              + (" after truncation" if truncated else ""))
 
         size = self.image_size
-        if video_rng is not None:
+        if reuse_tiles is not None:
+            tiles, flags = reuse_tiles
+        elif video_rng is not None:
             tiles = self._video_tiles(rec, spec, plan_index, n_frames, video_rng)
             flags = np.ones(len(tiles), dtype=np.int32)
         elif opened:

@@ -130,6 +130,40 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _shardable_specs(meta_path) -> list:
+    """The meta file's datasets, each one a JSONL dataset whose name can name shard files."""
+    specs = read_meta(meta_path)
+    for spec in specs:
+        if not re.fullmatch(r"[\w.-]+", spec.name):
+            raise DataError(f"dataset name {spec.name!r} of {meta_path} cannot name shard "
+                            "files; use letters, digits, '_', '-' and '.'")
+        if spec.format != "jsonl":
+            raise DataError(f"dataset {spec.name!r} of {meta_path} has format {spec.format!r}; "
+                            "only JSONL datasets are converted to shards")
+    return specs
+
+
+def _plan(spec, shard_bytes: int, skip_bad: bool, progress: bool) -> tuple:
+    """Pass 1 of a build: (spec, skipped, usable lines, shard of each) from record sizes (image
+    sizes from stat)."""
+    skipped: list[dict] = []
+    lines, sizes = [], []
+    for it in tqdm(_items(spec, skipped), desc=f"sizing {spec.name}", unit="rec",
+                   disable=not progress):
+        lines.append(it.line)
+        sizes.append(it.size())
+    if skipped and not skip_bad:
+        shown = "; ".join(f"{spec.annotation[0]}:{s['line']}: {s['reason']}: {s['detail']}"
+                          for s in skipped[:5])
+        more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
+        raise DataError(f"dataset {spec.name!r}: {len(skipped)} record(s) cannot be "
+                        f"embedded: {shown}{more}. Fix them or build with skip_bad")
+    if not sizes:
+        raise DataError(f"dataset {spec.name!r}: no usable records in {spec.annotation[0]}")
+    num = min(len(sizes), max(1, math.ceil(sum(sizes) / shard_bytes)))
+    return spec, skipped, lines, _shard_of(sizes, num)
+
+
 def build_shards(meta_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                  shard_bytes: int = DEFAULT_SHARD_BYTES, skip_bad: bool = False,
                  overwrite: bool = False, progress: bool = True) -> dict:
@@ -142,37 +176,11 @@ def build_shards(meta_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     """
     if shard_bytes < 1:
         raise DataError(f"shard_bytes must be >= 1, got {shard_bytes}")
-    specs = read_meta(meta_path)
-    for spec in specs:
-        if not re.fullmatch(r"[\w.-]+", spec.name):
-            raise DataError(f"dataset name {spec.name!r} of {meta_path} cannot name shard "
-                            "files; use letters, digits, '_', '-' and '.'")
-        if spec.format != "jsonl":
-            raise DataError(f"dataset {spec.name!r} of {meta_path} has format {spec.format!r}; "
-                            "only JSONL datasets are converted to shards")
+    specs = _shardable_specs(meta_path)
     out = epath.Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; not replacing it without overwrite")
-
-    # Pass 1: which records are usable and how large each is (image sizes from stat).
-    plans = []
-    for spec in specs:
-        skipped: list[dict] = []
-        lines, sizes = [], []
-        for it in tqdm(_items(spec, skipped), desc=f"sizing {spec.name}", unit="rec",
-                       disable=not progress):
-            lines.append(it.line)
-            sizes.append(it.size())
-        if skipped and not skip_bad:
-            shown = "; ".join(f"{spec.annotation[0]}:{s['line']}: {s['reason']}: {s['detail']}"
-                              for s in skipped[:5])
-            more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
-            raise DataError(f"dataset {spec.name!r}: {len(skipped)} record(s) cannot be "
-                            f"embedded: {shown}{more}. Fix them or build with skip_bad")
-        if not sizes:
-            raise DataError(f"dataset {spec.name!r}: no usable records in {spec.annotation[0]}")
-        num = min(len(sizes), max(1, math.ceil(sum(sizes) / shard_bytes)))
-        plans.append((spec, skipped, lines, _shard_of(sizes, num)))
+    plans = [_plan(spec, shard_bytes, skip_bad, progress) for spec in specs]
 
     # Pass 2: write, in the same record order.
     total = sum(len(lines) for _, _, lines, _ in plans)

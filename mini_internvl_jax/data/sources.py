@@ -71,6 +71,8 @@ class Record:
     line: int  # 1-based line of a JSONL file, else 1-based record index
     video: str | None = None  # a video file (then `images` is empty)
     clip: tuple[float, float] | None = None  # the part of the video to sample, in seconds
+    rejected: str | None = None  # a preference pair's rejected answer (then `conversations`
+    #                               is the question and the chosen answer)
 
 
 def _resolve(base: epath.Path, value: str) -> str:
@@ -182,9 +184,22 @@ def record_from_json(item: Any, root: str, name: str, line: int,
         else:
             raise SkipSample("malformed_json", f"'image' must be a path or list of paths, "
                                                f"got {image!r}")
+    if "conversations" not in item and "chosen" in item:  # MMPR / InternVL preference row
+        return preference_record(item, images, name, line)
     if "conversations" not in item:
         raise SkipSample("malformed_json", "no 'conversations' field")
     return Record(conversations=item["conversations"], images=images, source=name, line=line)
+
+
+def preference_record(item: dict, images: list, name: str, line: int) -> Record:
+    """`{image, question, chosen, rejected}` (InternVL's MPO format) as a Record whose
+    conversation is the question and the chosen answer, the rejected answer beside it."""
+    for key in ("question", "chosen", "rejected"):
+        if not isinstance(item.get(key), str) or not item[key].strip():
+            raise SkipSample("malformed_json", f"preference row needs a non-empty string {key!r}")
+    conv = [{"from": "human", "value": item["question"]}, {"from": "gpt", "value": item["chosen"]}]
+    return Record(conversations=conv, images=images, source=name, line=line,
+                  rejected=item["rejected"])
 
 
 def _video_record(item: dict, video: Any, root: str, name: str, line: int,

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from mini_internvl_jax.config import TemplateName
 from mini_internvl_jax.data.config import DataConfig
 from mini_internvl_jax.data.errors import DataError, SkipSample
+from mini_internvl_jax.data.preference import rejected_record
 from mini_internvl_jax.data.processing import SampleProcessor
 from mini_internvl_jax.data.shards import find_manifest, read_manifest, verify_shards
 from mini_internvl_jax.data.sources import Mixture, RecordSource, open_source, read_meta
@@ -97,10 +98,16 @@ def validate_dataset(path: str | os.PathLike, data_cfg: DataConfig, *,
     def check(job: tuple[RecordSource, int]) -> Finding | None:
         src, i = job
         try:
-            sample = processor.process(src.read(i), specs[id(src)], 0)
+            rec = src.read(i)
+            sample = processor.process(rec, specs[id(src)], 0)
+            truncated = sample.truncated
+            if rec.rejected is not None:  # a preference pair: its other answer too
+                other = processor.process(rejected_record(rec), specs[id(src)], 0,
+                                          reuse_tiles=(sample.tiles, sample.tile_flags))
+                truncated = truncated or other.truncated
         except SkipSample as e:
             return Finding(src.name, src.where(i), e.reason, e.detail)
-        if sample.truncated:
+        if truncated:
             return Finding(src.name, src.where(i), TRUNCATED, f"cut to seq_len {seq_len}")
         return None
 

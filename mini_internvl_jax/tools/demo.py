@@ -13,6 +13,8 @@ Writes, deterministically and in a few seconds, everything the README demo needs
       stage2/qa.jsonl           one image, 1-3 question/answer rounds
       stage2/multi_image.jsonl  two images ("Image-1: <image>\\nImage-2: <image>\\n...")
       stage2/text_only.jsonl    arithmetic chat without images
+      mpo_meta.json / mpo/pairs.jsonl   preference pairs (MPO): a stage-2 question, its
+                                answer (chosen) and another image's answer (rejected)
       tokenizers/qwen2/         tokenizer.json + tokenizer_config.json   (Hermes-2)
       tokenizers/internlm2/     tokenizer.model + tokenizer_config.json  (internlm2-chat)
       tokenizers/phi3/          tokenizer.model + tokenizer_config.json  (phi3-chat)
@@ -272,6 +274,48 @@ def _readme() -> str:
             "\n\n```\n" + layout.strip() + "\n```\n\n" + note.strip() + "\n")
 
 
+def preference_pairs(qa: list[dict], seed: int) -> list[dict]:
+    """MPO rows from single-image QA: the first question, its answer as `chosen` and a
+    different answer taken from another sample as `rejected` (own stream: the other files do
+    not change)."""
+    rng = np.random.default_rng([seed, 7])
+    pairs: list[dict] = []
+    for k, item in enumerate(qa):
+        q, a = (t["value"] for t in item["conversations"][:2])
+        other = qa[(k + 1 + int(rng.integers(max(len(qa) - 1, 1)))) % len(qa)]
+        b = other["conversations"][1]["value"]
+        if b != a:
+            pairs.append({"id": len(pairs), "image": item["image"], "question": q,
+                          "chosen": a, "rejected": b})
+    return pairs
+
+
+def _write_sets(root: Path, seed: int, captions: list[dict], qa: list[dict], multi: list[dict],
+                text: list[dict]) -> list[dict]:
+    """The JSONL files and the stage-1, stage-2 and MPO meta files; returns the MPO pairs."""
+    _write_jsonl(root / "stage1" / "captions.jsonl", captions)
+    _write_jsonl(root / "stage2" / "qa.jsonl", qa)
+    _write_jsonl(root / "stage2" / "multi_image.jsonl", multi)
+    _write_jsonl(root / "stage2" / "text_only.jsonl", text)
+
+    def entry(annotation, n):
+        return {"root": "images", "annotation": annotation, "data_augment": False,
+                "repeat_time": 1, "length": n}
+
+    (root / "stage1_meta.json").write_text(json.dumps(
+        {"demo_captions": entry("stage1/captions.jsonl", len(captions))}, indent=1))
+    (root / "stage2_meta.json").write_text(json.dumps(
+        {"demo_qa": entry("stage2/qa.jsonl", len(qa)),
+         "demo_multi_image": entry("stage2/multi_image.jsonl", len(multi)),
+         "demo_text": entry("stage2/text_only.jsonl", len(text))}, indent=1))
+
+    pairs = preference_pairs(qa, seed)
+    _write_jsonl(root / "mpo" / "pairs.jsonl", pairs)
+    (root / "mpo_meta.json").write_text(json.dumps(
+        {"demo_pairs": entry("mpo/pairs.jsonl", len(pairs))}, indent=1))
+    return pairs
+
+
 def _build(root: Path, seed: int, num_stage1: int, num_stage2: int) -> dict:
     rng = np.random.default_rng(seed)
     images = root / "images"
@@ -323,28 +367,14 @@ def _build(root: Path, seed: int, num_stage1: int, num_stage2: int) -> dict:
                 rounds.append((f"What is {x} plus {y}?", f"{x} plus {y} is {x + y}."))
             text.append({"id": len(text), "conversations": _conversation("", rounds)})
 
-    _write_jsonl(root / "stage1" / "captions.jsonl", captions)
-    _write_jsonl(root / "stage2" / "qa.jsonl", qa)
-    _write_jsonl(root / "stage2" / "multi_image.jsonl", multi)
-    _write_jsonl(root / "stage2" / "text_only.jsonl", text)
-
-    def entry(annotation, n):
-        return {"root": "images", "annotation": annotation, "data_augment": False,
-                "repeat_time": 1, "length": n}
-
-    (root / "stage1_meta.json").write_text(json.dumps(
-        {"demo_captions": entry("stage1/captions.jsonl", len(captions))}, indent=1))
-    (root / "stage2_meta.json").write_text(json.dumps(
-        {"demo_qa": entry("stage2/qa.jsonl", len(qa)),
-         "demo_multi_image": entry("stage2/multi_image.jsonl", len(multi)),
-         "demo_text": entry("stage2/text_only.jsonl", len(text))}, indent=1))
-
+    pairs = _write_sets(root, seed, captions, qa, multi, text)
     texts = [t["value"] for item in captions + qa + multi + text for t in item["conversations"]]
     toks = _write_tokenizers(root / "tokenizers", texts)
     manifest = {"seed": seed, "images": idx,
                 "stage1": {"meta": "stage1_meta.json", "samples": len(captions)},
                 "stage2": {"meta": "stage2_meta.json", "samples": len(qa) + len(multi)
                            + len(text)},
+                "mpo": {"meta": "mpo_meta.json", "pairs": len(pairs)},
                 "tokenizers": toks, "image_token_ids": {"<img>": 3, "</img>": 4,
                                                         "<IMG_CONTEXT>": 5}}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -213,6 +213,9 @@ def compile_for_topology(cfg: TrainConfig, topology: str, num_slices: int = 1) -
         "trainable_gib": per_device_bytes(s.state.params) / GIB,
         "frozen_gib": per_device_bytes(s.state.frozen) / GIB,
         "optimizer_gib": per_device_bytes(s.state.opt_state) / GIB,
+        # MPO: the reference model's own parameters (None: log-probs precomputed)
+        "reference": (None if cfg.preference is None else cfg.preference.reference),
+        "reference_gib": per_device_bytes(getattr(s.step_fn, "ref", None)) / GIB,
         "batch_gib": per_device_bytes(batch) / GIB,
         "arguments_gib": mem.argument_size_in_bytes / GIB,
         "outputs_gib": mem.output_size_in_bytes / GIB,
@@ -244,6 +247,8 @@ def format_report(r: dict) -> str:
         f"  trainable params   {r['trainable_gib']:9.3f}",
         f"  frozen params      {r['frozen_gib']:9.3f}",
         f"  optimizer state    {r['optimizer_gib']:9.3f}",
+        *([f"  reference params   {r['reference_gib']:9.3f}   (MPO reference: "
+           f"{r['reference']})"] if r.get("reference") else []),
         f"  batch              {r['batch_gib']:9.3f}",
         f"  arguments (all)    {r['arguments_gib']:9.3f}",
         f"  temporaries        {r['temporaries_gib']:9.3f}",

@@ -18,6 +18,8 @@ import numpy as np
 from mini_internvl_jax.batch import BATCH_KEYS, IGNORE_INDEX, STATS_PREFIX, BatchSpec
 from mini_internvl_jax.config import ModelConfig
 from mini_internvl_jax.data.pipeline import build_train_iterator
+from mini_internvl_jax.data.preference import PAIR_FIELDS
+from mini_internvl_jax.train import preference_run
 from mini_internvl_jax.train.config import TrainConfig
 
 
@@ -122,6 +124,9 @@ def make_iterator(cfg: TrainConfig, model_cfg: ModelConfig):
                                 samples_per_row=cfg.synthetic.samples_per_row,
                                 min_fill=cfg.synthetic.min_fill, **common)
     assert cfg.tokenizer is not None, "TrainConfig requires a tokenizer when data is set"
+    if cfg.preference is not None:
+        return preference_run.make_iterator(cfg, model_cfg, rows=local.rows, tiles=local.tiles,
+                                            ref_table=preference_run.stored_ref_table(cfg))
     data_cfg = cfg.data if cfg.packed else dataclasses.replace(cfg.data, max_samples_per_row=1)
     return build_train_iterator(data_cfg, tokenizer=cfg.tokenizer,
                                 template=model_cfg.template, **common)
@@ -133,5 +138,6 @@ def next_step_batch(iterator, grad_accum: int) -> tuple[dict[str, np.ndarray], d
     micro = [next(iterator) for _ in range(grad_accum)]
     stats = {k: int(sum(np.asarray(m[k]).sum() for m in micro))
              for k in micro[0] if k.startswith(STATS_PREFIX)}
-    return {k: np.stack([np.asarray(m[k]) for m in micro]) for k in BATCH_KEYS}, stats
+    keys = [k for k in micro[0] if k in BATCH_KEYS or k in PAIR_FIELDS]
+    return {k: np.stack([np.asarray(m[k]) for m in micro]) for k in keys}, stats
 

@@ -19,6 +19,7 @@ from mini_internvl_jax.configlib import check
 from mini_internvl_jax.data.config import DataConfig
 from mini_internvl_jax.models.lora import LoRAConfig
 from mini_internvl_jax.sharding import RULE_SETS, Rules, make_mesh
+from mini_internvl_jax.train.preference import PreferenceConfig
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,8 @@ class TrainConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     # A converted model folder (see convert/) or a training checkpoint folder (params only).
     init_from: str | None = None
+    # Set: preference optimization (MPO, the stage after SFT) on preference pairs.
+    preference: PreferenceConfig | None = None
 
     batch_size: int = 8  # global rows per optimizer step (all micro-batches, all hosts)
     seq_len: int = 4096
@@ -242,6 +245,11 @@ class TrainConfig:
               "log.profile_start", "needs log.dir (or checkpoint.dir) to write the trace to")
         if self.data is not None:
             check(self.tokenizer is not None, "tokenizer", "required when `data` is set")
+        if self.preference is not None:
+            check(self.data is not None, "data", "preference training needs preference data "
+                  "(data.meta_path)")
+            check(self.packed, "packed", "preference rows hold two answers: must be true")
+            check(self.stage == 2, "stage", "preference training is stage 2 (full model)")
         if self.stage == 1:
             check(not self.freeze_projector, "freeze_projector",
                   "stage 1 trains only the projector; it cannot be frozen")

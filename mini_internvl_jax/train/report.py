@@ -77,6 +77,7 @@ class Reporter:
     def _flush(self, step: int, last: dict) -> None:
         w, self.window = self.window, []
         out = {k: last[k] for k in ("loss", "grad_norm", "lr", "accuracy", "skipped")}
+        out.update({k: v for k, v in last.items() if k.startswith("pref/")})  # MPO
         if w:
             out["loss"] = float(np.mean([h["loss"] for h in w]))
             seconds = sum(h["step_time"] for h in w)

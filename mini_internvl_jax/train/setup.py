@@ -17,8 +17,9 @@ from mini_internvl_jax.config import ModelConfig
 from mini_internvl_jax.configlib import ConfigError
 from mini_internvl_jax.models import InternVLModel
 from mini_internvl_jax.models.lora import apply_lora
-from mini_internvl_jax.placement import batch_abstract, batch_shardings
+from mini_internvl_jax.placement import batch_abstract, batch_shardings, to_global
 from mini_internvl_jax.sharding import batch_shards, create_sharded_model
+from mini_internvl_jax.train import preference_run
 from mini_internvl_jax.train.batches import batch_spec
 from mini_internvl_jax.train.config import TrainConfig, build_model_config
 from mini_internvl_jax.train.optim import make_optimizer, make_schedule
@@ -44,14 +45,22 @@ class Setup:
     state: TrainState
     state_sh: TrainState
     batch: BatchSpec
-    batch_sh: Batch
+    batch_sh: Batch | dict     # MPO: a dict with the pair fields too
     step_fn: Any               # jitted
     graphdef: Any
     tx: optax.GradientTransformation
     schedule: optax.Schedule
 
-    def batch_abstract(self) -> Batch:
+    def batch_abstract(self) -> Batch | dict:
+        if isinstance(self.batch_sh, dict):  # MPO: the batch fields plus the pair fields
+            return preference_run.batch_abstract(self.cfg, self.model_cfg, self.batch_sh)
         return batch_abstract(self.batch, self.batch_sh)
+
+    def place(self, host: dict) -> Batch | dict:
+        """One step's host arrays as global arrays on the mesh."""
+        if isinstance(self.batch_sh, dict):  # MPO
+            return preference_run.to_global(host, self.batch_sh)
+        return to_global(host, self.batch_sh)
 
 
 def model_factory(model_cfg: ModelConfig, cfg: TrainConfig):
@@ -82,20 +91,31 @@ def _finish(cfg, model_cfg, mesh, graphdef, trainable, frozen, rest, *, abstract
     tx = make_optimizer(cfg.optim, cfg.total_steps, trainable)
     schedule = make_schedule(cfg.optim, cfg.total_steps)
     abs_state = abstract_train_state(trainable, frozen, rest, tx, cfg.seed)
+    if cfg.preference is not None:
+        abs_state.extra = preference_run.abstract_state_extra()
     rules = cfg.mesh.rule_table
     state_sh = train_state_shardings(abs_state, mesh, rules)
     spec = batch_spec(cfg, model_cfg)
-    batch_sh = batch_shardings(mesh, spec)
-    step_fn = jit_step(
-        make_step_fn(graphdef, tx, schedule, loss_chunk=cfg.loss_chunk,
-                     drop_path=model_cfg.vision.drop_path_rate > 0,
-                     lora_dropout=cfg.lora.rank > 0 and cfg.lora.dropout > 0,
-                     packed=cfg.packed, compute_dtype=cfg.model_compute.dtype),
-        mesh, state_sh, batch_sh)
+    batch_sh: Batch | dict
+    if cfg.preference is not None:
+        batch_sh = preference_run.batch_shardings(
+            mesh, preference_run.global_shapes(cfg, model_cfg))
+        step_fn = preference_run.build_step(cfg, model_cfg, mesh, graphdef, tx, schedule,
+                                            trainable, state_sh, batch_sh, abstract=abstract)
+    else:
+        batch_sh = batch_shardings(mesh, spec)
+        step_fn = jit_step(
+            make_step_fn(graphdef, tx, schedule, loss_chunk=cfg.loss_chunk,
+                         drop_path=model_cfg.vision.drop_path_rate > 0,
+                         lora_dropout=cfg.lora.rank > 0 and cfg.lora.dropout > 0,
+                         packed=cfg.packed, compute_dtype=cfg.model_compute.dtype),
+            mesh, state_sh, batch_sh)
     if abstract:
         state = abstract_like(abs_state, state_sh)
     else:
         state = init_train_state(trainable, frozen, rest, tx, mesh, cfg.seed, rules)
+        if cfg.preference is not None:
+            state.extra = preference_run.initial_state_extra(mesh)
     return Setup(cfg, model_cfg, mesh, state, state_sh, spec, batch_sh, step_fn, graphdef, tx,
                  schedule)
 

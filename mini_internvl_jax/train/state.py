@@ -37,6 +37,7 @@ class TrainState(Generic[Leaf]):
     skipped: Leaf          # int32: non-finite steps in total
     frozen: nnx.State      # parameters read, never differentiated (no optimizer state)
     rest: nnx.State        # non-parameter variables (LoRA dropout keys)
+    extra: Any = None      # a training objective's own state (MPO: BCO's running reward mean)
 
     def all_params(self) -> nnx.State:
         """Every parameter, trainable and frozen: a checkpoint's `params` item."""
@@ -45,7 +46,8 @@ class TrainState(Generic[Leaf]):
     def train_item(self) -> dict:
         """Everything but the parameters: a checkpoint's `train` item."""
         return {"opt_state": self.opt_state, "step": self.step, "rng": self.rng,
-                "bad_steps": self.bad_steps, "skipped": self.skipped}
+                "bad_steps": self.bad_steps, "skipped": self.skipped,
+                **({} if self.extra is None else {"extra": self.extra})}
 
 
 def trainable_filter(frozen_components: frozenset[str]):
@@ -74,7 +76,8 @@ def train_state_shardings(state: TrainState, mesh: Mesh, rules=None) -> TrainSta
                       opt_state=state_shardings(state.opt_state, mesh, rules), step=rep,
                       rng=rep, bad_steps=rep, skipped=rep,
                       frozen=state_shardings(state.frozen, mesh, rules),
-                      rest=state_shardings(state.rest, mesh, rules))
+                      rest=state_shardings(state.rest, mesh, rules),
+                      extra=jax.tree.map(lambda _: rep, state.extra))
 
 
 def abstract_like(tree, shardings):

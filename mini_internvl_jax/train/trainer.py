@@ -31,7 +31,7 @@ from mini_internvl_jax import fileio
 from mini_internvl_jax.checkpoints.checkpointer import Checkpointer
 from mini_internvl_jax.config import ModelConfig
 from mini_internvl_jax.configlib import ConfigError
-from mini_internvl_jax.placement import to_global
+from mini_internvl_jax.train import preference_run
 from mini_internvl_jax.train import setup as setup_lib
 from mini_internvl_jax.train.batches import make_iterator, next_step_batch
 from mini_internvl_jax.train.compile_cache import CacheStats, cache_dir, persistent_cache
@@ -143,6 +143,10 @@ def prepare(cfg: TrainConfig, devices, cache: CacheStats) -> Run:
             fileio.check_creatable(folder)
     init = None if source is None else (lambda m: load_initial_params(m, cfg, mesh, source))
     s = setup_lib.build(cfg, mesh, model_cfg, init_params=init)
+    if preference_run.needs_reference_pass(cfg):  # stores the reference log-probs, then reads
+        local = s.batch.per_host(jax.process_count())
+        iterator = FirstBatchReady(preference_run.reference_pass(cfg, model_cfg, s, local.rows,
+                                                                 local.tiles))
     ckpt = None if cfg.checkpoint.dir is None else Checkpointer(
         cfg.checkpoint.dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     return Run(cfg, model_cfg, mesh, s, iterator, ckpt, started, cache)
@@ -270,7 +274,7 @@ def train_loop(loop: Loop, hooks: list[Hook], profiler: ProfilerWindow) -> None:
         extra = {"data_digest": _digest(host_batch),
                  "real_tiles": int(host_batch["image_flags"].sum()) * jax.process_count(),
                  **stats}
-        batch = to_global(host_batch, run.setup.batch_sh)
+        batch = run.setup.place(host_batch)
         with jax.set_mesh(run.mesh):
             loop.state, metrics = run.setup.step_fn(loop.state, batch)
         if first:  # restart cost: setup + compile (or cache) + 1 step
