@@ -262,8 +262,8 @@ def test_presets_load(name, model):
 
 
 def test_train_presets_are_their_own_kind_and_compute_merges_onto_defaults():
-    with pytest.raises(ConfigError, match=r"unknown training preset 'tiny-qwen2'.*"
-                                          r"'demo', 'lora', 'mpo', 'mpo_demo', 'stage1', 'stage2'\]"):
+    with pytest.raises(ConfigError, match=r"unknown training preset 'tiny-qwen2'.*'demo', "
+                                          r"'lora', 'mpo', 'mpo_demo', 'stage1', 'stage2'\]"):
         load_train_config("tiny-qwen2")
     cfg = train_config_from_dict({"compute": {"remat": "none"}})
     default = train_config_from_dict({}).compute
