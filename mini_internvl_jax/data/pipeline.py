@@ -79,6 +79,26 @@ class EpochPlan(grain.MapDataset):
         return f"EpochPlan(total={self._total}, shard={self._shard}/{self._count})"
 
 
+def open_mixture(data_cfg: DataConfig) -> Mixture:
+    """The datasets of `data.meta_path`, shards checked against their manifest first
+    (`data.bad_shards`)."""
+    specs = check_shards_before_reading(data_cfg.meta_path, read_meta(data_cfg.meta_path),
+                                        data_cfg.bad_shards)
+    return Mixture([open_source(s) for s in specs])
+
+
+def processed_records(data_cfg: DataConfig, processor, num_records: int, *, seed: int,
+                      shard_index: int, shard_count: int) -> tuple[EpochPlan, grain.IterDataset]:
+    """(the epoch plan, this host's records in its order, each through `processor` on
+    `data.num_threads` threads): the part of the pipeline before packing."""
+    plan = EpochPlan(num_records, seed=seed, shuffle=data_cfg.shuffle,
+                     shard_index=shard_index, shard_count=shard_count,
+                     num_epochs=data_cfg.num_epochs)
+    ds = plan.map(processor).to_iter_dataset(grain.ReadOptions(
+        num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch_buffer_size))
+    return plan, ds
+
+
 def build_train_dataset(data_cfg: DataConfig, *, tokenizer: Tokenizer | str,
                         num_image_tokens: int, image_size: int, seq_len: int, batch_size: int,
                         max_tiles: int, seed: int, shard_index: int = 0, shard_count: int = 1,
@@ -99,17 +119,12 @@ def build_train_dataset(data_cfg: DataConfig, *, tokenizer: Tokenizer | str,
                     ("seq_len", seq_len), ("batch_size", batch_size), ("max_tiles", max_tiles)):
         if v < 1:
             raise DataError(f"{name} must be >= 1, got {v}")
-    specs = check_shards_before_reading(data_cfg.meta_path, read_meta(data_cfg.meta_path),
-                                        data_cfg.bad_shards)
-    mixture = Mixture([open_source(s) for s in specs])
+    mixture = open_mixture(data_cfg)
     processor = SampleProcessor(data_cfg, mixture, tokenizer, image_size=image_size,
                                 num_image_tokens=num_image_tokens, seq_len=seq_len,
                                 max_tiles=max_tiles, seed=seed)
-    plan = EpochPlan(len(mixture), seed=seed, shuffle=data_cfg.shuffle,
-                     shard_index=shard_index, shard_count=shard_count,
-                     num_epochs=data_cfg.num_epochs)
-    ds = plan.map(processor).to_iter_dataset(grain.ReadOptions(
-        num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch_buffer_size))
+    plan, ds = processed_records(data_cfg, processor, len(mixture), seed=seed,
+                                 shard_index=shard_index, shard_count=shard_count)
     geom = BatchGeometry(batch_size=batch_size, seq_len=seq_len, max_tiles=max_tiles,
                          image_size=image_size, pad_id=tokenizer.pad_id,
                          image_token_id=tokenizer.token_id(IMG_CONTEXT),

@@ -41,9 +41,9 @@ from mini_internvl_jax.data.packing import (
     PackIterDataset,
     finalize_batch,
 )
-from mini_internvl_jax.data.pipeline import EpochPlan
+from mini_internvl_jax.data.pipeline import open_mixture, processed_records
 from mini_internvl_jax.data.processing import Sample, SampleProcessor
-from mini_internvl_jax.data.sources import Mixture, Record, open_source, read_meta
+from mini_internvl_jax.data.sources import Record
 from mini_internvl_jax.data.tokenizer import IMG_CONTEXT, Tokenizer, load_tokenizer
 
 PAIR_FIELDS: dict[str, tuple[type[np.generic], tuple[str, ...]]] = {
@@ -233,16 +233,13 @@ def build_preference_dataset(data_cfg: DataConfig, *, tokenizer: Tokenizer | str
         data_cfg = dataclasses.replace(data_cfg, template=template)
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer, merges_compat=data_cfg.merges_compat)
-    mixture = Mixture([open_source(s) for s in read_meta(data_cfg.meta_path)])
+    mixture = open_mixture(data_cfg)  # shards checked against their manifest, as stage 2
     processor = PairProcessor(data_cfg, mixture, tokenizer, image_size=image_size,
                               num_image_tokens=num_image_tokens, seq_len=seq_len,
                               max_tiles=max_tiles, seed=seed)
     processor.ref_table = ref_table
-    plan = EpochPlan(len(mixture), seed=seed, shuffle=data_cfg.shuffle,
-                     shard_index=shard_index, shard_count=shard_count,
-                     num_epochs=data_cfg.num_epochs)
-    ds = plan.map(processor).to_iter_dataset(grain.ReadOptions(
-        num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch_buffer_size))
+    plan, ds = processed_records(data_cfg, processor, len(mixture), seed=seed,
+                                 shard_index=shard_index, shard_count=shard_count)
     geom = BatchGeometry(batch_size=batch_size, seq_len=seq_len, max_tiles=max_tiles,
                          image_size=image_size, pad_id=tokenizer.pad_id,
                          image_token_id=tokenizer.token_id(IMG_CONTEXT),
