@@ -33,7 +33,7 @@ from mini_internvl_jax.train.preference import (
     pair_losses,
 )
 from mini_internvl_jax.train.state import TrainState
-from mini_internvl_jax.train.step import compute_copy
+from mini_internvl_jax.train.step import compute_copy, guarded_update
 
 
 def _chunk_logps(h, head, labels, dtype):
@@ -97,24 +97,6 @@ def sequence_logps(model, micro: dict, num_pairs: int, *, packed: bool, loss_chu
     head = llm.embed_tokens[...].T if llm.lm_head is None else llm.lm_head[...]
     lp = token_logps(hidden, head, micro["labels"], chunk=loss_chunk, dtype=llm.dtype)
     return pair_sums(lp, micro["pair_slot"], num_pairs)
-
-
-def _guarded_update(state: TrainState, grads, ok, tx: optax.GradientTransformation,
-                    extra: dict, old_extra: dict) -> TrainState:
-    """The AdamW update and the objective's own state, both kept as they were when the step
-    is not finite (`ok` false), as the supervised step does."""
-    updates, new_opt = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-
-    def keep(new, old):
-        return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-    return TrainState(
-        params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
-        step=state.step + 1, rng=state.rng,
-        bad_steps=jnp.where(ok, 0, state.bad_steps + 1).astype(jnp.int32),
-        skipped=(state.skipped + (~ok).astype(jnp.int32)).astype(jnp.int32),
-        frozen=state.frozen, rest=state.rest, extra=keep(extra, old_extra))
 
 
 def complete_pairs(batch) -> jax.Array:
@@ -188,9 +170,7 @@ def make_preference_step_fn(graphdef, tx: optax.GradientTransformation,
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         applied = state.step - state.skipped
-        new_state = _guarded_update(state, grads, ok, tx,
-                                    {"bco_running": tuple(running)},
-                                    {"bco_running": tuple(running0)})
+        new_state = guarded_update(state, grads, ok, tx, {"bco_running": tuple(running)})
         means = {f"pref/{k}": v / n_pairs for k, v in sums.items() if k != "pairs"}
         metrics = {
             "loss": loss, "grad_norm": grad_norm, "lr": schedule(applied),

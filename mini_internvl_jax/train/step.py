@@ -142,6 +142,24 @@ def make_grads_fn(graphdef, *, loss_chunk: int, drop_path: bool, lora_dropout: b
     return grads
 
 
+def guarded_update(state: TrainState, grads, ok, tx: optax.GradientTransformation,
+                   extra=None) -> TrainState:
+    """The optimizer update, and the objective's own state `extra` (MPO), kept as they were
+    when the step is not finite (`ok` false); the bad-step counters follow `ok`."""
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+
+    def keep(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+    return TrainState(
+        params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
+        step=state.step + 1, rng=state.rng,
+        bad_steps=jnp.where(ok, 0, state.bad_steps + 1).astype(jnp.int32),
+        skipped=(state.skipped + (~ok).astype(jnp.int32)).astype(jnp.int32),
+        frozen=state.frozen, rest=state.rest, extra=keep(extra, state.extra))
+
+
 def make_step_fn(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                  loss_chunk: int, drop_path: bool, lora_dropout: bool,
                  packed: bool = True, compute_dtype=None) -> Callable:
@@ -165,21 +183,8 @@ def make_step_fn(graphdef, tx: optax.GradientTransformation, schedule: optax.Sch
             loss = ce / safe_w
             grad_norm = optax.tree.norm(grads)
             ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            updates, new_opt = tx.update(grads, state.opt_state, state.params)
-            new_params = optax.apply_updates(state.params, updates)
-
-            def keep(new, old):
-                return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-            new_params, new_opt = keep(new_params, state.params), keep(new_opt, state.opt_state)
-
+            new_state = guarded_update(state, grads, ok, tx)
         applied = state.step - state.skipped
-        new_state = TrainState(
-            params=new_params, opt_state=new_opt,
-            step=state.step + 1, rng=state.rng,
-            bad_steps=jnp.where(ok, 0, state.bad_steps + 1).astype(jnp.int32),
-            skipped=(state.skipped + (~ok).astype(jnp.int32)).astype(jnp.int32),
-            frozen=state.frozen, rest=state.rest)
         metrics = {
             "loss": loss, "grad_norm": grad_norm, "lr": schedule(applied),
             "accuracy": correct / jnp.where(w > 0, w, 1.0), "loss_weight": total_w,
