@@ -14,11 +14,20 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 HEAD_DIMS = (64, 96, 128)
+# Names of what the forward kernel leaves for the backward one (output, logsumexp). A remat
+# policy that saves them (models/stack.py) keeps the backward from running the forward kernel
+# again: a Pallas call is no dot, so `dots_*_saveable` alone would recompute it.
+RESIDUAL_NAMES = ("attention_out", "attention_lse")
 # Finite start for the running max: below any real logit, so that rows with every key masked
 # (logits -inf) keep m finite and produce p = exp(-inf - m) = 0 instead of NaN.
 M_INIT = -1e30
+
+
+def name_residuals(out: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return checkpoint_name(out, RESIDUAL_NAMES[0]), checkpoint_name(lse, RESIDUAL_NAMES[1])
 
 
 def check_inputs(q, k, v, segment_ids, kv_segment_ids) -> tuple[int, int, int, int, int, int]:

@@ -410,7 +410,7 @@ def _flash(cfg: _Cfg, q, k, v, q_seg, kv_seg):
 def _flash_fwd(cfg: _Cfg, q, k, v, q_seg, kv_seg):
     qs, ks = _segments(cfg, q_seg, kv_seg)
     tab = _table(cfg, q_seg, kv_seg, cfg.blocks.block_q, cfg.blocks.block_kv)
-    out, lse = _fwd(cfg, q, k, v, tab, qs, ks)
+    out, lse = common.name_residuals(*_fwd(cfg, q, k, v, tab, qs, ks))
     return out, (q, k, v, out, lse, q_seg, kv_seg)
 
 

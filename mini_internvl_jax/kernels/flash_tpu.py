@@ -474,6 +474,7 @@ def _flash_fwd(cfg: _Cfg, q, k, v, q_seg, kv_seg):
     q_col, _, _, kv_row = _seg_layouts(cfg, q_seg, kv_seg)
     tab, _, _ = _tables(cfg, q_seg, kv_seg)
     ot, lse = _fwd(cfg, tab, qt, kt, vt, q_col, kv_row)
+    ot, lse = common.name_residuals(ot, lse)
     out = jnp.swapaxes(ot[:, :, :s], 1, 2)
     return out, (qt, kt, vt, ot, lse, q_seg, kv_seg)
 
