@@ -194,6 +194,26 @@ def test_accounting_by_hand_trip_count_custom_call_and_categories():
     assert analyze(helper.replace('"cost_estimate"', '"no_estimate"')).flops == 5 * dot_flops
 
 
+def test_a_buffer_handed_out_is_not_written():
+    """TPU's AllocateBuffer (the zeros a scan's stacked residuals start from, all overwritten
+    in the loop) moves no bytes; the in-place update into it moves its update."""
+    text = """
+HloModule m
+
+ENTRY %main (x: f32[8,16]) -> f32[24,8,16] {
+  %x = f32[8,16]{1,0} parameter(0)
+  %buf = f32[24,8,16]{2,1,0} custom-call(), custom_call_target="AllocateBuffer"
+  %r = f32[1,8,16]{2,1,0} reshape(%x)
+  %z = s32[] constant(0)
+  ROOT %u = f32[24,8,16]{2,1,0} dynamic-update-slice(%buf, %r, %z, %z, %z)
+}
+"""
+    a = analyze(text)
+    by = {k.instr.name: k.bytes for k in a.kernels}
+    assert by["buf"] == 0 and by["u"] == 2 * 4 * 8 * 16 + 3 * 4  # the update in and out
+    assert a.flops == 0
+
+
 HLO_WITH_REDUCE_SCATTER_FUSIONS = """
 HloModule m
 

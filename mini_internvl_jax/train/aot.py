@@ -80,9 +80,17 @@ def dcn_for(cfg: TrainConfig, num_slices: int) -> DcnConfig:
 # Usable HBM per chip by device kind (Google Cloud TPU documentation), for topologies whose
 # compile-only devices cannot report it. A real device's own limit (memory_stats) comes first.
 HBM_GIB = {"TPU v5 lite": 15.75, "TPU v5": 95.0, "TPU v6 lite": 31.25, "TPU v4": 31.25}
-# Remat policies from the least recomputation to the most: `remat: auto` takes the first whose
-# compiled step fits the chip.
-REMAT_ORDER = ("none", "save_dots", "full")
+# (LLM policy, vision policy or None for the same) from the least recomputation to the most:
+# `remat: auto` takes the first whose compiled step fits the chip. Keeping the ViT's matmul
+# outputs while the LLM keeps only its attention results is the middle ground for a chip that
+# cannot hold both parts' matmul outputs (2B at W1 on v5e: save_dots needs 17 GB).
+REMAT_ORDER: tuple[tuple[str, str | None], ...] = (
+    ("none", None), ("save_dots", None), ("save_attention", "save_dots"),
+    ("save_attention", None), ("full", None))
+
+
+def remat_label(llm: str, vision: str | None) -> str:
+    return llm if vision in (None, llm) else f"{llm} (vision {vision})"
 
 
 def hbm_budget(device) -> float:
@@ -97,7 +105,7 @@ def hbm_budget(device) -> float:
     if device.device_kind in HBM_GIB:
         return HBM_GIB[device.device_kind] * GIB
     raise ConfigError(f"remat auto: the memory of a {device.device_kind!r} device is unknown; "
-                      f"set compute.remat to one of {list(REMAT_ORDER)}")
+                      f"set compute.remat to one of {[p for p, v in REMAT_ORDER if v is None]}")
 
 
 def peak_bytes(compiled) -> float:
@@ -123,16 +131,18 @@ def choose_remat(cfg: TrainConfig, mesh, model_cfg=None, budget: float | None = 
     model_cfg = model_cfg or build_model_config(cfg)
     budget = hbm_budget(mesh.devices.flat[0]) if budget is None else budget
     tried: list[tuple[str, float]] = []
-    for policy in REMAT_ORDER:
-        c = dataclasses.replace(cfg, compute=cfg.compute.replace(remat=policy))
+    for policy, vision in REMAT_ORDER:
+        c = dataclasses.replace(cfg, compute=cfg.compute.replace(remat=policy,
+                                                                 remat_vision=vision))
+        label = remat_label(policy, vision)
         try:
             s, batch, compiled = _compile_step(c, mesh, model_cfg)
         except Exception as e:  # XLA:TPU refuses to compile a program that overflows HBM
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
-            tried.append((policy, _required_bytes(str(e))))
+            tried.append((label, _required_bytes(str(e))))
             continue
-        tried.append((policy, peak_bytes(compiled)))
+        tried.append((label, peak_bytes(compiled)))
         if tried[-1][1] <= budget:
             return c, s, batch, compiled, tried
     raise ConfigError("remat auto: no policy fits " + f"{budget / GIB:.2f} GiB per device ("
@@ -207,7 +217,8 @@ def compile_for_topology(cfg: TrainConfig, topology: str, num_slices: int = 1) -
         "dcn": dict(zip(mesh.axis_names, dcn.sizes, strict=True)),
         "model": model_cfg.name, "stage": cfg.stage,
         "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "tiles_per_step": tiles,
-        "grad_accum": cfg.optim.grad_accum, "remat": cfg.compute.remat,
+        "grad_accum": cfg.optim.grad_accum,
+        "remat": remat_label(cfg.compute.remat, cfg.compute.remat_vision),
         "remat_choice": remat_choice,
         "dtype": cfg.compute.dtype, "param_dtype": cfg.compute.param_dtype,
         "trainable_gib": per_device_bytes(s.state.params) / GIB,
