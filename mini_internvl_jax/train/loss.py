@@ -35,14 +35,16 @@ def _chunk(h, head, labels, weights, dtype, with_grads: bool, head_grad=None):
     # Rounded to the compute dtype, then read in float32: the PyTorch models do the same
     # (`lm_head` in bf16, then `logits.float()` for the loss), and it halves the bytes of the
     # largest arrays of the step (W1: [4, 1024, 151655] per chunk), which every pass below reads.
-    logits = jnp.einsum("bcd,dv->bcv", hc, head, preferred_element_type=jnp.float32)
-    logits = shard_activation(logits.astype(dtype), ("batch", "length", "act_vocab"))
-    logits = logits.astype(jnp.float32)
+    rounded = jnp.einsum("bcd,dv->bcv", hc, head, preferred_element_type=jnp.float32)
+    rounded = shard_activation(rounded.astype(dtype), ("batch", "length", "act_vocab"))
+    logits = rounded.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     safe = jnp.clip(labels, 0, logits.shape[-1] - 1)
-    target = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    # Gathered and compared in the compute dtype (the same values): a gather from the float32
+    # logits makes XLA write them all to memory to read one per row.
+    target = jnp.take_along_axis(rounded, safe[..., None], axis=-1)[..., 0].astype(jnp.float32)
     w = jnp.where(labels == IGNORE_INDEX, 0.0, weights.astype(jnp.float32))
-    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    correct = (jnp.argmax(rounded, axis=-1) == labels).astype(jnp.float32)
     sums = (jnp.sum(w * (lse - target)), jnp.sum(w), jnp.sum(jnp.where(w > 0, correct, 0.0)))
     if not with_grads:
         return sums, None, None
