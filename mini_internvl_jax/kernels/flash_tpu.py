@@ -5,8 +5,10 @@ pads once, so the caller keeps [B, S, H, D]. GQA maps query head h to kv head h 
 index maps (K/V are never repeated in memory). Per query block the kernels visit only the kv
 blocks that the causal mask and the segment layout leave non-empty (ranges from
 `common.block_ranges`, scalar-prefetched); skipped grid steps keep the previous block index,
-so they issue no DMA. The backward recomputes P from the saved logsumexp: one kernel for dQ,
-one for dK/dV that loops over the G query heads of a kv head.
+so they issue no DMA. The backward recomputes P from the saved logsumexp. Where a kv head's
+whole K and V fit in VMEM, one fused kernel walks the query blocks and produces dQ, dK and dV
+(5 matmuls per block pair); longer sequences take two kernels, one for dQ and one for dK/dV
+that loops over the G query heads of a kv head, which both recompute S and dP (7 matmuls).
 
 Row statistics follow the splash-attention layout: m and l live lane-replicated as [bq, 128];
 logsumexp and delta travel lane-major as [B, H, 1, S]; segment ids are pre-broadcast to
@@ -30,6 +32,7 @@ from mini_internvl_jax.kernels import common
 LANES, SUBLANES = 128, 8
 NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
 NN = (((1,), (0,)), ((), ()))
+TN = (((0,), (0,)), ((), ()))  # contract the first dims: a.T @ b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +66,7 @@ class _Cfg:
     fwd: tuple[int, int]
     dkv: tuple[int, int]
     dq: tuple[int, int]
+    fused: tuple[int, int] | None = None  # the fused backward's blocks; None: two kernels
 
 
 def _cost(cfg: _Cfg, blocks: tuple[int, int], heads: int, matmuls: int, arrays, by_kv=False
@@ -431,6 +435,199 @@ def _dkv(cfg: _Cfg, tab, qt, kt, vt, dot_, lse, di, qseg_row, kseg_col):
     )(jnp.asarray(tab).reshape(-1), *args)
 
 
+# ----------------------------------------------------------------------------- backward: fused
+
+# The fused backward keeps the whole (padded) K and V of a kv head in VMEM, with float32 dK/dV
+# accumulators of the same length. It is taken where a generous estimate of all it holds
+# (`_fused_vmem_bytes`) stays within FUSED_VMEM_BUDGET, well inside the smallest VMEM of the
+# chips we target (v5p: 64 MiB per core; v5e, v6e: 128 MiB): bf16 with segment ids fits 8192
+# tokens, float32 4096. Its scoped VMEM (scratch and temporaries; Mosaic needs 6 MiB at 4096
+# bf16 tokens, 10 at 8192) gets an explicit FUSED_VMEM_LIMIT, twice the 16 MiB default, half
+# of v5p's VMEM, so these lengths do not hang on the default.
+FUSED_VMEM_BUDGET = 48 * 2**20
+FUSED_VMEM_LIMIT = 32 * 2**20
+
+
+def _fused_vmem_bytes(sp: int, bq: int, bk: int, d: int, itemsize: int, has_seg: bool) -> int:
+    """VMEM the fused backward needs: double-buffered blocks (rows of d pad to 128 lanes,
+    one-row blocks to 8 sublanes), float32 scratch, and the [bk, bq] float32 temporaries."""
+    row = common.round_up(d, LANES)
+    seqs = 2 * 2 * sp * row * itemsize * 2           # K, V in; dK, dV out
+    seqs += 2 * sp * row * 4                         # dK, dV accumulators
+    qblk = 2 * 3 * bq * row * itemsize + bq * row * 4  # Q, dO in, dQ out; dQ accumulator
+    qblk += 2 * 2 * SUBLANES * bq * 4                # lse, delta
+    seg = 2 * (sp * LANES + SUBLANES * bq) * 4 if has_seg else 0
+    temps = 8 * bk * bq * 4                          # S, P, dP, dS, their casts and the mask
+    return seqs + qblk + seg + temps
+
+
+def _divisor_block(sp: int, cap: int) -> int:
+    """Largest multiple of 128 that divides sp and is at most max(cap, 128)."""
+    b = max(cap, LANES) // LANES * LANES
+    while sp % b:
+        b -= LANES
+    return b
+
+
+def _fused_blocks(cfg: _Cfg, d: int, dtype, bs: BlockSizes, fused: bool | None
+                  ) -> tuple[int, int] | None:
+    """(query block, kv sub-block) of the fused backward, or None for the two-kernel one:
+    when asked (`fused` False), or when a kv head's whole sequence does not fit in VMEM.
+    The blocks divide the padded length (at most block_q_dkv / block_kv_dkv)."""
+    if fused is False:
+        return None
+    sp = cfg.padded_len
+    bq, bk = _divisor_block(sp, bs.block_q_dkv), _divisor_block(sp, bs.block_kv_dkv)
+    need = _fused_vmem_bytes(sp, bq, bk, d, jnp.dtype(dtype).itemsize, cfg.has_seg)
+    if need > FUSED_VMEM_BUDGET:
+        if fused:
+            raise ValueError(f"TPU flash attention: the fused backward needs ~{need >> 20} MiB "
+                             f"of VMEM at {sp} tokens (budget {FUSED_VMEM_BUDGET >> 20} MiB)")
+        return None
+    return bq, bk
+
+
+def _fused_kernel(tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, kseg_ref,
+                  dq_ref, dk_ref, dv_ref, dq_sc, dk_sc, dv_sc, *, cfg: _Cfg, tab_b: int):
+    """One query block against every visible kv sub-block of the resident K/V. Transposed
+    form as in the dK/dV kernel (keys on sublanes): lse/delta broadcast as rows, and only dQ
+    needs a transposed operand."""
+    assert cfg.fused is not None
+    bq, bk = cfg.fused
+    nq = cfg.padded_len // bq
+    b, g, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    lo, hi, flo, fhi = _ranges(tab_ref, b, i, nq, tab_b)
+
+    @pl.when((g == 0) & (i == 0))
+    def _init():
+        dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
+        dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+
+    dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+    q, do = q_ref[...], do_ref[...]
+    lse, di = lse_ref[...], di_ref[...]
+    prec = _precision(q.dtype)
+
+    def body(j, masked: bool):
+        rows = pl.ds(pl.multiple_of(j * bk, bk), bk)
+        k, v = k_ref[rows, :], v_ref[rows, :]
+        s = lax.dot_general(k, q, NT, preferred_element_type=jnp.float32,
+                            precision=prec) * cfg.scale
+        if masked:
+            q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bk, bq), 1)
+            k_pos = j * bk + lax.broadcasted_iota(jnp.int32, (bk, bq), 0)
+            q_ids = kv_ids = None
+            if cfg.has_seg:
+                q_ids = qseg_ref[:1, :]
+                kv_ids = jnp.tile(kseg_ref[rows, :], (1, bq // LANES))
+            s = jnp.where(_mask(cfg, q_pos, k_pos, q_ids, kv_ids), s, -jnp.inf)
+        p = jnp.exp(s - lse)
+        dv_sc[rows, :] += lax.dot_general(p.astype(do.dtype), do, NN,
+                                          preferred_element_type=jnp.float32, precision=prec)
+        dp = lax.dot_general(v, do, NT, preferred_element_type=jnp.float32, precision=prec)
+        ds = (p * (dp - di)).astype(q.dtype)
+        dk_sc[rows, :] += lax.dot_general(ds, q, NN, preferred_element_type=jnp.float32,
+                                          precision=prec)
+        dq_sc[...] += lax.dot_general(ds, k, TN, preferred_element_type=jnp.float32,
+                                      precision=prec)
+
+    def loop(start, stop, masked: bool):
+        def step(j, carry):
+            body(j, masked)
+            return carry
+
+        lax.fori_loop(start, stop, step, 0)
+
+    # [lo, flo) and [fhi, hi) need the mask; [flo, fhi) is mask-free (common.block_ranges).
+    loop(lo, flo, True)
+    loop(flo, fhi, False)
+    loop(fhi, hi, True)
+    dq_ref[...] = (dq_sc[...] * cfg.scale).astype(dq_ref.dtype)
+
+    @pl.when((g == cfg.groups - 1) & (i == nq - 1))
+    def _finish():
+        dk_ref[...] = (dk_sc[...] * cfg.scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+
+
+def _fused_cost(cfg: _Cfg, b: int, h: int, kvh: int, d: int, itemsize: int
+                ) -> pl.CostEstimate:
+    """Five [bq, d] x [d, bk] products per visited block pair (S, dP, dV, dK, dQ; pairs as in
+    `_cost`); bytes as the pipeline moves them: Q, dO, lse, delta and dQ once, K, V, dK, dV
+    once per (batch row, kv head), segment ids once per query block (query side) or kv head."""
+    assert cfg.fused is not None
+    bq, bk = cfg.fused
+    sp = cfg.padded_len
+    tab = common.block_ranges(None, None, q_len=cfg.seq_len, kv_len=cfg.seq_len, bq=bq, bk=bk,
+                              causal=cfg.causal)
+    pairs = int(np.sum(tab[..., 1] - tab[..., 0])) * b * h
+    rows = 3 * b * h * sp * d * itemsize + 2 * b * h * sp * 4          # Q, dO, dQ; lse, delta
+    seqs = 4 * b * kvh * sp * d * itemsize                             # K, V, dK, dV
+    seg = (b * h * SUBLANES * sp + b * kvh * sp * LANES) * 4 if cfg.has_seg else 0
+    return pl.CostEstimate(flops=2 * 5 * pairs * bq * bk * d, transcendentals=pairs * bq * bk,
+                           bytes_accessed=rows + seqs + seg)
+
+
+def _fused_bwd(cfg: _Cfg, q_seg, kv_seg, qt, kt, vt, dot_, lse, di, qseg_row, kseg_col):
+    b, h, sp, d = qt.shape
+    kvh = kt.shape[1]
+    assert cfg.fused is not None
+    bq, bk = cfg.fused
+    g = cfg.groups
+    nq = sp // bq
+    tab = common.block_ranges(q_seg, kv_seg, q_len=cfg.seq_len, kv_len=cfg.seq_len, bq=bq,
+                              bk=bk, causal=cfg.causal)
+    tab_b = tab.shape[0]
+
+    def q_map(bi, kh, gi, i, t):
+        return bi, kh * g + gi, i, 0
+
+    def row_map(bi, kh, gi, i, t):
+        return bi, kh * g + gi, 0, i
+
+    def seq_map(bi, kh, gi, i, t):  # constant along (g, i): fetched once per kv head
+        return bi, kh, 0, 0
+
+    in_specs: list[pl.BlockSpec | None] = [
+        pl.BlockSpec((None, None, bq, d), q_map),
+        pl.BlockSpec((None, None, sp, d), seq_map),
+        pl.BlockSpec((None, None, sp, d), seq_map),
+        pl.BlockSpec((None, None, bq, d), q_map),
+        pl.BlockSpec((None, None, 1, bq), row_map),
+        pl.BlockSpec((None, None, 1, bq), row_map)]
+    args = [qt, kt, vt, dot_, lse, di]
+    if cfg.has_seg:
+        in_specs += [pl.BlockSpec((None, SUBLANES, bq), lambda bi, kh, gi, i, t: (bi, 0, i)),
+                     pl.BlockSpec((None, sp, LANES), lambda bi, kh, gi, i, t: (bi, 0, 0))]
+        args += [qseg_row, kseg_col]
+    else:
+        in_specs += [None, None]
+        args += [None, None]
+    return pl.pallas_call(
+        functools.partial(_fused_kernel, cfg=cfg, tab_b=tab_b),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(b, kvh, g, nq),
+            in_specs=in_specs,
+            out_specs=[pl.BlockSpec((None, None, bq, d), q_map),
+                       pl.BlockSpec((None, None, sp, d), seq_map),
+                       pl.BlockSpec((None, None, sp, d), seq_map)],
+            scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32),
+                            pltpu.VMEM((sp, d), jnp.float32),
+                            pltpu.VMEM((sp, d), jnp.float32)],
+        ),
+        out_shape=[jax.ShapeDtypeStruct(qt.shape, qt.dtype),
+                   jax.ShapeDtypeStruct(kt.shape, kt.dtype),
+                   jax.ShapeDtypeStruct(vt.shape, vt.dtype)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary"),
+            vmem_limit_bytes=FUSED_VMEM_LIMIT),
+        interpret=cfg.interpret,
+        name="flash_bwd_fused",
+        cost_estimate=_fused_cost(cfg, b, h, kvh, d, jnp.dtype(qt.dtype).itemsize),
+    )(jnp.asarray(tab).reshape(-1), *args)
+
+
 # ----------------------------------------------------------------------------- custom vjp
 
 
@@ -485,9 +682,12 @@ def _flash_bwd(cfg: _Cfg, res, dout):
     dot_ = _to_kernel_layout(cfg, dout)
     di = jnp.sum(ot.astype(jnp.float32) * dot_.astype(jnp.float32), axis=-1)[:, :, None, :]
     q_col, q_row, kv_col, kv_row = _seg_layouts(cfg, q_seg, kv_seg)
-    _, tab_dq, tab_dkv = _tables(cfg, q_seg, kv_seg)
-    dqt = _dq(cfg, tab_dq, qt, kt, vt, dot_, lse, di, q_col, kv_row)
-    dkt, dvt = _dkv(cfg, tab_dkv, qt, kt, vt, dot_, lse, di, q_row, kv_col)
+    if cfg.fused is not None:
+        dqt, dkt, dvt = _fused_bwd(cfg, q_seg, kv_seg, qt, kt, vt, dot_, lse, di, q_row, kv_col)
+    else:
+        _, tab_dq, tab_dkv = _tables(cfg, q_seg, kv_seg)
+        dqt = _dq(cfg, tab_dq, qt, kt, vt, dot_, lse, di, q_col, kv_row)
+        dkt, dvt = _dkv(cfg, tab_dkv, qt, kt, vt, dot_, lse, di, q_row, kv_col)
     back = lambda x: jnp.swapaxes(x[:, :, :s], 1, 2)
     none = lambda seg: None if seg is None else np.zeros(seg.shape, jax.dtypes.float0)
     return back(dqt), back(dkt), back(dvt), none(q_seg), none(kv_seg)
@@ -498,12 +698,14 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def flash_attention(q, k, v, *, causal: bool, segment_ids=None, kv_segment_ids=None,
                     scale: float | None = None, block_sizes: BlockSizes | None = None,
-                    interpret=False) -> jax.Array:
+                    interpret=False, fused_backward: bool | None = None) -> jax.Array:
     """Flash attention on TPU (Mosaic). q [B,S,H,D], k/v [B,S,KV,D] -> [B,S,H,D].
 
     Masking follows `kernels.reference.dot_product_attention`: segment ids (0 = padding) keep
     queries inside their segment, fully masked rows return zeros. `interpret` is passed to
-    `pallas_call` (True or `pltpu.InterpretParams()` to run on CPU).
+    `pallas_call` (True or `pltpu.InterpretParams()` to run on CPU). `fused_backward`: None
+    takes the one-kernel backward where K/V fit in VMEM, False forces the two kernels, True
+    insists on the fused one (an error where it does not fit).
     """
     _, s, h, kvh, _, d = common.check_inputs(q, k, v, segment_ids, kv_segment_ids)
     bs = block_sizes or BlockSizes()
@@ -515,4 +717,5 @@ def flash_attention(q, k, v, *, causal: bool, segment_ids=None, kv_segment_ids=N
                padded_len=common.round_up(s, max(blocks)), groups=h // kvh, has_seg=has_seg,
                interpret=interpret, fwd=(blocks[0], blocks[1]), dkv=(blocks[2], blocks[3]),
                dq=(blocks[4], blocks[5]))
+    cfg = dataclasses.replace(cfg, fused=_fused_blocks(cfg, d, q.dtype, bs, fused_backward))
     return _flash(cfg, q, k, v, segment_ids, kv_segment_ids)
