@@ -111,7 +111,7 @@ def test_backward_choice_by_length():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
-def test_fused_backward_compiles_for_v5e_at_w1_shapes():
+def test_fused_backward_compiles_for_v5e_at_w1_shapes(monkeypatch):
     from jax.experimental import topologies
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -146,3 +146,11 @@ def test_fused_backward_compiles_for_v5e_at_w1_shapes():
         fused = [k for k in analyze(hlo).kernels
                  if k.instr.opcode == "custom-call" and "flash_bwd_fused" in k.instr.attrs]
         assert [k.flops for k in fused] == [2 * 5 * 64 * per_chip], name
+    # The two-kernel backward (what longer sequences take) still compiles: here the LLM shape
+    # with no VMEM budget for the fused one.
+    monkeypatch.setattr(flash_tpu, "FUSED_VMEM_BUDGET", -1)
+    with jax.set_mesh(mesh):
+        hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(*args).compile(
+        ).as_text()
+    assert hlo.count('custom_call_target="tpu_custom_call"') == 3
+    assert "flash_bwd_dq" in hlo and "flash_bwd_dkv" in hlo and "flash_bwd_fused" not in hlo
