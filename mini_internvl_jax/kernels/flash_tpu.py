@@ -705,7 +705,9 @@ def flash_attention(q, k, v, *, causal: bool, segment_ids=None, kv_segment_ids=N
     queries inside their segment, fully masked rows return zeros. `interpret` is passed to
     `pallas_call` (True or `pltpu.InterpretParams()` to run on CPU). `fused_backward`: None
     takes the one-kernel backward where K/V fit in VMEM, False forces the two kernels, True
-    insists on the fused one (an error where it does not fit).
+    insists on the fused one (an error where it does not fit). The fused backward's blocks are
+    the largest multiples of 128 that divide the padded length, at most block_q_dkv (queries)
+    and block_kv_dkv (keys).
     """
     _, s, h, kvh, _, d = common.check_inputs(q, k, v, segment_ids, kv_segment_ids)
     bs = block_sizes or BlockSizes()
