@@ -474,9 +474,14 @@ def _fused_blocks(cfg: _Cfg, d: int, dtype, bs: BlockSizes, fused: bool | None
     """(query block, kv sub-block) of the fused backward, or None for the two-kernel one:
     when asked (`fused` False), or when a kv head's whole sequence does not fit in VMEM.
     The blocks divide the padded length (at most block_q_dkv / block_kv_dkv)."""
+    sp = cfg.padded_len
     if fused is False:
         return None
-    sp = cfg.padded_len
+    if sp % LANES:  # whole-sequence blocks of an odd length: no 128-multiple divides it
+        if fused:
+            raise ValueError(f"TPU flash attention: no fused backward at {sp} padded tokens "
+                             f"(not a multiple of {LANES})")
+        return None
     bq, bk = _divisor_block(sp, bs.block_q_dkv), _divisor_block(sp, bs.block_kv_dkv)
     need = _fused_vmem_bytes(sp, bq, bk, d, jnp.dtype(dtype).itemsize, cfg.has_seg)
     if need > FUSED_VMEM_BUDGET:
