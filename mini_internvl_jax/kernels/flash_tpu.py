@@ -441,9 +441,9 @@ def _dkv(cfg: _Cfg, tab, qt, kt, vt, dot_, lse, di, qseg_row, kseg_col):
 # accumulators of the same length. It is taken where a generous estimate of all it holds
 # (`_fused_vmem_bytes`) stays within FUSED_VMEM_BUDGET, well inside the smallest VMEM of the
 # chips we target (v5p: 64 MiB per core; v5e, v6e: 128 MiB): bf16 with segment ids fits 8192
-# tokens, float32 4096. Its scoped VMEM (scratch and temporaries; Mosaic needs 6 MiB at 4096
-# bf16 tokens, 10 at 8192) gets an explicit FUSED_VMEM_LIMIT, twice the 16 MiB default, half
-# of v5p's VMEM, so these lengths do not hang on the default.
+# tokens, float32 4096. Its scoped VMEM (scratch and temporaries: the v5e compiler asks for 6
+# MiB at 4096 bf16 tokens with segment ids, 10 at 8192) gets an explicit FUSED_VMEM_LIMIT,
+# twice v5e's 16 MiB default and half of v5p's VMEM, so these lengths do not depend on it.
 FUSED_VMEM_BUDGET = 48 * 2**20
 FUSED_VMEM_LIMIT = 32 * 2**20
 
