@@ -8,6 +8,15 @@ blocks that the causal mask and the segment layout leave non-empty (ranges from
 so they issue no DMA. The backward recomputes P from the saved logsumexp: one kernel for dQ,
 one for dK/dV that loops over the G query heads of a kv head.
 
+Blocks: the pipeline copies an operand's block from HBM again whenever its index changes between
+consecutive grid steps, so with 128-blocks InternViT's 1025 tokens (9 query blocks) re-read all
+of K/V 9 times and were bandwidth-bound. Short sequences (`_auto_blocks`) therefore take one
+inner block spanning the whole sequence, padded to a multiple of 128 only (1152 = 9 x 128, not
+a power of two): K/V are read once per head, and each grid step is large enough to hide its
+fixed cost. Long ones (the LLM's 4096 causal packed tokens) keep power-of-two `BlockSizes`,
+which let the kernels skip masked-out blocks. The cost estimates count those copies
+(`_dma_bytes`), not each array once.
+
 Row statistics follow the splash-attention layout: m and l live lane-replicated as [bq, 128];
 logsumexp and delta travel lane-major as [B, H, 1, S]; segment ids are pre-broadcast to
 [S, 128] (ids along sublanes) and [8, S] (ids along lanes).
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -28,13 +38,20 @@ from jax.experimental.pallas import tpu as pltpu
 from mini_internvl_jax.kernels import common
 
 LANES, SUBLANES = 128, 8
+# Automatic blocks: the inner side spans the whole 128-padded sequence up to this length (less
+# when causal or segmented, where one whole block gives up skipping the masked-out blocks) ...
+WHOLE_MAX, WHOLE_MAX_SKIPPING = 2048, 1024
+# ... with the outer block as large as keeps each f32 [outer, inner] temporary (scores,
+# probabilities, their gradients) within 2 MiB of the 16 MiB default scoped VMEM of a v5e.
+TEMP_ELEMS = 512 * 1024
 NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
 NN = (((1,), (0,)), ((), ()))
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Block sizes (multiples of 128). Each is shrunk for short or odd lengths (`pick_block`)."""
+    """Block sizes (powers of two >= 128). Each is shrunk for short or odd lengths
+    (`pick_block`). Without them the kernels pick their own (`_auto_blocks`)."""
 
     block_q: int = 512
     block_kv: int = 512
@@ -65,21 +82,41 @@ class _Cfg:
     dq: tuple[int, int]
 
 
-def _cost(cfg: _Cfg, blocks: tuple[int, int], heads: int, matmuls: int, arrays, by_kv=False
-          ) -> pl.CostEstimate:
+def _cost(cfg: _Cfg, blocks: tuple[int, int], heads: int, matmuls: int, grid, tab_b: int,
+          in_specs, args, out_specs, outs, by_kv=False) -> pl.CostEstimate:
     """XLA's cost estimate of one kernel: `matmuls` [bq, d] x [d, bk]-sized products per
-    visited block pair, an exp per score, and the bytes of its arrays. Visited pairs are those
-    of the causal (or full) mask without segment ids: the most the kernel computes (segments
-    only skip more, at run time). The step anatomy (tools/hlo.py) reads these figures."""
+    visited block pair, an exp per score, and the HBM bytes the pipeline moves (`_dma_bytes`).
+    Visited pairs and block indices are those of the causal (or full) mask without segment ids:
+    the most the kernel computes and moves (segments only skip more, at run time). The step
+    anatomy (tools/hlo.py) reads these figures."""
     bq, bk = blocks
-    d = arrays[0].shape[-1]
+    d = args[0].shape[-1]
     tab = common.block_ranges(None, None, q_len=cfg.seq_len, kv_len=cfg.seq_len, bq=bq, bk=bk,
                               causal=cfg.causal, by_kv=by_kv)
     pairs = int(np.sum(tab[..., 1] - tab[..., 0])) * heads
-    return pl.CostEstimate(
-        flops=2 * matmuls * pairs * bq * bk * d, transcendentals=pairs * bq * bk,
-        bytes_accessed=sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-                           for x in arrays if x is not None))
+    # with segments the index maps read one table row per batch row: here all the same
+    flat = np.broadcast_to(tab, (tab_b, *tab.shape[1:])).reshape(-1)
+    moved = _dma_bytes(grid, [*in_specs, *out_specs], [*args, *outs], flat)
+    return pl.CostEstimate(flops=2 * matmuls * pairs * bq * bk * d,
+                           transcendentals=pairs * bq * bk, bytes_accessed=moved + flat.nbytes)
+
+
+def _dma_bytes(grid: tuple[int, ...], specs, arrays, tab: np.ndarray) -> int:
+    """HBM bytes the Pallas TPU pipeline moves for these blocks: it walks the grid in order
+    (last axis fastest) and copies an input block in, or an output block out, whenever the
+    block index differs from the previous grid step's. The kernel's own index maps are
+    evaluated on numpy grid indices (`_clamp` follows its inputs' array type)."""
+    steps = np.indices(grid).reshape(len(grid), -1)
+    n = steps.shape[1]
+    total = 0
+    for spec, x in zip(specs, arrays, strict=True):
+        if spec is None or x is None:
+            continue
+        idx = np.stack([np.broadcast_to(np.asarray(i), (n,)) for i in spec.index_map(*steps, tab)])
+        copies = 1 + int(np.count_nonzero(np.any(idx[:, 1:] != idx[:, :-1], axis=0)))
+        block = math.prod(b if isinstance(b, int) else 1 for b in spec.block_shape)
+        total += copies * block * np.dtype(x.dtype).itemsize
+    return total
 
 
 def _precision(dtype):
@@ -106,8 +143,10 @@ def _ranges(tab_ref, b, outer, n_outer, tab_b):
 
 
 def _clamp(x, lo, hi):
-    """Inner block index to fetch: outside [lo, hi) repeat an edge block, so no new DMA."""
-    return jnp.minimum(jnp.maximum(x, lo), jnp.maximum(hi - 1, lo))
+    """Inner block index to fetch: outside [lo, hi) repeat an edge block, so no new DMA.
+    numpy indices (the byte count of `_dma_bytes`) stay numpy."""
+    xp = np if isinstance(x, np.ndarray) else jnp
+    return xp.minimum(xp.maximum(x, lo), xp.maximum(hi - 1, lo))
 
 
 def _run_blocks(inner, lo, hi, flo, fhi, body):
@@ -207,27 +246,30 @@ def _fwd(cfg: _Cfg, tab, qt, kt, vt, qseg_col, kseg_row):
     else:
         in_specs += [None, None]
         args += [None, None]
+    grid = (b, h, nq, nk)
+    out_specs = [pl.BlockSpec((None, None, bq, d), q_map),
+                 pl.BlockSpec((None, None, 1, bq), lambda bi, hi, i, j, t: (bi, hi, 0, i))]
+    out_shape = [jax.ShapeDtypeStruct((b, h, sp, d), qt.dtype),
+                 jax.ShapeDtypeStruct((b, h, 1, sp), jnp.float32)]
     out, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg, tab_b=tab_b),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
-            grid=(b, h, nq, nk),
+            grid=grid,
             in_specs=in_specs,
-            out_specs=[pl.BlockSpec((None, None, bq, d), q_map),
-                       pl.BlockSpec((None, None, 1, bq), lambda bi, hi, i, j, t: (bi, hi, 0, i))],
+            out_specs=out_specs,
             scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),
                             pltpu.VMEM((bq, LANES), jnp.float32),
                             pltpu.VMEM((bq, d), jnp.float32)],
         ),
-        out_shape=[jax.ShapeDtypeStruct((b, h, sp, d), qt.dtype),
-                   jax.ShapeDtypeStruct((b, h, 1, sp), jnp.float32)],
+        out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=cfg.interpret,
         name="flash_fwd",
-        # QK^T and PV; reads q, k, v (and ids), writes out and lse
-        cost_estimate=_cost(cfg, cfg.fwd, b * h, 2, [*args, qt, jax.ShapeDtypeStruct(
-            (b, h, 1, sp), jnp.float32)]),
+        # QK^T and PV
+        cost_estimate=_cost(cfg, cfg.fwd, b * h, 2, grid, tab_b, in_specs, args, out_specs,
+                            out_shape),
     )(flat, *args)
     return out, lse
 
@@ -315,21 +357,25 @@ def _dq(cfg: _Cfg, tab, qt, kt, vt, dot_, lse, di, qseg_col, kseg_row):
     else:
         in_specs += [None, None]
         args += [None, None]
+    grid = (b, h, nq, nk)
+    out_spec = pl.BlockSpec((None, None, bq, d), q_map)
+    out_shape = jax.ShapeDtypeStruct(qt.shape, qt.dtype)
     return pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, tab_b=tab_b),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
-            grid=(b, h, nq, nk),
+            grid=grid,
             in_specs=in_specs,
-            out_specs=pl.BlockSpec((None, None, bq, d), q_map),
+            out_specs=out_spec,
             scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
         ),
-        out_shape=jax.ShapeDtypeStruct(qt.shape, qt.dtype),
+        out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=cfg.interpret,
         name="flash_bwd_dq",
-        cost_estimate=_cost(cfg, cfg.dq, b * h, 3, [*args, qt]),  # QK^T, dO V^T, dS K
+        cost_estimate=_cost(cfg, cfg.dq, b * h, 3, grid, tab_b, in_specs, args,  # QK^T,
+                            [out_spec], [out_shape]),  # dO V^T, dS K
     )(jnp.asarray(tab).reshape(-1), *args)
 
 
@@ -408,26 +454,30 @@ def _dkv(cfg: _Cfg, tab, qt, kt, vt, dot_, lse, di, qseg_row, kseg_col):
     else:
         in_specs += [None, None]
         args += [None, None]
+    grid = (b, kvh, nk, g, nq)
+    out_specs = [pl.BlockSpec((None, None, bk, d), kv_map),
+                 pl.BlockSpec((None, None, bk, d), kv_map)]
+    out_shape = [jax.ShapeDtypeStruct(kt.shape, kt.dtype),
+                 jax.ShapeDtypeStruct(vt.shape, vt.dtype)]
     return pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg, tab_b=tab_b),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
-            grid=(b, kvh, nk, g, nq),
+            grid=grid,
             in_specs=in_specs,
-            out_specs=[pl.BlockSpec((None, None, bk, d), kv_map),
-                       pl.BlockSpec((None, None, bk, d), kv_map)],
+            out_specs=out_specs,
             scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32),
                             pltpu.VMEM((bk, d), jnp.float32)],
         ),
-        out_shape=[jax.ShapeDtypeStruct(kt.shape, kt.dtype),
-                   jax.ShapeDtypeStruct(vt.shape, vt.dtype)],
+        out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary",
                                  "arbitrary")),
         interpret=cfg.interpret,
         name="flash_bwd_dkv",
         # QK^T, dO V^T, P^T dO, dS^T Q for each of the G query heads of a kv head
-        cost_estimate=_cost(cfg, cfg.dkv, b * kvh * g, 4, [*args, kt, vt], by_kv=True),
+        cost_estimate=_cost(cfg, cfg.dkv, b * kvh * g, 4, grid, tab_b, in_specs, args,
+                            out_specs, out_shape, by_kv=True),
     )(jnp.asarray(tab).reshape(-1), *args)
 
 
@@ -506,13 +556,27 @@ def flash_attention(q, k, v, *, causal: bool, segment_ids=None, kv_segment_ids=N
     `pallas_call` (True or `pltpu.InterpretParams()` to run on CPU).
     """
     _, s, h, kvh, _, d = common.check_inputs(q, k, v, segment_ids, kv_segment_ids)
-    bs = block_sizes or BlockSizes()
-    pick = lambda pref: common.pick_block(s, pref, LANES)
-    blocks = [pick(getattr(bs, f.name)) for f in dataclasses.fields(bs)]
     kv_segment_ids = common.kv_segments(segment_ids, kv_segment_ids)
     has_seg = segment_ids is not None
+    blocks = _auto_blocks(s, causal, has_seg) if block_sizes is None else None
+    if blocks is None:
+        bs = block_sizes or BlockSizes()
+        blocks = [common.pick_block(s, getattr(bs, f.name), LANES)
+                  for f in dataclasses.fields(bs)]
     cfg = _Cfg(causal=causal, scale=float(d**-0.5 if scale is None else scale), seq_len=s,
                padded_len=common.round_up(s, max(blocks)), groups=h // kvh, has_seg=has_seg,
                interpret=interpret, fwd=(blocks[0], blocks[1]), dkv=(blocks[2], blocks[3]),
                dq=(blocks[4], blocks[5]))
     return _flash(cfg, q, k, v, segment_ids, kv_segment_ids)
+
+
+def _auto_blocks(s: int, causal: bool, has_seg: bool) -> list[int] | None:
+    """(fwd q, kv, dK/dV q, kv, dQ q, kv) for a short sequence: the inner block is the whole
+    128-padded sequence, so K/V are read once per head (forward, dQ) and Q/dO once per outer
+    kv block (dK/dV), and the padding stays below 128. None: longer, use `BlockSizes()`."""
+    whole = common.round_up(s, LANES)
+    if whole > (WHOLE_MAX_SKIPPING if causal or has_seg else WHOLE_MAX):
+        return None
+    outer = max(b for b in range(LANES, min(whole, 512) + 1, LANES)
+                if whole % b == 0 and b * whole <= TEMP_ELEMS)
+    return [outer, whole, whole, outer, outer, whole]
