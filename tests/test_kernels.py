@@ -83,9 +83,11 @@ CASES = [
     pytest.param(1, 300, 4, 1, 64, True, 4, jnp.bfloat16, id="seg4-gqa4-bf16"),
 ]
 # The TPU kernel's own blocks: at 1025 one 1152 inner block and three 384 outer blocks; at 600
-# (causal, segments) one 640 inner block and five 128 outer blocks.
+# (causal, segments) one 640 inner block and five 128 outer blocks; at 256 one block, unpadded
+# (no mask at all).
 AUTO_CASES = [
     pytest.param(1, 1025, 2, 1, 64, False, 0, jnp.float32, id="vit1025-gqa2"),
+    pytest.param(1, 256, 2, 2, 64, False, 0, jnp.float32, id="full256"),
     pytest.param(2, 600, 2, 1, 64, True, 3, jnp.bfloat16, id="seg3-gqa2-bf16-padrow"),
 ]
 KERNEL_CASES = [pytest.param(kernel, *c.values, id=f"{c.id}-{kernel}")

@@ -42,11 +42,16 @@ SHAPES = [
     ("llm", 2, 4096, 14, 2, 64, True, True, jnp.bfloat16),
     ("d96-f32", 2, 384, 4, 2, 96, True, True, jnp.float32),
     ("d128", 2, 512, 16, 8, 128, True, False, jnp.bfloat16),
+    # the kernel's own blocks at their largest: [256, 2048], within v5e's default 16 MiB
+    # scoped VMEM (float32 too, below: its compile alone takes ~15 s)
+    ("auto-d128-2048", 2, 2048, 4, 2, 128, False, False, jnp.bfloat16),
 ]
+CASES = [pytest.param(*x, id=x[0]) for x in SHAPES] + [pytest.param(
+    "auto-f32-d128-2048", 2, 2048, 4, 2, 128, False, False, jnp.float32,
+    id="auto-f32-d128-2048", marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("name,b,s,h,kvh,d,causal,seg,dtype", SHAPES,
-                         ids=[x[0] for x in SHAPES])
+@pytest.mark.parametrize("name,b,s,h,kvh,d,causal,seg,dtype", CASES)
 def test_forward_backward_compiles_for_tpu(tpu_mesh, name, b, s, h, kvh, d, causal, seg,
                                            dtype):
     def loss(q, k, v, segment_ids):

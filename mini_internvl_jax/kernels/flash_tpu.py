@@ -125,8 +125,10 @@ def _precision(dtype):
     return lax.Precision.HIGHEST if dtype == jnp.float32 else lax.Precision.DEFAULT
 
 
-def _mask(cfg: _Cfg, q_pos, k_pos, q_ids, kv_ids):
-    """Visibility within a block, from int32 query/key position grids of the block's shape."""
+def _mask(cfg: _Cfg, s, q_pos, k_pos, q_ids, kv_ids):
+    """Scores s with the hidden ones at -inf, from int32 query/key position grids of the
+    block's shape. A kernel traces its masked branch even where no block needs it (full
+    attention over an unpadded length): then there is nothing to hide."""
     conds = []
     if cfg.causal:
         conds.append(k_pos <= q_pos)
@@ -134,7 +136,7 @@ def _mask(cfg: _Cfg, q_pos, k_pos, q_ids, kv_ids):
         conds.append(k_pos < cfg.seq_len)
     if cfg.has_seg:
         conds.append(q_ids == kv_ids)
-    return functools.reduce(jnp.logical_and, conds) if conds else None
+    return jnp.where(functools.reduce(jnp.logical_and, conds), s, -jnp.inf) if conds else s
 
 
 def _ranges(tab_ref, b, outer, n_outer, tab_b):
@@ -191,7 +193,7 @@ def _fwd_kernel(tab_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref
             if cfg.has_seg:
                 q_ids = jnp.tile(qseg_ref[...], (1, bk // LANES))
                 kv_ids = kseg_ref[:1, :]
-            s = jnp.where(_mask(cfg, q_pos, k_pos, q_ids, kv_ids), s, -jnp.inf)
+            s = _mask(cfg, s, q_pos, k_pos, q_ids, kv_ids)
         m_prev, l_prev = m_sc[...], l_sc[...]
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
         p = jnp.exp(s - jnp.tile(m_next, (1, bk // LANES)))
@@ -300,7 +302,7 @@ def _dq_kernel(tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, 
             if cfg.has_seg:
                 q_ids = jnp.tile(qseg_ref[...], (1, bk // LANES))
                 kv_ids = kseg_ref[:1, :]
-            s = jnp.where(_mask(cfg, q_pos, k_pos, q_ids, kv_ids), s, -jnp.inf)
+            s = _mask(cfg, s, q_pos, k_pos, q_ids, kv_ids)
         lse = jnp.expand_dims(lse_ref[0], -1)
         di = jnp.expand_dims(di_ref[0], -1)
         p = jnp.exp(s - lse)
@@ -374,8 +376,9 @@ def _dq(cfg: _Cfg, tab, qt, kt, vt, dot_, lse, di, qseg_col, kseg_row):
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=cfg.interpret,
         name="flash_bwd_dq",
-        cost_estimate=_cost(cfg, cfg.dq, b * h, 3, grid, tab_b, in_specs, args,  # QK^T,
-                            [out_spec], [out_shape]),  # dO V^T, dS K
+        # QK^T, dO V^T, dS K
+        cost_estimate=_cost(cfg, cfg.dq, b * h, 3, grid, tab_b, in_specs, args, [out_spec],
+                            [out_shape]),
     )(jnp.asarray(tab).reshape(-1), *args)
 
 
@@ -407,7 +410,7 @@ def _dkv_kernel(tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref,
             if cfg.has_seg:
                 q_ids = qseg_ref[:1, :]
                 kv_ids = jnp.tile(kseg_ref[...], (1, bq // LANES))
-            s = jnp.where(_mask(cfg, q_pos, k_pos, q_ids, kv_ids), s, -jnp.inf)
+            s = _mask(cfg, s, q_pos, k_pos, q_ids, kv_ids)
         p = jnp.exp(s - lse_ref[...])
         dv_sc[...] += lax.dot_general(p.astype(do.dtype), do, NN,
                                       preferred_element_type=jnp.float32, precision=prec)
