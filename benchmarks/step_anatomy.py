@@ -139,7 +139,7 @@ def run_one(a, size: str) -> dict:
     if cfg.compute.remat == "auto" and not a.hlo:
         budget = hbm_budget(devices[0])
         cfg, s, _, compiled, tried = choose_remat(cfg, mesh, budget=budget)
-        choice = format_choice(tried, budget)
+        choice = format_choice(cfg, tried, budget)
         print(choice, flush=True)
         t1 = t0
     else:

@@ -9,6 +9,7 @@ kept, so its forward runs once, and that the gradients equal those without remat
 import importlib.util
 import os
 import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -102,3 +103,66 @@ def test_the_vision_tower_takes_its_own_policy():
     for bad in ({"remat": "auto", "remat_vision": "full"}, {"remat_vision": "auto"}):
         with pytest.raises(ConfigError, match="compute.remat_vision: auto is set by"):
             ComputeConfig(**bad)
+
+
+class _Compiled:
+    """What choose_remat reads of a compiled step: its memory analysis and its HLO."""
+
+    def __init__(self, peak: int, hlo: str):
+        self.peak, self.hlo = peak, hlo
+
+    def memory_analysis(self):
+        return types.SimpleNamespace(argument_size_in_bytes=self.peak, output_size_in_bytes=0,
+                                     alias_size_in_bytes=0, temp_size_in_bytes=0,
+                                     generated_code_size_in_bytes=0)
+
+    def as_text(self):
+        return self.hlo
+
+
+def _copy_step(n: int) -> str:
+    """A module whose one kernel copies n float32 values: 8n HBM bytes, 8n / 819e9 s on v5e."""
+    return f"""
+HloModule m
+
+ENTRY %main (x: f32[{n}]) -> f32[{n}] {{
+  %x = f32[{n}]{{0}} parameter(0)
+  ROOT %c = f32[{n}]{{0}} copy(%x)
+}}
+"""
+
+
+@pytest.mark.parametrize("kind, expect", [("TPU v5 lite", "save_dots"), ("cpu", "none")])
+def test_remat_auto_ranks_the_policies_that_fit_by_their_roofline(monkeypatch, kind, expect):
+    """Per policy a made-up compiled step (peak GiB, bytes moved). On a chip with a known
+    roofline the fitting policy that moves the fewest bytes wins, even against one with less
+    recomputation (`none`); elsewhere the first that fits."""
+    from mini_internvl_jax.train import aot
+
+    steps = {"none": (10, 3_000_000), "save_dots": (12, 1_000_000),
+             "save_attention (vision save_dots)": (13, 500_000),
+             "save_attention": (9, 2_000_000), "full": (5, 2_500_000)}
+    gib = 2**30
+
+    def compile_step(cfg, mesh, model_cfg):
+        peak, n = steps[aot.remat_label(cfg.compute.remat, cfg.compute.remat_vision)]
+        return "setup", "batch", _Compiled(peak * gib, _copy_step(n))
+
+    monkeypatch.setattr(aot, "_compile_step", compile_step)
+    device = types.SimpleNamespace(device_kind=kind)
+    mesh = types.SimpleNamespace(devices=np.array([device], dtype=object))
+    from mini_internvl_jax.train.config import train_config_from_dict
+
+    cfg = train_config_from_dict({"model": "tiny-qwen2", "compute": {"remat": "auto"}})
+    chosen, *_, tried = aot.choose_remat(cfg, mesh, model_cfg=object(), budget=12.5 * gib)
+    assert aot.remat_label(chosen.compute.remat, chosen.compute.remat_vision) == expect
+    if kind == "cpu":
+        assert [p for p, *_ in tried] == ["none"] and tried[0][2] is None
+        return
+    assert [(p, b / gib) for p, b, _ in tried] == [(p, b) for p, (b, _) in steps.items()]
+    bw = 819e9
+    assert [t for *_, t in tried] == pytest.approx(
+        [8 * 3e6 / bw, 8 * 1e6 / bw, None, 8 * 2e6 / bw, 8 * 2.5e6 / bw])
+    line = aot.format_choice(chosen, tried, 12.5 * gib)
+    assert line.startswith("remat auto -> save_dots (compiled peak per device, per-kernel "
+                           "roofline: none 10.00 GiB 0.0 ms, save_dots 12.00 GiB 0.0 ms, ")

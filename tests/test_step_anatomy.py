@@ -380,7 +380,7 @@ def test_remat_auto_takes_the_least_recomputation_that_fits():
     under that peak, the next policy whose compiled peak fits; with none, a clear error."""
     from mini_internvl_jax.configlib import ConfigError
     from mini_internvl_jax.sharding import make_mesh
-    from mini_internvl_jax.train.aot import choose_remat
+    from mini_internvl_jax.train.aot import choose_remat, remat_label
     from mini_internvl_jax.train.config import train_config_from_dict
 
     cfg = train_config_from_dict({
@@ -390,10 +390,11 @@ def test_remat_auto_takes_the_least_recomputation_that_fits():
         "mesh": {"data": 1, "fsdp": -1, "tensor": 1}})
     mesh = make_mesh(1, -1, 1, jax.devices("cpu")[:2])
     chosen, *_, tried = choose_remat(cfg, mesh, budget=float("inf"))
-    assert chosen.compute.remat == "none" and [p for p, _ in tried] == ["none"]
+    assert chosen.compute.remat == "none" and [p for p, *_ in tried] == ["none"]
     budget = tried[0][1] - 1
     chosen, *_, tried = choose_remat(cfg, mesh, budget=budget)
-    assert [p for p, _ in tried][0] == "none" and chosen.compute.remat == tried[-1][0]
-    assert tried[-1][1] <= budget < min(b for _, b in tried[:-1])
+    assert [p for p, *_ in tried][0] == "none"
+    assert remat_label(chosen.compute.remat, chosen.compute.remat_vision) == tried[-1][0]
+    assert tried[-1][1] <= budget < min(b for _, b, _ in tried[:-1])
     with pytest.raises(ConfigError, match="remat auto: no policy fits 0.00 GiB per device"):
         choose_remat(cfg, mesh, budget=1.0)
