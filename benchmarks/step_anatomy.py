@@ -55,7 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--tiles", type=int, default=6, help="tiles per sample")
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--remat", default="full")
+    p.add_argument("--remat", default="full",
+                   help="a policy, or auto: the least recomputation whose compiled step fits "
+                        "the chip (train/aot.choose_remat; compiles each candidate in turn)")
     p.add_argument("--attention", default="auto", help="auto (Pallas flash on TPU) or xla")
     p.add_argument("--loss-chunk", type=int, default=1024)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -118,7 +120,13 @@ def run_one(a, size: str) -> dict:
     from mini_internvl_jax.sharding import make_mesh
     from mini_internvl_jax.tools.hlo import analyze
     from mini_internvl_jax.train import flops
-    from mini_internvl_jax.train.aot import topology_devices
+    from mini_internvl_jax.train.aot import (
+        choose_remat,
+        format_choice,
+        hbm_budget,
+        remat_label,
+        topology_devices,
+    )
     from mini_internvl_jax.train.setup import build_abstract
 
     cfg = train_config(a, size)
@@ -127,16 +135,25 @@ def run_one(a, size: str) -> dict:
     devices = devices[:a.chips] if a.chips else devices
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
     t0 = time.perf_counter()
-    s = build_abstract(cfg, mesh)
+    choice = ""
+    if cfg.compute.remat == "auto" and not a.hlo:
+        budget = hbm_budget(devices[0])
+        cfg, s, _, compiled, tried = choose_remat(cfg, mesh, budget=budget)
+        choice = format_choice(cfg, tried, budget)
+        print(choice, flush=True)
+        t1 = t0
+    else:
+        s = build_abstract(cfg, mesh)
     cost, mem = {}, None
     if a.hlo:  # re-read a dumped module: no compile, no XLA cost or memory figures
         text = Path(a.hlo.format(model=s.model_cfg.name)).read_text()
         t1 = t2 = time.perf_counter()
     else:
-        with jax.set_mesh(mesh):
-            lowered = s.step_fn.lower(s.state, s.batch_abstract())
-            t1 = time.perf_counter()
-            compiled = lowered.compile()
+        if not choice:
+            with jax.set_mesh(mesh):
+                lowered = s.step_fn.lower(s.state, s.batch_abstract())
+                t1 = time.perf_counter()
+                compiled = lowered.compile()
         t2 = time.perf_counter()
         text = compiled.as_text()
         cost = compiled.cost_analysis()
@@ -158,7 +175,8 @@ def run_one(a, size: str) -> dict:
         "label": a.label or "default", "model": s.model_cfg.name, "topology": topology,
         "chips": chips, "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
         "batch": cfg.batch_size, "seq": cfg.seq_len, "tiles": tiles,
-        "grad_accum": cfg.optim.grad_accum, "remat": cfg.compute.remat,
+        "grad_accum": cfg.optim.grad_accum,
+        "remat": remat_label(cfg.compute.remat, cfg.compute.remat_vision), "remat_choice": choice,
         "attention": cfg.compute.attention_impl, "loss_chunk": cfg.loss_chunk, "overrides": a.set,
         "lower_s": t1 - t0, "compile_s": t2 - t1,
         "xla_cost_flops": float(cost.get("flops", float("nan"))),

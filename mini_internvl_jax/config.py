@@ -22,9 +22,10 @@ from mini_internvl_jax.configlib import check, check_choices
 Dtype = Literal["float32", "bfloat16", "float16"]
 Family = Literal["qwen2", "qwen3", "internlm2", "phi3", "llama"]
 TemplateName = Literal["Hermes-2", "internlm2-chat", "phi3-chat", "internvl2_5"]
-# auto: the trainer compiles the step and picks the least recomputation that fits the chip
-# (train/aot.py); a model is always given a concrete policy.
-RematPolicy = Literal["none", "full", "save_dots", "auto"]
+# From the least recomputation to the most (models/stack.py); auto: the trainer compiles the
+# step and picks the least recomputation that fits the chip (train/aot.py), per part; a model is
+# always given concrete policies.
+RematPolicy = Literal["none", "save_dots", "save_attention", "full", "auto"]
 AttentionImpl = Literal["xla", "cudnn", "pallas", "auto"]
 
 DTYPES: tuple[str, ...] = get_args(Dtype)
@@ -52,9 +53,21 @@ class ComputeConfig:
     remat: RematPolicy = "none"
     # Checked on the host when inputs are concrete and through a host callback under jit.
     check_image_tokens: bool = True
+    # The vision tower's policy where it should differ from the LLM's (`remat`); None: the same.
+    # Its activations are a fixed cost per tile, the LLM's grow with the sequence, so a chip
+    # often has room to keep the ViT's but not the LLM's.
+    remat_vision: RematPolicy | None = None
 
     def __post_init__(self):
         check_choices(self, "compute.")
+        check(self.remat_vision != "auto" and not (self.remat == "auto" and self.remat_vision),
+              "compute.remat_vision", "auto is set by compute.remat: auto, which picks both "
+              f"parts' policies (got remat {self.remat!r}, remat_vision {self.remat_vision!r})")
+
+    @property
+    def vision_remat(self) -> str:
+        """The vision tower's concrete policy."""
+        return self.remat_vision or self.remat
 
     def replace(self, **kw) -> ComputeConfig:
         return dataclasses.replace(self, **kw)

@@ -18,12 +18,14 @@ RECORDED = [6.351090908050537, 6.318295001983643, 6.293505668640137, 6.357231616
             6.246283531188965]
 
 
-@pytest.mark.parametrize("remat", [
-    "full", pytest.param("save_dots", marks=pytest.mark.slow)])  # suite time: same step code
-def test_first_five_float32_losses_match_the_previous_implementation(remat):
-    """Also under save_dots, the policy the W1 step anatomy recommends: what a policy keeps
+@pytest.mark.parametrize("remat, remat_vision", [
+    ("full", None), ("save_attention", "save_dots"),
+    pytest.param("save_dots", None, marks=pytest.mark.slow)])  # suite time: same step code
+def test_first_five_float32_losses_match_the_previous_implementation(remat, remat_vision):
+    """Also under the policies `remat: auto` picks from (save_dots for 1B at W1, the LLM keeping
+    only attention results while the ViT keeps its matmul outputs for 2B): what a policy keeps
     or recomputes must not change a number."""
-    losses = five_step_losses(compute={"remat": remat})
+    losses = five_step_losses(compute={"remat": remat, "remat_vision": remat_vision})
     np.testing.assert_allclose(losses, RECORDED, rtol=1e-5)
     assert len(set(losses)) == 5  # the steps really train on different batches
 

@@ -103,7 +103,7 @@ def open_source(path: str | Path, *, step: int | None = None,
     if is_training_checkpoint(str(path)):
         run = read_run(str(path), step)
         tok = run.tokenizer if run.tokenizer and epath.Path(run.tokenizer).is_dir() else None
-        stored = run.compute.replace(remat="none", check_image_tokens=True)
+        stored = run.compute.replace(remat="none", remat_vision=None, check_image_tokens=True)
         return Source("training_run", p, run.model_config, stored, None, tok, _run=run)
     if is_converted_folder(p):
         cfg, conversion = read_converted(p)

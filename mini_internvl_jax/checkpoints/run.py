@@ -207,7 +207,7 @@ def restore_model(run: RunFolder, compute: ComputeConfig | None = None, *, mesh=
     layout the run stored (`compute.scan_layers` must match it) and cast to
     `compute.param_dtype` afterwards.
     """
-    want = compute or run.compute.replace(remat="none", check_image_tokens=True)
+    want = compute or run.compute.replace(remat="none", remat_vision=None, check_image_tokens=True)
     if want.scan_layers != run.compute.scan_layers:
         raise CheckpointError(
             f"{run.path} step {run.step} stores its layers "

@@ -125,7 +125,7 @@ class InternVLModel(nnx.Module):
         cfg = self.cfg
         with jax.named_scope(SCOPE_VISION):
             h = self.vision(pixel_values, num_layers=cfg.num_vision_layers_used,
-                            dropout_key=dropout_key, remat=self.compute.remat)
+                            dropout_key=dropout_key, remat=self.compute.vision_remat)
             h = h[:, 1:]  # drop CLS
             t, n, c = h.shape
             side = int(round(np.sqrt(n)))

@@ -12,6 +12,8 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
+from mini_internvl_jax.kernels.common import RESIDUAL_NAMES
+
 # Named scopes around the model's parts, the loss and the optimizer update. They only name
 # things (the compiled program is the same); tools/hlo.py sorts a compiled step's kernels into
 # parts by them (its op_name metadata reads e.g. `transpose(jvp(vision_tower))/while/...`).
@@ -22,12 +24,21 @@ SCOPE_HEAD = "lm_head_loss"  # LM head and cross-entropy
 SCOPE_OPTIMIZER = "optimizer_update"  # gradient norm, clipping, AdamW, the finite-step guard
 SCOPE_CAST = "weight_cast"  # the per-step compute-dtype copy of the weights
 
-# jax.checkpoint policy per `remat` setting (the config's remat choices).
+_save_attention = jax.checkpoint_policies.save_only_these_names(*RESIDUAL_NAMES)
+
+# jax.checkpoint policy per `remat` setting (the config's remat choices), from the most memory
+# to the least. The flash kernels' output and logsumexp are named (kernels/common.py): a Pallas
+# call is no dot, so without its residuals saved the backward would run the forward kernel again.
 CHECKPOINT_POLICIES = {
     "none": None,
+    # Keep matmul outputs (projections) and the attention kernel's results; recompute
+    # elementwise work (norms, activations, residual adds).
+    "save_dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _save_attention),
+    # Keep only the attention kernel's results (one [tokens, heads * head_dim] array and a
+    # float32 row per head and layer); recompute the rest.
+    "save_attention": _save_attention,
     "full": jax.checkpoint_policies.nothing_saveable,
-    # Keep matmul outputs (projections), recompute elementwise work and attention.
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 

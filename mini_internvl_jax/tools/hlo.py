@@ -534,6 +534,9 @@ NO_COMPUTE_TARGETS = {
     "PadToStatic", "SliceToDynamic", "PrepareAsyncCallStart", "PrepareAsyncCallDone",
     "xla_python_cpu_callback", "xla_ffi_python_cpu_callback", "annotate_device_placement",
 } | VIEW_TARGETS
+# Custom calls whose result is memory handed out, not written: TPU's AllocateBuffer stands for
+# the zeros a scan's stacked outputs start from when every element is overwritten in the loop.
+UNWRITTEN_TARGETS = {"AllocateBuffer"}
 _TARGET = re.compile(r'custom_call_target="([^"]*)"')
 _COST_FLOPS = re.compile(r'"cost_estimate"\s*:\s*\{[^{}]*"flops"\s*:\s*"?(\d+)')
 
@@ -642,6 +645,8 @@ def _result_bytes(ins: Instr, comps, size=hbm_bytes) -> float:
     if ins.opcode == "dynamic-update-slice":
         return 0.0 if not size(ins.shape) else nbytes(
             _shape_of(ins.operands[1], ins.computation, comps))
+    if custom_call_target(ins) in UNWRITTEN_TARGETS:
+        return 0.0
     if ins.opcode in ASYNC_RESULT:  # the tuple repeats the operands: only the output is new
         elems = _top_level(ins.shape)
         return size(elems[ASYNC_RESULT[ins.opcode]] if len(elems) > 1 else ins.shape)

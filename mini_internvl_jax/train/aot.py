@@ -23,7 +23,7 @@ import numpy as np
 
 from mini_internvl_jax.configlib import ConfigError
 from mini_internvl_jax.sharding import make_mesh
-from mini_internvl_jax.tools.hlo import CHIPS, analyze, collective_traffic
+from mini_internvl_jax.tools.hlo import CHIPS, analyze, collective_traffic, kernel_seconds
 from mini_internvl_jax.train import flops
 from mini_internvl_jax.train.config import DcnConfig, TrainConfig, build_model_config
 from mini_internvl_jax.train.setup import build_abstract
@@ -80,9 +80,19 @@ def dcn_for(cfg: TrainConfig, num_slices: int) -> DcnConfig:
 # Usable HBM per chip by device kind (Google Cloud TPU documentation), for topologies whose
 # compile-only devices cannot report it. A real device's own limit (memory_stats) comes first.
 HBM_GIB = {"TPU v5 lite": 15.75, "TPU v5": 95.0, "TPU v6 lite": 31.25, "TPU v4": 31.25}
-# Remat policies from the least recomputation to the most: `remat: auto` takes the first whose
-# compiled step fits the chip.
-REMAT_ORDER = ("none", "save_dots", "full")
+# Device kind -> the chip of tools/hlo.CHIPS whose roofline `remat: auto` ranks policies by.
+CHIP_OF_KIND = {"TPU v5 lite": "v5e", "TPU v5": "v5p", "TPU v6 lite": "v6e"}
+# (LLM policy, vision policy or None for the same) from the least recomputation to the most:
+# `remat: auto` takes the first whose compiled step fits the chip. Keeping the ViT's matmul
+# outputs while the LLM keeps only its attention results is the middle ground for a chip that
+# cannot hold both parts' matmul outputs (2B at W1 on v5e: save_dots needs 17 GB).
+REMAT_ORDER: tuple[tuple[str, str | None], ...] = (
+    ("none", None), ("save_dots", None), ("save_attention", "save_dots"),
+    ("save_attention", None), ("full", None))
+
+
+def remat_label(llm: str, vision: str | None) -> str:
+    return llm if vision in (None, llm) else f"{llm} (vision {vision})"
 
 
 def hbm_budget(device) -> float:
@@ -97,7 +107,7 @@ def hbm_budget(device) -> float:
     if device.device_kind in HBM_GIB:
         return HBM_GIB[device.device_kind] * GIB
     raise ConfigError(f"remat auto: the memory of a {device.device_kind!r} device is unknown; "
-                      f"set compute.remat to one of {list(REMAT_ORDER)}")
+                      f"set compute.remat to one of {[p for p, v in REMAT_ORDER if v is None]}")
 
 
 def peak_bytes(compiled) -> float:
@@ -117,26 +127,47 @@ def _compile_step(cfg: TrainConfig, mesh, model_cfg):
 
 
 def choose_remat(cfg: TrainConfig, mesh, model_cfg=None, budget: float | None = None):
-    """(cfg with the chosen policy, its setup, batch and compiled step, [(policy, peak bytes)]
-    tried): the first policy of REMAT_ORDER whose compiled step fits `budget` bytes per device
-    (default: the mesh's device memory). Compiling stops at the first that fits."""
+    """(cfg with the chosen policies, its setup, batch and compiled step, [(policy, peak bytes,
+    per-kernel roofline seconds or None)] tried) for `budget` bytes per device (default: the
+    mesh's device memory).
+
+    On a chip whose peak and bandwidth tools/hlo.CHIPS knows, every policy of REMAT_ORDER is
+    compiled and, of those that fit, the one with the smallest per-kernel roofline wins: less
+    recomputation is not always faster (4B at W1 on v5p: `none` fits, but its weight-gradient
+    fusions read twice the bytes, 416 ms against 344 ms for `save_dots`). Elsewhere (GPU, CPU)
+    the first that fits, compiling stopping there."""
     model_cfg = model_cfg or build_model_config(cfg)
-    budget = hbm_budget(mesh.devices.flat[0]) if budget is None else budget
-    tried: list[tuple[str, float]] = []
-    for policy in REMAT_ORDER:
-        c = dataclasses.replace(cfg, compute=cfg.compute.replace(remat=policy))
+    device = mesh.devices.flat[0]
+    budget = hbm_budget(device) if budget is None else budget
+    chip = CHIP_OF_KIND.get(device.device_kind)
+    tried: list[tuple[str, float, float | None]] = []
+    best: tuple | None = None
+    for policy, vision in REMAT_ORDER:
+        c = dataclasses.replace(cfg, compute=cfg.compute.replace(remat=policy,
+                                                                 remat_vision=vision))
+        label = remat_label(policy, vision)
         try:
             s, batch, compiled = _compile_step(c, mesh, model_cfg)
         except Exception as e:  # XLA:TPU refuses to compile a program that overflows HBM
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
-            tried.append((policy, _required_bytes(str(e))))
+            tried.append((label, _required_bytes(str(e)), None))
             continue
-        tried.append((policy, peak_bytes(compiled)))
-        if tried[-1][1] <= budget:
+        peak = peak_bytes(compiled)
+        if peak > budget:
+            tried.append((label, peak, None))
+            continue
+        if chip is None:
+            tried.append((label, peak, None))
             return c, s, batch, compiled, tried
+        seconds = kernel_seconds(analyze(compiled.as_text()).kernels, *CHIPS[chip])
+        tried.append((label, peak, seconds))
+        if best is None or seconds < best[0]:
+            best = (seconds, c, s, batch, compiled)
+    if best is not None:
+        return (*best[1:], tried)
     raise ConfigError("remat auto: no policy fits " + f"{budget / GIB:.2f} GiB per device ("
-                      + ", ".join(f"{p} {b / GIB:.2f} GiB" for p, b in tried)
+                      + ", ".join(f"{p} {b / GIB:.2f} GiB" for p, b, _ in tried)
                       + "): lower batch_size or seq_len, or shard over more chips")
 
 
@@ -148,9 +179,13 @@ def _required_bytes(message: str) -> float:
     return float(m.group(1)) * 1024.0 ** "KMGT".index(m.group(2)) * 1024
 
 
-def format_choice(tried: list[tuple[str, float]], budget: float | None = None) -> str:
-    return ("remat auto -> " + tried[-1][0] + " (compiled peak per device: "
-            + ", ".join(f"{p} {b / GIB:.2f} GiB" for p, b in tried)
+def format_choice(chosen: TrainConfig, tried: list[tuple[str, float, float | None]],
+                  budget: float | None = None) -> str:
+    timed = any(t is not None for _, _, t in tried)
+    return ("remat auto -> " + remat_label(chosen.compute.remat, chosen.compute.remat_vision)
+            + " (compiled peak per device" + (", per-kernel roofline" if timed else "") + ": "
+            + ", ".join(f"{p} {b / GIB:.2f} GiB" + ("" if t is None else f" {t * 1e3:.1f} ms")
+                        for p, b, t in tried)
             + ("" if budget is None else f"; budget {budget / GIB:.2f} GiB") + ")")
 
 
@@ -164,7 +199,7 @@ def resolve_remat(cfg: TrainConfig, devices=None) -> TrainConfig:
                      dcn=cfg.mesh.dcn.sizes)
     budget = hbm_budget(devices[0])
     chosen, *_, tried = choose_remat(cfg, mesh, budget=budget)
-    print(format_choice(tried, budget), flush=True)
+    print(format_choice(chosen, tried, budget), flush=True)
     return chosen
 
 
@@ -181,7 +216,7 @@ def compile_for_topology(cfg: TrainConfig, topology: str, num_slices: int = 1) -
     if cfg.compute.remat == "auto":
         budget = hbm_budget(devices[0])
         cfg, s, batch, compiled, tried = choose_remat(cfg, mesh, model_cfg, budget)
-        remat_choice = format_choice(tried, budget)
+        remat_choice = format_choice(cfg, tried, budget)
     else:
         s, batch, compiled = _compile_step(cfg, mesh, model_cfg)
     mem = compiled.memory_analysis()
@@ -207,7 +242,8 @@ def compile_for_topology(cfg: TrainConfig, topology: str, num_slices: int = 1) -
         "dcn": dict(zip(mesh.axis_names, dcn.sizes, strict=True)),
         "model": model_cfg.name, "stage": cfg.stage,
         "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "tiles_per_step": tiles,
-        "grad_accum": cfg.optim.grad_accum, "remat": cfg.compute.remat,
+        "grad_accum": cfg.optim.grad_accum,
+        "remat": remat_label(cfg.compute.remat, cfg.compute.remat_vision),
         "remat_choice": remat_choice,
         "dtype": cfg.compute.dtype, "param_dtype": cfg.compute.param_dtype,
         "trainable_gib": per_device_bytes(s.state.params) / GIB,

@@ -32,13 +32,19 @@ def _chunk(h, head, labels, weights, dtype, with_grads: bool, head_grad=None):
     """Sums (and, with_grads, d(sum w*ce)/dh [B, c, D] and /dhead [D, V], or per batch shard
     [shards, D, V] from `head_grad`) of one chunk."""
     hc = h.astype(dtype)
-    logits = jnp.einsum("bcd,dv->bcv", hc, head, preferred_element_type=jnp.float32)
-    logits = shard_activation(logits, ("batch", "length", "act_vocab"))
+    # Rounded to the compute dtype, then read in float32: the PyTorch models do the same
+    # (`lm_head` in bf16, then `logits.float()` for the loss), and it halves the bytes of the
+    # largest arrays of the step (W1: [4, 1024, 151655] per chunk), which every pass below reads.
+    rounded = jnp.einsum("bcd,dv->bcv", hc, head, preferred_element_type=jnp.float32)
+    rounded = shard_activation(rounded.astype(dtype), ("batch", "length", "act_vocab"))
+    logits = rounded.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     safe = jnp.clip(labels, 0, logits.shape[-1] - 1)
-    target = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    # Gathered and compared in the compute dtype (the same values): a gather from the float32
+    # logits makes XLA write them all to memory to read one per row.
+    target = jnp.take_along_axis(rounded, safe[..., None], axis=-1)[..., 0].astype(jnp.float32)
     w = jnp.where(labels == IGNORE_INDEX, 0.0, weights.astype(jnp.float32))
-    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    correct = (jnp.argmax(rounded, axis=-1) == labels).astype(jnp.float32)
     sums = (jnp.sum(w * (lse - target)), jnp.sum(w), jnp.sum(jnp.where(w > 0, correct, 0.0)))
     if not with_grads:
         return sums, None, None
@@ -145,9 +151,10 @@ def cross_entropy_sums(hidden: jax.Array, labels: jax.Array, weights: jax.Array,
                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(sum(w*ce), sum(w), #correct supervised tokens) for hidden [B, S, D], labels [B, S].
 
-    Logits are hidden @ head (head [D, V]) with `dtype` operands (default: head's dtype) and
-    float32 accumulation; `chunk` positions at a time (the batch dimension stays whole, so its
-    sharding is kept). Differentiable in hidden and head.
+    Logits are hidden @ head (head [D, V]) with `dtype` operands (default: head's dtype),
+    float32 accumulation and a `dtype` result (as in the PyTorch models); `chunk` positions at
+    a time (the batch dimension stays whole, so its sharding is kept). Differentiable in hidden
+    and head.
     """
     dtype = jnp.dtype(head.dtype if dtype is None else dtype)
     return _ce(hidden, head, labels, weights, min(chunk, hidden.shape[1]), dtype)
