@@ -3,7 +3,8 @@
 Both kernels are checked on the forward output and all three gradients: the TPU kernel
 (Mosaic flavour, run by the Pallas interpreter) and the GPU kernel (Triton flavour,
 `interpret=True`). Small blocks make short sequences span several blocks, so block skipping,
-mask-free blocks and the ragged tail are all exercised.
+mask-free blocks and the ragged tail are all exercised; `tpu-auto` cases run the TPU kernel with
+its own blocks, whose inner side spans the whole sequence at these lengths.
 """
 
 import jax
@@ -35,8 +36,8 @@ def run_kernel(kernel, q, k, v, *, causal, seg=None, kv_seg=None, interpret=True
                                          kv_segment_ids=kv_seg, block_sizes=GPU_BLOCKS,
                                          interpret=True)
     return flash_tpu.flash_attention(q, k, v, causal=causal, segment_ids=seg,
-                                     kv_segment_ids=kv_seg, block_sizes=TPU_BLOCKS,
-                                     interpret=interpret)
+                                     kv_segment_ids=kv_seg, interpret=interpret,
+                                     block_sizes=None if kernel == "tpu-auto" else TPU_BLOCKS)
 
 
 def make_inputs(b, s, h, kvh, d, dtype, seed=0):
@@ -81,10 +82,20 @@ CASES = [
     pytest.param(2, 130, 2, 2, 96, False, 2, jnp.bfloat16, id="seg2-d96-bf16-padrow"),
     pytest.param(1, 300, 4, 1, 64, True, 4, jnp.bfloat16, id="seg4-gqa4-bf16"),
 ]
+# The TPU kernel's own blocks: at 1025 one 1152 inner block and three 384 outer blocks; at 600
+# (causal, segments) one 640 inner block and five 128 outer blocks; at 256 one block, unpadded
+# (no mask at all).
+AUTO_CASES = [
+    pytest.param(1, 1025, 2, 1, 64, False, 0, jnp.float32, id="vit1025-gqa2"),
+    pytest.param(1, 256, 2, 2, 64, False, 0, jnp.float32, id="full256"),
+    pytest.param(2, 600, 2, 1, 64, True, 3, jnp.bfloat16, id="seg3-gqa2-bf16-padrow"),
+]
+KERNEL_CASES = [pytest.param(kernel, *c.values, id=f"{c.id}-{kernel}")
+                for c in CASES for kernel in ("tpu", "gpu")]
+KERNEL_CASES += [pytest.param("tpu-auto", *c.values, id=f"{c.id}-tpu-auto") for c in AUTO_CASES]
 
 
-@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
-@pytest.mark.parametrize("b,s,h,kvh,d,causal,nseg,dtype", CASES)
+@pytest.mark.parametrize("kernel,b,s,h,kvh,d,causal,nseg,dtype", KERNEL_CASES)
 def test_matches_dense_reference(kernel, b, s, h, kvh, d, causal, nseg, dtype):
     q, k, v, do = make_inputs(b, s, h, kvh, d, dtype)
     seg = kv_seg = None
@@ -187,6 +198,45 @@ def test_block_ranges_skip_empty_blocks():
     causal = common.block_ranges(None, None, q_len=100, kv_len=100, bq=32, bk=16, causal=True)
     # q block 1 (rows 32-63): kv blocks 0-3 visible, 0-1 entirely below the diagonal.
     np.testing.assert_array_equal(causal[0, 1], [0, 4, 0, 2])
+
+
+def tpu_kernel_costs(s, h, kvh, causal, block_sizes):
+    """{kernel name: pl.CostEstimate} of the three TPU pallas_calls for one row of float32
+    [s, h, 64] (traced only: nothing runs)."""
+    q = jax.ShapeDtypeStruct((1, s, h, 64), jnp.float32)
+    kv = jax.ShapeDtypeStruct((1, s, kvh, 64), jnp.float32)
+    loss = lambda q, k, v: jnp.sum(flash_tpu.flash_attention(
+        q, k, v, causal=causal, block_sizes=block_sizes, interpret=True))
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, kv, kv)
+    return {str(e.params["name"]): e.params["cost_estimate"] for e in jaxpr.jaxpr.eqns
+            if e.primitive.name == "pallas_call"}
+
+
+def test_tpu_cost_estimate_counts_the_copies_the_pipeline_makes():
+    """The bytes each kernel reports are the blocks the Pallas pipeline copies: a block is
+    fetched again whenever its index changes between consecutive grid steps. Counted by hand."""
+    f32 = 4
+    blk, row = 128 * 64 * f32, 128 * f32  # a [128, 64] block, a [1, 128] lse block
+    # Causal, 384 tokens in 128-blocks, 2 heads. Query block 0 visits kv block 0; block 1 finds
+    # kv block 0 still there and fetches 1; block 2 goes back to 0, then 1 and 2: K and V are
+    # copied 1 + 1 + 3 = 5 times per head (3 would be each block once). Q, O, lse: once.
+    fwd = tpu_kernel_costs(384, 2, 2, True, TPU_BLOCKS)["flash_fwd"]
+    table = 3 * 4 * 4  # scalar-prefetched (lo, hi, flo, fhi) per query block, int32
+    assert fwd.bytes_accessed == 2 * (3 * blk + 2 * 5 * blk + 3 * blk + 3 * row) + table
+    # Non-causal 1025 tokens, own blocks: 1152-row inner blocks, 384-row outer blocks; 2 query
+    # heads sharing 1 kv head.
+    assert flash_tpu._auto_blocks(1025, False, False) == [384, 1152, 1152, 384, 384, 1152]
+    costs = tpu_kernel_costs(1025, 2, 1, False, None)
+    whole, whole_row, outer = 1152 * 64 * f32, 1152 * f32, 384 * 64 * f32
+    # forward: K and V once in all (both query heads read kv head 0), Q and O once per head
+    assert costs["flash_fwd"].bytes_accessed == (2 * 2 * whole + 2 * whole + 2 * whole_row
+                                                 + 3 * 4 * 4)
+    # dK/dV: per kv block (3) and query head (2), Q, dO, lse and delta are copied again;
+    # K, V in and dK, dV out once per kv block.
+    assert costs["flash_bwd_dkv"].bytes_accessed == (3 * 2 * (2 * whole + 2 * whole_row)
+                                                     + 4 * 3 * outer + 3 * 4 * 4)
+    # the LLM's long causal packed sequences keep BlockSizes() (512-blocks)
+    assert flash_tpu._auto_blocks(4096, True, True) is None
 
 
 # ----------------------------------------------------------------------------- dispatch

@@ -10,6 +10,15 @@ whole K and V fit in VMEM, one fused kernel walks the query blocks and produces 
 (5 matmuls per block pair); longer sequences take two kernels, one for dQ and one for dK/dV
 that loops over the G query heads of a kv head, which both recompute S and dP (7 matmuls).
 
+Blocks: the pipeline copies an operand's block from HBM again whenever its index changes between
+consecutive grid steps, so with 128-blocks InternViT's 1025 tokens (9 query blocks) re-read all
+of K/V 9 times and were bandwidth-bound. Short sequences (`_auto_blocks`) therefore take one
+inner block spanning the whole sequence, padded to a multiple of 128 only (1152 = 9 x 128, not
+a power of two): K/V are read once per head, and each grid step is large enough to hide its
+fixed cost. Long ones (the LLM's 4096 causal packed tokens) keep power-of-two `BlockSizes`,
+which let the kernels skip masked-out blocks. The cost estimates count those copies
+(`_dma_bytes`), not each array once.
+
 Row statistics follow the splash-attention layout: m and l live lane-replicated as [bq, 128];
 logsumexp and delta travel lane-major as [B, H, 1, S]; segment ids are pre-broadcast to
 [S, 128] (ids along sublanes) and [8, S] (ids along lanes).
@@ -19,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +40,12 @@ from jax.experimental.pallas import tpu as pltpu
 from mini_internvl_jax.kernels import common
 
 LANES, SUBLANES = 128, 8
+# Automatic blocks: the inner side spans the whole 128-padded sequence up to this length (less
+# when causal or segmented, where one whole block gives up skipping the masked-out blocks) ...
+WHOLE_MAX, WHOLE_MAX_SKIPPING = 2048, 1024
+# ... with the outer block as large as keeps each f32 [outer, inner] temporary (scores,
+# probabilities, their gradients) within 2 MiB of the 16 MiB default scoped VMEM of a v5e.
+TEMP_ELEMS = 512 * 1024
 NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
 NN = (((1,), (0,)), ((), ()))
 TN = (((0,), (0,)), ((), ()))  # contract the first dims: a.T @ b
@@ -37,7 +53,8 @@ TN = (((0,), (0,)), ((), ()))  # contract the first dims: a.T @ b
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Block sizes (multiples of 128). Each is shrunk for short or odd lengths (`pick_block`)."""
+    """Block sizes (powers of two >= 128). Each is shrunk for short or odd lengths
+    (`pick_block`). Without them the kernels pick their own (`_auto_blocks`)."""
 
     block_q: int = 512
     block_kv: int = 512
@@ -69,21 +86,41 @@ class _Cfg:
     fused: tuple[int, int] | None = None  # the fused backward's blocks; None: two kernels
 
 
-def _cost(cfg: _Cfg, blocks: tuple[int, int], heads: int, matmuls: int, arrays, by_kv=False
-          ) -> pl.CostEstimate:
+def _cost(cfg: _Cfg, blocks: tuple[int, int], heads: int, matmuls: int, grid, tab_b: int,
+          in_specs, args, out_specs, outs, by_kv=False) -> pl.CostEstimate:
     """XLA's cost estimate of one kernel: `matmuls` [bq, d] x [d, bk]-sized products per
-    visited block pair, an exp per score, and the bytes of its arrays. Visited pairs are those
-    of the causal (or full) mask without segment ids: the most the kernel computes (segments
-    only skip more, at run time). The step anatomy (tools/hlo.py) reads these figures."""
+    visited block pair, an exp per score, and the HBM bytes the pipeline moves (`_dma_bytes`).
+    Visited pairs and block indices are those of the causal (or full) mask without segment ids:
+    the most the kernel computes and moves (segments only skip more, at run time). The step
+    anatomy (tools/hlo.py) reads these figures."""
     bq, bk = blocks
-    d = arrays[0].shape[-1]
+    d = args[0].shape[-1]
     tab = common.block_ranges(None, None, q_len=cfg.seq_len, kv_len=cfg.seq_len, bq=bq, bk=bk,
                               causal=cfg.causal, by_kv=by_kv)
     pairs = int(np.sum(tab[..., 1] - tab[..., 0])) * heads
-    return pl.CostEstimate(
-        flops=2 * matmuls * pairs * bq * bk * d, transcendentals=pairs * bq * bk,
-        bytes_accessed=sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-                           for x in arrays if x is not None))
+    # with segments the index maps read one table row per batch row: here all the same
+    flat = np.broadcast_to(tab, (tab_b, *tab.shape[1:])).reshape(-1)
+    moved = _dma_bytes(grid, [*in_specs, *out_specs], [*args, *outs], flat)
+    return pl.CostEstimate(flops=2 * matmuls * pairs * bq * bk * d,
+                           transcendentals=pairs * bq * bk, bytes_accessed=moved + flat.nbytes)
+
+
+def _dma_bytes(grid: tuple[int, ...], specs, arrays, tab: np.ndarray) -> int:
+    """HBM bytes the Pallas TPU pipeline moves for these blocks: it walks the grid in order
+    (last axis fastest) and copies an input block in, or an output block out, whenever the
+    block index differs from the previous grid step's. The kernel's own index maps are
+    evaluated on numpy grid indices (`_clamp` follows its inputs' array type)."""
+    steps = np.indices(grid).reshape(len(grid), -1)
+    n = steps.shape[1]
+    total = 0
+    for spec, x in zip(specs, arrays, strict=True):
+        if spec is None or x is None:
+            continue
+        idx = np.stack([np.broadcast_to(np.asarray(i), (n,)) for i in spec.index_map(*steps, tab)])
+        copies = 1 + int(np.count_nonzero(np.any(idx[:, 1:] != idx[:, :-1], axis=0)))
+        block = math.prod(b if isinstance(b, int) else 1 for b in spec.block_shape)
+        total += copies * block * np.dtype(x.dtype).itemsize
+    return total
 
 
 def _precision(dtype):
@@ -92,8 +129,10 @@ def _precision(dtype):
     return lax.Precision.HIGHEST if dtype == jnp.float32 else lax.Precision.DEFAULT
 
 
-def _mask(cfg: _Cfg, q_pos, k_pos, q_ids, kv_ids):
-    """Visibility within a block, from int32 query/key position grids of the block's shape."""
+def _mask(cfg: _Cfg, s, q_pos, k_pos, q_ids, kv_ids):
+    """Scores s with the hidden ones at -inf, from int32 query/key position grids of the
+    block's shape. A kernel traces its masked branch even where no block needs it (full
+    attention over an unpadded length): then there is nothing to hide."""
     conds = []
     if cfg.causal:
         conds.append(k_pos <= q_pos)
@@ -101,7 +140,7 @@ def _mask(cfg: _Cfg, q_pos, k_pos, q_ids, kv_ids):
         conds.append(k_pos < cfg.seq_len)
     if cfg.has_seg:
         conds.append(q_ids == kv_ids)
-    return functools.reduce(jnp.logical_and, conds) if conds else None
+    return jnp.where(functools.reduce(jnp.logical_and, conds), s, -jnp.inf) if conds else s
 
 
 def _ranges(tab_ref, b, outer, n_outer, tab_b):
@@ -110,8 +149,10 @@ def _ranges(tab_ref, b, outer, n_outer, tab_b):
 
 
 def _clamp(x, lo, hi):
-    """Inner block index to fetch: outside [lo, hi) repeat an edge block, so no new DMA."""
-    return jnp.minimum(jnp.maximum(x, lo), jnp.maximum(hi - 1, lo))
+    """Inner block index to fetch: outside [lo, hi) repeat an edge block, so no new DMA.
+    numpy indices (the byte count of `_dma_bytes`) stay numpy."""
+    xp = np if isinstance(x, np.ndarray) else jnp
+    return xp.minimum(xp.maximum(x, lo), xp.maximum(hi - 1, lo))
 
 
 def _run_blocks(inner, lo, hi, flo, fhi, body):
@@ -156,7 +197,7 @@ def _fwd_kernel(tab_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref
             if cfg.has_seg:
                 q_ids = jnp.tile(qseg_ref[...], (1, bk // LANES))
                 kv_ids = kseg_ref[:1, :]
-            s = jnp.where(_mask(cfg, q_pos, k_pos, q_ids, kv_ids), s, -jnp.inf)
+            s = _mask(cfg, s, q_pos, k_pos, q_ids, kv_ids)
         m_prev, l_prev = m_sc[...], l_sc[...]
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
         p = jnp.exp(s - jnp.tile(m_next, (1, bk // LANES)))
@@ -211,27 +252,30 @@ def _fwd(cfg: _Cfg, tab, qt, kt, vt, qseg_col, kseg_row):
     else:
         in_specs += [None, None]
         args += [None, None]
+    grid = (b, h, nq, nk)
+    out_specs = [pl.BlockSpec((None, None, bq, d), q_map),
+                 pl.BlockSpec((None, None, 1, bq), lambda bi, hi, i, j, t: (bi, hi, 0, i))]
+    out_shape = [jax.ShapeDtypeStruct((b, h, sp, d), qt.dtype),
+                 jax.ShapeDtypeStruct((b, h, 1, sp), jnp.float32)]
     out, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg, tab_b=tab_b),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
-            grid=(b, h, nq, nk),
+            grid=grid,
             in_specs=in_specs,
-            out_specs=[pl.BlockSpec((None, None, bq, d), q_map),
-                       pl.BlockSpec((None, None, 1, bq), lambda bi, hi, i, j, t: (bi, hi, 0, i))],
+            out_specs=out_specs,
             scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),
                             pltpu.VMEM((bq, LANES), jnp.float32),
                             pltpu.VMEM((bq, d), jnp.float32)],
         ),
-        out_shape=[jax.ShapeDtypeStruct((b, h, sp, d), qt.dtype),
-                   jax.ShapeDtypeStruct((b, h, 1, sp), jnp.float32)],
+        out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=cfg.interpret,
         name="flash_fwd",
-        # QK^T and PV; reads q, k, v (and ids), writes out and lse
-        cost_estimate=_cost(cfg, cfg.fwd, b * h, 2, [*args, qt, jax.ShapeDtypeStruct(
-            (b, h, 1, sp), jnp.float32)]),
+        # QK^T and PV
+        cost_estimate=_cost(cfg, cfg.fwd, b * h, 2, grid, tab_b, in_specs, args, out_specs,
+                            out_shape),
     )(flat, *args)
     return out, lse
 
@@ -262,7 +306,7 @@ def _dq_kernel(tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, 
             if cfg.has_seg:
                 q_ids = jnp.tile(qseg_ref[...], (1, bk // LANES))
                 kv_ids = kseg_ref[:1, :]
-            s = jnp.where(_mask(cfg, q_pos, k_pos, q_ids, kv_ids), s, -jnp.inf)
+            s = _mask(cfg, s, q_pos, k_pos, q_ids, kv_ids)
         lse = jnp.expand_dims(lse_ref[0], -1)
         di = jnp.expand_dims(di_ref[0], -1)
         p = jnp.exp(s - lse)
@@ -319,21 +363,26 @@ def _dq(cfg: _Cfg, tab, qt, kt, vt, dot_, lse, di, qseg_col, kseg_row):
     else:
         in_specs += [None, None]
         args += [None, None]
+    grid = (b, h, nq, nk)
+    out_spec = pl.BlockSpec((None, None, bq, d), q_map)
+    out_shape = jax.ShapeDtypeStruct(qt.shape, qt.dtype)
     return pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, tab_b=tab_b),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
-            grid=(b, h, nq, nk),
+            grid=grid,
             in_specs=in_specs,
-            out_specs=pl.BlockSpec((None, None, bq, d), q_map),
+            out_specs=out_spec,
             scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
         ),
-        out_shape=jax.ShapeDtypeStruct(qt.shape, qt.dtype),
+        out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=cfg.interpret,
         name="flash_bwd_dq",
-        cost_estimate=_cost(cfg, cfg.dq, b * h, 3, [*args, qt]),  # QK^T, dO V^T, dS K
+        # QK^T, dO V^T, dS K
+        cost_estimate=_cost(cfg, cfg.dq, b * h, 3, grid, tab_b, in_specs, args, [out_spec],
+                            [out_shape]),
     )(jnp.asarray(tab).reshape(-1), *args)
 
 
@@ -365,7 +414,7 @@ def _dkv_kernel(tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref,
             if cfg.has_seg:
                 q_ids = qseg_ref[:1, :]
                 kv_ids = jnp.tile(kseg_ref[...], (1, bq // LANES))
-            s = jnp.where(_mask(cfg, q_pos, k_pos, q_ids, kv_ids), s, -jnp.inf)
+            s = _mask(cfg, s, q_pos, k_pos, q_ids, kv_ids)
         p = jnp.exp(s - lse_ref[...])
         dv_sc[...] += lax.dot_general(p.astype(do.dtype), do, NN,
                                       preferred_element_type=jnp.float32, precision=prec)
@@ -412,26 +461,30 @@ def _dkv(cfg: _Cfg, tab, qt, kt, vt, dot_, lse, di, qseg_row, kseg_col):
     else:
         in_specs += [None, None]
         args += [None, None]
+    grid = (b, kvh, nk, g, nq)
+    out_specs = [pl.BlockSpec((None, None, bk, d), kv_map),
+                 pl.BlockSpec((None, None, bk, d), kv_map)]
+    out_shape = [jax.ShapeDtypeStruct(kt.shape, kt.dtype),
+                 jax.ShapeDtypeStruct(vt.shape, vt.dtype)]
     return pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg, tab_b=tab_b),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
-            grid=(b, kvh, nk, g, nq),
+            grid=grid,
             in_specs=in_specs,
-            out_specs=[pl.BlockSpec((None, None, bk, d), kv_map),
-                       pl.BlockSpec((None, None, bk, d), kv_map)],
+            out_specs=out_specs,
             scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32),
                             pltpu.VMEM((bk, d), jnp.float32)],
         ),
-        out_shape=[jax.ShapeDtypeStruct(kt.shape, kt.dtype),
-                   jax.ShapeDtypeStruct(vt.shape, vt.dtype)],
+        out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary",
                                  "arbitrary")),
         interpret=cfg.interpret,
         name="flash_bwd_dkv",
         # QK^T, dO V^T, P^T dO, dS^T Q for each of the G query heads of a kv head
-        cost_estimate=_cost(cfg, cfg.dkv, b * kvh * g, 4, [*args, kt, vt], by_kv=True),
+        cost_estimate=_cost(cfg, cfg.dkv, b * kvh * g, 4, grid, tab_b, in_specs, args,
+                            out_specs, out_shape, by_kv=True),
     )(jnp.asarray(tab).reshape(-1), *args)
 
 
@@ -525,7 +578,7 @@ def _fused_kernel(tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_re
             if cfg.has_seg:
                 q_ids = qseg_ref[:1, :]
                 kv_ids = jnp.tile(kseg_ref[rows, :], (1, bq // LANES))
-            s = jnp.where(_mask(cfg, q_pos, k_pos, q_ids, kv_ids), s, -jnp.inf)
+            s = _mask(cfg, s, q_pos, k_pos, q_ids, kv_ids)
         p = jnp.exp(s - lse)
         dv_sc[rows, :] += lax.dot_general(p.astype(do.dtype), do, NN,
                                           preferred_element_type=jnp.float32, precision=prec)
@@ -553,24 +606,6 @@ def _fused_kernel(tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_re
     def _finish():
         dk_ref[...] = (dk_sc[...] * cfg.scale).astype(dk_ref.dtype)
         dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
-
-
-def _fused_cost(cfg: _Cfg, b: int, h: int, kvh: int, d: int, itemsize: int
-                ) -> pl.CostEstimate:
-    """Five [bq, d] x [d, bk] products per visited block pair (S, dP, dV, dK, dQ; pairs as in
-    `_cost`); bytes as the pipeline moves them: Q, dO, lse, delta and dQ once, K, V, dK, dV
-    once per (batch row, kv head), segment ids once per query block (query side) or kv head."""
-    assert cfg.fused is not None
-    bq, bk = cfg.fused
-    sp = cfg.padded_len
-    tab = common.block_ranges(None, None, q_len=cfg.seq_len, kv_len=cfg.seq_len, bq=bq, bk=bk,
-                              causal=cfg.causal)
-    pairs = int(np.sum(tab[..., 1] - tab[..., 0])) * b * h
-    rows = 3 * b * h * sp * d * itemsize + 2 * b * h * sp * 4          # Q, dO, dQ; lse, delta
-    seqs = 4 * b * kvh * sp * d * itemsize                             # K, V, dK, dV
-    seg = (b * h * SUBLANES * sp + b * kvh * sp * LANES) * 4 if cfg.has_seg else 0
-    return pl.CostEstimate(flops=2 * 5 * pairs * bq * bk * d, transcendentals=pairs * bq * bk,
-                           bytes_accessed=rows + seqs + seg)
 
 
 def _fused_bwd(cfg: _Cfg, q_seg, kv_seg, qt, kt, vt, dot_, lse, di, qseg_row, kseg_col):
@@ -608,28 +643,33 @@ def _fused_bwd(cfg: _Cfg, q_seg, kv_seg, qt, kt, vt, dot_, lse, di, qseg_row, ks
     else:
         in_specs += [None, None]
         args += [None, None]
+    grid = (b, kvh, g, nq)
+    out_specs = [pl.BlockSpec((None, None, bq, d), q_map),
+                 pl.BlockSpec((None, None, sp, d), seq_map),
+                 pl.BlockSpec((None, None, sp, d), seq_map)]
+    out_shape = [jax.ShapeDtypeStruct(qt.shape, qt.dtype),
+                 jax.ShapeDtypeStruct(kt.shape, kt.dtype),
+                 jax.ShapeDtypeStruct(vt.shape, vt.dtype)]
     return pl.pallas_call(
         functools.partial(_fused_kernel, cfg=cfg, tab_b=tab_b),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
-            grid=(b, kvh, g, nq),
+            grid=grid,
             in_specs=in_specs,
-            out_specs=[pl.BlockSpec((None, None, bq, d), q_map),
-                       pl.BlockSpec((None, None, sp, d), seq_map),
-                       pl.BlockSpec((None, None, sp, d), seq_map)],
+            out_specs=out_specs,
             scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32),
                             pltpu.VMEM((sp, d), jnp.float32),
                             pltpu.VMEM((sp, d), jnp.float32)],
         ),
-        out_shape=[jax.ShapeDtypeStruct(qt.shape, qt.dtype),
-                   jax.ShapeDtypeStruct(kt.shape, kt.dtype),
-                   jax.ShapeDtypeStruct(vt.shape, vt.dtype)],
+        out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary"),
             vmem_limit_bytes=FUSED_VMEM_LIMIT),
         interpret=cfg.interpret,
         name="flash_bwd_fused",
-        cost_estimate=_fused_cost(cfg, b, h, kvh, d, jnp.dtype(qt.dtype).itemsize),
+        # QK^T, dO V^T, P^T dO, dS^T Q, dS K; K/V and dK/dV move once per (row, kv head)
+        cost_estimate=_cost(cfg, cfg.fused, b * h, 5, grid, tab_b, in_specs, args, out_specs,
+                            out_shape),
     )(jnp.asarray(tab).reshape(-1), *args)
 
 
@@ -715,14 +755,30 @@ def flash_attention(q, k, v, *, causal: bool, segment_ids=None, kv_segment_ids=N
     and block_kv_dkv (keys).
     """
     _, s, h, kvh, _, d = common.check_inputs(q, k, v, segment_ids, kv_segment_ids)
-    bs = block_sizes or BlockSizes()
-    pick = lambda pref: common.pick_block(s, pref, LANES)
-    blocks = [pick(getattr(bs, f.name)) for f in dataclasses.fields(bs)]
     kv_segment_ids = common.kv_segments(segment_ids, kv_segment_ids)
     has_seg = segment_ids is not None
+    blocks = _auto_blocks(s, causal, has_seg) if block_sizes is None else None
+    if blocks is None:
+        bs = block_sizes or BlockSizes()
+        blocks = [common.pick_block(s, getattr(bs, f.name), LANES)
+                  for f in dataclasses.fields(bs)]
     cfg = _Cfg(causal=causal, scale=float(d**-0.5 if scale is None else scale), seq_len=s,
                padded_len=common.round_up(s, max(blocks)), groups=h // kvh, has_seg=has_seg,
                interpret=interpret, fwd=(blocks[0], blocks[1]), dkv=(blocks[2], blocks[3]),
                dq=(blocks[4], blocks[5]))
-    cfg = dataclasses.replace(cfg, fused=_fused_blocks(cfg, d, q.dtype, bs, fused_backward))
+    cfg = dataclasses.replace(cfg, fused=_fused_blocks(cfg, d, q.dtype,
+                                                       block_sizes or BlockSizes(),
+                                                       fused_backward))
     return _flash(cfg, q, k, v, segment_ids, kv_segment_ids)
+
+
+def _auto_blocks(s: int, causal: bool, has_seg: bool) -> list[int] | None:
+    """(fwd q, kv, dK/dV q, kv, dQ q, kv) for a short sequence: the inner block is the whole
+    128-padded sequence, so K/V are read once per head (forward, dQ) and Q/dO once per outer
+    kv block (dK/dV), and the padding stays below 128. None: longer, use `BlockSizes()`."""
+    whole = common.round_up(s, LANES)
+    if whole > (WHOLE_MAX_SKIPPING if causal or has_seg else WHOLE_MAX):
+        return None
+    outer = max(b for b in range(LANES, min(whole, 512) + 1, LANES)
+                if whole % b == 0 and b * whole <= TEMP_ELEMS)
+    return [outer, whole, whole, outer, outer, whole]

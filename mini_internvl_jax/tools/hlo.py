@@ -15,7 +15,9 @@ Conventions, chosen to match XLA's HloCostAnalysis where it matters:
     carries; one without an estimate is an error, not a silent zero (runtime helpers such as
     TPU's async-collective or buffer-allocation calls compute nothing and are listed).
   * bytes: for every kernel (an instruction of a sequential computation: entry, loop bodies,
-    branches), the bytes of its operands and results. Inside a fusion, an operand that is only
+    branches), the bytes of its operands and results; for a Pallas kernel, the bytes of its cost
+    estimate (the blocks its pipeline copies: a block read again for each grid step that
+    changes its index, e.g. K/V once per query block). Inside a fusion, an operand that is only
     sliced (`dynamic-slice`, `slice`, `gather`) counts the slice, and a result written in place
     by `dynamic-update-slice` counts the update, as XLA does: a scan body reading layer i of a
     stacked weight reads one layer, not all of them.
@@ -539,6 +541,7 @@ NO_COMPUTE_TARGETS = {
 UNWRITTEN_TARGETS = {"AllocateBuffer"}
 _TARGET = re.compile(r'custom_call_target="([^"]*)"')
 _COST_FLOPS = re.compile(r'"cost_estimate"\s*:\s*\{[^{}]*"flops"\s*:\s*"?(\d+)')
+_COST_BYTES = re.compile(r'"cost_estimate"\s*:\s*\{[^{}]*"bytes_accessed"\s*:\s*"?(\d+)')
 
 
 def custom_call_target(ins: Instr) -> str:
@@ -757,6 +760,9 @@ def analyze(text: str, weight_shapes: set | frozenset = frozenset()) -> Anatomy:
             by += _result_bytes(ins, comps)
             every = sum(_operand_bytes(ins, k, shapes, comps, nbytes)
                         for k in range(len(ins.operands))) + _result_bytes(ins, comps, nbytes)
+            estimate = _COST_BYTES.search(ins.attrs) if ins.opcode == "custom-call" else None
+            if estimate:  # a kernel re-reading blocks moves more than its operands' size
+                by = every = float(estimate.group(1))
             kernels.append(Kernel(ins, runs[name], fl, by, every,
                                   *classify(ins, comps, context.get(name, ""))))
 
