@@ -24,6 +24,7 @@ from tests.test_kernels import (
     make_inputs,
     out_and_grads,
     packed_segments,
+    tpu_kernel_costs,
 )
 
 
@@ -74,6 +75,16 @@ def test_fused_backward_matches_reference_and_two_kernels(b, s, h, kvh, causal, 
                                                          "flash_bwd_dkv"}
         # the same sums in another order: equal to float32 rounding
         assert_close(fused, grads(False)(q, k, v, do), dtype, "fused vs two kernels")
+
+
+def test_fused_cost_estimate_counts_what_the_pipeline_copies():
+    """5 matmuls per visited block pair; bytes as the pipeline copies them, counted by hand:
+    non-causal 1025 tokens (1152 padded, 384-blocks), 2 query heads on 1 kv head, float32.
+    Per query block Q, dO, lse, delta in and dQ out; K, V in and dK, dV out once."""
+    whole, whole_row = 1152 * 64 * 4, 1152 * 4
+    cost = tpu_kernel_costs(1025, 2, 1, False, None, fused=True)["flash_bwd_fused"]
+    assert cost.flops == 2 * 9 * 5 * 2 * 384 * 384 * 64
+    assert cost.bytes_accessed == (2 * (3 * whole + 2 * whole_row) + 4 * whole + 3 * 4 * 4)
 
 
 W1 = [

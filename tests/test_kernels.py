@@ -200,13 +200,14 @@ def test_block_ranges_skip_empty_blocks():
     np.testing.assert_array_equal(causal[0, 1], [0, 4, 0, 2])
 
 
-def tpu_kernel_costs(s, h, kvh, causal, block_sizes):
-    """{kernel name: pl.CostEstimate} of the three TPU pallas_calls for one row of float32
-    [s, h, 64] (traced only: nothing runs)."""
+def tpu_kernel_costs(s, h, kvh, causal, block_sizes, fused=False):
+    """{kernel name: pl.CostEstimate} of the TPU pallas_calls for one row of float32
+    [s, h, 64] (traced only: nothing runs); the two-kernel backward unless `fused`."""
     q = jax.ShapeDtypeStruct((1, s, h, 64), jnp.float32)
     kv = jax.ShapeDtypeStruct((1, s, kvh, 64), jnp.float32)
     loss = lambda q, k, v: jnp.sum(flash_tpu.flash_attention(
-        q, k, v, causal=causal, block_sizes=block_sizes, interpret=True))
+        q, k, v, causal=causal, block_sizes=block_sizes, interpret=True,
+        fused_backward=None if fused else False))
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, kv, kv)
     return {str(e.params["name"]): e.params["cost_estimate"] for e in jaxpr.jaxpr.eqns
             if e.primitive.name == "pallas_call"}
