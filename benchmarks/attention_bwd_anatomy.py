@@ -5,11 +5,11 @@ fused one (dQ, dK, dV in one kernel, K/V resident in VMEM) side by side.
 Per chip (FSDP over the 4 chips, batch sharded): ViT 6 tiles x 1025 tokens, 16 heads, non-causal;
 Qwen2 LLM 1 x 4096 tokens, 14 query / 2 kv heads, causal with packed segment ids; head dim 64,
 bf16. For each Pallas kernel and for the rest (XLA's transposes, pads, the delta reduction): its
-FLOPs (a kernel's `pl.CostEstimate`), HBM bytes (operands and results) and the v5e per-kernel
-roofline max(FLOPs / 197e12, bytes / 819e9), per layer and for the 24 layers of each tower.
-The kernels are FLOP-bound; in this attention-only program XLA keeps some arrays in VMEM (S(1),
-no HBM bytes), and which ones differs between the two variants, so the "other" bytes move a
-little for reasons that a full step (less VMEM to spare) would not share.
+FLOPs and HBM bytes (a kernel's from its `pl.CostEstimate`: the blocks its pipeline copies) and
+the v5e per-kernel roofline max(FLOPs / 197e12, bytes / 819e9), per layer and for the 24 layers
+of each tower. The kernels are FLOP-bound. In this attention-only program XLA keeps some arrays
+in VMEM (S(1), no HBM bytes), and which ones differs between the two variants, so the "other"
+bytes move a little for reasons that a full step (less VMEM to spare) would not share.
 
     python benchmarks/attention_bwd_anatomy.py
     python benchmarks/attention_bwd_anatomy.py --json benchmarks/results/attention_bwd_fused.json
