@@ -20,8 +20,8 @@ libtpu) with FSDP over all chips, and from the compiled executable it reports, p
     backward, embedding + LM head + loss, optimizer, weight casts, collectives, copies).
 
     python benchmarks/step_anatomy.py                        # W1 1B on v5e:2x2
-    python benchmarks/step_anatomy.py --size 1b,2b,4b --json benchmarks/results/anatomy.json
-                                       # 1B, 2B on v5e:2x2, 4B on v5p:2x2x1
+    python benchmarks/step_anatomy.py --size 1b,2b,4b --remat auto --json anatomy.json
+                        # 1B, 2B on v5e:2x2, 4B on v5p:2x2x1, each with its best fitting remat
     python benchmarks/step_anatomy.py --size 4b   # on v5p:2x2x1: 4B needs > 16 GB per chip
     python benchmarks/step_anatomy.py --tiny                 # the tiny model, seconds
 

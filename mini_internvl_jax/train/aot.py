@@ -134,7 +134,7 @@ def choose_remat(cfg: TrainConfig, mesh, model_cfg=None, budget: float | None = 
     On a chip whose peak and bandwidth tools/hlo.CHIPS knows, every policy of REMAT_ORDER is
     compiled and, of those that fit, the one with the smallest per-kernel roofline wins: less
     recomputation is not always faster (4B at W1 on v5p: `none` fits, but its weight-gradient
-    fusions read twice the bytes, 416 ms against 344 ms for `save_dots`). Elsewhere (GPU, CPU)
+    fusions read twice the bytes, 406 ms against 333 ms for `save_dots`). Elsewhere (GPU, CPU)
     the first that fits, compiling stopping there."""
     model_cfg = model_cfg or build_model_config(cfg)
     device = mesh.devices.flat[0]
