@@ -169,6 +169,32 @@ def _run_blocks(inner, lo, hi, flo, fhi, body):
         body(True)
 
 
+def _pallas(cfg: _Cfg, kernel, name: str, *, tab, grid, in_specs, args, seg_specs, seg_args,
+            out_specs, out_shape, scratch, semantics, blocks, heads: int, matmuls: int,
+            by_kv=False, vmem_limit: int | None = None):
+    """One kernel call of this module: the block table scalar-prefetched, the segment-id blocks
+    appended to the inputs (their slots left empty without segments), and the cost estimate
+    from the same specs."""
+    if cfg.has_seg:
+        in_specs, args = [*in_specs, *seg_specs], [*args, *seg_args]
+    else:
+        in_specs, args = [*in_specs, None, None], [*args, None, None]
+    tab_b = tab.shape[0]
+    return pl.pallas_call(
+        functools.partial(kernel, cfg=cfg, tab_b=tab_b),
+        grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid,
+                                               in_specs=in_specs, out_specs=out_specs,
+                                               scratch_shapes=scratch),
+        out_shape=out_shape,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics,
+                                             vmem_limit_bytes=vmem_limit),
+        interpret=cfg.interpret,
+        name=name,
+        cost_estimate=_cost(cfg, blocks, heads, matmuls, grid, tab_b, in_specs, args,
+                            out_specs, out_shape, by_kv=by_kv),
+    )(jnp.asarray(tab).reshape(-1), *args)
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -227,7 +253,6 @@ def _fwd(cfg: _Cfg, tab, qt, kt, vt, qseg_col, kseg_row):
     g = cfg.groups
     nq, nk = sp // bq, sp // bk
     tab_b = tab.shape[0]
-    flat = jnp.asarray(tab).reshape(-1)
 
     def q_map(bi, hi, i, j, t):
         return bi, hi, i, 0
@@ -240,43 +265,23 @@ def _fwd(cfg: _Cfg, tab, qt, kt, vt, qseg_col, kseg_row):
         lo, up, _, _ = _ranges(t, bi, i, nq, tab_b)
         return bi, 0, _clamp(j, lo, up)
 
-    in_specs: list[pl.BlockSpec | None] = [
-        pl.BlockSpec((None, None, bq, d), q_map),
-        pl.BlockSpec((None, None, bk, d), kv_map),
-        pl.BlockSpec((None, None, bk, d), kv_map)]
-    args = [qt, kt, vt]
-    if cfg.has_seg:
-        in_specs += [pl.BlockSpec((None, bq, LANES), lambda bi, hi, i, j, t: (bi, i, 0)),
-                     pl.BlockSpec((None, SUBLANES, bk), kseg_map)]
-        args += [qseg_col, kseg_row]
-    else:
-        in_specs += [None, None]
-        args += [None, None]
-    grid = (b, h, nq, nk)
-    out_specs = [pl.BlockSpec((None, None, bq, d), q_map),
-                 pl.BlockSpec((None, None, 1, bq), lambda bi, hi, i, j, t: (bi, hi, 0, i))]
-    out_shape = [jax.ShapeDtypeStruct((b, h, sp, d), qt.dtype),
-                 jax.ShapeDtypeStruct((b, h, 1, sp), jnp.float32)]
-    out, lse = pl.pallas_call(
-        functools.partial(_fwd_kernel, cfg=cfg, tab_b=tab_b),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1,
-            grid=grid,
-            in_specs=in_specs,
-            out_specs=out_specs,
-            scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),
-                            pltpu.VMEM((bq, LANES), jnp.float32),
-                            pltpu.VMEM((bq, d), jnp.float32)],
-        ),
-        out_shape=out_shape,
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-        interpret=cfg.interpret,
-        name="flash_fwd",
-        # QK^T and PV
-        cost_estimate=_cost(cfg, cfg.fwd, b * h, 2, grid, tab_b, in_specs, args, out_specs,
-                            out_shape),
-    )(flat, *args)
+    out, lse = _pallas(
+        cfg, _fwd_kernel, "flash_fwd", tab=tab, grid=(b, h, nq, nk),
+        in_specs=[pl.BlockSpec((None, None, bq, d), q_map),
+                  pl.BlockSpec((None, None, bk, d), kv_map),
+                  pl.BlockSpec((None, None, bk, d), kv_map)],
+        args=[qt, kt, vt],
+        seg_specs=[pl.BlockSpec((None, bq, LANES), lambda bi, hi, i, j, t: (bi, i, 0)),
+                   pl.BlockSpec((None, SUBLANES, bk), kseg_map)],
+        seg_args=[qseg_col, kseg_row],
+        out_specs=[pl.BlockSpec((None, None, bq, d), q_map),
+                   pl.BlockSpec((None, None, 1, bq), lambda bi, hi, i, j, t: (bi, hi, 0, i))],
+        out_shape=[jax.ShapeDtypeStruct((b, h, sp, d), qt.dtype),
+                   jax.ShapeDtypeStruct((b, h, 1, sp), jnp.float32)],
+        scratch=[pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
+                 pltpu.VMEM((bq, d), jnp.float32)],
+        semantics=("parallel", "parallel", "parallel", "arbitrary"),
+        blocks=cfg.fwd, heads=b * h, matmuls=2)  # QK^T and PV
     return out, lse
 
 
@@ -354,36 +359,19 @@ def _dq(cfg: _Cfg, tab, qt, kt, vt, dot_, lse, di, qseg_col, kseg_row):
         lo, up, _, _ = _ranges(t, bi, i, nq, tab_b)
         return bi, 0, _clamp(j, lo, up)
 
-    in_specs = _backward_in_specs(bq, bk, d, q_map, kv_map, row_map)
-    args = [qt, kt, vt, dot_, lse, di]
-    if cfg.has_seg:
-        in_specs += [pl.BlockSpec((None, bq, LANES), lambda bi, hi, i, j, t: (bi, i, 0)),
-                     pl.BlockSpec((None, SUBLANES, bk), kseg_map)]
-        args += [qseg_col, kseg_row]
-    else:
-        in_specs += [None, None]
-        args += [None, None]
-    grid = (b, h, nq, nk)
-    out_spec = pl.BlockSpec((None, None, bq, d), q_map)
-    out_shape = jax.ShapeDtypeStruct(qt.shape, qt.dtype)
-    return pl.pallas_call(
-        functools.partial(_dq_kernel, cfg=cfg, tab_b=tab_b),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1,
-            grid=grid,
-            in_specs=in_specs,
-            out_specs=out_spec,
-            scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
-        ),
-        out_shape=out_shape,
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-        interpret=cfg.interpret,
-        name="flash_bwd_dq",
-        # QK^T, dO V^T, dS K
-        cost_estimate=_cost(cfg, cfg.dq, b * h, 3, grid, tab_b, in_specs, args, [out_spec],
-                            [out_shape]),
-    )(jnp.asarray(tab).reshape(-1), *args)
+    (dq,) = _pallas(
+        cfg, _dq_kernel, "flash_bwd_dq", tab=tab, grid=(b, h, nq, nk),
+        in_specs=_backward_in_specs(bq, bk, d, q_map, kv_map, row_map),
+        args=[qt, kt, vt, dot_, lse, di],
+        seg_specs=[pl.BlockSpec((None, bq, LANES), lambda bi, hi, i, j, t: (bi, i, 0)),
+                   pl.BlockSpec((None, SUBLANES, bk), kseg_map)],
+        seg_args=[qseg_col, kseg_row],
+        out_specs=[pl.BlockSpec((None, None, bq, d), q_map)],
+        out_shape=[jax.ShapeDtypeStruct(qt.shape, qt.dtype)],
+        scratch=[pltpu.VMEM((bq, d), jnp.float32)],
+        semantics=("parallel", "parallel", "parallel", "arbitrary"),
+        blocks=cfg.dq, heads=b * h, matmuls=3)  # QK^T, dO V^T, dS K
+    return dq
 
 
 # ----------------------------------------------------------------------------- backward: dK, dV
@@ -451,41 +439,22 @@ def _dkv(cfg: _Cfg, tab, qt, kt, vt, dot_, lse, di, qseg_row, kseg_col):
     def row_map(bi, kh, j, gi, i, t):
         return bi, kh * g + gi, 0, q_i(bi, j, i, t)
 
-    in_specs = _backward_in_specs(bq, bk, d, q_map, kv_map, row_map)
-    args = [qt, kt, vt, dot_, lse, di]
-    if cfg.has_seg:
-        in_specs += [pl.BlockSpec((None, SUBLANES, bq),
-                                  lambda bi, kh, j, gi, i, t: (bi, 0, q_i(bi, j, i, t))),
-                     pl.BlockSpec((None, bk, LANES), lambda bi, kh, j, gi, i, t: (bi, j, 0))]
-        args += [qseg_row, kseg_col]
-    else:
-        in_specs += [None, None]
-        args += [None, None]
-    grid = (b, kvh, nk, g, nq)
-    out_specs = [pl.BlockSpec((None, None, bk, d), kv_map),
-                 pl.BlockSpec((None, None, bk, d), kv_map)]
-    out_shape = [jax.ShapeDtypeStruct(kt.shape, kt.dtype),
-                 jax.ShapeDtypeStruct(vt.shape, vt.dtype)]
-    return pl.pallas_call(
-        functools.partial(_dkv_kernel, cfg=cfg, tab_b=tab_b),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1,
-            grid=grid,
-            in_specs=in_specs,
-            out_specs=out_specs,
-            scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32),
-                            pltpu.VMEM((bk, d), jnp.float32)],
-        ),
-        out_shape=out_shape,
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary",
-                                 "arbitrary")),
-        interpret=cfg.interpret,
-        name="flash_bwd_dkv",
-        # QK^T, dO V^T, P^T dO, dS^T Q for each of the G query heads of a kv head
-        cost_estimate=_cost(cfg, cfg.dkv, b * kvh * g, 4, grid, tab_b, in_specs, args,
-                            out_specs, out_shape, by_kv=True),
-    )(jnp.asarray(tab).reshape(-1), *args)
+    # QK^T, dO V^T, P^T dO, dS^T Q for each of the G query heads of a kv head
+    return _pallas(
+        cfg, _dkv_kernel, "flash_bwd_dkv", tab=tab, grid=(b, kvh, nk, g, nq),
+        in_specs=_backward_in_specs(bq, bk, d, q_map, kv_map, row_map),
+        args=[qt, kt, vt, dot_, lse, di],
+        seg_specs=[pl.BlockSpec((None, SUBLANES, bq),
+                                lambda bi, kh, j, gi, i, t: (bi, 0, q_i(bi, j, i, t))),
+                   pl.BlockSpec((None, bk, LANES), lambda bi, kh, j, gi, i, t: (bi, j, 0))],
+        seg_args=[qseg_row, kseg_col],
+        out_specs=[pl.BlockSpec((None, None, bk, d), kv_map),
+                   pl.BlockSpec((None, None, bk, d), kv_map)],
+        out_shape=[jax.ShapeDtypeStruct(kt.shape, kt.dtype),
+                   jax.ShapeDtypeStruct(vt.shape, vt.dtype)],
+        scratch=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
+        semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary"),
+        blocks=cfg.dkv, heads=b * kvh * g, matmuls=4, by_kv=True)
 
 
 # ----------------------------------------------------------------------------- backward: fused
@@ -608,16 +577,13 @@ def _fused_kernel(tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_re
         dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _fused_bwd(cfg: _Cfg, q_seg, kv_seg, qt, kt, vt, dot_, lse, di, qseg_row, kseg_col):
+def _fused_bwd(cfg: _Cfg, tab, qt, kt, vt, dot_, lse, di, qseg_row, kseg_col):
     b, h, sp, d = qt.shape
     kvh = kt.shape[1]
     assert cfg.fused is not None
-    bq, bk = cfg.fused
+    bq, _ = cfg.fused
     g = cfg.groups
     nq = sp // bq
-    tab = common.block_ranges(q_seg, kv_seg, q_len=cfg.seq_len, kv_len=cfg.seq_len, bq=bq,
-                              bk=bk, causal=cfg.causal)
-    tab_b = tab.shape[0]
 
     def q_map(bi, kh, gi, i, t):
         return bi, kh * g + gi, i, 0
@@ -628,49 +594,29 @@ def _fused_bwd(cfg: _Cfg, q_seg, kv_seg, qt, kt, vt, dot_, lse, di, qseg_row, ks
     def seq_map(bi, kh, gi, i, t):  # constant along (g, i): fetched once per kv head
         return bi, kh, 0, 0
 
-    in_specs: list[pl.BlockSpec | None] = [
-        pl.BlockSpec((None, None, bq, d), q_map),
-        pl.BlockSpec((None, None, sp, d), seq_map),
-        pl.BlockSpec((None, None, sp, d), seq_map),
-        pl.BlockSpec((None, None, bq, d), q_map),
-        pl.BlockSpec((None, None, 1, bq), row_map),
-        pl.BlockSpec((None, None, 1, bq), row_map)]
-    args = [qt, kt, vt, dot_, lse, di]
-    if cfg.has_seg:
-        in_specs += [pl.BlockSpec((None, SUBLANES, bq), lambda bi, kh, gi, i, t: (bi, 0, i)),
-                     pl.BlockSpec((None, sp, LANES), lambda bi, kh, gi, i, t: (bi, 0, 0))]
-        args += [qseg_row, kseg_col]
-    else:
-        in_specs += [None, None]
-        args += [None, None]
-    grid = (b, kvh, g, nq)
-    out_specs = [pl.BlockSpec((None, None, bq, d), q_map),
-                 pl.BlockSpec((None, None, sp, d), seq_map),
-                 pl.BlockSpec((None, None, sp, d), seq_map)]
-    out_shape = [jax.ShapeDtypeStruct(qt.shape, qt.dtype),
-                 jax.ShapeDtypeStruct(kt.shape, kt.dtype),
-                 jax.ShapeDtypeStruct(vt.shape, vt.dtype)]
-    return pl.pallas_call(
-        functools.partial(_fused_kernel, cfg=cfg, tab_b=tab_b),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1,
-            grid=grid,
-            in_specs=in_specs,
-            out_specs=out_specs,
-            scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32),
-                            pltpu.VMEM((sp, d), jnp.float32),
-                            pltpu.VMEM((sp, d), jnp.float32)],
-        ),
-        out_shape=out_shape,
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary"),
-            vmem_limit_bytes=FUSED_VMEM_LIMIT),
-        interpret=cfg.interpret,
-        name="flash_bwd_fused",
-        # QK^T, dO V^T, P^T dO, dS^T Q, dS K; K/V and dK/dV move once per (row, kv head)
-        cost_estimate=_cost(cfg, cfg.fused, b * h, 5, grid, tab_b, in_specs, args, out_specs,
-                            out_shape),
-    )(jnp.asarray(tab).reshape(-1), *args)
+    # QK^T, dO V^T, P^T dO, dS^T Q, dS K; K/V and dK/dV move once per (row, kv head)
+    return _pallas(
+        cfg, _fused_kernel, "flash_bwd_fused", tab=tab, grid=(b, kvh, g, nq),
+        in_specs=[pl.BlockSpec((None, None, bq, d), q_map),
+                  pl.BlockSpec((None, None, sp, d), seq_map),
+                  pl.BlockSpec((None, None, sp, d), seq_map),
+                  pl.BlockSpec((None, None, bq, d), q_map),
+                  pl.BlockSpec((None, None, 1, bq), row_map),
+                  pl.BlockSpec((None, None, 1, bq), row_map)],
+        args=[qt, kt, vt, dot_, lse, di],
+        seg_specs=[pl.BlockSpec((None, SUBLANES, bq), lambda bi, kh, gi, i, t: (bi, 0, i)),
+                   pl.BlockSpec((None, sp, LANES), lambda bi, kh, gi, i, t: (bi, 0, 0))],
+        seg_args=[qseg_row, kseg_col],
+        out_specs=[pl.BlockSpec((None, None, bq, d), q_map),
+                   pl.BlockSpec((None, None, sp, d), seq_map),
+                   pl.BlockSpec((None, None, sp, d), seq_map)],
+        out_shape=[jax.ShapeDtypeStruct(qt.shape, qt.dtype),
+                   jax.ShapeDtypeStruct(kt.shape, kt.dtype),
+                   jax.ShapeDtypeStruct(vt.shape, vt.dtype)],
+        scratch=[pltpu.VMEM((bq, d), jnp.float32), pltpu.VMEM((sp, d), jnp.float32),
+                 pltpu.VMEM((sp, d), jnp.float32)],
+        semantics=("parallel", "parallel", "arbitrary", "arbitrary"),
+        blocks=cfg.fused, heads=b * h, matmuls=5, vmem_limit=FUSED_VMEM_LIMIT)
 
 
 # ----------------------------------------------------------------------------- custom vjp
@@ -697,12 +643,9 @@ def _to_kernel_layout(cfg: _Cfg, x):
     return common.pad_axis(jnp.swapaxes(x, 1, 2), 2, cfg.padded_len)
 
 
-def _tables(cfg: _Cfg, q_seg, kv_seg):
-    def ranges(blocks: tuple[int, int], by_kv: bool = False):
-        return common.block_ranges(q_seg, kv_seg, q_len=cfg.seq_len, kv_len=cfg.seq_len,
-                                   bq=blocks[0], bk=blocks[1], causal=cfg.causal, by_kv=by_kv)
-
-    return ranges(cfg.fwd), ranges(cfg.dq), ranges(cfg.dkv, by_kv=True)
+def _table(cfg: _Cfg, q_seg, kv_seg, blocks: tuple[int, int], by_kv: bool = False):
+    return common.block_ranges(q_seg, kv_seg, q_len=cfg.seq_len, kv_len=cfg.seq_len,
+                               bq=blocks[0], bk=blocks[1], causal=cfg.causal, by_kv=by_kv)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -714,8 +657,7 @@ def _flash_fwd(cfg: _Cfg, q, k, v, q_seg, kv_seg):
     s = q.shape[1]
     qt, kt, vt = (_to_kernel_layout(cfg, x) for x in (q, k, v))
     q_col, _, _, kv_row = _seg_layouts(cfg, q_seg, kv_seg)
-    tab, _, _ = _tables(cfg, q_seg, kv_seg)
-    ot, lse = _fwd(cfg, tab, qt, kt, vt, q_col, kv_row)
+    ot, lse = _fwd(cfg, _table(cfg, q_seg, kv_seg, cfg.fwd), qt, kt, vt, q_col, kv_row)
     ot, lse = common.name_residuals(ot, lse)
     out = jnp.swapaxes(ot[:, :, :s], 1, 2)
     return out, (qt, kt, vt, ot, lse, q_seg, kv_seg)
@@ -728,9 +670,11 @@ def _flash_bwd(cfg: _Cfg, res, dout):
     di = jnp.sum(ot.astype(jnp.float32) * dot_.astype(jnp.float32), axis=-1)[:, :, None, :]
     q_col, q_row, kv_col, kv_row = _seg_layouts(cfg, q_seg, kv_seg)
     if cfg.fused is not None:
-        dqt, dkt, dvt = _fused_bwd(cfg, q_seg, kv_seg, qt, kt, vt, dot_, lse, di, q_row, kv_col)
+        tab = _table(cfg, q_seg, kv_seg, cfg.fused)
+        dqt, dkt, dvt = _fused_bwd(cfg, tab, qt, kt, vt, dot_, lse, di, q_row, kv_col)
     else:
-        _, tab_dq, tab_dkv = _tables(cfg, q_seg, kv_seg)
+        tab_dq = _table(cfg, q_seg, kv_seg, cfg.dq)
+        tab_dkv = _table(cfg, q_seg, kv_seg, cfg.dkv, by_kv=True)
         dqt = _dq(cfg, tab_dq, qt, kt, vt, dot_, lse, di, q_col, kv_row)
         dkt, dvt = _dkv(cfg, tab_dkv, qt, kt, vt, dot_, lse, di, q_row, kv_col)
     back = lambda x: jnp.swapaxes(x[:, :, :s], 1, 2)
