@@ -23,7 +23,7 @@ from tests.test_kernels import (
     assert_close,
     make_inputs,
     out_and_grads,
-    packed_segments,
+    row_segments,
     tpu_kernel_costs,
 )
 
@@ -54,15 +54,7 @@ CASES = [
 def test_fused_backward_matches_reference_and_two_kernels(b, s, h, kvh, causal, nseg, dtype,
                                                           interpret):
     q, k, v, do = make_inputs(b, s, h, kvh, 64, dtype, seed=11)
-    seg = kv_seg = None
-    if nseg:
-        seg = np.array(packed_segments(b, s, nseg, seed=11))
-        if b > 1:
-            seg[1] = 0
-            kv_seg = seg.copy()
-            kv_seg[0, 5:20] = 0
-            kv_seg = jnp.asarray(kv_seg)
-        seg = jnp.asarray(seg)
+    seg, kv_seg = row_segments(b, s, nseg, seed=11) if nseg else (None, None)
     kw = dict(causal=causal, segment_ids=seg, kv_segment_ids=kv_seg, interpret=interpret)
     grads = lambda fused: jax.jit(lambda *a: out_and_grads(flash(fused, **kw), *a))
     assert kernels_in(grads(None), q, k, v, do) == {"flash_fwd", "flash_bwd_fused"}

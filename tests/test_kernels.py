@@ -60,6 +60,20 @@ def packed_segments(b, s, n, seed=0):
     return jnp.asarray(seg)
 
 
+def row_segments(b, s, nseg, seed=0):
+    """(query ids, kv ids) of `nseg` packed segments per row; with two rows or more, row 1 is
+    pure padding (zeros out, finite grads) and the kv ids differ from the query ids (keys
+    5-19 of row 0 hidden from everyone)."""
+    seg = np.array(packed_segments(b, s, nseg, seed=seed))
+    kv_seg = None
+    if b > 1:
+        seg[1] = 0
+        kv_seg = seg.copy()
+        kv_seg[0, 5:20] = 0
+        kv_seg = jnp.asarray(kv_seg)
+    return jnp.asarray(seg), kv_seg
+
+
 def out_and_grads(fn, q, k, v, do):
     out, vjp = jax.vjp(fn, q, k, v)
     return (out, *vjp(do))
@@ -98,17 +112,7 @@ KERNEL_CASES += [pytest.param("tpu-auto", *c.values, id=f"{c.id}-tpu-auto") for 
 @pytest.mark.parametrize("kernel,b,s,h,kvh,d,causal,nseg,dtype", KERNEL_CASES)
 def test_matches_dense_reference(kernel, b, s, h, kvh, d, causal, nseg, dtype):
     q, k, v, do = make_inputs(b, s, h, kvh, d, dtype)
-    seg = kv_seg = None
-    if nseg:
-        seg = np.array(packed_segments(b, s, nseg))
-        if b > 1:
-            # A row of pure padding (zeros out, finite grads), and kv ids that differ from
-            # the query ids: some keys hidden from everyone.
-            seg[1] = 0
-            kv_seg = seg.copy()
-            kv_seg[0, 5:20] = 0
-            kv_seg = jnp.asarray(kv_seg)
-        seg = jnp.asarray(seg)
+    seg, kv_seg = row_segments(b, s, nseg) if nseg else (None, None)
     got = jax.jit(lambda *a: out_and_grads(lambda q, k, v: run_kernel(
         kernel, q, k, v, causal=causal, seg=seg, kv_seg=kv_seg), *a))(q, k, v, do)
     want = out_and_grads(lambda q, k, v: dot_product_attention(
