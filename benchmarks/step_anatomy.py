@@ -120,13 +120,7 @@ def run_one(a, size: str) -> dict:
     from mini_internvl_jax.sharding import make_mesh
     from mini_internvl_jax.tools.hlo import analyze
     from mini_internvl_jax.train import flops
-    from mini_internvl_jax.train.aot import (
-        choose_remat,
-        format_choice,
-        hbm_budget,
-        remat_label,
-        topology_devices,
-    )
+    from mini_internvl_jax.train.aot import pick_remat, remat_label, topology_devices
     from mini_internvl_jax.train.setup import build_abstract
 
     cfg = train_config(a, size)
@@ -136,20 +130,18 @@ def run_one(a, size: str) -> dict:
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
     t0 = time.perf_counter()
     choice = ""
-    if cfg.compute.remat == "auto" and not a.hlo:
-        budget = hbm_budget(devices[0])
-        cfg, s, _, compiled, tried = choose_remat(cfg, mesh, budget=budget)
-        choice = format_choice(cfg, tried, budget)
-        print(choice, flush=True)
-        t1 = t0
-    else:
-        s = build_abstract(cfg, mesh)
     cost, mem = {}, None
     if a.hlo:  # re-read a dumped module: no compile, no XLA cost or memory figures
+        s = build_abstract(cfg, mesh)
         text = Path(a.hlo.format(model=s.model_cfg.name)).read_text()
         t1 = t2 = time.perf_counter()
     else:
-        if not choice:
+        if cfg.compute.remat == "auto":  # lowers and compiles every candidate: all compile time
+            cfg, s, _, compiled, choice = pick_remat(cfg, mesh)
+            print(choice, flush=True)
+            t1 = t0
+        else:
+            s = build_abstract(cfg, mesh)
             with jax.set_mesh(mesh):
                 lowered = s.step_fn.lower(s.state, s.batch_abstract())
                 t1 = time.perf_counter()

@@ -189,6 +189,14 @@ def format_choice(chosen: TrainConfig, tried: list[tuple[str, float, float | Non
             + ("" if budget is None else f"; budget {budget / GIB:.2f} GiB") + ")")
 
 
+def pick_remat(cfg: TrainConfig, mesh, model_cfg=None):
+    """`choose_remat` for the memory of the mesh's devices: (cfg, setup, batch, compiled step,
+    the one-line report of what was tried and chosen)."""
+    budget = hbm_budget(mesh.devices.flat[0])
+    cfg, s, batch, compiled, tried = choose_remat(cfg, mesh, model_cfg, budget)
+    return cfg, s, batch, compiled, format_choice(cfg, tried, budget)
+
+
 def resolve_remat(cfg: TrainConfig, devices=None) -> TrainConfig:
     """`cfg` with `compute.remat: auto` replaced by the chosen policy (printed), for a run on
     `devices` (default: this process's); any other policy is returned as it is."""
@@ -197,9 +205,8 @@ def resolve_remat(cfg: TrainConfig, devices=None) -> TrainConfig:
     devices = jax.devices() if devices is None else devices
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices,
                      dcn=cfg.mesh.dcn.sizes)
-    budget = hbm_budget(devices[0])
-    chosen, *_, tried = choose_remat(cfg, mesh, budget=budget)
-    print(format_choice(chosen, tried, budget), flush=True)
+    chosen, *_, line = pick_remat(cfg, mesh)
+    print(line, flush=True)
     return chosen
 
 
@@ -214,9 +221,7 @@ def compile_for_topology(cfg: TrainConfig, topology: str, num_slices: int = 1) -
                           f"{len(devices)} chips)") from None
     remat_choice = ""
     if cfg.compute.remat == "auto":
-        budget = hbm_budget(devices[0])
-        cfg, s, batch, compiled, tried = choose_remat(cfg, mesh, model_cfg, budget)
-        remat_choice = format_choice(cfg, tried, budget)
+        cfg, s, batch, compiled, remat_choice = pick_remat(cfg, mesh, model_cfg)
     else:
         s, batch, compiled = _compile_step(cfg, mesh, model_cfg)
     mem = compiled.memory_analysis()
